@@ -1,0 +1,264 @@
+//! Types shared by the eBPF classifier (`proxy-ebpf`) and the agent (`proxy`).
+//!
+//! Everything here is `#[repr(C)]` plain data with explicit padding and no `bool`, because
+//! the same bytes are written by userspace into BPF maps and read by the classifier.
+//! Fields that hold network-order values end in `_be`.
+//!
+//! # How rules are found per packet (constant time, whatever the number of rules)
+//!
+//! An iptables chain is walked rule by rule. Here a packet is classified with two map
+//! lookups, and the agent precomputes the tables so that the result is the same as a
+//! first-match walk over the rules in order:
+//!
+//! 1. [`MAP_PORT_CLASS`] (an array indexed by [`port_class_index`]) maps (protocol,
+//!    destination port) to a *port class*: the ports that share exactly the same set of
+//!    rules share a class. Class 0 means "no rule covers this port".
+//! 2. [`MAP_RULES_V4`] / [`MAP_RULES_V6`] (LPM tries) are keyed by (class, destination
+//!    address) and give the index of the first rule, in rule order, that covers the packet.
+//! 3. [`MAP_ACTIONS`] (an array indexed by that rule index) holds what the rule does:
+//!    on-ip, on-port, the mark and whether to fail open.
+#![no_std]
+
+/// Name of the TC ingress classifier program in the object.
+pub const PROG_TC_INGRESS: &str = "tproxy_ingress";
+/// Name of the `sk_lookup` program that finishes the TIME_WAIT + SYN case (T3).
+pub const PROG_SK_LOOKUP: &str = "tproxy_sk_lookup";
+
+/// Array<u32>, [`PORT_CLASS_ENTRIES`] entries: (protocol, port) -> port class (0 = none).
+pub const MAP_PORT_CLASS: &str = "PORT_CLASS";
+/// LpmTrie<[`RuleKeyV4`], u32>: (class, IPv4 destination) -> rule index.
+pub const MAP_RULES_V4: &str = "RULES_V4";
+/// LpmTrie<[`RuleKeyV6`], u32>: (class, IPv6 destination) -> rule index.
+pub const MAP_RULES_V6: &str = "RULES_V6";
+/// Array<[`RuleAction`]>, [`MAX_RULES`] entries, indexed by rule index.
+pub const MAP_ACTIONS: &str = "ACTIONS";
+/// HashMap<u32 ifindex, [`IfaceAddrs`]>: the address `nf_tproxy_laddr4/6` would pick.
+pub const MAP_IFACE_ADDRS: &str = "IFACE_ADDRS";
+/// SockMap of the agent's own listeners, indexed by [`RuleAction::listener_slot`].
+pub const MAP_LISTENERS: &str = "LISTENERS";
+/// PerCpuArray<u64>, one slot per [`Counter`].
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// PerCpuArray<[`RuleCounters`]>, indexed by rule index.
+pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
+
+/// Upper bound on the number of rules (size of the action and per-rule counter arrays).
+pub const MAX_RULES: u32 = 16_384;
+/// Upper bound on LPM entries per address family.
+pub const MAX_PREFIX_ENTRIES: u32 = 65_536;
+/// Upper bound on interfaces the classifier keeps addresses for.
+pub const MAX_IFACES: u32 = 256;
+/// Upper bound on the agent's own listeners (sockmap size).
+pub const MAX_LISTENERS: u32 = 64;
+/// Number of transport protocols the port-class table covers (TCP, UDP).
+pub const PORT_CLASS_PROTOCOLS: u32 = 2;
+/// Entries of [`MAP_PORT_CLASS`].
+pub const PORT_CLASS_ENTRIES: u32 = PORT_CLASS_PROTOCOLS * 65_536;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// Index of (protocol, destination port) in [`MAP_PORT_CLASS`]; `None` for a protocol the
+/// classifier does not handle.
+#[inline(always)]
+pub const fn port_class_index(protocol: u8, port: u16) -> Option<u32> {
+    let slot = match protocol {
+        IPPROTO_TCP => 0,
+        IPPROTO_UDP => 1,
+        _ => return None,
+    };
+    Some(slot * 65_536 + port as u32)
+}
+
+/// LPM key for IPv4 rules. The prefix length covers the 32 class bits, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV4 {
+    /// Port class, big-endian so the trie compares it most significant bit first.
+    pub class_be: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// LPM key for IPv6 rules. The prefix length covers the 32 class bits, then the address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RuleKeyV6 {
+    pub class_be: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Bits of the class prefix that precede the address in [`RuleKeyV4`] and [`RuleKeyV6`].
+pub const CLASS_PREFIX_BITS: u32 = 32;
+
+/// [`RuleAction::flags`]: `on_ip4` is set (`--on-ip` with an IPv4 address).
+pub const ACTION_HAS_ON_IP4: u32 = 1 << 0;
+/// [`RuleAction::flags`]: `on_ip6` is set (`--on-ip` with an IPv6 address).
+pub const ACTION_HAS_ON_IP6: u32 = 1 << 1;
+/// [`RuleAction::flags`]: with no usable socket, pass the packet on instead of dropping it.
+pub const ACTION_FAIL_OPEN: u32 = 1 << 2;
+/// [`RuleAction::flags`]: `listener_slot` names a socket in [`MAP_LISTENERS`].
+pub const ACTION_HAS_LISTENER_SLOT: u32 = 1 << 3;
+
+/// What a matching rule does, the arguments of `-j TPROXY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RuleAction {
+    /// `--on-ip` (IPv4), network order, valid with [`ACTION_HAS_ON_IP4`].
+    pub on_ip4_be: u32,
+    /// `--on-ip` (IPv6), valid with [`ACTION_HAS_ON_IP6`].
+    pub on_ip6: [u8; 16],
+    /// `--tproxy-mark VALUE/MASK`: the mark becomes `(mark & !mask) ^ value`.
+    pub mark_value: u32,
+    pub mark_mask: u32,
+    /// `--on-port`, host order; 0 means the packet's own destination port.
+    pub on_port: u16,
+    pub _pad: u16,
+    /// `ACTION_*` bits.
+    pub flags: u32,
+    /// Slot of the agent's listener in [`MAP_LISTENERS`] (for the TIME_WAIT + SYN case).
+    pub listener_slot: u32,
+}
+
+impl RuleAction {
+    /// The mark a packet leaves with once assigned: `(mark & ~mask) ^ value`, exactly
+    /// `tproxy_tg4` in `net/netfilter/xt_TPROXY.c` (XOR, not OR).
+    #[inline(always)]
+    pub const fn apply_mark(&self, mark: u32) -> u32 {
+        (mark & !self.mark_mask) ^ self.mark_value
+    }
+}
+
+/// The interface address `nf_tproxy_laddr4` / `nf_tproxy_laddr6` would use as laddr when
+/// the rule has no on-ip: the first primary IPv4 address, and the first IPv6 address that
+/// is neither tentative nor deprecated.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IfaceAddrs {
+    pub ip4_be: u32,
+    pub ip6: [u8; 16],
+    /// `IFACE_HAS_*` bits.
+    pub flags: u32,
+}
+
+pub const IFACE_HAS_IP4: u32 = 1 << 0;
+pub const IFACE_HAS_IP6: u32 = 1 << 1;
+
+/// Per-rule counters, summed over CPUs by the agent (like `iptables -vL`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RuleCounters {
+    /// Packets that matched the rule.
+    pub packets: u64,
+    /// Bytes of those packets (`skb->len`).
+    pub bytes: u64,
+    /// Matched packets that were assigned to a socket.
+    pub assigned: u64,
+    /// Matched packets dropped because no usable socket was found.
+    pub dropped: u64,
+}
+
+/// Global counters, one slot each in [`MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Every packet the classifier saw.
+    Seen = 0,
+    /// Packets that matched a rule.
+    Matched = 1,
+    /// Matched packets assigned to an established (or request / TIME_WAIT) socket.
+    AssignedEstablished = 2,
+    /// Matched packets assigned to the listener at (laddr, lport).
+    AssignedListener = 3,
+    /// Pure SYNs that hit a TIME_WAIT socket while a listener exists (T3).
+    TimeWaitSyn = 4,
+    /// Matched packets dropped: no usable socket (T7).
+    DroppedNoSocket = 5,
+    /// Matched packets passed on untouched because of fail-open.
+    PassedFailOpen = 6,
+    /// Packets that matched no rule and were left alone (T1).
+    NotMatched = 7,
+    /// Packets the classifier could not parse (truncated headers and the like).
+    Malformed = 8,
+    /// Matched packets dropped because the socket found was not transparent (T5).
+    DroppedNotTransparent = 9,
+    /// IP fragments that matched a rule (never assigned, see T9).
+    Fragment = 10,
+    /// `bpf_sk_assign` refused a socket.
+    AssignFailed = 11,
+}
+
+impl Counter {
+    pub const COUNT: u32 = 12;
+
+    pub const ALL: [Counter; Self::COUNT as usize] = [
+        Counter::Seen,
+        Counter::Matched,
+        Counter::AssignedEstablished,
+        Counter::AssignedListener,
+        Counter::TimeWaitSyn,
+        Counter::DroppedNoSocket,
+        Counter::PassedFailOpen,
+        Counter::NotMatched,
+        Counter::Malformed,
+        Counter::DroppedNotTransparent,
+        Counter::Fragment,
+        Counter::AssignFailed,
+    ];
+
+    /// A short snake_case name for logs and `proxy stats`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Seen => "seen",
+            Counter::Matched => "matched",
+            Counter::AssignedEstablished => "assigned_established",
+            Counter::AssignedListener => "assigned_listener",
+            Counter::TimeWaitSyn => "time_wait_syn",
+            Counter::DroppedNoSocket => "dropped_no_socket",
+            Counter::PassedFailOpen => "passed_fail_open",
+            Counter::NotMatched => "not_matched",
+            Counter::Malformed => "malformed",
+            Counter::DroppedNotTransparent => "dropped_not_transparent",
+            Counter::Fragment => "fragment",
+            Counter::AssignFailed => "assign_failed",
+        }
+    }
+}
+
+/// Offsets into kernel socket structures, read by the loader from
+/// `/sys/kernel/btf/vmlinux`, so that the classifier can check the transparent flag (T5)
+/// without CO-RE support. An offset of `u32::MAX` means "unknown": the check is skipped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SockOffsets {
+    /// Byte offset of the word that holds the transparent bit in a full socket
+    /// (`struct inet_sock`, `inet_flags`), and the bit.
+    pub full_off: u32,
+    pub full_bit: u32,
+    /// Same for `struct inet_timewait_sock` (`tw_transparent`).
+    pub tw_off: u32,
+    pub tw_bit: u32,
+    /// Same for `struct inet_request_sock` (`no_srccheck`, set from the listener's flag).
+    pub req_off: u32,
+    pub req_bit: u32,
+}
+
+impl SockOffsets {
+    pub const UNKNOWN: SockOffsets = SockOffsets {
+        full_off: u32::MAX,
+        full_bit: 0,
+        tw_off: u32::MAX,
+        tw_bit: 0,
+        req_off: u32::MAX,
+        req_bit: 0,
+    };
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are #[repr(C)] plain data with explicit padding.
+    unsafe impl aya::Pod for super::RuleKeyV4 {}
+    unsafe impl aya::Pod for super::RuleKeyV6 {}
+    unsafe impl aya::Pod for super::RuleAction {}
+    unsafe impl aya::Pod for super::IfaceAddrs {}
+    unsafe impl aya::Pod for super::RuleCounters {}
+    unsafe impl aya::Pod for super::SockOffsets {}
+}

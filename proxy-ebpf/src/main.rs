@@ -1,0 +1,148 @@
+//! TC-ingress classifier that does what `iptables -t mangle ... -j TPROXY` does, and the
+//! `sk_lookup` program that completes the TIME_WAIT + SYN case.
+//!
+//! Packet path: [`parse`] the headers, [`rules`] find the first matching rule, [`laddr`]
+//! picks the listener address, [`lookup`] finds the socket (established, TIME_WAIT SYN,
+//! listener), then the packet is assigned and marked here.
+#![no_std]
+#![no_main]
+
+mod laddr;
+mod lookup;
+mod maps;
+mod parse;
+mod rules;
+mod sk_lookup;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
+    macros::classifier,
+    programs::TcContext,
+};
+use aya_log_ebpf::warn;
+use proxy_common::{ACTION_FAIL_OPEN, Counter};
+
+use crate::{
+    lookup::Found,
+    maps::{count, count_rule},
+    parse::{Fragment, Parsed},
+    rules::Matched,
+};
+
+/// `TC_ACT_OK`: accept, ending the TC chain, for packets we assigned.
+const TC_ACT_OK: i32 = 0;
+
+#[classifier]
+pub fn tproxy_ingress(ctx: TcContext) -> i32 {
+    try_tproxy_ingress(&ctx)
+}
+
+/// Outcome for a packet that matched a rule: what the kernel does after `-j TPROXY`.
+enum RuleVerdict {
+    Assigned,
+    /// No usable socket (T7), or one the kernel would refuse.
+    NoSocket(Counter),
+}
+
+#[inline(always)]
+fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
+    count(Counter::Seen);
+    let packet = match parse::parse(ctx) {
+        Ok(Parsed::Transport(packet)) => packet,
+        Ok(Parsed::Other) => {
+            count(Counter::NotMatched);
+            return TC_ACT_UNSPEC;
+        }
+        Ok(Parsed::Ipv6NoTransport(daddr)) => {
+            // T9: ip6tables drops a packet whose transport header it cannot find when it
+            // is checked against a rule with a protocol.
+            if rules::ipv6_prefix_has_rule(&daddr) {
+                count(Counter::Malformed);
+                return TC_ACT_SHOT;
+            }
+            count(Counter::NotMatched);
+            return TC_ACT_UNSPEC;
+        }
+        Err(parse::ParseError::Malformed) => {
+            // Not ours to judge: the stack drops what it cannot parse itself.
+            count(Counter::Malformed);
+            return TC_ACT_UNSPEC;
+        }
+    };
+    // A later fragment has no ports, so it cannot match a port rule; it is left alone and
+    // never assigned (T9). See the README on fragmented UDP.
+    if packet.fragment == Fragment::Later {
+        count(Counter::NotMatched);
+        return TC_ACT_UNSPEC;
+    }
+    let Some(Matched { index, action }) = rules::match_rule(&packet) else {
+        count(Counter::NotMatched);
+        return TC_ACT_UNSPEC;
+    };
+    count(Counter::Matched);
+    let len = ctx.len();
+
+    let verdict = if packet.fragment == Fragment::First {
+        // The kernel drops a socket assigned to a fragment when it queues it for
+        // reassembly, so a first fragment is never assigned (T9).
+        RuleVerdict::NoSocket(Counter::Fragment)
+    } else {
+        let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+        let laddr = laddr::listener_addr(&action, ifindex, &packet);
+        let lport_be = if action.on_port == 0 {
+            packet.dport_be
+        } else {
+            action.on_port.to_be()
+        };
+        match lookup::find_socket(ctx, &packet, &laddr, lport_be) {
+            None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
+            Some((sk, found)) => match lookup::assign(ctx, &sk) {
+                Ok(()) => {
+                    // T6: every assigned packet carries the mark, established or not:
+                    // without the policy route the forwarding path drops a packet that
+                    // holds a socket.
+                    let mark = unsafe { (*ctx.skb.skb).mark };
+                    ctx.set_mark(action.apply_mark(mark));
+                    count(match found {
+                        Found::Established => Counter::AssignedEstablished,
+                        Found::TimeWaitSyn => Counter::TimeWaitSyn,
+                        Found::Listener => Counter::AssignedListener,
+                    });
+                    RuleVerdict::Assigned
+                }
+                Err(err) => {
+                    warn!(ctx, "bpf_sk_assign failed: {}", err);
+                    RuleVerdict::NoSocket(Counter::AssignFailed)
+                }
+            },
+        }
+    };
+
+    match verdict {
+        RuleVerdict::Assigned => {
+            count_rule(index, len, true);
+            TC_ACT_OK
+        }
+        RuleVerdict::NoSocket(reason) => {
+            count(reason);
+            if action.flags & ACTION_FAIL_OPEN != 0 {
+                count(Counter::PassedFailOpen);
+                count_rule(index, len, false);
+                TC_ACT_UNSPEC
+            } else {
+                count_rule(index, len, false);
+                TC_ACT_SHOT
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

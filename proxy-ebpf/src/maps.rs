@@ -1,0 +1,58 @@
+//! The maps the agent fills and reads. Names and sizes come from `proxy-common`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+};
+use proxy_common::{
+    Counter, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RULES,
+    PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+};
+
+#[map]
+pub static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
+
+#[map]
+pub static RULES_V4: LpmTrie<RuleKeyV4, u32> = LpmTrie::with_max_entries(MAX_PREFIX_ENTRIES, 0);
+
+#[map]
+pub static RULES_V6: LpmTrie<RuleKeyV6, u32> = LpmTrie::with_max_entries(MAX_PREFIX_ENTRIES, 0);
+
+#[map]
+pub static ACTIONS: Array<RuleAction> = Array::with_max_entries(MAX_RULES, 0);
+
+#[map]
+pub static IFACE_ADDRS: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);
+
+#[map]
+pub static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+
+#[map]
+pub static RULE_COUNTERS: PerCpuArray<RuleCounters> = PerCpuArray::with_max_entries(MAX_RULES, 0);
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // Per-CPU slot: no other writer, a plain add is enough.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// Adds one packet of `len` bytes to rule `index`, with its outcome.
+#[inline(always)]
+pub fn count_rule(index: u32, len: u32, assigned: bool) {
+    if let Some(stats) = RULE_COUNTERS.get_ptr_mut(index) {
+        unsafe {
+            (*stats).packets += 1;
+            (*stats).bytes += len as u64;
+            if assigned {
+                (*stats).assigned += 1;
+            } else {
+                (*stats).dropped += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! Command line. The flags of `proxy run` are named after the iptables TPROXY target so the
+//! classic recipe maps one to one:
+//!
+//! ```text
+//! iptables -t mangle -A PREROUTING -i eth0 -p tcp -d 10.0.0.0/8 --dport 80,443 \
+//!     -j TPROXY --on-port 50080 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1
+//! ip rule add fwmark 0x1/0x1 lookup 100
+//! ip route add local 0.0.0.0/0 dev lo table 100
+//!
+//! proxy run --iface eth0 --dst 10.0.0.0/8 --dport 80,443 \
+//!     --on-port 50080 --on-ip 127.0.0.1 --tproxy-mark 0x1/0x1 --table 100
+//! ```
+
+use std::{net::IpAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+
+use crate::rules::{self, Mark, PortSet, Protocols, Rule};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "proxy",
+    version,
+    about = "eBPF transparent proxy: the iptables TPROXY recipe, done at TC ingress with bpf_sk_assign"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the classifier, install the policy route and proxy intercepted connections
+    /// until SIGINT or SIGTERM; everything is undone on exit.
+    Run(RunArgs),
+    /// Build a throwaway client / router / server topology in network namespaces, run the
+    /// agent on the router, send a few connections through it and remove everything.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Interface whose ingress traffic is classified (`iptables -i`). Repeat for several.
+    #[arg(long = "iface", value_name = "IF", required = true)]
+    pub ifaces: Vec<String>,
+
+    /// Destination prefix to intercept (`-d`), IPv4 or IPv6; repeat for several. Without
+    /// it every destination of both families matches.
+    #[arg(long = "dst", value_name = "CIDR", value_parser = rules::parse_prefix)]
+    pub dst: Vec<IpNet>,
+
+    /// Destination ports to intercept (`--dport`): a comma list of ports and ranges, such
+    /// as 80,443,8000-8100.
+    #[arg(long, value_name = "PORTS")]
+    pub dport: PortSet,
+
+    /// Transport protocols the rule applies to (`-p`).
+    #[arg(long, value_name = "tcp|udp|tcp,udp", default_value = "tcp")]
+    pub protocol: Protocols,
+
+    /// Port of the transparent listener (`--on-port`).
+    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub on_port: u16,
+
+    /// Address of the transparent listener (`--on-ip`). Without it the listener is looked
+    /// up at the ingress interface's first primary address, as the kernel does, and the
+    /// agent's listener binds the wildcard address.
+    #[arg(long, value_name = "ADDR")]
+    pub on_ip: Option<IpAddr>,
+
+    /// Mark set on every packet handed to a socket (`--tproxy-mark`): the packet's mark
+    /// becomes (mark & ~MASK) ^ VALUE. The fwmark rule matches VALUE/MASK.
+    #[arg(long, value_name = "VALUE[/MASK]", default_value = "0x1/0x1")]
+    pub tproxy_mark: Mark,
+
+    /// Routing table for the local route (`ip route add local 0/0 dev lo table N`).
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    pub table: u32,
+
+    /// When no usable socket is found, pass the packet on untouched instead of dropping it
+    /// as the kernel does.
+    #[arg(long)]
+    pub fail_open: bool,
+
+    /// How long to wait for the original destination to accept a connection.
+    #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+}
+
+impl RunArgs {
+    /// The single rule the command line describes.
+    pub fn rule(&self) -> Rule {
+        Rule {
+            protocols: self.protocol,
+            dst: self.dst.clone(),
+            dport: self.dport.clone(),
+            on_ip: self.on_ip,
+            on_port: self.on_port,
+            mark: self.tproxy_mark,
+            fail_open: self.fail_open,
+            listener_slot: Some(0),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DemoArgs {
+    /// Number of connections the demo client makes through the proxy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub connections: u32,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 3600.0) {
+        return Err(format!("'{s}' is out of range (0 < seconds <= 3600)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_defaults_follow_the_recipe() {
+        let cli = parse(&["run", "--iface", "eth0", "--dport", "80", "--on-port", "50080"])
+            .expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert_eq!(args.tproxy_mark, Mark { value: 1, mask: 1 });
+        assert_eq!(args.table, 100);
+        assert!(!args.fail_open);
+        assert!(args.dst.is_empty());
+        assert_eq!(args.protocol, Protocols::TCP);
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        for bad in [
+            &["run", "--dport", "80", "--on-port", "50080"][..],
+            &["run", "--iface", "eth0", "--dport", "80,x", "--on-port", "50080"],
+            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "0"],
+            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "70000"],
+            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--dst", "10/x"],
+            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--tproxy-mark", "0"],
+            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--table", "0"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! `proxy demo`: the whole path on a throwaway topology (see [`crate::testbed`]).
+//!
+//! A server in its own namespace answers on ports 80 and 8080 with the address it sees the
+//! connection from. The agent runs on the router and intercepts port 80 only. The client
+//! connects to both: the port-80 replies come through the proxy (the server sees the
+//! router), the port-8080 reply is routed untouched (the server sees the client). Then the
+//! agent gets SIGTERM, prints its counters and cleans up, and the namespaces are removed.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+
+use crate::{
+    config::DemoArgs,
+    testbed::{self, Gateway, TestbedError},
+};
+
+/// The demo failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    #[error("the agent did not become ready (within 20 s); its log is above")]
+    AgentNotReady,
+    #[error("the agent exited with {0}")]
+    AgentFailed(std::process::ExitStatus),
+}
+
+const INTERCEPTED_PORT: u16 = 80;
+const DIRECT_PORT: u16 = 8080;
+const ON_PORT: u16 = 50080;
+
+pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
+    println!("== building namespaces: client {} -- router -- server {}", testbed::CLIENT_V4, testbed::SERVER_V4);
+    let gw = Gateway::new("demo")?;
+    let exe = std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
+
+    let server_ready = mpsc::channel();
+    let server_ns = gw.server.name.clone();
+    let expected = args.connections as usize + 1;
+    let server = std::thread::spawn(move || serve(&server_ns, expected, server_ready.0));
+    let _ = server_ready.1.recv_timeout(Duration::from_secs(5));
+
+    let (dport, on_port) = (INTERCEPTED_PORT.to_string(), ON_PORT.to_string());
+    let command = [
+        "run",
+        "--iface",
+        testbed::ROUTER_CLIENT_IFACE,
+        "--dport",
+        &dport,
+        "--on-port",
+        &on_port,
+    ];
+    println!("== starting the agent in the router namespace: proxy {}", command.join(" "));
+    let mut agent = gw
+        .router
+        .command(&exe)
+        .args(command)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| DemoError::Io("starting the agent".into(), e))?;
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let log = forward_log(&mut agent, ready_tx);
+    if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = agent.kill();
+        let _ = agent.wait();
+        let _ = log.map(|h| h.join());
+        return Err(DemoError::AgentNotReady);
+    }
+
+    println!("== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)", args.connections, testbed::SERVER_V4);
+    let server_v4 = testbed::SERVER_V4;
+    let connections = args.connections;
+    gw.client.run(move || {
+        for i in 0..connections {
+            let started = Instant::now();
+            match exchange(SocketAddr::from((server_v4, INTERCEPTED_PORT)), &format!("request {i}")) {
+                Ok(reply) => println!(
+                    "   client | reply in {:.1} ms: {}",
+                    started.elapsed().as_secs_f64() * 1e3,
+                    reply.trim()
+                ),
+                Err(e) => println!("   client | connection failed: {e}"),
+            }
+        }
+        println!("== client: one connection to {server_v4}:{DIRECT_PORT} (not intercepted)");
+        match exchange(SocketAddr::from((server_v4, DIRECT_PORT)), "direct") {
+            Ok(reply) => println!("   client | reply: {}", reply.trim()),
+            Err(e) => println!("   client | connection failed: {e}"),
+        }
+    })?;
+
+    // Let the proxy finish logging the connections before it is stopped.
+    std::thread::sleep(Duration::from_millis(200));
+    println!("== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters");
+    let _ = signal::kill(Pid::from_raw(agent.id() as i32), signal::Signal::SIGTERM);
+    let status = agent
+        .wait()
+        .map_err(|e| DemoError::Io("waiting for the agent".into(), e))?;
+    if let Some(log) = log {
+        let _ = log.join();
+    }
+    let _ = server.join();
+
+    println!("== after the agent: policy rules left in the router namespace:");
+    match gw.router.ip(&["rule", "show"]) {
+        Ok(out) => print!("{}", indent(&String::from_utf8_lossy(&out.stdout))),
+        Err(e) => println!("   {e}"),
+    }
+    drop(gw);
+    println!("== namespaces removed");
+    if !status.success() {
+        return Err(DemoError::AgentFailed(status));
+    }
+    Ok(())
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("   {l}\n")).collect()
+}
+
+/// Prints the agent's log lines as they come and reports the "ready" line.
+fn forward_log(agent: &mut Child, ready: mpsc::Sender<()>) -> Option<std::thread::JoinHandle<()>> {
+    let stderr = agent.stderr.take()?;
+    Some(std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            println!("    agent | {line}");
+            if line.contains(" ready: ") {
+                let _ = ready.send(());
+            }
+        }
+    }))
+}
+
+/// One request/response: send a line, half-close, read the reply until EOF.
+fn exchange(addr: SocketAddr, request: &str) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request.as_bytes())?;
+    stream.write_all(b"\n")?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+/// The demo server: answers `expected` connections over ports 80 and 8080, or stops after
+/// 30 s, whichever comes first.
+fn serve(ns: &str, expected: usize, ready: mpsc::Sender<()>) {
+    let netns = testbed::Netns { name: ns.to_owned() };
+    let entered = netns.enter();
+    // Do not delete the namespace when this handle goes away: the Gateway owns it.
+    std::mem::forget(netns);
+    if entered.is_err() {
+        return;
+    }
+    let listeners: Vec<TcpListener> = [INTERCEPTED_PORT, DIRECT_PORT]
+        .iter()
+        .filter_map(|&port| TcpListener::bind(("0.0.0.0", port)).ok())
+        .collect();
+    for l in &listeners {
+        let _ = l.set_nonblocking(true);
+    }
+    let _ = ready.send(());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut served = 0;
+    while served < expected && Instant::now() < deadline {
+        let mut idle = true;
+        for l in &listeners {
+            if let Ok((mut stream, peer)) = l.accept() {
+                idle = false;
+                served += 1;
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let mut request = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut request);
+                let _ = writeln!(
+                    stream,
+                    "server {local} answered '{}' from {peer}",
+                    request.trim()
+                );
+            }
+        }
+        if idle {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! Loading the embedded eBPF object, filling its maps, attaching the TC-ingress classifier
+//! (TCX links where the kernel has them, clsact + cls_bpf over netlink otherwise) and the
+//! `sk_lookup` program, and forwarding the programs' aya-log records to `log`.
+
+use std::{fs::File, os::fd::AsRawFd};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
+    programs::{
+        SchedClassifier, SkLookup, TcAttachType,
+        tc::{self, SchedClassifierLinkId},
+    },
+    util::KernelVersion,
+};
+use log::{debug, info, warn};
+use proxy_common::{
+    Counter, IfaceAddrs, MAP_ACTIONS, MAP_COUNTERS, MAP_IFACE_ADDRS, MAP_LISTENERS,
+    MAP_PORT_CLASS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP,
+    PROG_TC_INGRESS, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+};
+
+use crate::rules::Compiled;
+
+/// The classifier object, built by `build.rs` from `proxy-ebpf`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
+
+/// An error while loading or attaching the eBPF programs.
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    /// The object could not be loaded (verifier, BTF, permissions).
+    #[error("loading the eBPF object")]
+    Load(#[source] aya::EbpfError),
+    /// A program is missing from the object or is of another type.
+    #[error("program {0} in the eBPF object")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    /// A map is missing from the object or is of another type.
+    #[error("map {0} in the eBPF object")]
+    Map(&'static str, #[source] aya::maps::MapError),
+    /// Writing to a map failed.
+    #[error("writing map {0}")]
+    MapWrite(&'static str, #[source] aya::maps::MapError),
+    /// The kernel refused to attach the classifier to an interface.
+    #[error("attaching the classifier to {iface} ingress")]
+    Attach {
+        iface: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// The clsact qdisc needed by the netlink fallback could not be added.
+    #[error("adding the clsact qdisc to {iface}")]
+    Clsact {
+        iface: String,
+        #[source]
+        source: tc::TcError,
+    },
+    /// The network namespace could not be opened for the sk_lookup program.
+    #[error("opening /proc/self/ns/net")]
+    Netns(#[source] std::io::Error),
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |e| EbpfError::Map(name, e)
+}
+
+fn write_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
+    move |e| EbpfError::MapWrite(name, e)
+}
+
+/// The loaded programs and the links that keep them attached. Dropping it detaches
+/// everything (TCX and sk_lookup links die with their file descriptors).
+pub struct Classifier {
+    ebpf: Ebpf,
+    tc_links: Vec<(String, SchedClassifierLinkId)>,
+    /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
+    clsact_added: Vec<String>,
+}
+
+impl Classifier {
+    /// Loads the object and starts forwarding its log records.
+    pub fn load() -> Result<Self, EbpfError> {
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_log_forwarder(logger),
+            // The object has no log statements compiled in (or no ring buffer support).
+            Err(e) => debug!("eBPF logs not forwarded: {e}"),
+        }
+        for name in [PROG_TC_INGRESS] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(|e| EbpfError::Program(name, e))?;
+        }
+        let prog: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
+        prog.load()
+            .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
+        Ok(Classifier {
+            ebpf,
+            tc_links: Vec::new(),
+            clsact_added: Vec::new(),
+        })
+    }
+
+    /// Writes the rule tables. Called before attaching, and on reload.
+    pub fn install_rules(&mut self, compiled: &Compiled) -> Result<(), EbpfError> {
+        {
+            let mut actions: Array<&mut MapData, RuleAction> = Array::try_from(
+                self.ebpf.map_mut(MAP_ACTIONS).ok_or_else(|| missing(MAP_ACTIONS))?,
+            )
+            .map_err(map_err(MAP_ACTIONS))?;
+            for (i, action) in compiled.actions.iter().enumerate() {
+                actions.set(i as u32, action, 0).map_err(write_err(MAP_ACTIONS))?;
+            }
+        }
+        {
+            let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
+                self.ebpf.map_mut(MAP_RULES_V4).ok_or_else(|| missing(MAP_RULES_V4))?,
+            )
+            .map_err(map_err(MAP_RULES_V4))?;
+            for (len, key, index) in &compiled.v4 {
+                v4.insert(&Key::new(*len, *key), index, 0)
+                    .map_err(write_err(MAP_RULES_V4))?;
+            }
+        }
+        {
+            let mut v6: LpmTrie<&mut MapData, RuleKeyV6, u32> = LpmTrie::try_from(
+                self.ebpf.map_mut(MAP_RULES_V6).ok_or_else(|| missing(MAP_RULES_V6))?,
+            )
+            .map_err(map_err(MAP_RULES_V6))?;
+            for (len, key, index) in &compiled.v6 {
+                v6.insert(&Key::new(*len, *key), index, 0)
+                    .map_err(write_err(MAP_RULES_V6))?;
+            }
+        }
+        // Port classes last: until a port has a class, no packet can match.
+        let mut classes: Array<&mut MapData, u32> = Array::try_from(
+            self.ebpf.map_mut(MAP_PORT_CLASS).ok_or_else(|| missing(MAP_PORT_CLASS))?,
+        )
+        .map_err(map_err(MAP_PORT_CLASS))?;
+        for (index, class) in &compiled.port_classes {
+            classes.set(*index, class, 0).map_err(write_err(MAP_PORT_CLASS))?;
+        }
+        Ok(())
+    }
+
+    /// Records the address `nf_tproxy_laddr4/6` would use for an interface. Every attached
+    /// interface needs an entry (even an empty one): the sk_lookup program acts only for
+    /// interfaces listed here.
+    pub fn set_iface_addrs(&mut self, ifindex: u32, addrs: IfaceAddrs) -> Result<(), EbpfError> {
+        let mut map: HashMap<&mut MapData, u32, IfaceAddrs> = HashMap::try_from(
+            self.ebpf.map_mut(MAP_IFACE_ADDRS).ok_or_else(|| missing(MAP_IFACE_ADDRS))?,
+        )
+        .map_err(map_err(MAP_IFACE_ADDRS))?;
+        map.insert(ifindex, addrs, 0).map_err(write_err(MAP_IFACE_ADDRS))
+    }
+
+    /// Puts one of the agent's listeners in the sockmap the sk_lookup program picks from.
+    pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<(), EbpfError> {
+        let mut map: SockMap<&mut MapData> = SockMap::try_from(
+            self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(|| missing(MAP_LISTENERS))?,
+        )
+        .map_err(map_err(MAP_LISTENERS))?;
+        map.set(slot, socket, 0).map_err(write_err(MAP_LISTENERS))
+    }
+
+    /// Attaches the sk_lookup program to the agent's own network namespace.
+    pub fn attach_sk_lookup(&mut self) -> Result<(), EbpfError> {
+        let netns = File::open("/proc/self/ns/net").map_err(EbpfError::Netns)?;
+        let prog: &mut SkLookup = program(&mut self.ebpf, PROG_SK_LOOKUP)?;
+        prog.attach(netns)
+            .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
+        Ok(())
+    }
+
+    /// Attaches the classifier at ingress of `iface`: a TCX link on kernels that have
+    /// them (6.6+), else cls_bpf under a clsact qdisc over netlink.
+    pub fn attach(&mut self, iface: &str) -> Result<(), EbpfError> {
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            match tc::qdisc_add_clsact(iface) {
+                Ok(()) => self.clsact_added.push(iface.to_owned()),
+                // Already there (ours from a crash, or someone else's): use it as it is.
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => {
+                    return Err(EbpfError::Clsact {
+                        iface: iface.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
+        let link = prog
+            .attach(iface, TcAttachType::Ingress)
+            .map_err(|source| EbpfError::Attach {
+                iface: iface.to_owned(),
+                source,
+            })?;
+        info!(
+            "classifier attached to {iface} ingress ({})",
+            if tcx { "tcx link" } else { "clsact + cls_bpf" }
+        );
+        self.tc_links.push((iface.to_owned(), link));
+        Ok(())
+    }
+
+    /// Detaches from every interface. Errors are logged, not returned: teardown goes on.
+    pub fn detach_all(&mut self) {
+        if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS) {
+            for (iface, link) in self.tc_links.drain(..) {
+                match prog.detach(link) {
+                    Ok(()) => info!("classifier detached from {iface}"),
+                    // The interface may be gone already, and its links with it.
+                    Err(e) => warn!("detaching from {iface}: {e}"),
+                }
+            }
+        }
+        for iface in self.clsact_added.drain(..) {
+            if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS) {
+                debug!("removing the classifier filter from {iface}: {e}");
+            }
+        }
+    }
+
+    /// Sums the global counters over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
+        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
+            self.ebpf.map(MAP_COUNTERS).ok_or_else(|| missing(MAP_COUNTERS))?,
+        )
+        .map_err(map_err(MAP_COUNTERS))?;
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let values = map.get(&(c as u32), 0).map_err(map_err(MAP_COUNTERS))?;
+                Ok((c, values.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// Sums rule `index`'s counters over CPUs.
+    pub fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
+        let map: PerCpuArray<&MapData, RuleCounters> = PerCpuArray::try_from(
+            self.ebpf.map(MAP_RULE_COUNTERS).ok_or_else(|| missing(MAP_RULE_COUNTERS))?,
+        )
+        .map_err(map_err(MAP_RULE_COUNTERS))?;
+        let values = map.get(&index, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
+        Ok(values.iter().fold(RuleCounters::default(), |mut sum, c| {
+            sum.packets += c.packets;
+            sum.bytes += c.bytes;
+            sum.assigned += c.assigned;
+            sum.dropped += c.dropped;
+            sum
+        }))
+    }
+}
+
+impl Drop for Classifier {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+fn missing(name: &'static str) -> EbpfError {
+    EbpfError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() })
+}
+
+fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::Program(name, aya::programs::ProgramError::NotLoaded))?;
+    prog.try_into().map_err(|e| EbpfError::Program(name, e))
+}
+
+/// Polls the aya-log ring buffer from the tokio runtime. Keeping the logger alive matters:
+/// dropping it closes the map the programs write to.
+fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    // SAFETY: the logger owns the ring buffer's fd and keeps it open for as long as the
+    // AsyncFd (which owns the logger) lives.
+    let registered = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    };
+    let fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            warn!("eBPF logs not forwarded: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        let mut fd = fd;
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}

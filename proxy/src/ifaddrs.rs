@@ -1,0 +1,85 @@
+//! Interface addresses over netlink: the address `nf_tproxy_laddr4` / `nf_tproxy_laddr6`
+//! would pick as laddr when a rule has no on-ip (T4).
+//!
+//! * IPv4: the first address of the interface that is not `IFA_F_SECONDARY`
+//!   (`in_dev_for_each_ifa_rcu` order, which is the order netlink dumps them in).
+//! * IPv6: the first address that is neither `IFA_F_TENTATIVE` nor `IFA_F_DEPRECATED`
+//!   (`idev->addr_list` order), link-local included, as in the kernel.
+
+use std::net::IpAddr;
+
+use futures::TryStreamExt as _;
+use rtnetlink::{
+    Handle,
+    packet_route::address::{AddressAttribute, AddressFlags, AddressMessage},
+};
+use proxy_common::{IFACE_HAS_IP4, IFACE_HAS_IP6, IfaceAddrs};
+
+/// Listing an interface's addresses failed.
+#[derive(Debug, thiserror::Error)]
+#[error("listing the addresses of interface index {ifindex}")]
+pub struct IfaddrsError {
+    ifindex: u32,
+    #[source]
+    source: rtnetlink::Error,
+}
+
+/// Resolves an interface name to its index in the current namespace.
+pub fn ifindex(name: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(name).ok()
+}
+
+/// Reads the laddr candidates of `ifindex`.
+pub async fn laddr_candidates(handle: &Handle, ifindex: u32) -> Result<IfaceAddrs, IfaddrsError> {
+    let messages: Vec<AddressMessage> = handle
+        .address()
+        .get()
+        .set_link_index_filter(ifindex)
+        .execute()
+        .try_collect()
+        .await
+        .map_err(|source| IfaddrsError { ifindex, source })?;
+    Ok(pick(&messages))
+}
+
+/// Picks the addresses from a dump, in dump order.
+pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
+    let mut out = IfaceAddrs::default();
+    for msg in messages {
+        // IFA_FLAGS carries all 32 bits; the header only the low 8.
+        let flags = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                AddressAttribute::Flags(f) => Some(*f),
+                _ => None,
+            })
+            .unwrap_or_else(|| AddressFlags::from_bits_truncate(u32::from(msg.header.flags.bits())));
+        // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on a
+        // point-to-point link); IPv6 only sends IFA_ADDRESS.
+        let local = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let address = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        match local.or(address) {
+            Some(IpAddr::V4(ip)) if out.flags & IFACE_HAS_IP4 == 0 => {
+                if !flags.contains(AddressFlags::Secondary) {
+                    out.ip4_be = u32::from_ne_bytes(ip.octets());
+                    out.flags |= IFACE_HAS_IP4;
+                }
+            }
+            Some(IpAddr::V6(ip)) if out.flags & IFACE_HAS_IP6 == 0 => {
+                if !flags.intersects(AddressFlags::Tentative | AddressFlags::Deprecated) {
+                    out.ip6 = ip.octets();
+                    out.flags |= IFACE_HAS_IP6;
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}

@@ -1,0 +1,36 @@
+//! eBPF-assisted transparent proxy: the agent (`proxy run`) and the pieces it is made of.
+//!
+//! Packet path, file by file:
+//! * `proxy-ebpf` (classifier at TC ingress) assigns intercepted packets to sockets and marks
+//!   them; [`ebpf`] loads and attaches it and fills its maps from [`rules`] and [`ifaddrs`].
+//! * [`routing`] installs the fwmark rule and local route that deliver marked packets.
+//! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
+//!   destination and [`relay`] copies both ways.
+//! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
+
+pub mod agent;
+pub mod config;
+pub mod demo;
+pub mod ebpf;
+pub mod ifaddrs;
+pub mod relay;
+pub mod routing;
+pub mod rules;
+pub mod testbed;
+pub mod tproxy;
+pub mod upstream;
+
+/// Formats an error with its sources on one line: `a: b: c`.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}

@@ -1,0 +1,34 @@
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use proxy::{
+    agent,
+    config::{Cli, Command},
+    demo, error_chain,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let result: Result<(), Box<dyn std::error::Error>> = match cli.command {
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| {
+                rt.block_on(async {
+                    let shutdown = agent::shutdown_signal()?;
+                    agent::run(args, shutdown).await
+                })
+                .map_err(Into::into)
+            }),
+        Command::Demo(args) => demo::run(&args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy: error: {}", error_chain(e.as_ref()));
+            ExitCode::FAILURE
+        }
+    }
+}

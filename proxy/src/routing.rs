@@ -1,0 +1,234 @@
+//! Policy routing for marked packets, over netlink (no `ip` subprocess):
+//!
+//! ```text
+//! ip rule add fwmark VALUE/MASK lookup TABLE        (and ip -6 rule ...)
+//! ip route add local 0.0.0.0/0 dev lo table TABLE   (and local ::/0)
+//! ```
+//!
+//! A packet the classifier assigned to a socket carries the mark; the rule sends it to the
+//! table whose only route says "every address is local", so the stack delivers it to the
+//! socket instead of forwarding it (T6).
+//!
+//! Both the rules and the routes carry our own routing protocol number, [`RTPROT_PROXY`], so
+//! the agent can tell them from the administrator's: a restart after a crash finds and
+//! replaces what is left, and teardown removes only what is ours.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use futures::TryStreamExt as _;
+use log::{debug, info, warn};
+use rtnetlink::{
+    Handle, IpVersion, RouteMessageBuilder,
+    packet_route::{
+        route::{RouteAttribute, RouteMessage, RouteProtocol, RouteScope, RouteType},
+        rule::{RuleAction as NlRuleAction, RuleAttribute, RuleMessage},
+    },
+};
+
+use crate::rules::Mark;
+
+/// Routing protocol number that tags the rules and routes this agent installs
+/// (`ip rule show` and `ip route show table N` print it as `proto 211`).
+pub const RTPROT_PROXY: u8 = 211;
+
+/// A netlink request about policy routing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// The netlink socket could not be opened.
+    #[error("opening a netlink socket")]
+    Connect(#[source] std::io::Error),
+    /// A request was refused.
+    #[error("{what}")]
+    Request {
+        what: String,
+        #[source]
+        source: rtnetlink::Error,
+    },
+}
+
+/// The fwmark rules and local routes, installed by [`PolicyRouting::install`] and removed by
+/// [`PolicyRouting::remove`].
+pub struct PolicyRouting {
+    handle: Handle,
+    mark: Mark,
+    table: u32,
+    /// Families whose rule and route we installed.
+    installed: Vec<IpVersion>,
+}
+
+fn request(what: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> RoutingError {
+    let what = what.into();
+    move |source| RoutingError::Request { what, source }
+}
+
+fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
+    matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+fn family_name(v: &IpVersion) -> &'static str {
+    match v {
+        IpVersion::V4 => "IPv4",
+        IpVersion::V6 => "IPv6",
+    }
+}
+
+impl PolicyRouting {
+    /// Opens a netlink connection in the current network namespace. Must be called from a
+    /// tokio runtime.
+    pub fn new(mark: Mark, table: u32) -> Result<Self, RoutingError> {
+        let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
+        tokio::spawn(connection);
+        Ok(PolicyRouting {
+            handle,
+            mark,
+            table,
+            installed: Vec::new(),
+        })
+    }
+
+    /// Installs the rule and route for IPv4 and, where the namespace has IPv6, for IPv6.
+    /// Leftovers of an earlier run with the same table are replaced first.
+    pub async fn install(&mut self) -> Result<(), RoutingError> {
+        for version in [IpVersion::V4, IpVersion::V6] {
+            self.remove_ours(version.clone()).await?;
+            match self.add(version.clone()).await {
+                Ok(()) => {
+                    info!(
+                        "policy routing ({}): fwmark {} lookup {}, local {} dev lo table {}",
+                        family_name(&version),
+                        self.mark,
+                        self.table,
+                        if version == IpVersion::V4 { "0.0.0.0/0" } else { "::/0" },
+                        self.table
+                    );
+                    self.installed.push(version);
+                }
+                Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => {
+                    warn!("IPv6 is disabled in this namespace: no IPv6 policy routing");
+                    self.remove_ours(version).await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what [`install`](Self::install) added. Safe to call more than once.
+    pub async fn remove(&mut self) -> Result<(), RoutingError> {
+        for version in std::mem::take(&mut self.installed) {
+            self.remove_ours(version.clone()).await?;
+            info!("policy routing ({}) removed", family_name(&version));
+        }
+        Ok(())
+    }
+
+    async fn add(&self, version: IpVersion) -> Result<(), RoutingError> {
+        // The action must be said: an UNSPEC rule action makes `fib4_rule_action` return
+        // -EINVAL, which drops every matching packet like a blackhole rule.
+        let mut rule = self
+            .handle
+            .rule()
+            .add()
+            .action(NlRuleAction::ToTable)
+            .table_id(self.table)
+            .fw_mark(self.mark.value);
+        let msg = rule.message_mut();
+        msg.attributes.push(RuleAttribute::FwMask(self.mark.mask));
+        msg.attributes
+            .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_PROXY)));
+        let added = match version {
+            IpVersion::V4 => rule.v4().execute().await,
+            IpVersion::V6 => rule.v6().execute().await,
+        };
+        added.map_err(request(format!("adding the {} fwmark rule", family_name(&version))))?;
+
+        self.handle
+            .route()
+            .add(self.local_route(version.clone()))
+            .replace()
+            .execute()
+            .await
+            .map_err(request(format!(
+                "adding the {} local route to table {}",
+                family_name(&version),
+                self.table
+            )))
+    }
+
+    /// `local 0.0.0.0/0 dev lo table N` (or `::/0`), tagged as ours.
+    fn local_route(&self, version: IpVersion) -> RouteMessage {
+        // The loopback device is always ifindex 1 in a network namespace.
+        const LO_IFINDEX: u32 = 1;
+        let mut msg = match version {
+            IpVersion::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(LO_IFINDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .protocol(RouteProtocol::Other(RTPROT_PROXY))
+                .build(),
+            IpVersion::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .output_interface(LO_IFINDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .protocol(RouteProtocol::Other(RTPROT_PROXY))
+                .build(),
+        };
+        // A /0 route has no destination attribute, as `ip route` sends it.
+        msg.attributes
+            .retain(|a| !matches!(a, RouteAttribute::Destination(_)));
+        msg
+    }
+
+    /// Deletes every fwmark rule of ours that points at our table, and our local route.
+    async fn remove_ours(&self, version: IpVersion) -> Result<(), RoutingError> {
+        let listed: Result<Vec<RuleMessage>, _> =
+            self.handle.rule().get(version.clone()).execute().try_collect().await;
+        let rules = match listed {
+            Ok(rules) => rules,
+            Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => return Ok(()),
+            Err(e) => return Err(request(format!("listing {} rules", family_name(&version)))(e)),
+        };
+        for rule in rules {
+            let ours = rule.attributes.iter().any(|a| {
+                matches!(a, RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == RTPROT_PROXY)
+            });
+            let table = rule
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RuleAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(u32::from(rule.header.table));
+            if ours && table == self.table {
+                debug!("removing {} rule {:?}", family_name(&version), rule.attributes);
+                match self.handle.rule().del(rule).execute().await {
+                    Ok(()) => {}
+                    Err(e) if is_errno(&e, libc::ENOENT) => {}
+                    Err(e) => {
+                        return Err(request(format!("deleting a {} rule", family_name(&version)))(e));
+                    }
+                }
+            }
+        }
+        // Deleting with our protocol set only deletes a route of ours (`fib_table_delete`
+        // skips routes whose protocol differs), never the administrator's.
+        match self.handle.route().del(self.local_route(version.clone())).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => Ok(()),
+            Err(e) => Err(request(format!("deleting the {} local route", family_name(&version)))(e)),
+        }
+    }
+}
+
+fn ipv6_unavailable(e: &RoutingError) -> bool {
+    match e {
+        RoutingError::Request { source, .. } => is_errno(source, libc::EAFNOSUPPORT),
+        RoutingError::Connect(_) => false,
+    }
+}

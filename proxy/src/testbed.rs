@@ -1,0 +1,198 @@
+//! Throwaway network namespaces for the demo, the kernel tests and the benchmarks:
+//!
+//! ```text
+//! client ns                 router ns (the agent)                 server ns
+//! c0 192.0.2.2/24  ──veth── r0 192.0.2.1/24 | r1 198.51.100.1/24 ──veth── s0 198.51.100.2/24
+//!    2001:db8:1::2/64          2001:db8:1::1/64 | 2001:db8:2::1/64          2001:db8:2::2/64
+//! ```
+//!
+//! The addresses are documentation ranges (RFC 5737, RFC 3849) that exist only on these
+//! veths: traffic never leaves the namespaces. Each [`Gateway`] has unique namespace names and
+//! removes them when dropped, pass or fail. Building the topology shells out to `ip`
+//! (iproute2): that is test scaffolding; the agent itself only speaks netlink.
+
+use std::{
+    fs::File,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use nix::sched::{CloneFlags, setns};
+
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+pub const ROUTER_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const ROUTER_SERVER_SIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+pub const SERVER_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 2);
+pub const ROUTER_CLIENT_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+pub const ROUTER_SERVER_SIDE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 1);
+pub const SERVER_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 2, 0, 0, 0, 0, 2);
+/// The router's interface towards the client, where the classifier is attached.
+pub const ROUTER_CLIENT_IFACE: &str = "r0";
+pub const ROUTER_SERVER_IFACE: &str = "r1";
+
+/// A testbed command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    /// `ip` could not be run at all (iproute2 missing?).
+    #[error("running `ip {args}` (is iproute2 installed?)")]
+    Spawn {
+        args: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `ip` ran and failed.
+    #[error("`ip {args}` failed: {stderr}")]
+    Failed { args: String, stderr: String },
+    /// Entering a namespace failed.
+    #[error("entering network namespace {name}")]
+    Setns {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Not root.
+    #[error("the testbed needs root to create network namespaces; run as root (for example with sudo)")]
+    NotRoot,
+}
+
+/// Runs `ip ARGS`, turning a failure into an error with its stderr.
+pub fn ip(args: &[&str]) -> Result<Output, TestbedError> {
+    let joined = args.join(" ");
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| TestbedError::Spawn {
+            args: joined.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(TestbedError::Failed {
+            args: joined,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
+    }
+    Ok(out)
+}
+
+/// A named network namespace, deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: String) -> Result<Self, TestbedError> {
+        // A leftover from a killed run with the same name would make `add` fail.
+        let _ = ip(&["netns", "del", &name]);
+        ip(&["netns", "add", &name])?;
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Runs `ip -n NAME ARGS`.
+    pub fn ip(&self, args: &[&str]) -> Result<Output, TestbedError> {
+        let mut full = vec!["-n", self.name.as_str()];
+        full.extend_from_slice(args);
+        ip(&full)
+    }
+
+    /// A command that runs `program` inside the namespace (`ip netns exec`).
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, TestbedError> {
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    self.enter()?;
+                    Ok(f())
+                })
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })
+    }
+
+    /// Moves the calling thread into the namespace, for threads that live on.
+    pub fn enter(&self) -> Result<(), TestbedError> {
+        let setns_err = |source: io::Error| TestbedError::Setns {
+            name: self.name.clone(),
+            source,
+        };
+        let file = File::open(format!("/run/netns/{}", self.name)).map_err(setns_err)?;
+        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| setns_err(io::Error::from(e)))
+    }
+
+    /// Writes a sysctl under /proc/sys/net as seen from inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<(), TestbedError> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        self.run(|| std::fs::write(&path, value))?
+            .map_err(|source| TestbedError::Setns {
+                name: format!("{} (writing {path})", self.name),
+                source,
+            })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Client, router and server namespaces joined by veth pairs; the router forwards.
+pub struct Gateway {
+    pub client: Netns,
+    pub router: Netns,
+    pub server: Netns,
+}
+
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+impl Gateway {
+    /// Builds the topology with namespace names unique to this process and call.
+    pub fn new(tag: &str) -> Result<Self, TestbedError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(TestbedError::NotRoot);
+        }
+        let id = format!("tp-{tag}-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let gw = Gateway {
+            client: Netns::create(format!("{id}-cli"))?,
+            router: Netns::create(format!("{id}-rtr"))?,
+            server: Netns::create(format!("{id}-srv"))?,
+        };
+        gw.router.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "c0", "netns", &gw.client.name])?;
+        gw.router.ip(&["link", "add", "r1", "type", "veth", "peer", "name", "s0", "netns", &gw.server.name])?;
+        let v4 = |a: Ipv4Addr| format!("{a}/24");
+        let v6 = |a: Ipv6Addr| format!("{a}/64");
+        for (ns, dev, a4, a6) in [
+            (&gw.client, "c0", CLIENT_V4, CLIENT_V6),
+            (&gw.router, "r0", ROUTER_CLIENT_SIDE_V4, ROUTER_CLIENT_SIDE_V6),
+            (&gw.router, "r1", ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6),
+            (&gw.server, "s0", SERVER_V4, SERVER_V6),
+        ] {
+            ns.ip(&["addr", "add", &v4(a4), "dev", dev])?;
+            // nodad: usable at once, no duplicate address detection to wait for.
+            ns.ip(&["-6", "addr", "add", &v6(a6), "dev", dev, "nodad"])?;
+            ns.ip(&["link", "set", dev, "up"])?;
+        }
+        gw.client.ip(&["route", "add", "default", "via", &ROUTER_CLIENT_SIDE_V4.to_string()])?;
+        gw.client.ip(&["-6", "route", "add", "default", "via", &ROUTER_CLIENT_SIDE_V6.to_string()])?;
+        gw.server.ip(&["route", "add", "default", "via", &ROUTER_SERVER_SIDE_V4.to_string()])?;
+        gw.server.ip(&["-6", "route", "add", "default", "via", &ROUTER_SERVER_SIDE_V6.to_string()])?;
+        gw.router.sysctl("net.ipv4.ip_forward", "1")?;
+        gw.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        Ok(gw)
+    }
+}
+
+/// The server address of a family, for tests that loop over both.
+pub fn server_addr(v6: bool) -> IpAddr {
+    if v6 { IpAddr::V6(SERVER_V6) } else { IpAddr::V4(SERVER_V4) }
+}
