@@ -35,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         root_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy-ebpf"),
         ..Default::default()
     };
-    aya_build::build_ebpf([package], toolchain)
-        .context("building the eBPF classifier (is bpf-linker installed? run `cargo xtask build-ebpf`)")
+    aya_build::build_ebpf([package], toolchain).context(
+        "building the eBPF classifier (is bpf-linker installed? run `cargo xtask build-ebpf`)",
+    )
 }

@@ -74,7 +74,13 @@ pub enum Found {
 }
 
 #[inline(always)]
-fn tuple(family: Family, saddr: &[u8; 16], sport_be: u16, daddr: &[u8; 16], dport_be: u16) -> (bpf_sock_tuple, u32) {
+fn tuple(
+    family: Family,
+    saddr: &[u8; 16],
+    sport_be: u16,
+    daddr: &[u8; 16],
+    dport_be: u16,
+) -> (bpf_sock_tuple, u32) {
     let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     match family {
         Family::V4 => {
@@ -97,7 +103,15 @@ fn tuple(family: Family, saddr: &[u8; 16], sport_be: u16, daddr: &[u8; 16], dpor
 }
 
 #[inline(always)]
-fn lookup(ctx: &TcContext, protocol: u8, family: Family, saddr: &[u8; 16], sport_be: u16, daddr: &[u8; 16], dport_be: u16) -> Option<SockRef> {
+fn lookup(
+    ctx: &TcContext,
+    protocol: u8,
+    family: Family,
+    saddr: &[u8; 16],
+    sport_be: u16,
+    daddr: &[u8; 16],
+    dport_be: u16,
+) -> Option<SockRef> {
     let (mut t, len) = tuple(family, saddr, sport_be, daddr, dport_be);
     // TCP: `bpf_skc_lookup_tcp`, not `bpf_sk_lookup_tcp`, which hides TIME_WAIT sockets
     // and turns a request socket into its listener (T2).
@@ -108,15 +122,32 @@ fn lookup(ctx: &TcContext, protocol: u8, family: Family, saddr: &[u8; 16], sport
             bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0)
         }
     };
-    if sk.is_null() { None } else { Some(SockRef(sk)) }
+    if sk.is_null() {
+        None
+    } else {
+        Some(SockRef(sk))
+    }
 }
 
 /// The listener at (laddr, lport) as `nf_tproxy_get_sock_v4(..., NF_TPROXY_LOOKUP_LISTENER)`
 /// finds it. For TCP only a socket in LISTEN counts; for UDP any socket the lookup returns
 /// (an unconnected one, in practice, since the tuple is not the packet's).
 #[inline(always)]
-fn lookup_listener(ctx: &TcContext, packet: &Packet, laddr: &[u8; 16], lport_be: u16) -> Option<SockRef> {
-    let sk = lookup(ctx, packet.protocol, packet.family, &packet.saddr, packet.sport_be, laddr, lport_be)?;
+fn lookup_listener(
+    ctx: &TcContext,
+    packet: &Packet,
+    laddr: &[u8; 16],
+    lport_be: u16,
+) -> Option<SockRef> {
+    let sk = lookup(
+        ctx,
+        packet.protocol,
+        packet.family,
+        &packet.saddr,
+        packet.sport_be,
+        laddr,
+        lport_be,
+    )?;
     if packet.protocol == IPPROTO_TCP && sk.state() != BPF_TCP_LISTEN {
         return None;
     }
@@ -125,9 +156,22 @@ fn lookup_listener(ctx: &TcContext, packet: &Packet, laddr: &[u8; 16], lport_be:
 
 /// Finds the socket `-j TPROXY` would give the packet to, or `None` (T2-T4).
 #[inline(always)]
-pub fn find_socket(ctx: &TcContext, packet: &Packet, laddr: &[u8; 16], lport_be: u16) -> Option<(SockRef, Found)> {
+pub fn find_socket(
+    ctx: &TcContext,
+    packet: &Packet,
+    laddr: &[u8; 16],
+    lport_be: u16,
+) -> Option<(SockRef, Found)> {
     // T2: established first, with the packet's real tuple.
-    if let Some(sk) = lookup(ctx, packet.protocol, packet.family, &packet.saddr, packet.sport_be, &packet.daddr, packet.dport_be) {
+    if let Some(sk) = lookup(
+        ctx,
+        packet.protocol,
+        packet.family,
+        &packet.saddr,
+        packet.sport_be,
+        &packet.daddr,
+        packet.dport_be,
+    ) {
         if packet.protocol == IPPROTO_TCP {
             let state = sk.state();
             if state == BPF_TCP_TIME_WAIT {

@@ -4,9 +4,7 @@
 //! lookups however many rules there are.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use proxy_common::{
-    CLASS_PREFIX_BITS, RuleAction, RuleKeyV4, RuleKeyV6, port_class_index,
-};
+use proxy_common::{CLASS_PREFIX_BITS, RuleAction, RuleKeyV4, RuleKeyV6, port_class_index};
 
 use crate::{
     maps::{ACTIONS, PORT_CLASS, RULES_V4, RULES_V6},

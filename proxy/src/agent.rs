@@ -25,7 +25,9 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     /// The agent needs root (CAP_NET_ADMIN, CAP_BPF).
-    #[error("must run as root: attaching eBPF programs and changing routing need CAP_BPF and CAP_NET_ADMIN")]
+    #[error(
+        "must run as root: attaching eBPF programs and changing routing need CAP_BPF and CAP_NET_ADMIN"
+    )]
     NotRoot,
     /// An `--iface` that does not exist in this network namespace.
     #[error("interface '{0}' not found")]
@@ -67,13 +69,17 @@ pub fn shutdown_signal() -> Result<impl Future<Output = &'static str>, AgentErro
 }
 
 /// Runs the agent until `shutdown` completes.
-pub async fn run(args: RunArgs, shutdown: impl Future<Output = &'static str>) -> Result<(), AgentError> {
+pub async fn run(
+    args: RunArgs,
+    shutdown: impl Future<Output = &'static str>,
+) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
     let mut ifaces = Vec::new();
     for name in &args.ifaces {
-        let index = ifaddrs::ifindex(name).ok_or_else(|| AgentError::NoSuchInterface(name.clone()))?;
+        let index =
+            ifaddrs::ifindex(name).ok_or_else(|| AgentError::NoSuchInterface(name.clone()))?;
         ifaces.push((name.clone(), index));
     }
     let rule = args.rule();
@@ -85,8 +91,8 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = &'static str>) ->
     classifier.install_rules(&compiled)?;
     classifier.set_listener(0, &listener)?;
 
-    let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
     tokio::spawn(connection);
     for (name, index) in &ifaces {
         let addrs = ifaddrs::laddr_candidates(&handle, *index).await?;
@@ -108,7 +114,11 @@ pub async fn run(args: RunArgs, shutdown: impl Future<Output = &'static str>) ->
             if rule.dst.is_empty() {
                 "any destination".to_owned()
             } else {
-                rule.dst.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+                rule.dst
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
             },
             rule.dport,
             args.ifaces.join(","),

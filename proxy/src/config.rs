@@ -131,8 +131,16 @@ mod tests {
 
     #[test]
     fn run_defaults_follow_the_recipe() {
-        let cli = parse(&["run", "--iface", "eth0", "--dport", "80", "--on-port", "50080"])
-            .expect("valid");
+        let cli = parse(&[
+            "run",
+            "--iface",
+            "eth0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+        ])
+        .expect("valid");
         let Command::Run(args) = cli.command else {
             panic!("not run");
         };
@@ -147,12 +155,58 @@ mod tests {
     fn bad_flags_are_refused() {
         for bad in [
             &["run", "--dport", "80", "--on-port", "50080"][..],
-            &["run", "--iface", "eth0", "--dport", "80,x", "--on-port", "50080"],
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--dport",
+                "80,x",
+                "--on-port",
+                "50080",
+            ],
             &["run", "--iface", "eth0", "--dport", "80", "--on-port", "0"],
-            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "70000"],
-            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--dst", "10/x"],
-            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--tproxy-mark", "0"],
-            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "1", "--table", "0"],
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--dport",
+                "80",
+                "--on-port",
+                "70000",
+            ],
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--dport",
+                "80",
+                "--on-port",
+                "1",
+                "--dst",
+                "10/x",
+            ],
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--dport",
+                "80",
+                "--on-port",
+                "1",
+                "--tproxy-mark",
+                "0",
+            ],
+            &[
+                "run",
+                "--iface",
+                "eth0",
+                "--dport",
+                "80",
+                "--on-port",
+                "1",
+                "--table",
+                "0",
+            ],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} was accepted");
         }

@@ -39,9 +39,14 @@ const DIRECT_PORT: u16 = 8080;
 const ON_PORT: u16 = 50080;
 
 pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
-    println!("== building namespaces: client {} -- router -- server {}", testbed::CLIENT_V4, testbed::SERVER_V4);
+    println!(
+        "== building namespaces: client {} -- router -- server {}",
+        testbed::CLIENT_V4,
+        testbed::SERVER_V4
+    );
     let gw = Gateway::new("demo")?;
-    let exe = std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
+    let exe =
+        std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
 
     let server_ready = mpsc::channel();
     let server_ns = gw.server.name.clone();
@@ -59,12 +64,18 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         "--on-port",
         &on_port,
     ];
-    println!("== starting the agent in the router namespace: proxy {}", command.join(" "));
+    println!(
+        "== starting the agent in the router namespace: proxy {}",
+        command.join(" ")
+    );
     let mut agent = gw
         .router
         .command(&exe)
         .args(command)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -78,13 +89,20 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         return Err(DemoError::AgentNotReady);
     }
 
-    println!("== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)", args.connections, testbed::SERVER_V4);
+    println!(
+        "== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)",
+        args.connections,
+        testbed::SERVER_V4
+    );
     let server_v4 = testbed::SERVER_V4;
     let connections = args.connections;
     gw.client.run(move || {
         for i in 0..connections {
             let started = Instant::now();
-            match exchange(SocketAddr::from((server_v4, INTERCEPTED_PORT)), &format!("request {i}")) {
+            match exchange(
+                SocketAddr::from((server_v4, INTERCEPTED_PORT)),
+                &format!("request {i}"),
+            ) {
                 Ok(reply) => println!(
                     "   client | reply in {:.1} ms: {}",
                     started.elapsed().as_secs_f64() * 1e3,
@@ -102,7 +120,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
 
     // Let the proxy finish logging the connections before it is stopped.
     std::thread::sleep(Duration::from_millis(200));
-    println!("== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters");
+    println!(
+        "== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters"
+    );
     let _ = signal::kill(Pid::from_raw(agent.id() as i32), signal::Signal::SIGTERM);
     let status = agent
         .wait()
@@ -157,7 +177,9 @@ fn exchange(addr: SocketAddr, request: &str) -> std::io::Result<String> {
 /// The demo server: answers `expected` connections over ports 80 and 8080, or stops after
 /// 30 s, whichever comes first.
 fn serve(ns: &str, expected: usize, ready: mpsc::Sender<()>) {
-    let netns = testbed::Netns { name: ns.to_owned() };
+    let netns = testbed::Netns {
+        name: ns.to_owned(),
+    };
     let entered = netns.enter();
     // Do not delete the namespace when this handle goes away: the Gateway owns it.
     std::mem::forget(netns);
@@ -182,7 +204,10 @@ fn serve(ns: &str, expected: usize, ready: mpsc::Sender<()>) {
                 served += 1;
                 let _ = stream.set_nonblocking(false);
                 let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let local = stream
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
                 let mut request = String::new();
                 let _ = BufReader::new(&stream).read_line(&mut request);
                 let _ = writeln!(

@@ -15,9 +15,9 @@ use aya::{
 };
 use log::{debug, info, warn};
 use proxy_common::{
-    Counter, IfaceAddrs, MAP_ACTIONS, MAP_COUNTERS, MAP_IFACE_ADDRS, MAP_LISTENERS,
-    MAP_PORT_CLASS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP,
-    PROG_TC_INGRESS, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+    Counter, IfaceAddrs, MAP_ACTIONS, MAP_COUNTERS, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS,
+    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP, PROG_TC_INGRESS, RuleAction,
+    RuleCounters, RuleKeyV4, RuleKeyV6,
 };
 
 use crate::rules::Compiled;
@@ -85,10 +85,9 @@ impl Classifier {
             // The object has no log statements compiled in (or no ring buffer support).
             Err(e) => debug!("eBPF logs not forwarded: {e}"),
         }
-        for name in [PROG_TC_INGRESS] {
-            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
-            prog.load().map_err(|e| EbpfError::Program(name, e))?;
-        }
+        let prog: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
+        prog.load()
+            .map_err(|e| EbpfError::Program(PROG_TC_INGRESS, e))?;
         let prog: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
         prog.load()
             .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
@@ -103,16 +102,22 @@ impl Classifier {
     pub fn install_rules(&mut self, compiled: &Compiled) -> Result<(), EbpfError> {
         {
             let mut actions: Array<&mut MapData, RuleAction> = Array::try_from(
-                self.ebpf.map_mut(MAP_ACTIONS).ok_or_else(|| missing(MAP_ACTIONS))?,
+                self.ebpf
+                    .map_mut(MAP_ACTIONS)
+                    .ok_or_else(|| missing(MAP_ACTIONS))?,
             )
             .map_err(map_err(MAP_ACTIONS))?;
             for (i, action) in compiled.actions.iter().enumerate() {
-                actions.set(i as u32, action, 0).map_err(write_err(MAP_ACTIONS))?;
+                actions
+                    .set(i as u32, action, 0)
+                    .map_err(write_err(MAP_ACTIONS))?;
             }
         }
         {
             let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
-                self.ebpf.map_mut(MAP_RULES_V4).ok_or_else(|| missing(MAP_RULES_V4))?,
+                self.ebpf
+                    .map_mut(MAP_RULES_V4)
+                    .ok_or_else(|| missing(MAP_RULES_V4))?,
             )
             .map_err(map_err(MAP_RULES_V4))?;
             for (len, key, index) in &compiled.v4 {
@@ -122,7 +127,9 @@ impl Classifier {
         }
         {
             let mut v6: LpmTrie<&mut MapData, RuleKeyV6, u32> = LpmTrie::try_from(
-                self.ebpf.map_mut(MAP_RULES_V6).ok_or_else(|| missing(MAP_RULES_V6))?,
+                self.ebpf
+                    .map_mut(MAP_RULES_V6)
+                    .ok_or_else(|| missing(MAP_RULES_V6))?,
             )
             .map_err(map_err(MAP_RULES_V6))?;
             for (len, key, index) in &compiled.v6 {
@@ -132,11 +139,15 @@ impl Classifier {
         }
         // Port classes last: until a port has a class, no packet can match.
         let mut classes: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf.map_mut(MAP_PORT_CLASS).ok_or_else(|| missing(MAP_PORT_CLASS))?,
+            self.ebpf
+                .map_mut(MAP_PORT_CLASS)
+                .ok_or_else(|| missing(MAP_PORT_CLASS))?,
         )
         .map_err(map_err(MAP_PORT_CLASS))?;
         for (index, class) in &compiled.port_classes {
-            classes.set(*index, class, 0).map_err(write_err(MAP_PORT_CLASS))?;
+            classes
+                .set(*index, class, 0)
+                .map_err(write_err(MAP_PORT_CLASS))?;
         }
         Ok(())
     }
@@ -146,16 +157,21 @@ impl Classifier {
     /// interfaces listed here.
     pub fn set_iface_addrs(&mut self, ifindex: u32, addrs: IfaceAddrs) -> Result<(), EbpfError> {
         let mut map: HashMap<&mut MapData, u32, IfaceAddrs> = HashMap::try_from(
-            self.ebpf.map_mut(MAP_IFACE_ADDRS).ok_or_else(|| missing(MAP_IFACE_ADDRS))?,
+            self.ebpf
+                .map_mut(MAP_IFACE_ADDRS)
+                .ok_or_else(|| missing(MAP_IFACE_ADDRS))?,
         )
         .map_err(map_err(MAP_IFACE_ADDRS))?;
-        map.insert(ifindex, addrs, 0).map_err(write_err(MAP_IFACE_ADDRS))
+        map.insert(ifindex, addrs, 0)
+            .map_err(write_err(MAP_IFACE_ADDRS))
     }
 
     /// Puts one of the agent's listeners in the sockmap the sk_lookup program picks from.
     pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<(), EbpfError> {
         let mut map: SockMap<&mut MapData> = SockMap::try_from(
-            self.ebpf.map_mut(MAP_LISTENERS).ok_or_else(|| missing(MAP_LISTENERS))?,
+            self.ebpf
+                .map_mut(MAP_LISTENERS)
+                .ok_or_else(|| missing(MAP_LISTENERS))?,
         )
         .map_err(map_err(MAP_LISTENERS))?;
         map.set(slot, socket, 0).map_err(write_err(MAP_LISTENERS))
@@ -214,7 +230,8 @@ impl Classifier {
             }
         }
         for iface in self.clsact_added.drain(..) {
-            if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS) {
+            if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS)
+            {
                 debug!("removing the classifier filter from {iface}: {e}");
             }
         }
@@ -223,7 +240,9 @@ impl Classifier {
     /// Sums the global counters over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
         let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf.map(MAP_COUNTERS).ok_or_else(|| missing(MAP_COUNTERS))?,
+            self.ebpf
+                .map(MAP_COUNTERS)
+                .ok_or_else(|| missing(MAP_COUNTERS))?,
         )
         .map_err(map_err(MAP_COUNTERS))?;
         Counter::ALL
@@ -238,7 +257,9 @@ impl Classifier {
     /// Sums rule `index`'s counters over CPUs.
     pub fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
         let map: PerCpuArray<&MapData, RuleCounters> = PerCpuArray::try_from(
-            self.ebpf.map(MAP_RULE_COUNTERS).ok_or_else(|| missing(MAP_RULE_COUNTERS))?,
+            self.ebpf
+                .map(MAP_RULE_COUNTERS)
+                .ok_or_else(|| missing(MAP_RULE_COUNTERS))?,
         )
         .map_err(map_err(MAP_RULE_COUNTERS))?;
         let values = map.get(&index, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
@@ -259,16 +280,22 @@ impl Drop for Classifier {
 }
 
 fn missing(name: &'static str) -> EbpfError {
-    EbpfError::Map(name, aya::maps::MapError::InvalidName { name: name.to_owned() })
+    EbpfError::Map(
+        name,
+        aya::maps::MapError::InvalidName {
+            name: name.to_owned(),
+        },
+    )
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::Program(name, aya::programs::ProgramError::NotLoaded))?;
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
     prog.try_into().map_err(|e| EbpfError::Program(name, e))
 }
 

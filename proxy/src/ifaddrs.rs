@@ -9,11 +9,11 @@
 use std::net::IpAddr;
 
 use futures::TryStreamExt as _;
+use proxy_common::{IFACE_HAS_IP4, IFACE_HAS_IP6, IfaceAddrs};
 use rtnetlink::{
     Handle,
     packet_route::address::{AddressAttribute, AddressFlags, AddressMessage},
 };
-use proxy_common::{IFACE_HAS_IP4, IFACE_HAS_IP6, IfaceAddrs};
 
 /// Listing an interface's addresses failed.
 #[derive(Debug, thiserror::Error)]
@@ -54,7 +54,9 @@ pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
                 AddressAttribute::Flags(f) => Some(*f),
                 _ => None,
             })
-            .unwrap_or_else(|| AddressFlags::from_bits_truncate(u32::from(msg.header.flags.bits())));
+            .unwrap_or_else(|| {
+                AddressFlags::from_bits_truncate(u32::from(msg.header.flags.bits()))
+            });
         // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on a
         // point-to-point link); IPv6 only sends IFA_ADDRESS.
         let local = msg.attributes.iter().find_map(|a| match a {
@@ -66,17 +68,18 @@ pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
             _ => None,
         });
         match local.or(address) {
-            Some(IpAddr::V4(ip)) if out.flags & IFACE_HAS_IP4 == 0 => {
-                if !flags.contains(AddressFlags::Secondary) {
-                    out.ip4_be = u32::from_ne_bytes(ip.octets());
-                    out.flags |= IFACE_HAS_IP4;
-                }
+            Some(IpAddr::V4(ip))
+                if out.flags & IFACE_HAS_IP4 == 0 && !flags.contains(AddressFlags::Secondary) =>
+            {
+                out.ip4_be = u32::from_ne_bytes(ip.octets());
+                out.flags |= IFACE_HAS_IP4;
             }
-            Some(IpAddr::V6(ip)) if out.flags & IFACE_HAS_IP6 == 0 => {
-                if !flags.intersects(AddressFlags::Tentative | AddressFlags::Deprecated) {
-                    out.ip6 = ip.octets();
-                    out.flags |= IFACE_HAS_IP6;
-                }
+            Some(IpAddr::V6(ip))
+                if out.flags & IFACE_HAS_IP6 == 0
+                    && !flags.intersects(AddressFlags::Tentative | AddressFlags::Deprecated) =>
+            {
+                out.ip6 = ip.octets();
+                out.flags |= IFACE_HAS_IP6;
             }
             _ => {}
         }

@@ -98,7 +98,11 @@ impl PolicyRouting {
                         family_name(&version),
                         self.mark,
                         self.table,
-                        if version == IpVersion::V4 { "0.0.0.0/0" } else { "::/0" },
+                        if version == IpVersion::V4 {
+                            "0.0.0.0/0"
+                        } else {
+                            "::/0"
+                        },
                         self.table
                     );
                     self.installed.push(version);
@@ -140,7 +144,10 @@ impl PolicyRouting {
             IpVersion::V4 => rule.v4().execute().await,
             IpVersion::V6 => rule.v6().execute().await,
         };
-        added.map_err(request(format!("adding the {} fwmark rule", family_name(&version))))?;
+        added.map_err(request(format!(
+            "adding the {} fwmark rule",
+            family_name(&version)
+        )))?;
 
         self.handle
             .route()
@@ -185,12 +192,21 @@ impl PolicyRouting {
 
     /// Deletes every fwmark rule of ours that points at our table, and our local route.
     async fn remove_ours(&self, version: IpVersion) -> Result<(), RoutingError> {
-        let listed: Result<Vec<RuleMessage>, _> =
-            self.handle.rule().get(version.clone()).execute().try_collect().await;
+        let listed: Result<Vec<RuleMessage>, _> = self
+            .handle
+            .rule()
+            .get(version.clone())
+            .execute()
+            .try_collect()
+            .await;
         let rules = match listed {
             Ok(rules) => rules,
             Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => return Ok(()),
-            Err(e) => return Err(request(format!("listing {} rules", family_name(&version)))(e)),
+            Err(e) => {
+                return Err(request(format!("listing {} rules", family_name(&version)))(
+                    e,
+                ));
+            }
         };
         for rule in rules {
             let ours = rule.attributes.iter().any(|a| {
@@ -205,23 +221,39 @@ impl PolicyRouting {
                 })
                 .unwrap_or(u32::from(rule.header.table));
             if ours && table == self.table {
-                debug!("removing {} rule {:?}", family_name(&version), rule.attributes);
+                debug!(
+                    "removing {} rule {:?}",
+                    family_name(&version),
+                    rule.attributes
+                );
                 match self.handle.rule().del(rule).execute().await {
                     Ok(()) => {}
                     Err(e) if is_errno(&e, libc::ENOENT) => {}
                     Err(e) => {
-                        return Err(request(format!("deleting a {} rule", family_name(&version)))(e));
+                        return Err(request(format!(
+                            "deleting a {} rule",
+                            family_name(&version)
+                        ))(e));
                     }
                 }
             }
         }
         // Deleting with our protocol set only deletes a route of ours (`fib_table_delete`
         // skips routes whose protocol differs), never the administrator's.
-        match self.handle.route().del(self.local_route(version.clone())).execute().await {
+        match self
+            .handle
+            .route()
+            .del(self.local_route(version.clone()))
+            .execute()
+            .await
+        {
             Ok(()) => Ok(()),
             Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => Ok(()),
             Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => Ok(()),
-            Err(e) => Err(request(format!("deleting the {} local route", family_name(&version)))(e)),
+            Err(e) => Err(request(format!(
+                "deleting the {} local route",
+                family_name(&version)
+            ))(e)),
         }
     }
 }

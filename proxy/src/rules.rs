@@ -51,7 +51,9 @@ pub enum RuleError {
     #[error("{0} rules, the classifier holds at most {MAX_RULES}")]
     TooManyRules(usize),
     /// More (class, prefix) entries than the LPM trie holds.
-    #[error("the rules need {0} prefix entries for one address family, at most {MAX_PREFIX_ENTRIES} fit")]
+    #[error(
+        "the rules need {0} prefix entries for one address family, at most {MAX_PREFIX_ENTRIES} fit"
+    )]
     TooManyPrefixes(usize),
 }
 
@@ -153,10 +155,7 @@ impl Mark {
 
 impl Default for Mark {
     fn default() -> Self {
-        Mark {
-            value: 1,
-            mask: 1,
-        }
+        Mark { value: 1, mask: 1 }
     }
 }
 
@@ -352,7 +351,10 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
         let mut events: BTreeMap<u32, ()> = BTreeMap::new();
         events.insert(0, ());
         events.insert(65_536, ());
-        for rule in rules.iter().filter(|r| r.protocols.numbers().any(|p| p == protocol)) {
+        for rule in rules
+            .iter()
+            .filter(|r| r.protocols.numbers().any(|p| p == protocol))
+        {
             for range in &rule.dport.0 {
                 events.insert(u32::from(range.start), ());
                 events.insert(u32::from(range.end) + 1, ());
@@ -361,7 +363,9 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
         let bounds: Vec<u32> = events.into_keys().collect();
         for pair in bounds.windows(2) {
             let (lo, hi) = (pair[0], pair[1]); // [lo, hi)
-            let Ok(lo16) = u16::try_from(lo) else { continue };
+            let Ok(lo16) = u16::try_from(lo) else {
+                continue;
+            };
             let set: Vec<u32> = rules
                 .iter()
                 .enumerate()
@@ -406,7 +410,11 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
     // Class 0 in the IPv6 trie: every IPv6 prefix of any rule, whatever the port, for the
     // packets whose transport header cannot be found (T9).
     for (index, rule) in rules.iter().enumerate() {
-        for prefix in rule.prefixes().into_iter().filter(|p| matches!(p, IpNet::V6(_))) {
+        for prefix in rule
+            .prefixes()
+            .into_iter()
+            .filter(|p| matches!(p, IpNet::V6(_)))
+        {
             insert_first_match(&mut v6, 0, prefix, index as u32);
         }
     }
@@ -417,7 +425,8 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
                 class_be: class.to_be_bytes(),
                 addr: net.network().octets(),
             };
-            out.v4.push((CLASS_PREFIX_BITS + u32::from(net.prefix_len()), key, index));
+            out.v4
+                .push((CLASS_PREFIX_BITS + u32::from(net.prefix_len()), key, index));
         }
     }
     for ((class, prefix), index) in v6 {
@@ -426,7 +435,8 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
                 class_be: class.to_be_bytes(),
                 addr: net.network().octets(),
             };
-            out.v6.push((CLASS_PREFIX_BITS + u32::from(net.prefix_len()), key, index));
+            out.v6
+                .push((CLASS_PREFIX_BITS + u32::from(net.prefix_len()), key, index));
         }
     }
     for len in [out.v4.len(), out.v6.len()] {
@@ -434,15 +444,22 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
             return Err(RuleError::TooManyPrefixes(len));
         }
     }
-    out.v4.sort_by_key(|(len, key, _)| (key.class_be, *len, key.addr));
-    out.v6.sort_by_key(|(len, key, _)| (key.class_be, *len, key.addr));
+    out.v4
+        .sort_by_key(|(len, key, _)| (key.class_be, *len, key.addr));
+    out.v6
+        .sort_by_key(|(len, key, _)| (key.class_be, *len, key.addr));
     Ok(out)
 }
 
 /// Stores `prefix -> index` in a class unless an earlier rule stored the same prefix, with
 /// the index lowered to that of any earlier rule whose prefix covers this one. Rules must
 /// arrive in order.
-fn insert_first_match(table: &mut HashMap<(u32, IpNet), u32>, class: u32, prefix: IpNet, index: u32) {
+fn insert_first_match(
+    table: &mut HashMap<(u32, IpNet), u32>,
+    class: u32,
+    prefix: IpNet,
+    index: u32,
+) {
     if table.contains_key(&(class, prefix)) {
         return;
     }
@@ -466,7 +483,10 @@ mod tests {
     fn rule(dst: &[&str], ports: &str) -> Rule {
         Rule {
             protocols: Protocols::TCP,
-            dst: dst.iter().map(|d| parse_prefix(d).expect("prefix")).collect(),
+            dst: dst
+                .iter()
+                .map(|d| parse_prefix(d).expect("prefix"))
+                .collect(),
             dport: ports.parse().expect("ports"),
             on_ip: None,
             on_port: 50080,
@@ -510,55 +530,122 @@ mod tests {
             set.0,
             vec![
                 PortRange { start: 80, end: 80 },
-                PortRange { start: 443, end: 443 },
-                PortRange { start: 8000, end: 8100 },
+                PortRange {
+                    start: 443,
+                    end: 443
+                },
+                PortRange {
+                    start: 8000,
+                    end: 8100
+                },
             ]
         );
         assert!(set.contains(8050) && !set.contains(8101) && !set.contains(81));
         assert_eq!(set.to_string(), "80,443,8000-8100");
         assert_eq!("1000:2000".parse::<PortSet>().map(|s| s.0.len()), Ok(1));
-        assert_eq!("0-65535".parse::<PortSet>().map(|s| s.contains(65535)), Ok(true));
+        assert_eq!(
+            "0-65535".parse::<PortSet>().map(|s| s.contains(65535)),
+            Ok(true)
+        );
     }
 
     #[test]
     fn bad_ports_are_refused_with_the_culprit() {
-        assert_eq!("".parse::<PortSet>(), Err(RuleError::EmptyPort(String::new())));
-        assert_eq!("80,".parse::<PortSet>(), Err(RuleError::EmptyPort("80,".into())));
-        assert_eq!("65536".parse::<PortSet>(), Err(RuleError::BadPort("65536".into())));
-        assert_eq!("http".parse::<PortSet>(), Err(RuleError::BadPort("http".into())));
-        assert_eq!("90-80".parse::<PortSet>(), Err(RuleError::ReversedRange("90-80".into())));
+        assert_eq!(
+            "".parse::<PortSet>(),
+            Err(RuleError::EmptyPort(String::new()))
+        );
+        assert_eq!(
+            "80,".parse::<PortSet>(),
+            Err(RuleError::EmptyPort("80,".into()))
+        );
+        assert_eq!(
+            "65536".parse::<PortSet>(),
+            Err(RuleError::BadPort("65536".into()))
+        );
+        assert_eq!(
+            "http".parse::<PortSet>(),
+            Err(RuleError::BadPort("http".into()))
+        );
+        assert_eq!(
+            "90-80".parse::<PortSet>(),
+            Err(RuleError::ReversedRange("90-80".into()))
+        );
     }
 
     #[test]
     fn prefixes_parse_and_lose_host_bits() {
-        assert_eq!(parse_prefix("10.1.2.3/8").map(|p| p.to_string()), Ok("10.0.0.0/8".into()));
-        assert_eq!(parse_prefix("192.0.2.7").map(|p| p.to_string()), Ok("192.0.2.7/32".into()));
-        assert_eq!(parse_prefix("2001:db8::1/32").map(|p| p.to_string()), Ok("2001:db8::/32".into()));
-        assert_eq!(parse_prefix("10.0.0.0/33"), Err(RuleError::BadPrefix("10.0.0.0/33".into())));
-        assert_eq!(parse_prefix("example.com"), Err(RuleError::BadPrefix("example.com".into())));
+        assert_eq!(
+            parse_prefix("10.1.2.3/8").map(|p| p.to_string()),
+            Ok("10.0.0.0/8".into())
+        );
+        assert_eq!(
+            parse_prefix("192.0.2.7").map(|p| p.to_string()),
+            Ok("192.0.2.7/32".into())
+        );
+        assert_eq!(
+            parse_prefix("2001:db8::1/32").map(|p| p.to_string()),
+            Ok("2001:db8::/32".into())
+        );
+        assert_eq!(
+            parse_prefix("10.0.0.0/33"),
+            Err(RuleError::BadPrefix("10.0.0.0/33".into()))
+        );
+        assert_eq!(
+            parse_prefix("example.com"),
+            Err(RuleError::BadPrefix("example.com".into()))
+        );
     }
 
     #[test]
     fn marks_parse_like_iptables() {
         assert_eq!("0x1/0x1".parse::<Mark>(), Ok(Mark { value: 1, mask: 1 }));
-        assert_eq!("5".parse::<Mark>(), Ok(Mark { value: 5, mask: u32::MAX }));
-        assert_eq!("0x10/0xf0".parse::<Mark>(), Ok(Mark { value: 0x10, mask: 0xf0 }));
+        assert_eq!(
+            "5".parse::<Mark>(),
+            Ok(Mark {
+                value: 5,
+                mask: u32::MAX
+            })
+        );
+        assert_eq!(
+            "0x10/0xf0".parse::<Mark>(),
+            Ok(Mark {
+                value: 0x10,
+                mask: 0xf0
+            })
+        );
         assert_eq!("0".parse::<Mark>(), Err(RuleError::ZeroMark));
-        assert_eq!("0x3/0x1".parse::<Mark>(), Err(RuleError::MarkOutsideMask { value: 3, mask: 1 }));
+        assert_eq!(
+            "0x3/0x1".parse::<Mark>(),
+            Err(RuleError::MarkOutsideMask { value: 3, mask: 1 })
+        );
         assert_eq!("one".parse::<Mark>(), Err(RuleError::BadMark("one".into())));
     }
 
     #[test]
     fn mark_formula_is_xor_after_clearing_the_mask() {
-        let m = Mark { value: 0x1, mask: 0x1 };
+        let m = Mark {
+            value: 0x1,
+            mask: 0x1,
+        };
         assert_eq!(m.apply(0), 1);
         assert_eq!(m.apply(0xf0), 0xf1, "bits outside the mask are kept");
-        assert_eq!(m.apply(0x1), 0x1, "the masked bits are cleared before the XOR");
-        let m = Mark { value: 0x10, mask: 0x30 };
+        assert_eq!(
+            m.apply(0x1),
+            0x1,
+            "the masked bits are cleared before the XOR"
+        );
+        let m = Mark {
+            value: 0x10,
+            mask: 0x30,
+        };
         assert_eq!(m.apply(0x3f), 0x1f);
         // XOR, not OR: a value bit outside the mask (refused by the parser, but possible in
         // the kernel) flips an existing bit.
-        let raw = Mark { value: 0x3, mask: 0x1 };
+        let raw = Mark {
+            value: 0x3,
+            mask: 0x1,
+        };
         assert_eq!(raw.apply(0x2), 0x1);
         // The eBPF side computes it with the shared type: same answers.
         let action = rule(&[], "80").action();
@@ -568,8 +655,17 @@ mod tests {
     #[test]
     fn protocols_parse() {
         assert_eq!("tcp".parse::<Protocols>(), Ok(Protocols::TCP));
-        assert_eq!("udp,tcp".parse::<Protocols>(), Ok(Protocols { tcp: true, udp: true }));
-        assert_eq!("sctp".parse::<Protocols>(), Err(RuleError::BadProtocol("sctp".into())));
+        assert_eq!(
+            "udp,tcp".parse::<Protocols>(),
+            Ok(Protocols {
+                tcp: true,
+                udp: true
+            })
+        );
+        assert_eq!(
+            "sctp".parse::<Protocols>(),
+            Err(RuleError::BadProtocol("sctp".into()))
+        );
     }
 
     #[test]
@@ -579,9 +675,18 @@ mod tests {
         assert_eq!(c.v4[0].0, CLASS_PREFIX_BITS);
         // One entry under the port class, one under class 0 for T9.
         assert_eq!(c.v6.len(), 2);
-        assert_eq!(classify(&c, IPPROTO_TCP, Ipv4Addr::new(203, 0, 113, 9), 80), Some(0));
-        assert_eq!(classify(&c, IPPROTO_TCP, Ipv4Addr::new(203, 0, 113, 9), 81), None);
-        assert_eq!(classify(&c, IPPROTO_UDP, Ipv4Addr::new(203, 0, 113, 9), 80), None);
+        assert_eq!(
+            classify(&c, IPPROTO_TCP, Ipv4Addr::new(203, 0, 113, 9), 80),
+            Some(0)
+        );
+        assert_eq!(
+            classify(&c, IPPROTO_TCP, Ipv4Addr::new(203, 0, 113, 9), 81),
+            None
+        );
+        assert_eq!(
+            classify(&c, IPPROTO_UDP, Ipv4Addr::new(203, 0, 113, 9), 80),
+            None
+        );
     }
 
     #[test]
@@ -626,7 +731,10 @@ mod tests {
         let c = compile(&rules).expect("compiles");
         assert_eq!(c.v4.len(), 10_000);
         assert_eq!(c.actions.len(), 10_000);
-        assert_eq!(classify(&c, IPPROTO_TCP, Ipv4Addr::new(10, 0x27, 0x0f, 9), 80), Some(9_999));
+        assert_eq!(
+            classify(&c, IPPROTO_TCP, Ipv4Addr::new(10, 0x27, 0x0f, 9), 80),
+            Some(9_999)
+        );
         assert!(compile(&vec![rule(&[], "80"); MAX_RULES as usize + 1]).is_err());
     }
 }

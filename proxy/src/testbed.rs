@@ -54,7 +54,9 @@ pub enum TestbedError {
         source: io::Error,
     },
     /// Not root.
-    #[error("the testbed needs root to create network namespaces; run as root (for example with sudo)")]
+    #[error(
+        "the testbed needs root to create network namespaces; run as root (for example with sudo)"
+    )]
     NotRoot,
 }
 
@@ -161,20 +163,56 @@ impl Gateway {
         if !nix::unistd::geteuid().is_root() {
             return Err(TestbedError::NotRoot);
         }
-        let id = format!("tp-{tag}-{}-{}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "tp-{tag}-{}-{}",
+            std::process::id(),
+            NEXT_ID.fetch_add(1, Ordering::Relaxed)
+        );
         let gw = Gateway {
             client: Netns::create(format!("{id}-cli"))?,
             router: Netns::create(format!("{id}-rtr"))?,
             server: Netns::create(format!("{id}-srv"))?,
         };
-        gw.router.ip(&["link", "add", "r0", "type", "veth", "peer", "name", "c0", "netns", &gw.client.name])?;
-        gw.router.ip(&["link", "add", "r1", "type", "veth", "peer", "name", "s0", "netns", &gw.server.name])?;
+        gw.router.ip(&[
+            "link",
+            "add",
+            "r0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &gw.client.name,
+        ])?;
+        gw.router.ip(&[
+            "link",
+            "add",
+            "r1",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "s0",
+            "netns",
+            &gw.server.name,
+        ])?;
         let v4 = |a: Ipv4Addr| format!("{a}/24");
         let v6 = |a: Ipv6Addr| format!("{a}/64");
         for (ns, dev, a4, a6) in [
             (&gw.client, "c0", CLIENT_V4, CLIENT_V6),
-            (&gw.router, "r0", ROUTER_CLIENT_SIDE_V4, ROUTER_CLIENT_SIDE_V6),
-            (&gw.router, "r1", ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6),
+            (
+                &gw.router,
+                "r0",
+                ROUTER_CLIENT_SIDE_V4,
+                ROUTER_CLIENT_SIDE_V6,
+            ),
+            (
+                &gw.router,
+                "r1",
+                ROUTER_SERVER_SIDE_V4,
+                ROUTER_SERVER_SIDE_V6,
+            ),
             (&gw.server, "s0", SERVER_V4, SERVER_V6),
         ] {
             ns.ip(&["addr", "add", &v4(a4), "dev", dev])?;
@@ -182,10 +220,36 @@ impl Gateway {
             ns.ip(&["-6", "addr", "add", &v6(a6), "dev", dev, "nodad"])?;
             ns.ip(&["link", "set", dev, "up"])?;
         }
-        gw.client.ip(&["route", "add", "default", "via", &ROUTER_CLIENT_SIDE_V4.to_string()])?;
-        gw.client.ip(&["-6", "route", "add", "default", "via", &ROUTER_CLIENT_SIDE_V6.to_string()])?;
-        gw.server.ip(&["route", "add", "default", "via", &ROUTER_SERVER_SIDE_V4.to_string()])?;
-        gw.server.ip(&["-6", "route", "add", "default", "via", &ROUTER_SERVER_SIDE_V6.to_string()])?;
+        gw.client.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_CLIENT_SIDE_V4.to_string(),
+        ])?;
+        gw.client.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_CLIENT_SIDE_V6.to_string(),
+        ])?;
+        gw.server.ip(&[
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_SERVER_SIDE_V4.to_string(),
+        ])?;
+        gw.server.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &ROUTER_SERVER_SIDE_V6.to_string(),
+        ])?;
         gw.router.sysctl("net.ipv4.ip_forward", "1")?;
         gw.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(gw)
@@ -194,5 +258,9 @@ impl Gateway {
 
 /// The server address of a family, for tests that loop over both.
 pub fn server_addr(v6: bool) -> IpAddr {
-    if v6 { IpAddr::V6(SERVER_V6) } else { IpAddr::V4(SERVER_V4) }
+    if v6 {
+        IpAddr::V6(SERVER_V6)
+    } else {
+        IpAddr::V4(SERVER_V4)
+    }
 }

@@ -1,1 +1,43 @@
-fn main(){}
+//! Developer tasks: `cargo xtask build-ebpf | run | demo | test`.
+//!
+//! Every task first installs what it needs and is missing (the `rust-src` component,
+//! `bpf-linker` 0.10.3, Debian packages for the tests), saying what it does, so the README's
+//! commands work on a fresh machine.
+
+mod build_ebpf;
+mod prereqs;
+mod run;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    about = "Developer tasks for the eBPF transparent proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build the eBPF classifier object alone (bpfel-unknown-none, release).
+    BuildEbpf(build_ebpf::Options),
+    /// Build the agent in release mode and run it: `cargo xtask run -- run --iface eth0 ...`.
+    Run(run::Options),
+    /// Build the agent and run `proxy demo` on a throwaway namespace topology.
+    Demo(run::DemoOptions),
+    /// Install test prerequisites and run every test (unit and kernel tests; needs root).
+    Test(test::Options),
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Task::BuildEbpf(opts) => build_ebpf::build_ebpf(&opts),
+        Task::Run(opts) => run::run(&opts),
+        Task::Demo(opts) => run::demo(&opts),
+        Task::Test(opts) => test::test(&opts),
+    }
+}

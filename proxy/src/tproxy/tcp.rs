@@ -41,7 +41,10 @@ pub fn listen(on_ip: Option<IpAddr>, on_port: u16) -> Result<std::net::TcpListen
         Some(ip) => bind(SocketAddr::new(ip, on_port)),
         None => match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), on_port)) {
             Err(ListenError::Other { source, .. })
-                if matches!(source.raw_os_error(), Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)) =>
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
             {
                 bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), on_port))
             }
@@ -108,7 +111,12 @@ fn is_own_listener(orig_dst: SocketAddr, listen_addr: Option<SocketAddr>) -> boo
     std::net::UdpSocket::bind(SocketAddr::new(orig_dst.ip(), 0)).is_ok()
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, listen_addr: Option<SocketAddr>, options: &ProxyOptions) {
+async fn handle(
+    client: TcpStream,
+    peer: SocketAddr,
+    listen_addr: Option<SocketAddr>,
+    options: &ProxyOptions,
+) {
     let peer = canonical(peer);
     let orig_dst = match client.local_addr() {
         Ok(addr) => canonical(addr),
@@ -118,7 +126,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, listen_addr: Option<SocketA
         }
     };
     if is_own_listener(orig_dst, listen_addr) {
-        warn!("{peer} -> {orig_dst}: connection straight to the proxy port refused (it would loop)");
+        warn!(
+            "{peer} -> {orig_dst}: connection straight to the proxy port refused (it would loop)"
+        );
         return;
     }
     let started = Instant::now();

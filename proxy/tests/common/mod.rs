@@ -1,0 +1,263 @@
+//! Helpers shared by the kernel tests: the agent as a child process in the router
+//! namespace, a small TCP server, and a client exchange. Every wait is bounded.
+
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    process::{Child, ExitStatus, Stdio},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+use proxy::testbed::Netns;
+
+/// Kernel tests need root; without it they fail, loudly, instead of passing by skipping.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test creates network namespaces and loads eBPF programs: run it as root (cargo xtask test)"
+    );
+}
+
+/// The agent binary, running in a namespace, with its log collected.
+pub struct Agent {
+    child: Option<Child>,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts `proxy ARGS` in `ns` and returns once it logged "ready", or panics with its log.
+    pub fn start(ns: &Netns, args: &[&str]) -> Agent {
+        let mut agent = Agent::spawn(ns, args);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if agent.log_contains(" ready: ") {
+                return agent;
+            }
+            if let Some(status) = agent.try_status() {
+                agent.join_reader();
+                panic!(
+                    "agent exited with {status} before ready:\n{}",
+                    agent.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent not ready within 20 s:\n{}", agent.log_text());
+    }
+
+    /// Starts `proxy ARGS` in `ns` without waiting for anything.
+    pub fn spawn(ns: &Netns, args: &[&str]) -> Agent {
+        let mut child = ns
+            .command(env!("CARGO_BIN_EXE_proxy"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning the agent");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Agent {
+            child: Some(child),
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn join_reader(&mut self) {
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Waits up to `timeout` for a log line containing every needle.
+    pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self
+                .log
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+            {
+                return Some(line.clone());
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit on its own (bounded), returning its status and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_status() {
+                self.child = None;
+                self.join_reader();
+                return (status, self.log_text());
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "agent still running after {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit status and the full log.
+    pub fn stop(self) -> (ExitStatus, String) {
+        if let Some(child) = &self.child {
+            let _ = signal::kill(Pid::from_raw(child.id() as i32), signal::Signal::SIGTERM);
+        }
+        self.wait_exit(Duration::from_secs(10))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Parses the `counters: name=value ...` line the agent logs on exit.
+pub fn counter(log: &str, name: &str) -> u64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(" counters: "))
+        .unwrap_or_else(|| panic!("no counters line in the agent log:\n{log}"));
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in {line}"))
+}
+
+/// How the test server treats each connection.
+#[derive(Clone, Copy)]
+pub enum ServerMode {
+    /// Reads the request to EOF, answers `peer=<addr> local=<addr>` and closes.
+    Reply,
+    /// Sends `bye` and closes at once: the server closes first, so the proxy's side of
+    /// the client connection is the one that ends in TIME_WAIT.
+    CloseFirst,
+}
+
+/// A TCP server on a thread inside a namespace; stops when dropped.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Server {
+    pub fn start(ns: &Netns, addr: SocketAddr, mode: ServerMode) -> Server {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let name = ns.name.clone();
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let netns = Netns { name };
+            let entered = netns.enter();
+            std::mem::forget(netns); // the Gateway owns the namespace
+            entered.expect("entering the server namespace");
+            let listener = TcpListener::bind(addr).expect("binding the test server");
+            listener.set_nonblocking(true).expect("nonblocking");
+            ready_tx.send(()).expect("ready");
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        std::thread::spawn(move || answer(stream, peer, mode));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("test server did not start");
+        Server {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+fn answer(mut stream: TcpStream, peer: SocketAddr, mode: ServerMode) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    match mode {
+        ServerMode::Reply => {
+            let mut request = Vec::new();
+            let _ = stream.read_to_end(&mut request);
+            let local = stream
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let _ = write!(stream, "peer={peer} local={local} got={}", request.len());
+        }
+        ServerMode::CloseFirst => {
+            let _ = stream.write_all(b"bye");
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Connects, sends `request`, half-closes and reads the reply to EOF.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}

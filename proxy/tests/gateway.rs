@@ -1,0 +1,276 @@
+//! The whole path on the real kernel: client ns -- router ns (agent) -- server ns, over
+//! veth pairs, each test in namespaces of its own that are removed pass or fail.
+
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpStream},
+    os::fd::AsRawFd as _,
+    time::{Duration, Instant},
+};
+
+use aya::programs::{SchedClassifier, TcAttachType};
+use common::{Agent, Server, ServerMode, counter, exchange, require_root};
+use proxy::testbed::{self, Gateway};
+
+const AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--dport",
+    "80",
+    "--on-port",
+    "50080",
+];
+
+fn server(port: u16) -> SocketAddr {
+    SocketAddr::from((testbed::SERVER_V4, port))
+}
+
+/// Programs attached at TCX ingress of the router's client-side interface.
+fn tcx_programs(gw: &Gateway) -> Vec<String> {
+    gw.router
+        .run(|| {
+            SchedClassifier::query_tcx(testbed::ROUTER_CLIENT_IFACE, TcAttachType::Ingress)
+                .map(|(_, progs)| {
+                    progs
+                        .iter()
+                        .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .expect("entering the router namespace")
+}
+
+fn router_rules(gw: &Gateway) -> String {
+    let out = gw.router.ip(&["rule", "show"]).expect("ip rule show");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn router_table(gw: &Gateway, table: &str) -> String {
+    let out = gw
+        .router
+        .ip(&["route", "show", "table", table])
+        .expect("ip route show table");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn intercepted_connection_reaches_server_and_agent_logs_original_destination() {
+    require_root();
+    let gw = Gateway::new("icpt").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"hello"))
+        .expect("netns")
+        .expect("exchange");
+    // The server sees the proxy's connection (from the router), with all 5 bytes.
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "reply: {reply}"
+    );
+    assert!(
+        reply.ends_with("local=198.51.100.2:80 got=5"),
+        "reply: {reply}"
+    );
+    let line = agent
+        .wait_for_line(
+            &["192.0.2.2:", "-> 198.51.100.2:80:", "5 bytes up"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no connection line in the agent log:\n{}", agent.log_text()));
+    assert!(line.contains("bytes down"), "{line}");
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit: {status}\n{log}");
+    assert!(counter(&log, "assigned_listener") >= 1, "{log}");
+    assert!(counter(&log, "assigned_established") >= 1, "{log}");
+    assert_eq!(counter(&log, "dropped_no_socket"), 0, "{log}");
+}
+
+#[test]
+fn non_matching_port_is_untouched() {
+    require_root();
+    let gw = Gateway::new("nomatch").expect("topology");
+    let _server = Server::start(&gw.server, server(8080), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+
+    let reply = gw
+        .client
+        .run(|| exchange(server(8080), b"hi"))
+        .expect("netns")
+        .expect("exchange");
+    // Routed, not proxied: the server sees the client itself.
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
+        "reply: {reply}"
+    );
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        !log.contains("-> 198.51.100.2:8080"),
+        "port 8080 was proxied:\n{log}"
+    );
+    assert_eq!(counter(&log, "matched"), 0, "{log}");
+    assert!(counter(&log, "not_matched") >= 3, "{log}");
+}
+
+#[test]
+fn reconnect_from_same_client_port_while_proxy_side_is_in_time_wait_is_immediate() {
+    require_root();
+    let gw = Gateway::new("tw").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::CloseFirst);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    let client_addr = SocketAddr::from((testbed::CLIENT_V4, 40_080));
+
+    let connect_once = || -> std::io::Result<(Duration, Vec<u8>)> {
+        use std::io::Read as _;
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&client_addr.into())?;
+        let started = Instant::now();
+        socket.connect_timeout(&server(80).into(), Duration::from_secs(5))?;
+        let took = started.elapsed();
+        let mut stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut data = Vec::new();
+        stream.read_to_end(&mut data)?;
+        Ok((took, data))
+    };
+    let (first, second, time_wait_seen) = gw
+        .client
+        .run(|| {
+            let first = connect_once().expect("first connection");
+            // The server closed first, the proxy passed the FIN on and the client closed:
+            // the proxy's accepted socket (client port 40080) is now in TIME_WAIT.
+            std::thread::sleep(Duration::from_millis(100));
+            let tw = gw
+                .router
+                .command("ss")
+                .args(["-Htan", "state", "time-wait", "sport", "= :80"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).contains("192.0.2.2]:40080"))
+                .unwrap_or(false);
+            let second = connect_once().expect("second connection from the same port");
+            (first, second, tw)
+        })
+        .expect("netns");
+    assert_eq!(first.1, b"bye");
+    assert_eq!(second.1, b"bye");
+    assert!(
+        time_wait_seen,
+        "the proxy side was not in TIME_WAIT; the test proves nothing"
+    );
+    // Without the TIME_WAIT handling the SYN is dropped or challenge-ACKed and the client
+    // retries after a second or more.
+    assert!(
+        second.0 < Duration::from_millis(500),
+        "reconnect took {:?} (first connect {:?})",
+        second.0,
+        first.0
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    // The reconnecting SYN went to the TIME_WAIT socket and from there (sk_lookup) to the
+    // listener: the listener was never looked up at TC for it. Without the sk_lookup half,
+    // the TIME_WAIT socket answers with an ACK, the client resets it and retransmits its
+    // SYN, which then reaches the listener through TC: a second `assigned_listener`.
+    assert_eq!(counter(&log, "time_wait_syn"), 1, "{log}");
+    assert_eq!(counter(&log, "assigned_listener"), 1, "{log}");
+}
+
+#[test]
+fn sigterm_removes_link_rule_and_route_and_traffic_flows_as_before() {
+    require_root();
+    let gw = Gateway::new("term").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let before_rules = router_rules(&gw);
+
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    assert!(
+        router_rules(&gw).contains("fwmark 0x1/0x1 lookup 100 proto 211"),
+        "{}",
+        router_rules(&gw)
+    );
+    assert!(
+        router_table(&gw, "100").contains("local default dev lo"),
+        "{}",
+        router_table(&gw, "100")
+    );
+    assert_eq!(tcx_programs(&gw), vec!["tproxy_ingress".to_owned()]);
+    let proxied = gw
+        .client
+        .run(|| exchange(server(80), b"x"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        proxied.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "{proxied}"
+    );
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "exit {status}:\n{log}");
+    assert_eq!(router_rules(&gw), before_rules, "rules left behind");
+    assert_eq!(router_table(&gw, "100"), "", "route left behind");
+    assert!(tcx_programs(&gw).is_empty(), "classifier still attached");
+    let direct = gw
+        .client
+        .run(|| exchange(server(80), b"x"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        direct.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
+        "{direct}"
+    );
+}
+
+#[test]
+fn missing_interface_is_one_clear_error_and_leaves_nothing() {
+    require_root();
+    let gw = Gateway::new("badif").expect("topology");
+    let before = router_rules(&gw);
+    let agent = Agent::spawn(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "nope0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+        ],
+    );
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert_eq!(log.trim(), "proxy: error: interface 'nope0' not found");
+    assert_eq!(router_rules(&gw), before);
+    assert!(tcx_programs(&gw).is_empty());
+}
+
+#[test]
+fn port_in_use_is_one_clear_error_and_leaves_nothing() {
+    require_root();
+    let gw = Gateway::new("inuse").expect("topology");
+    let before = router_rules(&gw);
+    let holder = gw
+        .router
+        .run(|| std::net::TcpListener::bind("0.0.0.0:50080"))
+        .expect("netns")
+        .expect("binding the port first");
+    let agent = Agent::spawn(&gw.router, AGENT_ARGS);
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("proxy: error:") && log.contains(":50080 is already in use"),
+        "{log}"
+    );
+    assert_eq!(router_rules(&gw), before);
+    assert!(tcx_programs(&gw).is_empty());
+    let _ = holder.as_raw_fd();
+}

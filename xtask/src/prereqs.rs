@@ -1,0 +1,135 @@
+//! Installing what the build and the tests need, when it is missing.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+/// bpf-linker 0.10.3 is the last release that links with the Rust toolchain's own LLVM;
+/// later ones need a system LLVM these machines lack (DESIGN section 5).
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+/// Debian packages: iproute2 for the test topologies, bpftool to inspect links, iptables
+/// and nftables for the kernel-TPROXY comparisons.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("bpftool", "bpftool"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+];
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().is_ok_and(|o| o.status.success())
+}
+
+/// The toolchain that builds the eBPF crate: nightly when rustup has it (as `proxy/build.rs`
+/// decides), else stable with `RUSTC_BOOTSTRAP=1`.
+pub fn ebpf_toolchain() -> &'static str {
+    if succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        "nightly"
+    } else {
+        "stable"
+    }
+}
+
+/// `-Z build-std=core` needs the standard library's sources.
+pub fn ensure_rust_src() -> anyhow::Result<()> {
+    let toolchain = ebpf_toolchain();
+    let out = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .output()
+        .context("running rustup (the eBPF build needs a rustup-managed toolchain)")?;
+    if String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .any(|l| l.starts_with("rust-src"))
+    {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing the rust-src component for the {toolchain} toolchain (needed by -Z build-std=core)"
+    );
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+}
+
+pub fn ensure_bpf_linker() -> anyhow::Result<()> {
+    if which::which("bpf-linker").is_ok() {
+        return Ok(());
+    }
+    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
+        std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo").into_os_string())
+    }) {
+        let installed = std::path::Path::new(&home).join("bin/bpf-linker");
+        if installed.exists() {
+            // Installed but not on PATH: put cargo's bin directory there for the build.
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs: Vec<_> = std::env::split_paths(&path).collect();
+            dirs.insert(0, std::path::Path::new(&home).join("bin"));
+            let joined = std::env::join_paths(dirs).context("building PATH")?;
+            // SAFETY: xtask is single-threaded here.
+            unsafe { std::env::set_var("PATH", joined) };
+            return Ok(());
+        }
+    }
+    eprintln!(
+        "xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF object; takes about a minute)"
+    );
+    status(Command::new("cargo").args([
+        "install",
+        &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+        "--locked",
+    ]))
+}
+
+/// Everything `cargo build -p proxy` needs.
+pub fn ensure_build() -> anyhow::Result<()> {
+    ensure_rust_src()?;
+    ensure_bpf_linker()
+}
+
+/// Debian packages the demo and the tests use, installed with apt-get when missing.
+pub fn ensure_system_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(bin, _)| {
+            which::which(bin).is_err() && !std::path::Path::new("/usr/sbin").join(bin).exists()
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if which::which("apt-get").is_err() {
+        bail!("missing tools from packages {missing:?}; install them with your package manager");
+    }
+    eprintln!("xtask: installing Debian packages {missing:?} with apt-get");
+    let mut update = Command::new("apt-get");
+    update.args(["update", "-q"]);
+    status(&mut update)?;
+    let mut install = Command::new("apt-get");
+    install
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    status(&mut install)
+}
+
+/// The demo and the kernel tests create namespaces and load eBPF programs.
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    let out = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("running id -u")?;
+    if String::from_utf8_lossy(&out.stdout).trim() != "0" {
+        bail!(
+            "{what} needs root (network namespaces, eBPF, routing): run it as root, for example with sudo -E"
+        );
+    }
+    Ok(())
+}
