@@ -1,6 +1,6 @@
 //! The socket search of `tproxy_tg4` / `tproxy_tg6` (net/netfilter/xt_TPROXY.c):
 //! established first with the packet's real tuple, then the TIME_WAIT + SYN case, then the
-//! listener at (laddr, lport).
+//! listener at (laddr, lport); and the transparency check of `nf_tproxy_sk_is_transparent`.
 //!
 //! Every socket reference taken here is held by a [`SockRef`], which releases it when it
 //! goes out of scope: the verifier rejects any path that returns while holding one.
@@ -10,16 +10,20 @@ use core::ptr;
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{bpf_sock, bpf_sock_tuple},
-    helpers::{bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{
+        bpf_probe_read_kernel, bpf_sk_assign, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
     programs::TcContext,
 };
-use proxy_common::IPPROTO_TCP;
+use proxy_common::{IPPROTO_TCP, SockOffsets};
 
 use crate::parse::{Family, Packet};
 
-const BPF_TCP_ESTABLISHED: u32 = 1;
 const BPF_TCP_TIME_WAIT: u32 = 6;
 const BPF_TCP_LISTEN: u32 = 10;
+const BPF_TCP_NEW_SYN_RECV: u32 = 12;
+/// State recorded for UDP sockets, which have no TCP state worth reading here.
+const UDP_SOCKET: u32 = 0;
 
 /// `BPF_F_CURRENT_NETNS`: the helpers read the netns id as s32 and -1 means "the packet's".
 const CURRENT_NETNS: u64 = u64::MAX;
@@ -27,37 +31,59 @@ const CURRENT_NETNS: u64 = u64::MAX;
 const TUPLE_V4_LEN: u32 = 12;
 const TUPLE_V6_LEN: u32 = 36;
 
+/// Where the transparent flag lives in each kind of socket, computed by the agent from the
+/// kernel's BTF (`proxy::btf`) and set before load. `u32::MAX` offsets: unknown.
+#[unsafe(no_mangle)]
+static SOCK_OFFSETS: SockOffsets = SockOffsets::UNKNOWN;
+
 /// A socket reference from `bpf_skc_lookup_tcp` / `bpf_sk_lookup_udp`, released on drop.
-pub struct SockRef(*mut bpf_sock);
+///
+/// The two helpers return different pointer types (sock_common and sock), and the verifier
+/// rejects a load instruction used with both ("same insn cannot be used with different
+/// pointers"). So every field is read right after the lookup, in the branch of its
+/// protocol, and kept here as plain values.
+pub struct SockRef {
+    sk: *mut bpf_sock,
+    /// TCP state (`BPF_TCP_*`), or [`UDP_SOCKET`].
+    state: u32,
+    /// UDP only: connected and bound to a specific address, the only kind
+    /// `nf_tproxy_get_sock_v4(..., NF_TPROXY_LOOKUP_ESTABLISHED)` accepts (T2).
+    connected_specific: bool,
+}
 
 impl SockRef {
+    /// `inet_sk_transparent()`: the socket was set up with IP_TRANSPARENT (T5). The
+    /// kernel's TPROXY refuses any other socket, and `bpf_sk_assign` does not check.
     #[inline(always)]
-    fn state(&self) -> u32 {
-        unsafe { (*self.0).state }
-    }
-
-    /// For UDP: connected (`TCP_ESTABLISHED`) and bound to a specific address, the only
-    /// kind `nf_tproxy_get_sock_v4(..., NF_TPROXY_LOOKUP_ESTABLISHED)` accepts (T2).
-    #[inline(always)]
-    fn is_connected_specific(&self, family: Family) -> bool {
-        let sk = self.0;
-        let bound = unsafe {
-            match family {
-                Family::V4 => (*sk).src_ip4 != 0,
-                Family::V6 => {
-                    let a = (*sk).src_ip6;
-                    (a[0] | a[1] | a[2] | a[3]) != 0
-                }
-            }
+    pub fn is_transparent(&self) -> bool {
+        let offsets = unsafe { ptr::read_volatile(&SOCK_OFFSETS) };
+        let (off, bit) = match self.state {
+            BPF_TCP_TIME_WAIT => (offsets.tw_off, offsets.tw_bit),
+            BPF_TCP_NEW_SYN_RECV => (offsets.req_off, offsets.req_bit),
+            _ => (offsets.full_off, offsets.full_bit),
         };
-        bound && self.state() == BPF_TCP_ESTABLISHED
+        if off == u32::MAX {
+            // The agent could not find the flag in this kernel's BTF and said so.
+            return true;
+        }
+        // The verifier forbids arithmetic on a socket pointer, so read the pointer's value
+        // as plain bytes first, then the flag's byte through bpf_probe_read_kernel.
+        let sk: *mut bpf_sock = self.sk;
+        let Ok(addr) = (unsafe { bpf_probe_read_kernel((&raw const sk).cast::<u64>()) }) else {
+            return false;
+        };
+        let Ok(byte) = (unsafe { bpf_probe_read_kernel((addr + u64::from(off)) as *const u8) })
+        else {
+            return false;
+        };
+        byte & (1 << (bit & 7)) != 0
     }
 }
 
 impl Drop for SockRef {
     #[inline(always)]
     fn drop(&mut self) {
-        unsafe { bpf_sk_release(self.0.cast()) };
+        unsafe { bpf_sk_release(self.sk.cast()) };
     }
 }
 
@@ -102,30 +128,50 @@ fn tuple(
     }
 }
 
+/// One socket lookup with the given tuple, as the packet's own protocol.
 #[inline(always)]
-fn lookup(
-    ctx: &TcContext,
-    protocol: u8,
-    family: Family,
-    saddr: &[u8; 16],
-    sport_be: u16,
-    daddr: &[u8; 16],
-    dport_be: u16,
-) -> Option<SockRef> {
-    let (mut t, len) = tuple(family, saddr, sport_be, daddr, dport_be);
-    // TCP: `bpf_skc_lookup_tcp`, not `bpf_sk_lookup_tcp`, which hides TIME_WAIT sockets
-    // and turns a request socket into its listener (T2).
-    let sk = unsafe {
-        if protocol == IPPROTO_TCP {
-            bpf_skc_lookup_tcp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0)
-        } else {
-            bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0)
+fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> Option<SockRef> {
+    let (mut t, len) = tuple(
+        packet.family,
+        &packet.saddr,
+        packet.sport_be,
+        daddr,
+        dport_be,
+    );
+    if packet.protocol == IPPROTO_TCP {
+        // `bpf_skc_lookup_tcp`, not `bpf_sk_lookup_tcp`, which hides TIME_WAIT sockets and
+        // turns a request socket into its listener (T2).
+        let sk = unsafe { bpf_skc_lookup_tcp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
+        if sk.is_null() {
+            return None;
         }
-    };
-    if sk.is_null() {
-        None
+        let state = unsafe { ptr::read_volatile(&raw const (*sk).state) };
+        Some(SockRef {
+            sk,
+            state,
+            connected_specific: false,
+        })
     } else {
-        Some(SockRef(sk))
+        let sk = unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
+        if sk.is_null() {
+            return None;
+        }
+        // Connected: a remote port is set (`inet_dport`). Specific: a local address is.
+        let remote_port = unsafe { ptr::read_volatile(&raw const (*sk).dst_port) };
+        let bound = unsafe {
+            match packet.family {
+                Family::V4 => ptr::read_volatile(&raw const (*sk).src_ip4) != 0,
+                Family::V6 => {
+                    let a = ptr::read_volatile(&raw const (*sk).src_ip6);
+                    (a[0] | a[1] | a[2] | a[3]) != 0
+                }
+            }
+        };
+        Some(SockRef {
+            sk,
+            state: UDP_SOCKET,
+            connected_specific: remote_port != 0 && bound,
+        })
     }
 }
 
@@ -139,16 +185,8 @@ fn lookup_listener(
     laddr: &[u8; 16],
     lport_be: u16,
 ) -> Option<SockRef> {
-    let sk = lookup(
-        ctx,
-        packet.protocol,
-        packet.family,
-        &packet.saddr,
-        packet.sport_be,
-        laddr,
-        lport_be,
-    )?;
-    if packet.protocol == IPPROTO_TCP && sk.state() != BPF_TCP_LISTEN {
+    let sk = lookup(ctx, packet, laddr, lport_be)?;
+    if packet.protocol == IPPROTO_TCP && sk.state != BPF_TCP_LISTEN {
         return None;
     }
     Some(sk)
@@ -163,18 +201,9 @@ pub fn find_socket(
     lport_be: u16,
 ) -> Option<(SockRef, Found)> {
     // T2: established first, with the packet's real tuple.
-    if let Some(sk) = lookup(
-        ctx,
-        packet.protocol,
-        packet.family,
-        &packet.saddr,
-        packet.sport_be,
-        &packet.daddr,
-        packet.dport_be,
-    ) {
+    if let Some(sk) = lookup(ctx, packet, &packet.daddr, packet.dport_be) {
         if packet.protocol == IPPROTO_TCP {
-            let state = sk.state();
-            if state == BPF_TCP_TIME_WAIT {
+            if sk.state == BPF_TCP_TIME_WAIT {
                 // T3. The kernel (`nf_tproxy_handle_time_wait4`) kills the TIME_WAIT socket
                 // and hands a pure SYN to the listener. At TC we cannot kill it, and a SYN
                 // given to the listener while it is hashed collides with it and is dropped.
@@ -188,10 +217,10 @@ pub fn find_socket(
                 return Some((sk, Found::Established));
             }
             // A LISTEN result is the lookup's fallback, not an established socket.
-            if state != BPF_TCP_LISTEN {
+            if sk.state != BPF_TCP_LISTEN {
                 return Some((sk, Found::Established));
             }
-        } else if sk.is_connected_specific(packet.family) {
+        } else if sk.connected_specific {
             return Some((sk, Found::Established));
         }
     }
@@ -202,6 +231,6 @@ pub fn find_socket(
 /// `bpf_sk_assign`: the socket the stack will deliver this packet to.
 #[inline(always)]
 pub fn assign(ctx: &TcContext, sk: &SockRef) -> Result<(), i64> {
-    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.0.cast(), 0) };
+    let ret = unsafe { bpf_sk_assign(ctx.as_ptr(), sk.sk.cast(), 0) };
     if ret == 0 { Ok(()) } else { Err(ret) }
 }

@@ -96,6 +96,10 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
         };
         match lookup::find_socket(ctx, &packet, &laddr, lport_be) {
             None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
+            // T5: only a transparent socket may receive the packet.
+            Some((sk, _)) if !sk.is_transparent() => {
+                RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
+            }
             Some((sk, found)) => match lookup::assign(ctx, &sk) {
                 Ok(()) => {
                     // T6: every assigned packet carries the mark, established or not:

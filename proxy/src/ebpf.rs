@@ -17,10 +17,10 @@ use log::{debug, info, warn};
 use proxy_common::{
     Counter, IfaceAddrs, MAP_ACTIONS, MAP_COUNTERS, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS,
     MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP, PROG_TC_INGRESS, RuleAction,
-    RuleCounters, RuleKeyV4, RuleKeyV6,
+    RuleCounters, RuleKeyV4, RuleKeyV6, SockOffsets,
 };
 
-use crate::rules::Compiled;
+use crate::{btf::Btf, rules::Compiled};
 
 /// The classifier object, built by `build.rs` from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -79,7 +79,23 @@ pub struct Classifier {
 impl Classifier {
     /// Loads the object and starts forwarding its log records.
     pub fn load() -> Result<Self, EbpfError> {
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(EbpfError::Load)?;
+        let offsets = match Btf::from_sys_fs().and_then(|btf| btf.sock_offsets()) {
+            Ok(offsets) => {
+                debug!("transparent flag offsets: {offsets:?}");
+                offsets
+            }
+            Err(e) => {
+                warn!(
+                    "cannot check that sockets are transparent (T5) on this kernel: {}",
+                    crate::error_chain(&e)
+                );
+                SockOffsets::UNKNOWN
+            }
+        };
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SOCK_OFFSETS", &offsets, true)
+            .load(OBJECT)
+            .map_err(EbpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_log_forwarder(logger),
             // The object has no log statements compiled in (or no ring buffer support).

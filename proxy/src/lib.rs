@@ -9,6 +9,7 @@
 //! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
 
 pub mod agent;
+pub mod btf;
 pub mod config;
 pub mod demo;
 pub mod ebpf;
