@@ -36,6 +36,8 @@ pub const MAP_ACTIONS: &str = "ACTIONS";
 pub const MAP_IFACE_ADDRS: &str = "IFACE_ADDRS";
 /// SockMap of the agent's own listeners, indexed by [`RuleAction::listener_slot`].
 pub const MAP_LISTENERS: &str = "LISTENERS";
+/// Array<[`GlobalConfig`]>, one entry.
+pub const MAP_CONFIG: &str = "CONFIG";
 /// PerCpuArray<u64>, one slot per [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// PerCpuArray<[`RuleCounters`]>, indexed by rule index.
@@ -156,6 +158,21 @@ pub struct RuleCounters {
     pub dropped: u64,
 }
 
+/// [`GlobalConfig::flags`]: packets that match no rule but belong to a transparent socket
+/// are assigned and marked (the `-m socket --transparent -j DIVERT` rule of the recipe).
+pub const CONFIG_DIVERT: u32 = 1 << 0;
+
+/// Settings that apply to every packet, not to one rule.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GlobalConfig {
+    /// The mark for diverted packets, applied as `(mark & !mask) ^ value`.
+    pub divert_mark_value: u32,
+    pub divert_mark_mask: u32,
+    /// `CONFIG_*` bits.
+    pub flags: u32,
+}
+
 /// Global counters, one slot each in [`MAP_COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,10 +201,14 @@ pub enum Counter {
     Fragment = 10,
     /// `bpf_sk_assign` refused a socket.
     AssignFailed = 11,
+    /// Packets that matched no rule but belong to a transparent socket with their own
+    /// tuple, assigned and marked: the return path, like `-m socket --transparent -j DIVERT`
+    /// (T8).
+    Diverted = 12,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 12;
+    pub const COUNT: u32 = 13;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -202,6 +223,7 @@ impl Counter {
         Counter::DroppedNotTransparent,
         Counter::Fragment,
         Counter::AssignFailed,
+        Counter::Diverted,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -219,6 +241,7 @@ impl Counter {
             Counter::DroppedNotTransparent => "dropped_not_transparent",
             Counter::Fragment => "fragment",
             Counter::AssignFailed => "assign_failed",
+            Counter::Diverted => "diverted",
         }
     }
 }
@@ -261,4 +284,5 @@ mod pod {
     unsafe impl aya::Pod for super::IfaceAddrs {}
     unsafe impl aya::Pod for super::RuleCounters {}
     unsafe impl aya::Pod for super::SockOffsets {}
+    unsafe impl aya::Pod for super::GlobalConfig {}
 }

@@ -49,6 +49,9 @@ pub struct SockRef {
     /// UDP only: connected and bound to a specific address, the only kind
     /// `nf_tproxy_get_sock_v4(..., NF_TPROXY_LOOKUP_ESTABLISHED)` accepts (T2).
     connected_specific: bool,
+    /// Bound to a specific local address (always true for TCP sockets other than
+    /// listeners, which have their peer's tuple).
+    bound_specific: bool,
 }
 
 impl SockRef {
@@ -150,6 +153,7 @@ fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> 
             sk,
             state,
             connected_specific: false,
+            bound_specific: state != BPF_TCP_LISTEN,
         })
     } else {
         let sk = unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
@@ -171,6 +175,7 @@ fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> 
             sk,
             state: UDP_SOCKET,
             connected_specific: remote_port != 0 && bound,
+            bound_specific: bound,
         })
     }
 }
@@ -226,6 +231,18 @@ pub fn find_socket(
     }
     // T4: the listener at (laddr, lport).
     lookup_listener(ctx, packet, laddr, lport_be).map(|sk| (sk, Found::Listener))
+}
+
+/// The return path (T8), `-m socket --transparent`: a socket with the packet's own tuple,
+/// bound to a specific address (xt_socket ignores wildcard-bound ones) and transparent.
+#[inline(always)]
+pub fn find_divert_socket(ctx: &TcContext, packet: &Packet) -> Option<SockRef> {
+    let sk = lookup(ctx, packet, &packet.daddr, packet.dport_be)?;
+    if sk.bound_specific && sk.is_transparent() {
+        Some(sk)
+    } else {
+        None
+    }
 }
 
 /// `bpf_sk_assign`: the socket the stack will deliver this packet to.

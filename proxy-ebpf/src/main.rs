@@ -20,11 +20,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{ACTION_FAIL_OPEN, Counter};
+use proxy_common::{ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter};
 
 use crate::{
     lookup::Found,
-    maps::{count, count_rule},
+    maps::{CONFIG, count, count_rule},
     parse::{Fragment, Parsed},
     rules::Matched,
 };
@@ -76,8 +76,7 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let Some(Matched { index, action }) = rules::match_rule(&packet) else {
-        count(Counter::NotMatched);
-        return TC_ACT_UNSPEC;
+        return divert(ctx, &packet);
     };
     count(Counter::Matched);
     let len = ctx.len();
@@ -139,6 +138,33 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
             }
         }
     }
+}
+
+/// A packet no rule matched: left alone, unless it belongs to one of the transparent
+/// sockets with its own tuple (a proxy's upstream socket bound to the client's address, or
+/// a connection accepted under a rule that a reload removed). Those are assigned and marked
+/// like the recipe's `-m socket --transparent -j DIVERT` (T8).
+#[inline(always)]
+fn divert(ctx: &TcContext, packet: &parse::Packet) -> i32 {
+    let Some(config) = CONFIG.get(0) else {
+        count(Counter::NotMatched);
+        return TC_ACT_UNSPEC;
+    };
+    if config.flags & CONFIG_DIVERT == 0 {
+        count(Counter::NotMatched);
+        return TC_ACT_UNSPEC;
+    }
+    let (value, mask) = (config.divert_mark_value, config.divert_mark_mask);
+    if let Some(sk) = lookup::find_divert_socket(ctx, packet)
+        && lookup::assign(ctx, &sk).is_ok()
+    {
+        let mark = unsafe { (*ctx.skb.skb).mark };
+        ctx.set_mark((mark & !mask) ^ value);
+        count(Counter::Diverted);
+        return TC_ACT_OK;
+    }
+    count(Counter::NotMatched);
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

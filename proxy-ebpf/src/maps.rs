@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
 };
 use proxy_common::{
-    Counter, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RULES,
+    Counter, GlobalConfig, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RULES,
     PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
 };
 
@@ -26,6 +26,9 @@ pub static IFACE_ADDRS: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX
 
 #[map]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

@@ -9,11 +9,11 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use log::{error, info};
-use proxy_common::Counter;
+use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig};
 use tokio::net::TcpListener;
 
 use crate::{
-    config::RunArgs,
+    config::{ListenerMode, RunArgs},
     ebpf::{Classifier, EbpfError},
     ifaddrs::{self, IfaddrsError},
     routing::{PolicyRouting, RoutingError},
@@ -50,6 +50,9 @@ pub enum AgentError {
     /// The signal handlers could not be installed.
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
+    /// A combination of flags this version cannot serve.
+    #[error("{0}")]
+    Unsupported(&'static str),
     /// The listener could not be handed to tokio.
     #[error("registering the listener with the runtime")]
     Runtime(#[source] std::io::Error),
@@ -84,12 +87,33 @@ pub async fn run(
     }
     let rule = args.rule();
     let compiled = rules::compile(std::slice::from_ref(&rule))?;
-    let listener = tcp::listen(args.on_ip, args.on_port)?;
-    let listen_addr = listener.local_addr().map_err(AgentError::Runtime)?;
+    let builtin = args.listener == ListenerMode::Builtin;
+    if builtin && args.on_port == 0 {
+        return Err(AgentError::Unsupported(
+            "--on-port 0 (the packet's own port) needs --listener external",
+        ));
+    }
+    if builtin && rule.protocols.udp {
+        return Err(AgentError::Unsupported(
+            "UDP through the built-in proxy is not implemented yet; use --listener external",
+        ));
+    }
+    let listener = if builtin {
+        Some(tcp::listen(args.on_ip, args.on_port)?)
+    } else {
+        None
+    };
 
     let mut classifier = Classifier::load()?;
     classifier.install_rules(&compiled)?;
-    classifier.set_listener(0, &listener)?;
+    classifier.set_config(GlobalConfig {
+        divert_mark_value: rule.mark.value,
+        divert_mark_mask: rule.mark.mask,
+        flags: CONFIG_DIVERT,
+    })?;
+    if let Some(listener) = &listener {
+        classifier.set_listener(0, listener)?;
+    }
 
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
@@ -107,9 +131,28 @@ pub async fn run(
         for (name, _) in &ifaces {
             classifier.attach(name)?;
         }
-        let listener = TcpListener::from_std(listener).map_err(AgentError::Runtime)?;
+        let listener = match listener {
+            Some(l) => Some(TcpListener::from_std(l).map_err(AgentError::Runtime)?),
+            None => None,
+        };
+        let target = match &listener {
+            Some(l) => format!(
+                "built-in transparent listener {}",
+                l.local_addr().map_err(AgentError::Runtime)?
+            ),
+            None => format!(
+                "external listener at {}:{}",
+                args.on_ip
+                    .map_or("<ingress address>".to_owned(), |ip| ip.to_string()),
+                if args.on_port == 0 {
+                    "<destination port>".to_owned()
+                } else {
+                    args.on_port.to_string()
+                }
+            ),
+        };
         info!(
-            "ready: {} to {} port {} on {} -> transparent listener {listen_addr} (mark {}, table {}{})",
+            "ready: {} to {} port {} on {} -> {target} (mark {}, table {}{})",
             rule.protocols,
             if rule.dst.is_empty() {
                 "any destination".to_owned()
@@ -129,8 +172,14 @@ pub async fn run(
         let options = Arc::new(ProxyOptions {
             connect_timeout: args.connect_timeout,
         });
+        let serve = async {
+            match listener {
+                Some(listener) => tcp::serve(listener, options).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            () = tcp::serve(listener, options) => {}
+            () = serve => {}
             signal = shutdown => info!("{signal}: shutting down"),
         }
         Ok::<(), AgentError>(())

@@ -59,9 +59,16 @@ pub struct RunArgs {
     #[arg(long, value_name = "tcp|udp|tcp,udp", default_value = "tcp")]
     pub protocol: Protocols,
 
-    /// Port of the transparent listener (`--on-port`).
-    #[arg(long, value_name = "PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    /// Port of the transparent listener (`--on-port`). 0 means the packet's own destination
+    /// port, as in iptables; only with `--listener external`.
+    #[arg(long, value_name = "PORT")]
     pub on_port: u16,
+
+    /// Who holds the transparent listener at on-ip:on-port: the agent's own proxy
+    /// (`builtin`), or another program (`external`: Envoy, HAProxy, Squid, ...), in which case
+    /// the agent only classifies and routes, a drop-in replacement for the iptables rules.
+    #[arg(long, value_enum, default_value_t = ListenerMode::Builtin)]
+    pub listener: ListenerMode,
 
     /// Address of the transparent listener (`--on-ip`). Without it the listener is looked
     /// up at the ingress interface's first primary address, as the kernel does, and the
@@ -99,9 +106,16 @@ impl RunArgs {
             on_port: self.on_port,
             mark: self.tproxy_mark,
             fail_open: self.fail_open,
-            listener_slot: Some(0),
+            listener_slot: (self.listener == ListenerMode::Builtin).then_some(0),
         }
     }
+}
+
+/// `--listener`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ListenerMode {
+    Builtin,
+    External,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -164,7 +178,6 @@ mod tests {
                 "--on-port",
                 "50080",
             ],
-            &["run", "--iface", "eth0", "--dport", "80", "--on-port", "0"],
             &[
                 "run",
                 "--iface",

@@ -15,9 +15,9 @@ use aya::{
 };
 use log::{debug, info, warn};
 use proxy_common::{
-    Counter, IfaceAddrs, MAP_ACTIONS, MAP_COUNTERS, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS,
-    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP, PROG_TC_INGRESS, RuleAction,
-    RuleCounters, RuleKeyV4, RuleKeyV6, SockOffsets,
+    Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
+    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP,
+    PROG_TC_INGRESS, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6, SockOffsets,
 };
 
 use crate::{btf::Btf, rules::Compiled};
@@ -166,6 +166,17 @@ impl Classifier {
                 .map_err(write_err(MAP_PORT_CLASS))?;
         }
         Ok(())
+    }
+
+    /// Writes the settings that apply to every packet.
+    pub fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, GlobalConfig> = Array::try_from(
+            self.ebpf
+                .map_mut(MAP_CONFIG)
+                .ok_or_else(|| missing(MAP_CONFIG))?,
+        )
+        .map_err(map_err(MAP_CONFIG))?;
+        map.set(0, config, 0).map_err(write_err(MAP_CONFIG))
     }
 
     /// Records the address `nf_tproxy_laddr4/6` would use for an interface. Every attached
