@@ -2,22 +2,32 @@
 //! SIGINT/SIGTERM, and undoes everything on the way out, whatever failed.
 //!
 //! Order: check what can be checked without touching the system (root, interfaces, rules,
-//! the listener's port); load the programs and fill the maps; install the policy route;
-//! attach the sk_lookup program and the classifier last, so that no packet is marked
-//! before its route exists. Teardown runs in reverse.
+//! the listeners' ports); load the programs and fill the maps; install the policy route;
+//! attach the sk_lookup program and the classifier last, so that no packet is marked before
+//! its route exists. Teardown runs in reverse. While running, the agent also answers
+//! SIGHUP (reload `--config`), `proxy stats`, and interface address changes.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
-use log::{error, info};
-use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig};
-use tokio::net::TcpListener;
+use log::{error, info, warn};
+use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig, IfaceAddrs, RuleCounters};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener, task::JoinHandle};
 
 use crate::{
     config::{ListenerMode, RunArgs},
     ebpf::{Classifier, EbpfError},
+    error_chain,
     ifaddrs::{self, IfaddrsError},
     routing::{PolicyRouting, RoutingError},
-    rules::{self, RuleError},
+    rules::{self, Mark, Rule, RuleError},
+    rules_file::RulesFileError,
+    stats,
     tproxy::tcp::{self, ListenError, ProxyOptions},
 };
 
@@ -33,9 +43,12 @@ pub enum AgentError {
     #[error("interface '{0}' not found")]
     NoSuchInterface(String),
     /// A rule that cannot be compiled.
-    #[error("invalid rule")]
+    #[error("invalid rules")]
     Rule(#[from] RuleError),
-    /// The transparent listener could not be opened.
+    /// The rules file cannot be used.
+    #[error(transparent)]
+    RulesFile(#[from] RulesFileError),
+    /// A transparent listener could not be opened.
     #[error(transparent)]
     Listen(#[from] ListenError),
     /// Loading or attaching the eBPF programs failed.
@@ -50,12 +63,15 @@ pub enum AgentError {
     /// The signal handlers could not be installed.
     #[error("installing signal handlers")]
     Signals(#[source] std::io::Error),
-    /// A combination of flags this version cannot serve.
+    /// A combination of settings this version cannot serve.
     #[error("{0}")]
-    Unsupported(&'static str),
-    /// The listener could not be handed to tokio.
-    #[error("registering the listener with the runtime")]
-    Runtime(#[source] std::io::Error),
+    Unsupported(String),
+    /// Another agent already uses this routing table in this namespace.
+    #[error("another agent with routing table {0} is running in this network namespace")]
+    TableInUse(u32),
+    /// A socket or runtime operation failed.
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
 }
 
 /// Waits for SIGINT or SIGTERM.
@@ -69,6 +85,128 @@ pub fn shutdown_signal() -> Result<impl Future<Output = &'static str>, AgentErro
             _ = term.recv() => "SIGTERM",
         }
     })
+}
+
+/// Key of a built-in listener: the rules that share on-ip and on-port share a listener.
+type ListenerKey = (Option<IpAddr>, u16);
+
+/// The agent's own transparent listeners, each with its sockmap slot and accept task.
+struct Listeners {
+    options: Arc<ProxyOptions>,
+    running: HashMap<ListenerKey, (u32, SocketAddr, JoinHandle<()>)>,
+}
+
+impl Listeners {
+    /// Opens the listeners `rules` need that are not open yet, gives each rule its slot,
+    /// and returns the keys no rule needs any more (still open; see [`Self::close`]).
+    fn prepare(
+        &mut self,
+        rules: &mut [Rule],
+        pending: &mut Vec<(ListenerKey, std::net::TcpListener)>,
+    ) -> Result<Vec<ListenerKey>, AgentError> {
+        let mut used_slots: Vec<u32> = self.running.values().map(|(slot, _, _)| *slot).collect();
+        let mut wanted: HashMap<ListenerKey, u32> = HashMap::new();
+        for rule in rules.iter_mut() {
+            let key = (rule.on_ip, rule.on_port);
+            let slot = if let Some((slot, _, _)) = self.running.get(&key) {
+                *slot
+            } else if let Some(slot) = wanted.get(&key) {
+                *slot
+            } else {
+                let slot = (0..proxy_common::MAX_LISTENERS)
+                    .find(|s| !used_slots.contains(s))
+                    .ok_or_else(|| {
+                        AgentError::Unsupported(format!(
+                            "more than {} distinct on-ip/on-port pairs",
+                            proxy_common::MAX_LISTENERS
+                        ))
+                    })?;
+                used_slots.push(slot);
+                pending.push((key, tcp::listen(rule.on_ip, rule.on_port)?));
+                slot
+            };
+            wanted.insert(key, slot);
+            rule.listener_slot = Some(slot);
+        }
+        Ok(self
+            .running
+            .keys()
+            .filter(|k| !wanted.contains_key(k))
+            .copied()
+            .collect())
+    }
+
+    /// Registers freshly opened listeners in the sockmap and starts accepting on them.
+    fn start(
+        &mut self,
+        classifier: &mut Classifier,
+        rules: &[Rule],
+        pending: Vec<(ListenerKey, std::net::TcpListener)>,
+    ) -> Result<(), AgentError> {
+        for (key, std_listener) in pending {
+            let slot = rules
+                .iter()
+                .find(|r| (r.on_ip, r.on_port) == key)
+                .and_then(|r| r.listener_slot)
+                .unwrap_or(0);
+            classifier.set_listener(slot, &std_listener)?;
+            let listener = TcpListener::from_std(std_listener)
+                .map_err(|e| AgentError::Io("registering a listener with the runtime", e))?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| AgentError::Io("reading a listener's address", e))?;
+            let options = Arc::clone(&self.options);
+            let task = tokio::spawn(tcp::serve(listener, options));
+            info!("built-in transparent listener on {addr} (slot {slot})");
+            self.running.insert(key, (slot, addr, task));
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, keys: &[ListenerKey]) {
+        for key in keys {
+            if let Some((_, addr, task)) = self.running.remove(key) {
+                task.abort();
+                info!("listener on {addr} closed: no rule uses it any more");
+            }
+        }
+    }
+}
+
+/// Checks that this version can serve `rules` with the chosen listener mode.
+fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError> {
+    if mode == ListenerMode::External {
+        return Ok(());
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        if rule.on_port == 0 {
+            return Err(AgentError::Unsupported(format!(
+                "rule {}: on-port 0 (the packet's own port) needs --listener external",
+                i + 1
+            )));
+        }
+        if rule.protocols.udp {
+            return Err(AgentError::Unsupported(format!(
+                "rule {}: UDP through the built-in proxy is not implemented yet; use --listener external",
+                i + 1
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn marks(rules: &[Rule]) -> Vec<Mark> {
+    rules.iter().map(|r| r.mark).collect()
+}
+
+/// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's.
+fn global_config(rules: &[Rule]) -> GlobalConfig {
+    let mark = rules.first().map_or(Mark::default(), |r| r.mark);
+    GlobalConfig {
+        divert_mark_value: mark.value,
+        divert_mark_mask: mark.mask,
+        flags: CONFIG_DIVERT,
+    }
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -85,102 +223,98 @@ pub async fn run(
             ifaddrs::ifindex(name).ok_or_else(|| AgentError::NoSuchInterface(name.clone()))?;
         ifaces.push((name.clone(), index));
     }
-    let rule = args.rule();
-    let compiled = rules::compile(std::slice::from_ref(&rule))?;
-    let builtin = args.listener == ListenerMode::Builtin;
-    if builtin && args.on_port == 0 {
-        return Err(AgentError::Unsupported(
-            "--on-port 0 (the packet's own port) needs --listener external",
-        ));
-    }
-    if builtin && rule.protocols.udp {
-        return Err(AgentError::Unsupported(
-            "UDP through the built-in proxy is not implemented yet; use --listener external",
-        ));
-    }
-    let listener = if builtin {
-        Some(tcp::listen(args.on_ip, args.on_port)?)
-    } else {
-        None
+    let mut rules = args.rules()?;
+    check_supported(&rules, args.listener)?;
+    let stats_listener = stats::listen(args.table).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            AgentError::TableInUse(args.table)
+        } else {
+            AgentError::Io("binding the stats socket", e)
+        }
+    })?;
+    let mut listeners = Listeners {
+        options: Arc::new(ProxyOptions {
+            connect_timeout: args.connect_timeout,
+        }),
+        running: HashMap::new(),
     };
+    let mut pending = Vec::new();
+    if args.listener == ListenerMode::Builtin {
+        listeners.prepare(&mut rules, &mut pending)?;
+    }
+    let compiled = rules::compile(&rules)?;
 
     let mut classifier = Classifier::load()?;
     classifier.install_rules(&compiled)?;
-    classifier.set_config(GlobalConfig {
-        divert_mark_value: rule.mark.value,
-        divert_mark_mask: rule.mark.mask,
-        flags: CONFIG_DIVERT,
-    })?;
-    if let Some(listener) = &listener {
-        classifier.set_listener(0, listener)?;
-    }
+    classifier.set_config(global_config(&rules))?;
 
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
     tokio::spawn(connection);
+    let mut addr_changes =
+        ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
     for (name, index) in &ifaces {
         let addrs = ifaddrs::laddr_candidates(&handle, *index).await?;
         info!("{name}: laddr candidates {}", describe_addrs(&addrs));
         classifier.set_iface_addrs(*index, addrs)?;
     }
 
-    let mut routing = PolicyRouting::new(rule.mark, args.table)?;
+    let mut routing = PolicyRouting::new(args.table)?;
     let serving = async {
-        routing.install().await?;
+        routing.install(&marks(&rules)).await?;
+        listeners.start(&mut classifier, &rules, pending)?;
         classifier.attach_sk_lookup()?;
         for (name, _) in &ifaces {
             classifier.attach(name)?;
         }
-        let listener = match listener {
-            Some(l) => Some(TcpListener::from_std(l).map_err(AgentError::Runtime)?),
-            None => None,
-        };
-        let target = match &listener {
-            Some(l) => format!(
-                "built-in transparent listener {}",
-                l.local_addr().map_err(AgentError::Runtime)?
-            ),
-            None => format!(
-                "external listener at {}:{}",
-                args.on_ip
-                    .map_or("<ingress address>".to_owned(), |ip| ip.to_string()),
-                if args.on_port == 0 {
-                    "<destination port>".to_owned()
-                } else {
-                    args.on_port.to_string()
-                }
-            ),
-        };
+        for (i, rule) in rules.iter().enumerate() {
+            info!("rule {}: {}", i + 1, stats::describe_rule(rule));
+        }
         info!(
-            "ready: {} to {} port {} on {} -> {target} (mark {}, table {}{})",
-            rule.protocols,
-            if rule.dst.is_empty() {
-                "any destination".to_owned()
-            } else {
-                rule.dst
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",")
-            },
-            rule.dport,
+            "ready: {} rule(s) on {}, {} listener (table {})",
+            rules.len(),
             args.ifaces.join(","),
-            rule.mark,
-            args.table,
-            if rule.fail_open { ", fail-open" } else { "" }
+            match args.listener {
+                ListenerMode::Builtin => "built-in",
+                ListenerMode::External => "external",
+            },
+            args.table
         );
-        let options = Arc::new(ProxyOptions {
-            connect_timeout: args.connect_timeout,
-        });
-        let serve = async {
-            match listener {
-                Some(listener) => tcp::serve(listener, options).await,
-                None => std::future::pending().await,
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(AgentError::Signals)?;
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                signal = &mut shutdown => {
+                    info!("{signal}: shutting down");
+                    break;
+                }
+                _ = hangup.recv() => {
+                    match reload(&args, &mut classifier, &mut routing, &mut listeners).await {
+                        Ok(new_rules) => rules = new_rules,
+                        Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
+                    }
+                }
+                Some(index) = addr_changes.recv() => {
+                    if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index) {
+                        match ifaddrs::laddr_candidates(&handle, index).await {
+                            Ok(addrs) => {
+                                info!("{name}: addresses changed, laddr candidates {}", describe_addrs(&addrs));
+                                if let Err(e) = classifier.set_iface_addrs(index, addrs) {
+                                    error!("{name}: {}", error_chain(&e));
+                                }
+                            }
+                            Err(e) => error!("{name}: {}", error_chain(&e)),
+                        }
+                    }
+                }
+                Ok((mut stream, _)) = stats_listener.accept() => {
+                    let report = report(&classifier, &rules);
+                    tokio::spawn(async move {
+                        let _ = stream.write_all(report.as_bytes()).await;
+                    });
+                }
             }
-        };
-        tokio::select! {
-            () = serve => {}
-            signal = shutdown => info!("{signal}: shutting down"),
         }
         Ok::<(), AgentError>(())
     };
@@ -189,15 +323,53 @@ pub async fn run(
     // Teardown, in reverse, whatever happened above.
     classifier.detach_all();
     if let Err(e) = routing.remove().await {
-        error!("removing policy routing: {}", crate::error_chain(&e));
+        error!("removing policy routing: {}", error_chain(&e));
     }
-    log_counters(&classifier);
+    let keys: Vec<ListenerKey> = listeners.running.keys().copied().collect();
+    listeners.close(&keys);
+    log_counters(&classifier, &rules);
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;
     result
 }
 
-fn describe_addrs(addrs: &proxy_common::IfaceAddrs) -> String {
+/// SIGHUP: re-reads `--config`, and only if everything about it is usable, switches the
+/// classifier, the routing and the listeners over without detaching. Connections already
+/// accepted live on: their packets find their sockets through the established lookup,
+/// under the new rules or the return path.
+async fn reload(
+    args: &RunArgs,
+    classifier: &mut Classifier,
+    routing: &mut PolicyRouting,
+    listeners: &mut Listeners,
+) -> Result<Vec<Rule>, AgentError> {
+    let Some(path) = &args.config else {
+        warn!("SIGHUP: nothing to reload (the rules come from flags, not --config)");
+        return Err(AgentError::Unsupported("no --config to reload".into()));
+    };
+    info!("SIGHUP: reloading {}", path.display());
+    let mut rules = args.rules()?;
+    check_supported(&rules, args.listener)?;
+    let mut pending = Vec::new();
+    let obsolete = if args.listener == ListenerMode::Builtin {
+        listeners.prepare(&mut rules, &mut pending)?
+    } else {
+        Vec::new()
+    };
+    let compiled = rules::compile(&rules)?;
+    routing.install(&marks(&rules)).await?;
+    listeners.start(classifier, &rules, pending)?;
+    classifier.install_rules(&compiled)?;
+    classifier.set_config(global_config(&rules))?;
+    listeners.close(&obsolete);
+    for (i, rule) in rules.iter().enumerate() {
+        info!("rule {}: {}", i + 1, stats::describe_rule(rule));
+    }
+    info!("reloaded: {} rule(s) in force", rules.len());
+    Ok(rules)
+}
+
+fn describe_addrs(addrs: &IfaceAddrs) -> String {
     let mut parts = Vec::new();
     if addrs.flags & proxy_common::IFACE_HAS_IP4 != 0 {
         parts.push(std::net::Ipv4Addr::from(addrs.ip4_be.to_ne_bytes()).to_string());
@@ -212,7 +384,25 @@ fn describe_addrs(addrs: &proxy_common::IfaceAddrs) -> String {
     }
 }
 
-fn log_counters(classifier: &Classifier) {
+fn rule_counters(classifier: &Classifier, rules: &[Rule]) -> Vec<(Rule, RuleCounters)> {
+    rules
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let c = classifier.rule_counters(i as u32).unwrap_or_default();
+            (r.clone(), c)
+        })
+        .collect()
+}
+
+fn report(classifier: &Classifier, rules: &[Rule]) -> String {
+    match classifier.counters() {
+        Ok(counters) => stats::format_report(&counters, &rule_counters(classifier, rules)),
+        Err(e) => format!("error: {}\n", error_chain(&e)),
+    }
+}
+
+fn log_counters(classifier: &Classifier, rules: &[Rule]) {
     match classifier.counters() {
         Ok(counters) => info!(
             "counters: {}",
@@ -222,12 +412,16 @@ fn log_counters(classifier: &Classifier) {
                 .collect::<Vec<_>>()
                 .join(" ")
         ),
-        Err(e) => error!("reading counters: {}", crate::error_chain(&e)),
+        Err(e) => error!("reading counters: {}", error_chain(&e)),
     }
-    if let Ok(rule) = classifier.rule_counters(0) {
+    for (i, (_, c)) in rule_counters(classifier, rules).iter().enumerate() {
         info!(
-            "rule 0: packets={} bytes={} assigned={} dropped={}",
-            rule.packets, rule.bytes, rule.assigned, rule.dropped
+            "rule {}: packets={} bytes={} assigned={} dropped={}",
+            i + 1,
+            c.packets,
+            c.bytes,
+            c.assigned,
+            c.dropped
         );
     }
 }

@@ -16,7 +16,10 @@ use std::{net::IpAddr, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
-use crate::rules::{self, Mark, PortSet, Protocols, Rule};
+use crate::{
+    rules::{self, Mark, PortSet, Protocols, Rule},
+    rules_file::{self, RulesFileError},
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +37,9 @@ pub enum Command {
     /// Attach the classifier, install the policy route and proxy intercepted connections
     /// until SIGINT or SIGTERM; everything is undone on exit.
     Run(RunArgs),
+    /// Print the counters of the agent running in this network namespace, globally and per
+    /// rule, like `iptables -vL`.
+    Stats(StatsArgs),
     /// Build a throwaway client / router / server topology in network namespaces, run the
     /// agent on the router, send a few connections through it and remove everything.
     Demo(DemoArgs),
@@ -52,8 +58,8 @@ pub struct RunArgs {
 
     /// Destination ports to intercept (`--dport`): a comma list of ports and ranges, such
     /// as 80,443,8000-8100.
-    #[arg(long, value_name = "PORTS")]
-    pub dport: PortSet,
+    #[arg(long, value_name = "PORTS", required_unless_present = "config")]
+    pub dport: Option<PortSet>,
 
     /// Transport protocols the rule applies to (`-p`).
     #[arg(long, value_name = "tcp|udp|tcp,udp", default_value = "tcp")]
@@ -61,8 +67,14 @@ pub struct RunArgs {
 
     /// Port of the transparent listener (`--on-port`). 0 means the packet's own destination
     /// port, as in iptables; only with `--listener external`.
-    #[arg(long, value_name = "PORT")]
-    pub on_port: u16,
+    #[arg(long, value_name = "PORT", required_unless_present = "config")]
+    pub on_port: Option<u16>,
+
+    /// Rules from a TOML file instead of the rule flags above, many rules with their own
+    /// protocols, prefixes, ports, on-ip, on-port and mark (see the README). SIGHUP
+    /// reloads it; a bad file is refused and the rules in force stay.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["dst", "dport", "protocol", "on_port", "on_ip", "tproxy_mark", "fail_open"])]
+    pub config: Option<std::path::PathBuf>,
 
     /// Who holds the transparent listener at on-ip:on-port: the agent's own proxy
     /// (`builtin`), or another program (`external`: Envoy, HAProxy, Squid, ...), in which case
@@ -96,19 +108,31 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
-    /// The single rule the command line describes.
-    pub fn rule(&self) -> Rule {
-        Rule {
+    /// The rules in force: from `--config`, or the single rule the flags describe.
+    /// Listener slots are assigned later, by the agent.
+    pub fn rules(&self) -> Result<Vec<Rule>, RulesFileError> {
+        if let Some(path) = &self.config {
+            return rules_file::load(path);
+        }
+        Ok(vec![Rule {
             protocols: self.protocol,
             dst: self.dst.clone(),
-            dport: self.dport.clone(),
+            // clap requires both when --config is absent.
+            dport: self.dport.clone().unwrap_or(PortSet(Vec::new())),
             on_ip: self.on_ip,
-            on_port: self.on_port,
+            on_port: self.on_port.unwrap_or(0),
             mark: self.tproxy_mark,
             fail_open: self.fail_open,
-            listener_slot: (self.listener == ListenerMode::Builtin).then_some(0),
-        }
+            listener_slot: None,
+        }])
     }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StatsArgs {
+    /// The routing table of the agent to ask (agents in one namespace differ by table).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub table: u32,
 }
 
 /// `--listener`.
@@ -159,6 +183,7 @@ mod tests {
             panic!("not run");
         };
         assert_eq!(args.tproxy_mark, Mark { value: 1, mask: 1 });
+        assert_eq!(args.listener, ListenerMode::Builtin);
         assert_eq!(args.table, 100);
         assert!(!args.fail_open);
         assert!(args.dst.is_empty());

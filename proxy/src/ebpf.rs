@@ -2,7 +2,7 @@
 //! (TCX links where the kernel has them, clsact + cls_bpf over netlink otherwise) and the
 //! `sk_lookup` program, and forwarding the programs' aya-log records to `log`.
 
-use std::{fs::File, os::fd::AsRawFd};
+use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -74,6 +74,8 @@ pub struct Classifier {
     tc_links: Vec<(String, SchedClassifierLinkId)>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
+    /// The tables last written, to remove what a reload no longer needs.
+    installed: Option<Compiled>,
 }
 
 impl Classifier {
@@ -111,10 +113,13 @@ impl Classifier {
             ebpf,
             tc_links: Vec::new(),
             clsact_added: Vec::new(),
+            installed: None,
         })
     }
 
-    /// Writes the rule tables. Called before attaching, and on reload.
+    /// Writes the rule tables. Called before attaching, and again on reload: new entries
+    /// go in first, then the port classes switch over, then entries only the old rules
+    /// used are removed, so the classifier never sees an empty table.
     pub fn install_rules(&mut self, compiled: &Compiled) -> Result<(), EbpfError> {
         {
             let mut actions: Array<&mut MapData, RuleAction> = Array::try_from(
@@ -129,6 +134,7 @@ impl Classifier {
                     .map_err(write_err(MAP_ACTIONS))?;
             }
         }
+        let old = self.installed.take().unwrap_or_default();
         {
             let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
                 self.ebpf
@@ -153,18 +159,55 @@ impl Classifier {
                     .map_err(write_err(MAP_RULES_V6))?;
             }
         }
-        // Port classes last: until a port has a class, no packet can match.
-        let mut classes: Array<&mut MapData, u32> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_PORT_CLASS)
-                .ok_or_else(|| missing(MAP_PORT_CLASS))?,
-        )
-        .map_err(map_err(MAP_PORT_CLASS))?;
-        for (index, class) in &compiled.port_classes {
-            classes
-                .set(*index, class, 0)
-                .map_err(write_err(MAP_PORT_CLASS))?;
+        {
+            // Until a port has a class, no packet to it can match.
+            let mut classes: Array<&mut MapData, u32> = Array::try_from(
+                self.ebpf
+                    .map_mut(MAP_PORT_CLASS)
+                    .ok_or_else(|| missing(MAP_PORT_CLASS))?,
+            )
+            .map_err(map_err(MAP_PORT_CLASS))?;
+            for (index, class) in &compiled.port_classes {
+                classes
+                    .set(*index, class, 0)
+                    .map_err(write_err(MAP_PORT_CLASS))?;
+            }
+            let now: HashSet<u32> = compiled.port_classes.iter().map(|(i, _)| *i).collect();
+            for (index, _) in old.port_classes.iter().filter(|(i, _)| !now.contains(i)) {
+                classes
+                    .set(*index, 0, 0)
+                    .map_err(write_err(MAP_PORT_CLASS))?;
+            }
         }
+        {
+            let now: HashSet<(u32, RuleKeyV4)> =
+                compiled.v4.iter().map(|(l, k, _)| (*l, *k)).collect();
+            let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(MAP_RULES_V4)
+                    .ok_or_else(|| missing(MAP_RULES_V4))?,
+            )
+            .map_err(map_err(MAP_RULES_V4))?;
+            for (len, key, _) in old.v4.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
+                v4.remove(&Key::new(*len, *key))
+                    .map_err(write_err(MAP_RULES_V4))?;
+            }
+        }
+        {
+            let now: HashSet<(u32, RuleKeyV6)> =
+                compiled.v6.iter().map(|(l, k, _)| (*l, *k)).collect();
+            let mut v6: LpmTrie<&mut MapData, RuleKeyV6, u32> = LpmTrie::try_from(
+                self.ebpf
+                    .map_mut(MAP_RULES_V6)
+                    .ok_or_else(|| missing(MAP_RULES_V6))?,
+            )
+            .map_err(map_err(MAP_RULES_V6))?;
+            for (len, key, _) in old.v6.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
+                v6.remove(&Key::new(*len, *key))
+                    .map_err(write_err(MAP_RULES_V6))?;
+            }
+        }
+        self.installed = Some(compiled.clone());
         Ok(())
     }
 

@@ -86,3 +86,35 @@ pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
     }
     out
 }
+
+/// Follows address changes (RTM_NEWADDR / RTM_DELADDR, IPv4 and IPv6): sends the index of
+/// each interface whose addresses changed. The caller re-reads that interface's addresses,
+/// so a new primary address, a deleted one or the end of IPv6 duplicate address detection
+/// reaches the classifier while the agent runs.
+pub fn watch() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<u32>> {
+    use futures::StreamExt as _;
+    use rtnetlink::{
+        MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage,
+    };
+
+    let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])?;
+    tokio::spawn(connection);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            let index = match message.payload {
+                NetlinkPayload::InnerMessage(
+                    RouteNetlinkMessage::NewAddress(m) | RouteNetlinkMessage::DelAddress(m),
+                ) => m.header.index,
+                _ => continue,
+            };
+            if tx.send(index).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}

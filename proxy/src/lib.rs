@@ -17,6 +17,8 @@ pub mod ifaddrs;
 pub mod relay;
 pub mod routing;
 pub mod rules;
+pub mod rules_file;
+pub mod stats;
 pub mod testbed;
 pub mod tproxy;
 pub mod upstream;

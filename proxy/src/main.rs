@@ -23,6 +23,9 @@ fn main() -> ExitCode {
                 .map_err(Into::into)
             }),
         Command::Demo(args) => demo::run(&args).map_err(Into::into),
+        Command::Stats(args) => proxy::stats::query(args.table)
+            .map(|report| print!("{report}"))
+            .map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -50,9 +50,8 @@ pub enum RoutingError {
 /// [`PolicyRouting::remove`].
 pub struct PolicyRouting {
     handle: Handle,
-    mark: Mark,
     table: u32,
-    /// Families whose rule and route we installed.
+    /// Families whose rules and route we installed.
     installed: Vec<IpVersion>,
 }
 
@@ -75,44 +74,80 @@ fn family_name(v: &IpVersion) -> &'static str {
 impl PolicyRouting {
     /// Opens a netlink connection in the current network namespace. Must be called from a
     /// tokio runtime.
-    pub fn new(mark: Mark, table: u32) -> Result<Self, RoutingError> {
+    pub fn new(table: u32) -> Result<Self, RoutingError> {
         let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
         tokio::spawn(connection);
         Ok(PolicyRouting {
             handle,
-            mark,
             table,
             installed: Vec::new(),
         })
     }
 
-    /// Installs the rule and route for IPv4 and, where the namespace has IPv6, for IPv6.
-    /// Leftovers of an earlier run with the same table are replaced first.
-    pub async fn install(&mut self) -> Result<(), RoutingError> {
+    /// Makes the fwmark rules for `marks` (one per distinct mark) and the local route exist,
+    /// for IPv4 and, where the namespace has IPv6, for IPv6. Rules of ours for this table
+    /// with other marks are removed after the new ones are in place, so a reload never
+    /// leaves a moment without a route. Leftovers of a crashed run are reused or removed.
+    pub async fn install(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
+        let mut wanted: Vec<Mark> = Vec::new();
+        for m in marks {
+            if !wanted.contains(m) {
+                wanted.push(*m);
+            }
+        }
         for version in [IpVersion::V4, IpVersion::V6] {
-            self.remove_ours(version.clone()).await?;
-            match self.add(version.clone()).await {
-                Ok(()) => {
-                    info!(
-                        "policy routing ({}): fwmark {} lookup {}, local {} dev lo table {}",
-                        family_name(&version),
-                        self.mark,
-                        self.table,
-                        if version == IpVersion::V4 {
-                            "0.0.0.0/0"
-                        } else {
-                            "::/0"
-                        },
-                        self.table
-                    );
-                    self.installed.push(version);
-                }
+            let existing = match self.our_rules(version.clone()).await {
+                Ok(rules) => rules,
                 Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => {
                     warn!("IPv6 is disabled in this namespace: no IPv6 policy routing");
-                    self.remove_ours(version).await?;
+                    continue;
                 }
                 Err(e) => return Err(e),
+            };
+            if !self.installed.contains(&version) {
+                self.installed.push(version.clone());
             }
+            for mark in &wanted {
+                if existing.iter().any(|(_, m)| m == mark) {
+                    continue;
+                }
+                self.add_rule(version.clone(), *mark).await?;
+                info!(
+                    "policy routing ({}): fwmark {mark} lookup {}",
+                    family_name(&version),
+                    self.table
+                );
+            }
+            for (rule, mark) in existing {
+                if !wanted.contains(&mark) {
+                    self.delete_rule(version.clone(), rule).await?;
+                    debug!(
+                        "policy routing ({}): fwmark {mark} removed",
+                        family_name(&version)
+                    );
+                }
+            }
+            self.handle
+                .route()
+                .add(self.local_route(version.clone()))
+                .replace()
+                .execute()
+                .await
+                .map_err(request(format!(
+                    "adding the {} local route to table {}",
+                    family_name(&version),
+                    self.table
+                )))?;
+            info!(
+                "policy routing ({}): local {} dev lo table {}",
+                family_name(&version),
+                if version == IpVersion::V4 {
+                    "0.0.0.0/0"
+                } else {
+                    "::/0"
+                },
+                self.table
+            );
         }
         Ok(())
     }
@@ -120,13 +155,33 @@ impl PolicyRouting {
     /// Removes what [`install`](Self::install) added. Safe to call more than once.
     pub async fn remove(&mut self) -> Result<(), RoutingError> {
         for version in std::mem::take(&mut self.installed) {
-            self.remove_ours(version.clone()).await?;
+            for (rule, _) in self.our_rules(version.clone()).await? {
+                self.delete_rule(version.clone(), rule).await?;
+            }
+            // Deleting with our protocol set only deletes a route of ours
+            // (`fib_table_delete` skips routes whose protocol differs).
+            match self
+                .handle
+                .route()
+                .del(self.local_route(version.clone()))
+                .execute()
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(request(format!(
+                        "deleting the {} local route",
+                        family_name(&version)
+                    ))(e));
+                }
+            }
             info!("policy routing ({}) removed", family_name(&version));
         }
         Ok(())
     }
 
-    async fn add(&self, version: IpVersion) -> Result<(), RoutingError> {
+    async fn add_rule(&self, version: IpVersion, mark: Mark) -> Result<(), RoutingError> {
         // The action must be said: an UNSPEC rule action makes `fib4_rule_action` return
         // -EINVAL, which drops every matching packet like a blackhole rule.
         let mut rule = self
@@ -135,9 +190,9 @@ impl PolicyRouting {
             .add()
             .action(NlRuleAction::ToTable)
             .table_id(self.table)
-            .fw_mark(self.mark.value);
+            .fw_mark(mark.value);
         let msg = rule.message_mut();
-        msg.attributes.push(RuleAttribute::FwMask(self.mark.mask));
+        msg.attributes.push(RuleAttribute::FwMask(mark.mask));
         msg.attributes
             .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_PROXY)));
         let added = match version {
@@ -145,21 +200,56 @@ impl PolicyRouting {
             IpVersion::V6 => rule.v6().execute().await,
         };
         added.map_err(request(format!(
-            "adding the {} fwmark rule",
+            "adding the {} fwmark rule {mark}",
             family_name(&version)
-        )))?;
+        )))
+    }
 
-        self.handle
-            .route()
-            .add(self.local_route(version.clone()))
-            .replace()
+    async fn delete_rule(&self, version: IpVersion, rule: RuleMessage) -> Result<(), RoutingError> {
+        match self.handle.rule().del(rule).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+            Err(e) => Err(request(format!(
+                "deleting a {} rule",
+                family_name(&version)
+            ))(e)),
+        }
+    }
+
+    /// Our fwmark rules (tagged with [`RTPROT_PROXY`]) that point at our table.
+    async fn our_rules(
+        &self,
+        version: IpVersion,
+    ) -> Result<Vec<(RuleMessage, Mark)>, RoutingError> {
+        let listed: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(version.clone())
             .execute()
+            .try_collect()
             .await
-            .map_err(request(format!(
-                "adding the {} local route to table {}",
-                family_name(&version),
-                self.table
-            )))
+            .map_err(request(format!("listing {} rules", family_name(&version))))?;
+        Ok(listed
+            .into_iter()
+            .filter_map(|rule| {
+                let mut ours = false;
+                let mut table = u32::from(rule.header.table);
+                let mut value = 0;
+                let mut mask = u32::MAX;
+                for a in &rule.attributes {
+                    match a {
+                        RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == RTPROT_PROXY => {
+                            ours = true
+                        }
+                        RuleAttribute::Table(t) => table = *t,
+                        RuleAttribute::FwMark(v) => value = *v,
+                        RuleAttribute::FwMask(m) => mask = *m,
+                        _ => {}
+                    }
+                }
+                (ours && table == self.table).then_some((rule, Mark { value, mask }))
+            })
+            .collect())
     }
 
     /// `local 0.0.0.0/0 dev lo table N` (or `::/0`), tagged as ours.
@@ -188,73 +278,6 @@ impl PolicyRouting {
         msg.attributes
             .retain(|a| !matches!(a, RouteAttribute::Destination(_)));
         msg
-    }
-
-    /// Deletes every fwmark rule of ours that points at our table, and our local route.
-    async fn remove_ours(&self, version: IpVersion) -> Result<(), RoutingError> {
-        let listed: Result<Vec<RuleMessage>, _> = self
-            .handle
-            .rule()
-            .get(version.clone())
-            .execute()
-            .try_collect()
-            .await;
-        let rules = match listed {
-            Ok(rules) => rules,
-            Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => return Ok(()),
-            Err(e) => {
-                return Err(request(format!("listing {} rules", family_name(&version)))(
-                    e,
-                ));
-            }
-        };
-        for rule in rules {
-            let ours = rule.attributes.iter().any(|a| {
-                matches!(a, RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == RTPROT_PROXY)
-            });
-            let table = rule
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RuleAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(u32::from(rule.header.table));
-            if ours && table == self.table {
-                debug!(
-                    "removing {} rule {:?}",
-                    family_name(&version),
-                    rule.attributes
-                );
-                match self.handle.rule().del(rule).execute().await {
-                    Ok(()) => {}
-                    Err(e) if is_errno(&e, libc::ENOENT) => {}
-                    Err(e) => {
-                        return Err(request(format!(
-                            "deleting a {} rule",
-                            family_name(&version)
-                        ))(e));
-                    }
-                }
-            }
-        }
-        // Deleting with our protocol set only deletes a route of ours (`fib_table_delete`
-        // skips routes whose protocol differs), never the administrator's.
-        match self
-            .handle
-            .route()
-            .del(self.local_route(version.clone()))
-            .execute()
-            .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => Ok(()),
-            Err(e) if version == IpVersion::V6 && is_errno(&e, libc::EAFNOSUPPORT) => Ok(()),
-            Err(e) => Err(request(format!(
-                "deleting the {} local route",
-                family_name(&version)
-            ))(e)),
-        }
     }
 }
 

@@ -50,6 +50,9 @@ pub enum RuleError {
     /// More rules than the classifier's tables hold.
     #[error("{0} rules, the classifier holds at most {MAX_RULES}")]
     TooManyRules(usize),
+    /// A rule without an on-port.
+    #[error("on_port is required")]
+    MissingOnPort,
     /// More (class, prefix) entries than the LPM trie holds.
     #[error(
         "the rules need {0} prefix entries for one address family, at most {MAX_PREFIX_ENTRIES} fit"
@@ -314,7 +317,7 @@ impl TruncTo for IpNet {
 }
 
 /// The classifier's tables for a rule set.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
     /// (index into PORT_CLASS, class) for every port some rule covers; the rest is 0.
     pub port_classes: Vec<(u32, u32)>,

@@ -80,6 +80,11 @@ impl Agent {
         }
     }
 
+    /// The agent's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     fn try_status(&mut self) -> Option<ExitStatus> {
         self.child
             .as_mut()
@@ -181,6 +186,9 @@ pub enum ServerMode {
     /// Sends `bye` and closes at once: the server closes first, so the proxy's side of
     /// the client connection is the one that ends in TIME_WAIT.
     CloseFirst,
+    /// Answers each line with `peer=<addr> echo=<line>` until EOF, for long-lived
+    /// connections.
+    Echo,
 }
 
 /// A TCP server on a thread inside a namespace; stops when dropped.
@@ -238,6 +246,20 @@ fn answer(mut stream: TcpStream, peer: SocketAddr, mode: ServerMode) {
         }
         ServerMode::CloseFirst => {
             let _ = stream.write_all(b"bye");
+        }
+        ServerMode::Echo => {
+            let Ok(reader) = stream.try_clone() else {
+                return;
+            };
+            for line in BufReader::new(reader)
+                .lines()
+                .take(1000)
+                .map_while(Result::ok)
+            {
+                if writeln!(stream, "peer={peer} echo={line}").is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -1,0 +1,145 @@
+//! `proxy stats`: the counters of a running agent, like `iptables -vL`.
+//!
+//! The agent answers on an abstract Unix socket, `@proxy-stats-<table>`. Abstract sockets
+//! belong to a network namespace, so `proxy stats` sees the agent of its own namespace,
+//! exactly as `iptables -vL` shows that namespace's rules, with no file to clean up after a
+//! crash.
+
+use std::{
+    io::{self, Read as _},
+    os::{linux::net::SocketAddrExt as _, unix::net::SocketAddr},
+    time::Duration,
+};
+
+use proxy_common::{Counter, RuleCounters};
+
+use crate::rules::Rule;
+
+/// The agent could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StatsError {
+    /// No agent with that table in this network namespace.
+    #[error("no agent with routing table {0} is running in this network namespace")]
+    NoAgent(u32),
+    /// The socket failed.
+    #[error("talking to the agent")]
+    Io(#[source] io::Error),
+}
+
+/// The abstract socket address of the agent using `table`.
+pub fn socket_addr(table: u32) -> io::Result<SocketAddr> {
+    SocketAddr::from_abstract_name(format!("proxy-stats-{table}").as_bytes())
+}
+
+/// Binds the agent's stats socket.
+pub fn listen(table: u32) -> io::Result<tokio::net::UnixListener> {
+    let listener = std::os::unix::net::UnixListener::bind_addr(&socket_addr(table)?)?;
+    listener.set_nonblocking(true)?;
+    tokio::net::UnixListener::from_std(listener)
+}
+
+/// `proxy stats`: asks the agent and returns its report.
+pub fn query(table: u32) -> Result<String, StatsError> {
+    let addr = socket_addr(table).map_err(StatsError::Io)?;
+    let mut stream =
+        std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| match e.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound => {
+                StatsError::NoAgent(table)
+            }
+            _ => StatsError::Io(e),
+        })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(StatsError::Io)?;
+    let mut report = String::new();
+    stream.read_to_string(&mut report).map_err(StatsError::Io)?;
+    Ok(report)
+}
+
+/// One line describing a rule, in the words of its flags.
+pub fn describe_rule(rule: &Rule) -> String {
+    let dst = if rule.dst.is_empty() {
+        "any".to_owned()
+    } else {
+        rule.dst
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let on_ip = rule
+        .on_ip
+        .map(|ip| format!(" on-ip {ip}"))
+        .unwrap_or_default();
+    format!(
+        "{} dst {dst} dport {} -> on-port {}{on_ip} mark {}{}",
+        rule.protocols,
+        rule.dport,
+        rule.on_port,
+        rule.mark,
+        if rule.fail_open { " fail-open" } else { "" }
+    )
+}
+
+/// The report: global counters, then one line per rule.
+pub fn format_report(counters: &[(Counter, u64)], rules: &[(Rule, RuleCounters)]) -> String {
+    let mut out = String::from("counters:\n");
+    for (c, v) in counters {
+        out.push_str(&format!("  {:<26}{v:>14}\n", c.name()));
+    }
+    out.push_str(&format!(
+        "rules:\n  {:>4} {:>12} {:>14} {:>12} {:>12}  rule\n",
+        "#", "pkts", "bytes", "assigned", "dropped"
+    ));
+    for (i, (rule, c)) in rules.iter().enumerate() {
+        out.push_str(&format!(
+            "  {:>4} {:>12} {:>14} {:>12} {:>12}  {}\n",
+            i + 1,
+            c.packets,
+            c.bytes,
+            c.assigned,
+            c.dropped,
+            describe_rule(rule)
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{Mark, Protocols};
+
+    #[test]
+    fn report_lists_counters_and_rules() {
+        let rule = Rule {
+            protocols: Protocols::TCP,
+            dst: vec![],
+            dport: "80,443".parse().expect("ports"),
+            on_ip: Some("127.0.0.1".parse().expect("ip")),
+            on_port: 50080,
+            mark: Mark::default(),
+            fail_open: false,
+            listener_slot: None,
+        };
+        let counters = RuleCounters {
+            packets: 10,
+            bytes: 1000,
+            assigned: 9,
+            dropped: 1,
+        };
+        let report = format_report(&[(Counter::Seen, 42)], &[(rule, counters)]);
+        assert!(report.contains("seen") && report.contains("42"), "{report}");
+        assert!(
+            report
+                .contains("tcp dst any dport 80,443 -> on-port 50080 on-ip 127.0.0.1 mark 0x1/0x1"),
+            "{report}"
+        );
+        let line = report
+            .lines()
+            .find(|l| l.contains("dport"))
+            .expect("rule line");
+        let numbers: Vec<&str> = line.split_whitespace().take(5).collect();
+        assert_eq!(numbers, ["1", "10", "1000", "9", "1"]);
+    }
+}

@@ -1,0 +1,237 @@
+//! Running the agent: rules from a file, SIGHUP reloads, `proxy stats`, and interface
+//! addresses that change under it. Real kernel, namespaces of their own, removed on drop.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use common::{Agent, Server, ServerMode, exchange, require_root};
+use nix::{sys::signal, unistd::Pid};
+use proxy::testbed::{self, Gateway};
+
+fn server(port: u16) -> SocketAddr {
+    SocketAddr::from((testbed::SERVER_V4, port))
+}
+
+fn write_rules(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("writing the rules file");
+}
+
+fn hangup(agent: &Agent) {
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+}
+
+/// One line over a kept connection: send `line`, read the answer.
+fn ask(stream: &mut TcpStream, line: &str) -> String {
+    writeln!(stream, "{line}").expect("write");
+    let mut answer = String::new();
+    BufReader::new(stream.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .expect("read");
+    answer.trim().to_owned()
+}
+
+#[test]
+fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
+    require_root();
+    let gw = Gateway::new("reload").expect("topology");
+    let _s80 = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let _s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
+    let dir = std::env::temp_dir().join(format!("proxy-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let rules = dir.join("rules.toml");
+    write_rules(&rules, "[[rule]]\ndport = \"80\"\non_port = 50080\n");
+    let config = rules.to_str().expect("utf-8 path");
+    let agent = Agent::start(&gw.router, &["run", "--iface", "r0", "--config", config]);
+    let router = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let client = format!("peer={}:", testbed::CLIENT_V4);
+
+    // A long-lived connection under rule 1, and port 8080 not intercepted yet.
+    let mut live = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect :80");
+    live.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(ask(&mut live, "one").starts_with(&router));
+    let direct = gw
+        .client
+        .run(|| exchange(server(8080), b"x"))
+        .expect("netns")
+        .expect("8080");
+    assert!(direct.starts_with(&client), "{direct}");
+
+    // The new file drops port 80 and intercepts 8080 on another port.
+    write_rules(&rules, "[[rule]]\ndport = \"8080\"\non_port = 50081\n");
+    hangup(&agent);
+    agent
+        .wait_for_line(&["reloaded: 1 rule(s) in force"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no reload:\n{}", agent.log_text()));
+    let proxied = gw
+        .client
+        .run(|| exchange(server(8080), b"x"))
+        .expect("netns")
+        .expect("8080");
+    assert!(proxied.starts_with(&router), "{proxied}");
+    // The live connection's rule is gone; its packets still reach the proxy's socket
+    // (return path) and the connection goes on.
+    assert!(ask(&mut live, "two").starts_with(&router));
+    // New connections to port 80 are no longer intercepted.
+    let mut fresh = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect :80");
+    fresh
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(ask(&mut fresh, "three").starts_with(&client));
+    drop(fresh);
+
+    // A bad file is refused and the rules in force stay.
+    write_rules(&rules, "[[rule]]\ndport = \"80-\"\non_port = 50080\n");
+    hangup(&agent);
+    let refused = agent
+        .wait_for_line(&["reload refused"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("bad file not refused:\n{}", agent.log_text()));
+    assert!(refused.contains("rule 1: dport"), "{refused}");
+    let still = gw
+        .client
+        .run(|| exchange(server(8080), b"x"))
+        .expect("netns")
+        .expect("8080");
+    assert!(still.starts_with(&router), "{still}");
+    assert!(ask(&mut live, "four").starts_with(&router));
+    drop(live);
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(common::counter(&log, "diverted") >= 2, "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn stats_prints_global_and_per_rule_counters_of_the_running_agent() {
+    require_root();
+    let gw = Gateway::new("stats").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+            "--table",
+            "123",
+        ],
+    );
+    for _ in 0..3 {
+        gw.client
+            .run(|| exchange(server(80), b"hello"))
+            .expect("netns")
+            .expect("exchange");
+    }
+    let out = gw
+        .router
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .args(["stats", "--table", "123"])
+        .output()
+        .expect("proxy stats");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |name: &str| -> u64 {
+        report
+            .lines()
+            .find_map(|l| {
+                let mut words = l.split_whitespace();
+                (words.next() == Some(name)).then(|| words.next().and_then(|v| v.parse().ok()))?
+            })
+            .unwrap_or_else(|| panic!("no {name} in\n{report}"))
+    };
+    // Three connections: three SYNs to the listener, the rest to established sockets.
+    assert_eq!(value("assigned_listener"), 3, "{report}");
+    assert!(value("assigned_established") >= 6, "{report}");
+    let rule = report
+        .lines()
+        .find(|l| l.contains("dport 80 -> on-port 50080"))
+        .unwrap_or_else(|| panic!("no rule line in\n{report}"));
+    let pkts: u64 = rule
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .expect("pkts");
+    assert!(pkts >= 9, "{rule}");
+
+    // Another table in the same namespace has no agent: a clear error.
+    let out = gw
+        .router
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .args(["stats", "--table", "124"])
+        .output()
+        .expect("proxy stats");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "proxy: error: no agent with routing table 124 is running in this network namespace"
+    );
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn laddr_follows_interface_address_changes() {
+    require_root();
+    let gw = Gateway::new("addrs").expect("topology");
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+        ],
+    );
+    assert!(
+        agent.log_contains("r0: laddr candidates 192.0.2.1, 2001:db8:1::1"),
+        "{}",
+        agent.log_text()
+    );
+    // An address in another subnet is a primary one too, but the first primary stays
+    // first; once that one is deleted, the other becomes laddr.
+    gw.router
+        .ip(&["addr", "add", "203.0.113.1/24", "dev", "r0"])
+        .expect("add address");
+    let line = agent
+        .wait_for_line(&["r0: addresses changed"], Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("address change not seen:\n{}", agent.log_text()));
+    assert!(line.contains("laddr candidates 192.0.2.1,"), "{line}");
+    gw.router
+        .ip(&["addr", "del", "192.0.2.1/24", "dev", "r0"])
+        .expect("del primary");
+    let line = agent
+        .wait_for_line(
+            &["r0: addresses changed, laddr candidates 203.0.113.1"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("address change not followed:\n{}", agent.log_text()));
+    assert!(line.contains("2001:db8:1::1"), "{line}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
