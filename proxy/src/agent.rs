@@ -267,9 +267,7 @@ pub async fn run(
         for (name, _) in &ifaces {
             classifier.attach(name)?;
         }
-        for (i, rule) in rules.iter().enumerate() {
-            info!("rule {}: {}", i + 1, stats::describe_rule(rule));
-        }
+        log_rules(&rules);
         info!(
             "ready: {} rule(s) on {}, {} listener (table {})",
             rules.len(),
@@ -362,11 +360,23 @@ async fn reload(
     classifier.install_rules(&compiled)?;
     classifier.set_config(global_config(&rules))?;
     listeners.close(&obsolete);
-    for (i, rule) in rules.iter().enumerate() {
-        info!("rule {}: {}", i + 1, stats::describe_rule(rule));
-    }
+    log_rules(&rules);
     info!("reloaded: {} rule(s) in force", rules.len());
     Ok(rules)
+}
+
+/// Logs the first rules in force; `proxy stats` lists them all.
+fn log_rules(rules: &[Rule]) {
+    const SHOWN: usize = 20;
+    for (i, rule) in rules.iter().take(SHOWN).enumerate() {
+        info!("rule {}: {}", i + 1, stats::describe_rule(rule));
+    }
+    if rules.len() > SHOWN {
+        info!(
+            "... and {} more rules (proxy stats lists them all)",
+            rules.len() - SHOWN
+        );
+    }
 }
 
 fn describe_addrs(addrs: &IfaceAddrs) -> String {

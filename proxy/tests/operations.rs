@@ -235,3 +235,64 @@ fn laddr_follows_interface_address_changes() {
     let (status, _) = agent.stop();
     assert!(status.success());
 }
+
+#[test]
+fn ten_thousand_rules_load_and_the_last_one_matches() {
+    require_root();
+    let gw = Gateway::new("10k").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let dir = std::env::temp_dir().join(format!("proxy-10k-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let rules = dir.join("rules.toml");
+    // 9,999 rules for prefixes nobody uses, then the server's: the packet must find the
+    // last rule, with the same two lookups as the first.
+    let mut text = String::from("[defaults]\non_port = 50080\n");
+    for i in 0..9_999u32 {
+        text.push_str(&format!(
+            "[[rule]]\ndst = [\"10.{}.{}.0/24\"]\ndport = \"{}\"\n",
+            i / 256,
+            i % 256,
+            80 + i % 3
+        ));
+    }
+    text.push_str("[[rule]]\ndst = [\"198.51.100.0/24\"]\ndport = \"80\"\n");
+    write_rules(&rules, &text);
+    let started = std::time::Instant::now();
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--config",
+            rules.to_str().expect("utf-8"),
+        ],
+    );
+    eprintln!("10,000 rules: agent ready in {:?}", started.elapsed());
+    assert!(
+        agent.log_contains("ready: 10000 rule(s)"),
+        "{}",
+        agent.log_text()
+    );
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"x"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "{reply}"
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success());
+    assert!(
+        log.contains("rule 10000: packets="),
+        "per-rule counters missing"
+    );
+    let last = log
+        .lines()
+        .find(|l| l.contains("rule 10000: packets="))
+        .expect("line");
+    assert!(!last.contains("packets=0 "), "{last}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
