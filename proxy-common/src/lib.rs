@@ -171,6 +171,9 @@ pub struct GlobalConfig {
     pub divert_mark_mask: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
+    /// The agent's outbound mark: packets with all these bits set are never touched
+    /// (0: none).
+    pub bypass_mark: u32,
 }
 
 /// Global counters, one slot each in [`MAP_COUNTERS`].
@@ -205,10 +208,12 @@ pub enum Counter {
     /// tuple, assigned and marked: the return path, like `-m socket --transparent -j DIVERT`
     /// (T8).
     Diverted = 12,
+    /// Packets that carry the agent's own outbound mark, left alone.
+    Bypassed = 13,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -224,6 +229,7 @@ impl Counter {
         Counter::Fragment,
         Counter::AssignFailed,
         Counter::Diverted,
+        Counter::Bypassed,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -242,6 +248,7 @@ impl Counter {
             Counter::Fragment => "fragment",
             Counter::AssignFailed => "assign_failed",
             Counter::Diverted => "diverted",
+            Counter::Bypassed => "bypassed",
         }
     }
 }

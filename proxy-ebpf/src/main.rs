@@ -47,6 +47,14 @@ enum RuleVerdict {
 #[inline(always)]
 fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
     count(Counter::Seen);
+    // The proxy's own outbound traffic (SO_MARK) is never intercepted: no loops.
+    if let Some(config) = CONFIG.get(0) {
+        let bypass = config.bypass_mark;
+        if bypass != 0 && unsafe { (*ctx.skb.skb).mark } & bypass == bypass {
+            count(Counter::Bypassed);
+            return TC_ACT_UNSPEC;
+        }
+    }
     let packet = match parse::parse(ctx) {
         Ok(Parsed::Transport(packet)) => packet,
         Ok(Parsed::Other) => {

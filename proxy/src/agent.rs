@@ -9,7 +9,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     net::{IpAddr, SocketAddr},
     sync::Arc,
     time::Duration,
@@ -17,7 +16,7 @@ use std::{
 
 use log::{error, info, warn};
 use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig, IfaceAddrs, RuleCounters};
-use tokio::{io::AsyncWriteExt as _, net::TcpListener, task::JoinHandle};
+use tokio::{io::AsyncWriteExt as _, net::TcpListener, sync::Semaphore, task::JoinHandle};
 
 use crate::{
     config::{ListenerMode, RunArgs},
@@ -28,7 +27,8 @@ use crate::{
     rules::{self, Mark, Rule, RuleError},
     rules_file::RulesFileError,
     stats,
-    tproxy::tcp::{self, ListenError, ProxyOptions},
+    tproxy::tcp::{self, ListenError, LiveConnections, ProxyOptions},
+    upstream::{Outbound, Upstream},
 };
 
 /// Why the agent could not start or stopped with an error.
@@ -74,17 +74,29 @@ pub enum AgentError {
     Io(&'static str, #[source] std::io::Error),
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub fn shutdown_signal() -> Result<impl Future<Output = &'static str>, AgentError> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
-    Ok(async move {
+/// SIGINT and SIGTERM: the first starts the drain, a second one ends it at once.
+pub struct ShutdownSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    /// Installs the handlers. Must be called from a tokio runtime.
+    pub fn install() -> Result<Self, AgentError> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(ShutdownSignals {
+            int: signal(SignalKind::interrupt()).map_err(AgentError::Signals)?,
+            term: signal(SignalKind::terminate()).map_err(AgentError::Signals)?,
+        })
+    }
+
+    /// Waits for the next SIGINT or SIGTERM and names it.
+    pub async fn recv(&mut self) -> &'static str {
         tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
         }
-    })
+    }
 }
 
 /// Key of a built-in listener: the rules that share on-ip and on-port share a listener.
@@ -167,7 +179,7 @@ impl Listeners {
         for key in keys {
             if let Some((_, addr, task)) = self.running.remove(key) {
                 task.abort();
-                info!("listener on {addr} closed: no rule uses it any more");
+                info!("listener on {addr} closed");
             }
         }
     }
@@ -200,20 +212,52 @@ fn marks(rules: &[Rule]) -> Vec<Mark> {
 }
 
 /// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's.
-fn global_config(rules: &[Rule]) -> GlobalConfig {
+fn global_config(rules: &[Rule], outbound_mark: u32) -> GlobalConfig {
     let mark = rules.first().map_or(Mark::default(), |r| r.mark);
     GlobalConfig {
         divert_mark_value: mark.value,
         divert_mark_mask: mark.mask,
         flags: CONFIG_DIVERT,
+        bypass_mark: outbound_mark,
+    }
+}
+
+/// The outbound mark must not look like a tproxy mark: the fwmark rule would route the
+/// proxy's own connections to the local table, back to itself.
+fn check_outbound_mark(rules: &[Rule], outbound_mark: u32) -> Result<(), AgentError> {
+    if outbound_mark == 0 {
+        return Err(AgentError::Unsupported(
+            "--outbound-mark must not be 0".into(),
+        ));
+    }
+    for (i, rule) in rules.iter().enumerate() {
+        if outbound_mark & rule.mark.mask == rule.mark.value {
+            return Err(AgentError::Unsupported(format!(
+                "--outbound-mark {outbound_mark:#x} matches rule {}'s tproxy mark {}: the proxy's own traffic would be routed back to it",
+                i + 1,
+                rule.mark
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds
+/// two sockets and, while data flows, two pipes.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!("open files limit raised from {soft} to {hard}"),
+            Err(e) => warn!("raising the open files limit from {soft}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!("reading the open files limit: {e}"),
     }
 }
 
 /// Runs the agent until `shutdown` completes.
-pub async fn run(
-    args: RunArgs,
-    shutdown: impl Future<Output = &'static str>,
-) -> Result<(), AgentError> {
+pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
@@ -225,6 +269,14 @@ pub async fn run(
     }
     let mut rules = args.rules()?;
     check_supported(&rules, args.listener)?;
+    check_outbound_mark(&rules, args.outbound_mark)?;
+    if args.spoof_source && args.ifaces.len() < 2 {
+        warn!(
+            "--spoof-source: the server's replies go to the client's address; unless the \
+             upstream interface is also given with --iface, they bypass the proxy"
+        );
+    }
+    raise_nofile_limit();
     let stats_listener = stats::listen(args.table).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             AgentError::TableInUse(args.table)
@@ -232,9 +284,22 @@ pub async fn run(
             AgentError::Io("binding the stats socket", e)
         }
     })?;
+    let upstream = match (&args.upstream, args.spoof_source) {
+        (Some(server), _) => Upstream::Socks5(server.clone()),
+        (None, true) => Upstream::SpoofSource,
+        (None, false) => Upstream::Direct,
+    };
+    let live = Arc::new(LiveConnections::default());
     let mut listeners = Listeners {
         options: Arc::new(ProxyOptions {
-            connect_timeout: args.connect_timeout,
+            upstream,
+            outbound: Outbound {
+                connect_timeout: args.connect_timeout,
+                mark: args.outbound_mark,
+            },
+            relay: args.relay,
+            limit: Arc::new(Semaphore::new(args.max_connections as usize)),
+            live: Arc::clone(&live),
         }),
         running: HashMap::new(),
     };
@@ -246,7 +311,7 @@ pub async fn run(
 
     let mut classifier = Classifier::load()?;
     classifier.install_rules(&compiled)?;
-    classifier.set_config(global_config(&rules))?;
+    classifier.set_config(global_config(&rules, args.outbound_mark))?;
 
     let (connection, handle, _) =
         rtnetlink::new_connection().map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
@@ -280,10 +345,9 @@ pub async fn run(
         );
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .map_err(AgentError::Signals)?;
-        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                signal = &mut shutdown => {
+                signal = signals.recv() => {
                     info!("{signal}: shutting down");
                     break;
                 }
@@ -318,13 +382,32 @@ pub async fn run(
     };
     let result = serving.await;
 
+    // Drain: no new connections (closing a listener also takes it out of the sockmap),
+    // but the classifier and the routes stay until the live ones are done.
+    let keys: Vec<ListenerKey> = listeners.running.keys().copied().collect();
+    listeners.close(&keys);
+    if result.is_ok() && live.count() > 0 {
+        info!(
+            "draining {} live connection(s) for up to {:.0} s; signal again to exit now",
+            live.count(),
+            args.drain_timeout.as_secs_f64()
+        );
+        tokio::select! {
+            () = live.all_closed() => info!("drained: all connections closed"),
+            () = tokio::time::sleep(args.drain_timeout) => {
+                warn!("drain timeout: {} connection(s) cut", live.count());
+            }
+            signal = signals.recv() => {
+                warn!("{signal} again: {} connection(s) cut", live.count());
+            }
+        }
+    }
+
     // Teardown, in reverse, whatever happened above.
     classifier.detach_all();
     if let Err(e) = routing.remove().await {
         error!("removing policy routing: {}", error_chain(&e));
     }
-    let keys: Vec<ListenerKey> = listeners.running.keys().copied().collect();
-    listeners.close(&keys);
     log_counters(&classifier, &rules);
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -358,7 +441,7 @@ async fn reload(
     routing.install(&marks(&rules)).await?;
     listeners.start(classifier, &rules, pending)?;
     classifier.install_rules(&compiled)?;
-    classifier.set_config(global_config(&rules))?;
+    classifier.set_config(global_config(&rules, args.outbound_mark))?;
     listeners.close(&obsolete);
     log_rules(&rules);
     info!("reloaded: {} rule(s) in force", rules.len());

@@ -17,8 +17,10 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
+    relay::RelayMode,
     rules::{self, Mark, PortSet, Protocols, Rule},
     rules_file::{self, RulesFileError},
+    upstream::socks5::Socks5Server,
 };
 
 #[derive(Debug, Parser)]
@@ -102,9 +104,42 @@ pub struct RunArgs {
     #[arg(long)]
     pub fail_open: bool,
 
-    /// How long to wait for the original destination to accept a connection.
+    /// How long to wait for the original destination (or the SOCKS5 server) to accept a
+    /// connection.
     #[arg(long, value_name = "SECONDS", default_value = "10", value_parser = parse_seconds)]
     pub connect_timeout: Duration,
+
+    /// Connect upstream from the client's own address (a transparent socket bound to it),
+    /// so the server sees the client. The replies come back to the router: list the
+    /// upstream interface in --iface too, so the classifier's return path hands them to
+    /// the proxy.
+    #[arg(long, conflicts_with = "upstream")]
+    pub spoof_source: bool,
+
+    /// Reach the original destination through a SOCKS5 proxy instead of directly:
+    /// socks5://[user:pass@]host:port (RFC 1928 CONNECT, RFC 1929 authentication).
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<Socks5Server>,
+
+    /// How the proxy copies bytes: splice (zero-copy through a pipe, falling back to a
+    /// buffer where the kernel refuses) or copy (a userspace buffer).
+    #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
+    pub relay: RelayMode,
+
+    /// Connections proxied at once; more are reset as they arrive.
+    #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// On SIGTERM/SIGINT, stop accepting and let live connections finish for at most this
+    /// long before exiting; a second signal exits at once.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_drain)]
+    pub drain_timeout: Duration,
+
+    /// SO_MARK of the proxy's own outbound sockets. The classifier never touches packets
+    /// that carry it, and it must not match any --tproxy-mark, or the proxy's traffic
+    /// would be routed back to itself.
+    #[arg(long, value_name = "MARK", default_value = "0x40000000", value_parser = parse_u32)]
+    pub outbound_mark: u32,
 }
 
 impl RunArgs {
@@ -147,6 +182,21 @@ pub struct DemoArgs {
     /// Number of connections the demo client makes through the proxy.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub connections: u32,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("'{s}' is not a 32-bit number (decimal or 0x-hex)"))
+}
+
+fn parse_drain(s: &str) -> Result<Duration, String> {
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    parse_seconds(s)
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

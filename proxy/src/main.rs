@@ -17,8 +17,8 @@ fn main() -> ExitCode {
             .map_err(Into::into)
             .and_then(|rt| {
                 rt.block_on(async {
-                    let shutdown = agent::shutdown_signal()?;
-                    agent::run(args, shutdown).await
+                    let signals = agent::ShutdownSignals::install()?;
+                    agent::run(args, signals).await
                 })
                 .map_err(Into::into)
             }),

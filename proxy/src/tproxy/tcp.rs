@@ -5,15 +5,25 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use log::{debug, info, warn};
 use socket2::{Protocol, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::{Notify, Semaphore},
+};
 
-use crate::{relay, tproxy::sockopt::transparent_socket, upstream};
+use crate::{
+    relay::{self, RelayMode},
+    tproxy::sockopt::transparent_socket,
+    upstream::{self, Outbound, Upstream},
+};
 
 /// The listener could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -68,20 +78,81 @@ fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
 
 /// What the accept loop needs to know for each connection.
 pub struct ProxyOptions {
-    pub connect_timeout: Duration,
+    pub upstream: Upstream,
+    pub outbound: Outbound,
+    pub relay: RelayMode,
+    /// Bounds the number of connections being proxied at once (`--max-connections`).
+    pub limit: Arc<Semaphore>,
+    /// Counts live connections, for the drain on shutdown.
+    pub live: Arc<LiveConnections>,
+}
+
+/// The number of connections being proxied, and a way to wait until there are none.
+#[derive(Default)]
+pub struct LiveConnections {
+    count: AtomicUsize,
+    changed: Notify,
+}
+
+impl LiveConnections {
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once no connection is live.
+    pub async fn all_closed(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Held by each connection's task; counts it out when the task ends, however it ends.
+struct LiveGuard(Arc<LiveConnections>);
+
+impl LiveGuard {
+    fn new(live: &Arc<LiveConnections>) -> Self {
+        live.count.fetch_add(1, Ordering::SeqCst);
+        LiveGuard(Arc::clone(live))
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 /// Accepts until the task is dropped, one task per connection.
 pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
     let listen_addr = listener.local_addr().ok();
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                let Ok(permit) = Arc::clone(&options.limit).try_acquire_owned() else {
+                    if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                        warn!("{peer}: refused, --max-connections reached");
+                        last_refusal_log = Some(Instant::now());
+                    }
+                    relay::reset(client);
+                    continue;
+                };
                 let options = Arc::clone(&options);
-                tokio::spawn(async move { handle(client, peer, listen_addr, &options).await });
+                let guard = LiveGuard::new(&options.live);
+                tokio::spawn(async move {
+                    handle(client, peer, listen_addr, &options).await;
+                    drop(permit);
+                    drop(guard);
+                });
             }
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning.
+                // EMFILE and friends: back off instead of spinning or dying.
                 warn!("accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
@@ -132,15 +203,16 @@ async fn handle(
         return;
     }
     let started = Instant::now();
-    let upstream = match upstream::connect_direct(orig_dst, options.connect_timeout).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            info!("{peer} -> {orig_dst}: upstream connect failed: {e}");
-            relay::reset(client);
-            return;
-        }
-    };
-    let outcome = relay::copy_both_ways(client, upstream).await;
+    let upstream =
+        match upstream::connect(&options.upstream, peer, orig_dst, options.outbound).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                info!("{peer} -> {orig_dst}: upstream connect failed: {e}");
+                relay::reset(client);
+                return;
+            }
+        };
+    let outcome = relay::copy_both_ways(client, upstream, options.relay).await;
     let elapsed = started.elapsed();
     match outcome.error {
         None => info!(
