@@ -38,7 +38,7 @@ pub struct Cli {
 pub enum Command {
     /// Attach the classifier, install the policy route and proxy intercepted connections
     /// until SIGINT or SIGTERM; everything is undone on exit.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the counters of the agent running in this network namespace, globally and per
     /// rule, like `iptables -vL`.
     Stats(StatsArgs),

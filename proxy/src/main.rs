@@ -18,7 +18,7 @@ fn main() -> ExitCode {
             .and_then(|rt| {
                 rt.block_on(async {
                     let signals = agent::ShutdownSignals::install()?;
-                    agent::run(args, signals).await
+                    agent::run(*args, signals).await
                 })
                 .map_err(Into::into)
             }),
