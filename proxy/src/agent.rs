@@ -27,7 +27,10 @@ use crate::{
     rules::{self, Mark, Rule, RuleError},
     rules_file::RulesFileError,
     stats,
-    tproxy::tcp::{self, ListenError, LiveConnections, ProxyOptions},
+    tproxy::{
+        tcp::{self, ListenError, LiveConnections, ProxyOptions},
+        udp::{self, UdpOptions},
+    },
     upstream::{Outbound, Upstream},
 };
 
@@ -102,10 +105,27 @@ impl ShutdownSignals {
 /// Key of a built-in listener: the rules that share on-ip and on-port share a listener.
 type ListenerKey = (Option<IpAddr>, u16);
 
-/// The agent's own transparent listeners, each with its sockmap slot and accept task.
+/// The agent's own transparent listeners: TCP ones with their sockmap slot and accept
+/// task, UDP ones with their receive task.
 struct Listeners {
     options: Arc<ProxyOptions>,
+    udp_options: Arc<UdpOptions>,
     running: HashMap<ListenerKey, (u32, SocketAddr, JoinHandle<()>)>,
+    udp_running: HashMap<ListenerKey, (SocketAddr, JoinHandle<()>)>,
+}
+
+/// Listeners to close.
+#[derive(Default)]
+struct Obsolete {
+    tcp: Vec<ListenerKey>,
+    udp: Vec<ListenerKey>,
+}
+
+/// Listeners opened for a (re)load, not serving yet.
+#[derive(Default)]
+struct Pending {
+    tcp: Vec<(ListenerKey, std::net::TcpListener)>,
+    udp: Vec<(ListenerKey, std::net::UdpSocket)>,
 }
 
 impl Listeners {
@@ -114,12 +134,24 @@ impl Listeners {
     fn prepare(
         &mut self,
         rules: &mut [Rule],
-        pending: &mut Vec<(ListenerKey, std::net::TcpListener)>,
-    ) -> Result<Vec<ListenerKey>, AgentError> {
+        pending: &mut Pending,
+    ) -> Result<Obsolete, AgentError> {
         let mut used_slots: Vec<u32> = self.running.values().map(|(slot, _, _)| *slot).collect();
         let mut wanted: HashMap<ListenerKey, u32> = HashMap::new();
+        let mut wanted_udp: Vec<ListenerKey> = Vec::new();
         for rule in rules.iter_mut() {
             let key = (rule.on_ip, rule.on_port);
+            if rule.protocols.udp && !wanted_udp.contains(&key) {
+                wanted_udp.push(key);
+                if !self.udp_running.contains_key(&key) {
+                    pending
+                        .udp
+                        .push((key, udp::listen(rule.on_ip, rule.on_port)?));
+                }
+            }
+            if !rule.protocols.tcp {
+                continue;
+            }
             let slot = if let Some((slot, _, _)) = self.running.get(&key) {
                 *slot
             } else if let Some(slot) = wanted.get(&key) {
@@ -134,18 +166,28 @@ impl Listeners {
                         ))
                     })?;
                 used_slots.push(slot);
-                pending.push((key, tcp::listen(rule.on_ip, rule.on_port)?));
+                pending
+                    .tcp
+                    .push((key, tcp::listen(rule.on_ip, rule.on_port)?));
                 slot
             };
             wanted.insert(key, slot);
             rule.listener_slot = Some(slot);
         }
-        Ok(self
-            .running
-            .keys()
-            .filter(|k| !wanted.contains_key(k))
-            .copied()
-            .collect())
+        Ok(Obsolete {
+            tcp: self
+                .running
+                .keys()
+                .filter(|k| !wanted.contains_key(k))
+                .copied()
+                .collect(),
+            udp: self
+                .udp_running
+                .keys()
+                .filter(|k| !wanted_udp.contains(k))
+                .copied()
+                .collect(),
+        })
     }
 
     /// Registers freshly opened listeners in the sockmap and starts accepting on them.
@@ -153,9 +195,19 @@ impl Listeners {
         &mut self,
         classifier: &mut Classifier,
         rules: &[Rule],
-        pending: Vec<(ListenerKey, std::net::TcpListener)>,
+        pending: Pending,
     ) -> Result<(), AgentError> {
-        for (key, std_listener) in pending {
+        for (key, socket) in pending.udp {
+            let socket = tokio::net::UdpSocket::from_std(socket)
+                .map_err(|e| AgentError::Io("registering a UDP listener with the runtime", e))?;
+            let addr = socket
+                .local_addr()
+                .map_err(|e| AgentError::Io("reading a listener's address", e))?;
+            let task = tokio::spawn(udp::serve(socket, Arc::clone(&self.udp_options)));
+            info!("built-in transparent UDP listener on {addr}");
+            self.udp_running.insert(key, (addr, task));
+        }
+        for (key, std_listener) in pending.tcp {
             let slot = rules
                 .iter()
                 .find(|r| (r.on_ip, r.on_port) == key)
@@ -175,18 +227,36 @@ impl Listeners {
         Ok(())
     }
 
-    fn close(&mut self, keys: &[ListenerKey]) {
-        for key in keys {
+    /// Closes listeners (the ones no rule needs after a reload, or all of them).
+    fn close(&mut self, which: &Obsolete) {
+        for key in &which.tcp {
             if let Some((_, addr, task)) = self.running.remove(key) {
                 task.abort();
                 info!("listener on {addr} closed");
             }
         }
+        for key in &which.udp {
+            if let Some((addr, task)) = self.udp_running.remove(key) {
+                task.abort();
+                info!("UDP listener on {addr} closed");
+            }
+        }
+    }
+
+    fn all(&self) -> Obsolete {
+        Obsolete {
+            tcp: self.running.keys().copied().collect(),
+            udp: self.udp_running.keys().copied().collect(),
+        }
     }
 }
 
 /// Checks that this version can serve `rules` with the chosen listener mode.
-fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError> {
+fn check_supported(
+    rules: &[Rule],
+    mode: ListenerMode,
+    upstream_is_socks: bool,
+) -> Result<(), AgentError> {
     if mode == ListenerMode::External {
         return Ok(());
     }
@@ -197,9 +267,9 @@ fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError>
                 i + 1
             )));
         }
-        if rule.protocols.udp {
+        if rule.protocols.udp && upstream_is_socks {
             return Err(AgentError::Unsupported(format!(
-                "rule {}: UDP through the built-in proxy is not implemented yet; use --listener external",
+                "rule {}: UDP through a SOCKS5 upstream (UDP ASSOCIATE) is not implemented",
                 i + 1
             )));
         }
@@ -268,7 +338,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         ifaces.push((name.clone(), index));
     }
     let mut rules = args.rules()?;
-    check_supported(&rules, args.listener)?;
+    check_supported(&rules, args.listener, args.upstream.is_some())?;
     check_outbound_mark(&rules, args.outbound_mark)?;
     if args.spoof_source && args.ifaces.len() < 2 {
         warn!(
@@ -301,9 +371,19 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             limit: Arc::new(Semaphore::new(args.max_connections as usize)),
             live: Arc::clone(&live),
         }),
+        udp_options: Arc::new(UdpOptions {
+            idle_timeout: args.udp_idle_timeout,
+            max_sessions: args.udp_max_sessions as usize,
+            outbound: Outbound {
+                connect_timeout: args.connect_timeout,
+                mark: args.outbound_mark,
+            },
+            spoof_source: args.spoof_source,
+        }),
         running: HashMap::new(),
+        udp_running: HashMap::new(),
     };
-    let mut pending = Vec::new();
+    let mut pending = Pending::default();
     if args.listener == ListenerMode::Builtin {
         listeners.prepare(&mut rules, &mut pending)?;
     }
@@ -384,8 +464,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 
     // Drain: no new connections (closing a listener also takes it out of the sockmap),
     // but the classifier and the routes stay until the live ones are done.
-    let keys: Vec<ListenerKey> = listeners.running.keys().copied().collect();
-    listeners.close(&keys);
+    let all = listeners.all();
+    listeners.close(&all);
     if result.is_ok() && live.count() > 0 {
         info!(
             "draining {} live connection(s) for up to {:.0} s; signal again to exit now",
@@ -430,12 +510,12 @@ async fn reload(
     };
     info!("SIGHUP: reloading {}", path.display());
     let mut rules = args.rules()?;
-    check_supported(&rules, args.listener)?;
-    let mut pending = Vec::new();
+    check_supported(&rules, args.listener, args.upstream.is_some())?;
+    let mut pending = Pending::default();
     let obsolete = if args.listener == ListenerMode::Builtin {
         listeners.prepare(&mut rules, &mut pending)?
     } else {
-        Vec::new()
+        Obsolete::default()
     };
     let compiled = rules::compile(&rules)?;
     routing.install(&marks(&rules)).await?;

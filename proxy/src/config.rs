@@ -135,6 +135,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_drain)]
     pub drain_timeout: Duration,
 
+    /// A UDP session (client, original destination) ends after this long without a
+    /// datagram either way.
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub udp_idle_timeout: Duration,
+
+    /// UDP sessions at once; datagrams that would open more are dropped.
+    #[arg(long, value_name = "N", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub udp_max_sessions: u32,
+
     /// SO_MARK of the proxy's own outbound sockets. The classifier never touches packets
     /// that carry it, and it must not match any --tproxy-mark, or the proxy's traffic
     /// would be routed back to itself.

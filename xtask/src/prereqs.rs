@@ -8,13 +8,16 @@ use anyhow::{Context as _, bail};
 /// later ones need a system LLVM these machines lack (DESIGN section 5).
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
-/// Debian packages: iproute2 for the test topologies, bpftool to inspect links, iptables
-/// and nftables for the kernel-TPROXY comparisons.
+/// Debian packages: iproute2 for the test topologies (and `ss`), bpftool to inspect
+/// links, iptables and nftables for the kernel-TPROXY comparisons, microsocks as a real
+/// SOCKS5 upstream.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
+    ("ss", "iproute2"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    ("microsocks", "microsocks"),
 ];
 
 pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
@@ -101,7 +104,12 @@ pub fn ensure_system_tools() -> anyhow::Result<()> {
             which::which(bin).is_err() && !std::path::Path::new("/usr/sbin").join(bin).exists()
         })
         .map(|(_, pkg)| *pkg)
-        .collect();
+        .fold(Vec::new(), |mut acc, pkg| {
+            if !acc.contains(&pkg) {
+                acc.push(pkg);
+            }
+            acc
+        });
     if missing.is_empty() {
         return Ok(());
     }

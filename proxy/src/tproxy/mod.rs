@@ -3,3 +3,4 @@
 
 pub mod sockopt;
 pub mod tcp;
+pub mod udp;

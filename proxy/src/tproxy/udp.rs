@@ -1,0 +1,291 @@
+//! UDP through the built-in proxy.
+//!
+//! The classifier hands a new flow's datagrams to the transparent UDP listener; each
+//! datagram's original destination comes from `IP_RECVORIGDSTADDR` /
+//! `IPV6_RECVORIGDSTADDR`. One session per (client, original destination):
+//!
+//! * an upstream socket connected to the original destination (with the outbound mark,
+//!   and bound to the client's address with `--spoof-source`);
+//! * a *reply socket*: transparent, bound to the original destination and connected to the
+//!   client, so replies leave with the server's address as their source and the client
+//!   (whose socket may be connected) accepts them. Being connected and bound to a specific
+//!   address, it is also what the classifier's established lookup finds for the client's
+//!   next datagrams (T2), so they reach the session directly.
+//!
+//! Sessions end after `--udp-idle-timeout` without traffic; at most `--udp-max-sessions`
+//! exist at once, and datagrams that would open more are dropped.
+
+use std::{
+    collections::HashMap,
+    io::{self, IoSliceMut},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
+    os::fd::AsRawFd as _,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use log::{debug, info, warn};
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt};
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
+
+use crate::{
+    tproxy::{sockopt::transparent_socket, tcp::ListenError},
+    upstream::Outbound,
+};
+
+/// The largest datagram relayed.
+const MAX_DATAGRAM: usize = 65_535;
+/// Datagrams queued for a session that is still being set up.
+const SESSION_QUEUE: usize = 64;
+
+/// Settings of the UDP relay.
+pub struct UdpOptions {
+    pub idle_timeout: Duration,
+    pub max_sessions: usize,
+    pub outbound: Outbound,
+    pub spoof_source: bool,
+}
+
+/// Opens the transparent UDP listener at `on_ip:on_port`, or at the wildcard address
+/// (dual stack where the namespace has IPv6), with original-destination reporting on.
+pub fn listen(on_ip: Option<IpAddr>, on_port: u16) -> Result<std::net::UdpSocket, ListenError> {
+    let try_bind = |addr: SocketAddr| -> Result<std::net::UdpSocket, ListenError> {
+        let classify = |source: io::Error| match source.raw_os_error() {
+            Some(libc::EADDRINUSE) => ListenError::InUse(addr),
+            Some(libc::EPERM) => ListenError::NotPermitted(addr),
+            _ => ListenError::Other { addr, source },
+        };
+        let socket = transparent_socket(&addr, Type::DGRAM, Protocol::UDP).map_err(classify)?;
+        // Each datagram's original destination arrives as a control message. A dual-stack
+        // socket reports IPv4 datagrams with the IPv4 option, so set both.
+        let fd = socket.as_raw_fd();
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        if addr.is_ipv4() || addr.ip().is_unspecified() {
+            socket::setsockopt(&fd, sockopt::Ipv4OrigDstAddr, &true)
+                .map_err(|e| classify(e.into()))?;
+        }
+        if addr.is_ipv6() {
+            socket::setsockopt(&fd, sockopt::Ipv6OrigDstAddr, &true)
+                .map_err(|e| classify(e.into()))?;
+        }
+        socket.bind(&addr.into()).map_err(classify)?;
+        socket.set_nonblocking(true).map_err(classify)?;
+        Ok(socket.into())
+    };
+    match on_ip {
+        Some(ip) => try_bind(SocketAddr::new(ip, on_port)),
+        None => match try_bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), on_port)) {
+            Err(ListenError::Other { source, .. })
+                if matches!(
+                    source.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+            {
+                try_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), on_port))
+            }
+            other => other,
+        },
+    }
+}
+
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// One datagram with its sender and original destination.
+fn recv_with_orig_dst(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, SocketAddr)> {
+    let mut cmsg = nix::cmsg_space!(libc::sockaddr_in6);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<SockaddrStorage>(fd, &mut iov, Some(&mut cmsg), MsgFlags::empty())
+        .map_err(io::Error::from)?;
+    let peer = msg
+        .address
+        .and_then(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| SocketAddr::V4(SocketAddrV4::from(*v4)))
+                .or_else(|| {
+                    a.as_sockaddr_in6()
+                        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
+                })
+        })
+        .ok_or_else(|| io::Error::other("datagram without a sender address"))?;
+    let mut orig_dst = None;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        match c {
+            ControlMessageOwned::Ipv4OrigDstAddr(a) => {
+                orig_dst = Some(SocketAddr::V4(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)),
+                    u16::from_be(a.sin_port),
+                )));
+            }
+            ControlMessageOwned::Ipv6OrigDstAddr(a) => {
+                orig_dst = Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(a.sin6_addr.s6_addr),
+                    u16::from_be(a.sin6_port),
+                    0,
+                    a.sin6_scope_id,
+                )));
+            }
+            _ => {}
+        }
+    }
+    let orig_dst =
+        orig_dst.ok_or_else(|| io::Error::other("datagram without its original destination"))?;
+    Ok((msg.bytes, canonical(peer), canonical(orig_dst)))
+}
+
+type Sessions = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>>>;
+
+/// Receives on the listener until the task is dropped.
+pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
+    let sessions: Sessions = Arc::default();
+    let listen_addr = listener.local_addr().ok();
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut last_full_log: Option<Instant> = None;
+    loop {
+        if listener.readable().await.is_err() {
+            return;
+        }
+        let received = listener.try_io(Interest::READABLE, || {
+            recv_with_orig_dst(listener.as_raw_fd(), &mut buf)
+        });
+        let (n, client, orig_dst) = match received {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => {
+                debug!("udp receive: {e}");
+                continue;
+            }
+        };
+        if listen_addr.is_some_and(|l| l.port() == orig_dst.port() && is_local(orig_dst.ip())) {
+            debug!(
+                "udp {client} -> {orig_dst}: straight to the proxy port, dropped (it would loop)"
+            );
+            continue;
+        }
+        let datagram = buf[..n].to_vec();
+        let key = (client, orig_dst);
+        let existing = sessions
+            .lock()
+            .map(|s| s.get(&key).cloned())
+            .unwrap_or(None);
+        if let Some(tx) = existing {
+            // A full queue means the session cannot keep up: drop, as UDP may.
+            let _ = tx.try_send(datagram);
+            continue;
+        }
+        let count = sessions.lock().map(|s| s.len()).unwrap_or(usize::MAX);
+        if count >= options.max_sessions {
+            if last_full_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                warn!(
+                    "udp {client} -> {orig_dst}: dropped, --udp-max-sessions ({}) reached",
+                    options.max_sessions
+                );
+                last_full_log = Some(Instant::now());
+            }
+            continue;
+        }
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let _ = tx.try_send(datagram);
+        if let Ok(mut s) = sessions.lock() {
+            s.insert(key, tx);
+        }
+        let sessions = Arc::clone(&sessions);
+        let options = Arc::clone(&options);
+        tokio::spawn(async move {
+            if let Err(e) = session(client, orig_dst, rx, &options).await {
+                info!("udp {client} -> {orig_dst}: {e}");
+            }
+            if let Ok(mut s) = sessions.lock() {
+                s.remove(&key);
+            }
+        });
+    }
+}
+
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// A socket bound to `local` (transparent when `transparent`) and connected to `peer`.
+fn connected_socket(
+    local: Option<SocketAddr>,
+    peer: SocketAddr,
+    transparent: bool,
+    mark: Option<u32>,
+) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    if transparent {
+        match peer {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    // Several sessions (clients) share an original destination: each has its own reply
+    // socket bound to it.
+    socket.set_reuse_address(true)?;
+    if let Some(local) = local {
+        socket.bind(&local.into())?;
+    }
+    socket.connect(&peer.into())?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket.into())
+}
+
+async fn session(
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    options: &UdpOptions,
+) -> io::Result<()> {
+    let started = Instant::now();
+    let source = options
+        .spoof_source
+        .then(|| SocketAddr::new(client.ip(), 0));
+    let upstream = connected_socket(
+        source,
+        orig_dst,
+        options.spoof_source,
+        Some(options.outbound.mark),
+    )?;
+    let reply = connected_socket(Some(orig_dst), client, true, None)?;
+    let (mut up, mut down) = (0u64, 0u64);
+    let mut up_buf = vec![0u8; MAX_DATAGRAM];
+    let mut down_buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        tokio::select! {
+            Some(datagram) = queued.recv() => {
+                upstream.send(&datagram).await?;
+                up += 1;
+            }
+            r = reply.recv(&mut up_buf) => {
+                let n = r?;
+                upstream.send(&up_buf[..n]).await?;
+                up += 1;
+            }
+            r = upstream.recv(&mut down_buf) => {
+                match r {
+                    Ok(n) => {
+                        reply.send(&down_buf[..n]).await?;
+                        down += 1;
+                    }
+                    // ICMP port unreachable from the server: nothing listens there.
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                        debug!("udp {client} -> {orig_dst}: refused by the destination");
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            () = tokio::time::sleep(options.idle_timeout) => break,
+        }
+    }
+    info!(
+        "udp {client} -> {orig_dst}: {up} datagrams up, {down} down, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,551 @@
+//! What the proxy does with the traffic it is handed: upstream modes (direct, spoofed
+//! source, SOCKS5), UDP sessions, bulk data across a half-close, resets, loop safety and the
+//! drain on SIGTERM. Real kernel, namespaces of their own, removed on drop.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, ErrorKind, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    process::{Child, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Server, ServerMode, exchange, require_root};
+use proxy::testbed::{self, Gateway, Netns};
+
+fn server(port: u16) -> SocketAddr {
+    SocketAddr::from((testbed::SERVER_V4, port))
+}
+
+const AGENT: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--dport",
+    "80",
+    "--on-port",
+    "50080",
+];
+
+/// Runs `f` on a thread inside `ns` and hands back its join handle.
+fn spawn_in<T: Send + 'static>(
+    ns: &Netns,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let name = ns.name.clone();
+    std::thread::spawn(move || {
+        let netns = Netns { name };
+        let entered = netns.enter();
+        std::mem::forget(netns); // the Gateway owns the namespace
+        entered.expect("entering the namespace");
+        f()
+    })
+}
+
+#[test]
+fn spoof_source_makes_the_server_see_the_client() {
+    require_root();
+    let gw = Gateway::new("spoof").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    // The replies go to the client's address: the classifier on r1 hands them back to the
+    // proxy's upstream socket (the return path).
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--iface",
+            "r1",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+            "--spoof-source",
+        ],
+    );
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"hello"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
+        "{reply}"
+    );
+    assert!(reply.ends_with("got=5"), "{reply}");
+    agent
+        .wait_for_line(
+            &["192.0.2.2:", "-> 198.51.100.2:80:", "5 bytes up"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("not proxied:\n{}", agent.log_text()));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        common::counter(&log, "diverted") >= 2,
+        "replies did not take the return path:\n{log}"
+    );
+}
+
+#[test]
+fn udp_replies_come_from_the_original_destination() {
+    require_root();
+    let gw = Gateway::new("udp").expect("topology");
+    let echo = spawn_in(&gw.server, || {
+        let socket = UdpSocket::bind("0.0.0.0:53").expect("bind :53");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        for _ in 0..3 {
+            let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                return;
+            };
+            let reply = format!("from={peer} got={}", String::from_utf8_lossy(&buf[..n]));
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    });
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--protocol",
+            "udp",
+            "--dport",
+            "53",
+            "--on-port",
+            "5353",
+            "--udp-idle-timeout",
+            "2",
+        ],
+    );
+    let replies = gw
+        .client
+        .run(|| -> std::io::Result<Vec<String>> {
+            // Connected: the kernel accepts only datagrams whose source is 198.51.100.2:53.
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(server(53))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            let mut out = Vec::new();
+            for q in ["one", "two", "three"] {
+                socket.send(q.as_bytes())?;
+                let mut buf = [0u8; 2048];
+                let n = socket.recv(&mut buf)?;
+                out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            Ok(out)
+        })
+        .expect("netns")
+        .expect("udp exchange");
+    let router = format!("from={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    assert_eq!(replies.len(), 3);
+    for (reply, q) in replies.iter().zip(["one", "two", "three"]) {
+        assert!(
+            reply.starts_with(&router) && reply.ends_with(&format!("got={q}")),
+            "{reply}"
+        );
+    }
+    // One session for the three datagrams; it ends after the idle timeout and says so.
+    let line = agent
+        .wait_for_line(
+            &[
+                "udp 192.0.2.2:",
+                "-> 198.51.100.2:53: 3 datagrams up, 3 down",
+            ],
+            Duration::from_secs(6),
+        )
+        .unwrap_or_else(|| panic!("no session line:\n{}", agent.log_text()));
+    assert!(line.contains("udp"), "{line}");
+    let _ = echo.join();
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    // The first datagram went to the listener, the next two to the session's own socket.
+    assert_eq!(common::counter(&log, "assigned_listener"), 1, "{log}");
+    assert_eq!(common::counter(&log, "assigned_established"), 2, "{log}");
+}
+
+/// microsocks from Debian's packages, in the router namespace, with a password.
+fn start_microsocks(ns: &Netns) -> (Child, mpsc::Receiver<String>) {
+    let mut child = ns
+        .command("microsocks")
+        .args([
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "1080",
+            "-u",
+            "alice",
+            "-P",
+            "s3cret",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("microsocks (apt-get install microsocks; cargo xtask test installs it)");
+    let (tx, rx) = mpsc::channel();
+    for pipe in [
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    // Wait (bounded) until it accepts connections.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if ns
+            .run(|| TcpStream::connect("127.0.0.1:1080").is_ok())
+            .unwrap_or(false)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, rx)
+}
+
+#[test]
+fn socks5_upstream_asks_for_the_original_destination() {
+    require_root();
+    let gw = Gateway::new("socks").expect("topology");
+    // Line by line: microsocks closes both sides when one half-closes, so the exchange
+    // does not rely on a half-close (the bulk tests cover that for direct upstreams).
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let (mut socks, socks_log) = start_microsocks(&gw.router);
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+            "--upstream",
+            "socks5://alice:s3cret@127.0.0.1:1080",
+        ],
+    );
+    let reply = gw
+        .client
+        .run(|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            writeln!(stream, "via socks")?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer)?;
+            Ok(answer.trim().to_owned())
+        })
+        .expect("netns")
+        .expect("exchange");
+    // microsocks connected from the router's address, for the original destination.
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "{reply}\n{}",
+        agent.log_text()
+    );
+    assert!(reply.ends_with("echo=via socks"), "{reply}");
+    let asked = socks_log
+        .recv_timeout(Duration::from_secs(5))
+        .expect("microsocks logged nothing");
+    assert!(
+        asked.contains("connected to 198.51.100.2:80"),
+        "microsocks: {asked}"
+    );
+    let (status, log) = agent.stop();
+    let _ = socks.kill();
+    let _ = socks.wait();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("password"), "{log}");
+}
+
+/// Deterministic bytes for the bulk test (xorshift), and their FNV-1a hash.
+struct Stream(u64);
+
+impl Stream {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+fn fnv(hash: &mut u64, data: &[u8]) {
+    for &b in data {
+        *hash ^= u64::from(b);
+        *hash = hash.wrapping_mul(0x100_0000_01b3);
+    }
+}
+
+const BULK: usize = 64 * 1024 * 1024;
+const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// The client sends 64 MiB and half-closes; the server reads to EOF, then sends 64 MiB of
+/// its own and the hash of what it got. Both ends check every byte.
+fn bulk_both_ways(relay: &str) {
+    let gw = Gateway::new(&format!("bulk{relay}")).expect("topology");
+    let srv = spawn_in(&gw.server, || -> std::io::Result<u64> {
+        let listener = TcpListener::bind("0.0.0.0:80")?;
+        listener.set_nonblocking(false)?;
+        let (mut stream, _) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        let mut hash = FNV_START;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0usize;
+        loop {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            fnv(&mut hash, &buf[..n]);
+            got += n;
+        }
+        stream.write_all(&hash.to_le_bytes())?;
+        let mut data = Stream(0x5eed);
+        let mut sent = 0;
+        while sent < BULK {
+            let n = (BULK - sent).min(buf.len());
+            data.fill(&mut buf[..n]);
+            stream.write_all(&buf[..n])?;
+            sent += n;
+        }
+        Ok(got as u64)
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", relay]].concat());
+    let (sent_hash, reply_hash, reply_ok, got) = gw
+        .client
+        .run(|| -> std::io::Result<(u64, u64, bool, usize)> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+            let mut data = Stream(0xc0ffee);
+            let mut hash = FNV_START;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut sent = 0;
+            while sent < BULK {
+                let n = (BULK - sent).min(buf.len());
+                data.fill(&mut buf[..n]);
+                fnv(&mut hash, &buf[..n]);
+                stream.write_all(&buf[..n])?;
+                sent += n;
+            }
+            stream.shutdown(Shutdown::Write)?;
+            let mut reply_hash = [0u8; 8];
+            stream.read_exact(&mut reply_hash)?;
+            let mut expected = Stream(0x5eed);
+            let mut want = vec![0u8; buf.len()];
+            let mut got = 0usize;
+            let mut ok = true;
+            loop {
+                let n = stream.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                expected.fill(&mut want[..n]);
+                ok &= buf[..n] == want[..n];
+                got += n;
+            }
+            Ok((hash, u64::from_le_bytes(reply_hash), ok, got))
+        })
+        .expect("netns")
+        .expect("bulk exchange");
+    let server_got = srv.join().expect("server thread").expect("server io");
+    assert_eq!(server_got, BULK as u64, "client to server");
+    assert_eq!(
+        sent_hash, reply_hash,
+        "bytes changed on the way to the server"
+    );
+    assert_eq!(got, BULK, "server to client");
+    assert!(reply_ok, "bytes changed on the way to the client");
+    let line = agent
+        .wait_for_line(
+            &[
+                "-> 198.51.100.2:80:",
+                "67108864 bytes up",
+                "67108872 bytes down",
+            ],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no connection line:\n{}", agent.log_text()));
+    assert!(!line.contains("ended by"), "{line}");
+    let (status, _) = agent.stop();
+    assert!(status.success());
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_splice() {
+    require_root();
+    bulk_both_ways("splice");
+}
+
+#[test]
+fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_copy() {
+    require_root();
+    bulk_both_ways("copy");
+}
+
+#[test]
+fn direct_connection_to_the_proxy_port_is_closed_without_a_loop() {
+    require_root();
+    let gw = Gateway::new("loop").expect("topology");
+    let agent = Agent::start(&gw.router, AGENT);
+    let proxy_port = SocketAddr::from((testbed::ROUTER_CLIENT_SIDE_V4, 50080));
+    let (reply, took) = gw
+        .client
+        .run(|| {
+            let started = Instant::now();
+            let reply = exchange(proxy_port, b"hello");
+            (reply, started.elapsed())
+        })
+        .expect("netns");
+    // Accepted, then closed at once with nothing relayed (or reset): no loop.
+    match reply {
+        Ok(text) => assert_eq!(text, "", "the proxy answered something"),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::NotConnected | ErrorKind::BrokenPipe
+            ),
+            "{e}"
+        ),
+    }
+    assert!(took < Duration::from_secs(2), "took {took:?}");
+    agent
+        .wait_for_line(
+            &["-> 192.0.2.1:50080: connection straight to the proxy port refused"],
+            Duration::from_secs(3),
+        )
+        .unwrap_or_else(|| panic!("not refused:\n{}", agent.log_text()));
+    let (status, log) = agent.stop();
+    assert!(status.success());
+    assert!(
+        !log.contains("upstream connect"),
+        "the proxy tried to connect somewhere:\n{log}"
+    );
+    assert_eq!(log.matches("-> 192.0.2.1:50080").count(), 1, "{log}");
+}
+
+#[test]
+fn upstream_refusal_and_reset_reach_the_client_as_resets() {
+    require_root();
+    let gw = Gateway::new("rst").expect("topology");
+    // Port 81 has nobody (the server's kernel refuses); port 80 accepts and resets.
+    let resetter = spawn_in(&gw.server, || -> std::io::Result<()> {
+        let listener = TcpListener::bind("0.0.0.0:80")?;
+        let (stream, _) = listener.accept()?;
+        socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+        std::thread::sleep(Duration::from_millis(100));
+        drop(stream);
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80-81",
+            "--on-port",
+            "50080",
+        ],
+    );
+    let read_result = |port: u16| {
+        gw.client
+            .run(move || -> std::io::Result<usize> {
+                let mut stream = TcpStream::connect_timeout(&server(port), Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut buf = [0u8; 16];
+                stream.read(&mut buf)
+            })
+            .expect("netns")
+    };
+    let refused = read_result(81);
+    assert_eq!(
+        refused.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "refusal"
+    );
+    let reset = read_result(80);
+    assert_eq!(
+        reset.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "reset"
+    );
+    resetter.join().expect("thread").expect("server");
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains("-> 198.51.100.2:81: upstream connect failed"),
+        "{log}"
+    );
+}
+
+#[test]
+fn sigterm_drains_a_live_connection_then_exits() {
+    require_root();
+    let gw = Gateway::new("drain").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(&gw.router, AGENT);
+    let mut live = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect");
+    live.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let ask = |stream: &mut TcpStream, line: &str| -> String {
+        writeln!(stream, "{line}").expect("write");
+        let mut answer = String::new();
+        BufReader::new(stream.try_clone().expect("clone"))
+            .read_line(&mut answer)
+            .expect("read");
+        answer
+    };
+    assert!(ask(&mut live, "before").contains("echo=before"));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    agent
+        .wait_for_line(&["draining 1 live connection(s)"], Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no drain:\n{}", agent.log_text()));
+    // Still proxied while draining; new connections are no longer accepted.
+    assert!(ask(&mut live, "during").contains("echo=during"));
+    let refused = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_millis(500)))
+        .expect("netns");
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+    drop(live);
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("drained: all connections closed"), "{log}");
+    assert!(log.contains("policy routing (IPv4) removed"), "{log}");
+}
