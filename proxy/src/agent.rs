@@ -252,11 +252,7 @@ impl Listeners {
 }
 
 /// Checks that this version can serve `rules` with the chosen listener mode.
-fn check_supported(
-    rules: &[Rule],
-    mode: ListenerMode,
-    upstream_is_socks: bool,
-) -> Result<(), AgentError> {
+fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError> {
     if mode == ListenerMode::External {
         return Ok(());
     }
@@ -264,12 +260,6 @@ fn check_supported(
         if rule.on_port == 0 {
             return Err(AgentError::Unsupported(format!(
                 "rule {}: on-port 0 (the packet's own port) needs --listener external",
-                i + 1
-            )));
-        }
-        if rule.protocols.udp && upstream_is_socks {
-            return Err(AgentError::Unsupported(format!(
-                "rule {}: UDP through a SOCKS5 upstream (UDP ASSOCIATE) is not implemented",
                 i + 1
             )));
         }
@@ -338,7 +328,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         ifaces.push((name.clone(), index));
     }
     let mut rules = args.rules()?;
-    check_supported(&rules, args.listener, args.upstream.is_some())?;
+    check_supported(&rules, args.listener)?;
     check_outbound_mark(&rules, args.outbound_mark)?;
     if args.spoof_source && args.ifaces.len() < 2 {
         warn!(
@@ -362,7 +352,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     let live = Arc::new(LiveConnections::default());
     let mut listeners = Listeners {
         options: Arc::new(ProxyOptions {
-            upstream,
+            upstream: upstream.clone(),
             outbound: Outbound {
                 connect_timeout: args.connect_timeout,
                 mark: args.outbound_mark,
@@ -378,7 +368,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                 connect_timeout: args.connect_timeout,
                 mark: args.outbound_mark,
             },
-            spoof_source: args.spoof_source,
+            upstream: upstream.clone(),
         }),
         running: HashMap::new(),
         udp_running: HashMap::new(),
@@ -510,7 +500,7 @@ async fn reload(
     };
     info!("SIGHUP: reloading {}", path.display());
     let mut rules = args.rules()?;
-    check_supported(&rules, args.listener, args.upstream.is_some())?;
+    check_supported(&rules, args.listener)?;
     let mut pending = Pending::default();
     let obsolete = if args.listener == ListenerMode::Builtin {
         listeners.prepare(&mut rules, &mut pending)?

@@ -549,3 +549,112 @@ fn sigterm_drains_a_live_connection_then_exits() {
     assert!(log.contains("drained: all connections closed"), "{log}");
     assert!(log.contains("policy routing (IPv4) removed"), "{log}");
 }
+
+#[test]
+fn udp_through_a_socks5_upstream_uses_udp_associate() {
+    require_root();
+    let gw = Gateway::new("socksudp").expect("topology");
+    let echo = spawn_in(&gw.server, || {
+        let socket = UdpSocket::bind("0.0.0.0:53").expect("bind :53");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let reply = format!("from={peer} got={}", String::from_utf8_lossy(&buf[..n]));
+            let _ = socket.send_to(reply.as_bytes(), peer);
+        }
+    });
+    // Dante from Debian's packages, in the router namespace, relaying out of r1.
+    let conf = std::env::temp_dir().join(format!("danted-{}.conf", std::process::id()));
+    std::fs::write(
+        &conf,
+        "logoutput: stderr\ninternal: 127.0.0.1 port = 1081\nexternal: 198.51.100.1\n\
+         socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
+         client pass {\n from: 127.0.0.0/8 to: 0.0.0.0/0\n}\n\
+         socks pass {\n from: 0.0.0.0/0 to: 0.0.0.0/0\n command: connect udpassociate udpreply\n log: connect disconnect\n}\n",
+    )
+    .expect("dante config");
+    let mut dante = gw
+        .router
+        .command("danted")
+        .arg("-f")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("danted (apt-get install dante-server; cargo xtask test installs it)");
+    let (tx, dante_log) = mpsc::channel();
+    let stderr = dante.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline
+        && !gw
+            .router
+            .run(|| TcpStream::connect("127.0.0.1:1081").is_ok())
+            .unwrap_or(false)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--protocol",
+            "udp",
+            "--dport",
+            "53",
+            "--on-port",
+            "5353",
+            "--upstream",
+            "socks5://127.0.0.1:1081",
+            "--udp-idle-timeout",
+            "1",
+        ],
+    );
+    let reply = gw
+        .client
+        .run(|| -> std::io::Result<String> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect(server(53))?;
+            socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+            socket.send(b"ping")?;
+            let mut buf = [0u8; 2048];
+            let n = socket.recv(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        })
+        .expect("netns")
+        .expect("udp exchange");
+    assert!(
+        reply.starts_with(&format!("from={}:", testbed::ROUTER_SERVER_SIDE_V4))
+            && reply.ends_with("got=ping"),
+        "{reply}\n{}",
+        agent.log_text()
+    );
+    // Dante logs the association when it ends (after the session's idle timeout), with the
+    // destination it relayed to.
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut relayed_to_destination = false;
+    while Instant::now() < deadline && !relayed_to_destination {
+        if let Ok(line) = dante_log.recv_timeout(Duration::from_millis(200)) {
+            relayed_to_destination =
+                line.contains("udpassociate") && line.contains("198.51.100.2.53");
+        }
+    }
+    let _ = echo.join();
+    let (status, log) = agent.stop();
+    let _ = dante.kill();
+    let _ = dante.wait();
+    let _ = std::fs::remove_file(&conf);
+    assert!(
+        relayed_to_destination,
+        "dante never relayed to 198.51.100.2:53"
+    );
+    assert!(status.success(), "{log}");
+}

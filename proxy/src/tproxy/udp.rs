@@ -31,7 +31,7 @@ use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 use crate::{
     tproxy::{sockopt::transparent_socket, tcp::ListenError},
-    upstream::Outbound,
+    upstream::{Outbound, Upstream, socks5},
 };
 
 /// The largest datagram relayed.
@@ -44,7 +44,96 @@ pub struct UdpOptions {
     pub idle_timeout: Duration,
     pub max_sessions: usize,
     pub outbound: Outbound,
-    pub spoof_source: bool,
+    /// Direct (from the router's or, spoofed, the client's address) or SOCKS5.
+    pub upstream: Upstream,
+}
+
+/// Where a session's datagrams go: the original destination itself, or a SOCKS5 relay
+/// (UDP ASSOCIATE) with the destination in a header in front of each datagram.
+enum UdpUpstream {
+    Direct(UdpSocket),
+    Socks5 {
+        /// The association lives as long as this connection.
+        control: tokio::net::TcpStream,
+        relay: UdpSocket,
+        header: Vec<u8>,
+    },
+}
+
+impl UdpUpstream {
+    async fn open(
+        client: SocketAddr,
+        orig_dst: SocketAddr,
+        options: &UdpOptions,
+    ) -> io::Result<Self> {
+        let mark = Some(options.outbound.mark);
+        match &options.upstream {
+            Upstream::Direct => Ok(UdpUpstream::Direct(connected_socket(
+                None, orig_dst, false, mark,
+            )?)),
+            Upstream::SpoofSource => Ok(UdpUpstream::Direct(connected_socket(
+                Some(SocketAddr::new(client.ip(), 0)),
+                orig_dst,
+                true,
+                mark,
+            )?)),
+            Upstream::Socks5(server) => {
+                let (control, relay_addr) = tokio::time::timeout(
+                    options.outbound.connect_timeout,
+                    socks5::udp_associate(server, options.outbound.mark),
+                )
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "SOCKS5 UDP ASSOCIATE timed out")
+                })??;
+                let relay = connected_socket(None, relay_addr, false, mark)?;
+                Ok(UdpUpstream::Socks5 {
+                    control,
+                    relay,
+                    header: socks5::udp_header(orig_dst),
+                })
+            }
+        }
+    }
+
+    async fn send(&self, payload: &[u8]) -> io::Result<()> {
+        match self {
+            UdpUpstream::Direct(socket) => socket.send(payload).await.map(drop),
+            UdpUpstream::Socks5 { relay, header, .. } => {
+                let mut datagram = Vec::with_capacity(header.len() + payload.len());
+                datagram.extend_from_slice(header);
+                datagram.extend_from_slice(payload);
+                relay.send(&datagram).await.map(drop)
+            }
+        }
+    }
+
+    /// The next reply, as a range of `buf`. Malformed relay datagrams are skipped.
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<std::ops::Range<usize>> {
+        match self {
+            UdpUpstream::Direct(socket) => socket.recv(buf).await.map(|n| 0..n),
+            UdpUpstream::Socks5 { control, relay, .. } => loop {
+                tokio::select! {
+                    r = relay.recv(buf) => {
+                        let n = r?;
+                        if let Some(offset) = socks5::udp_payload_offset(&buf[..n]) {
+                            return Ok(offset..n);
+                        }
+                    }
+                    r = control.readable() => {
+                        r?;
+                        let mut probe = [0u8; 1];
+                        if let Ok(0) = control.try_read(&mut probe) {
+                            return Err(io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                "SOCKS5 server closed the UDP association",
+                            ));
+                        }
+                    }
+                }
+            },
+        }
+    }
 }
 
 /// Opens the transparent UDP listener at `on_ip:on_port`, or at the wildcard address
@@ -243,15 +332,7 @@ async fn session(
     options: &UdpOptions,
 ) -> io::Result<()> {
     let started = Instant::now();
-    let source = options
-        .spoof_source
-        .then(|| SocketAddr::new(client.ip(), 0));
-    let upstream = connected_socket(
-        source,
-        orig_dst,
-        options.spoof_source,
-        Some(options.outbound.mark),
-    )?;
+    let upstream = UdpUpstream::open(client, orig_dst, options).await?;
     let reply = connected_socket(Some(orig_dst), client, true, None)?;
     let (mut up, mut down) = (0u64, 0u64);
     let mut up_buf = vec![0u8; MAX_DATAGRAM];
@@ -269,8 +350,8 @@ async fn session(
             }
             r = upstream.recv(&mut down_buf) => {
                 match r {
-                    Ok(n) => {
-                        reply.send(&down_buf[..n]).await?;
+                    Ok(range) => {
+                        reply.send(&down_buf[range]).await?;
                         down += 1;
                     }
                     // ICMP port unreachable from the server: nothing listens there.

@@ -63,6 +63,7 @@ const NO_AUTH: u8 = 0x00;
 const USER_PASS: u8 = 0x02;
 const NO_ACCEPTABLE: u8 = 0xff;
 const CMD_CONNECT: u8 = 1;
+const CMD_UDP_ASSOCIATE: u8 = 3;
 const ATYP_V4: u8 = 1;
 const ATYP_DOMAIN: u8 = 3;
 const ATYP_V6: u8 = 4;
@@ -108,9 +109,9 @@ pub fn encode_addr(addr: SocketAddr, out: &mut Vec<u8>) {
     out.extend_from_slice(&addr.port().to_be_bytes());
 }
 
-/// Reads ATYP + address + port (the bound address of a reply), returning nothing useful
-/// but consuming exactly its bytes.
-async fn skip_addr(stream: &mut TcpStream) -> io::Result<()> {
+/// Reads ATYP + address + port from a reply: the address for IPv4 and IPv6, `None` for a
+/// domain name (consumed all the same).
+async fn read_addr(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
     let atyp = stream.read_u8().await?;
     let len = match atyp {
         ATYP_V4 => 4,
@@ -118,18 +119,28 @@ async fn skip_addr(stream: &mut TcpStream) -> io::Result<()> {
         ATYP_DOMAIN => usize::from(stream.read_u8().await?),
         other => return Err(protocol_error(format!("unknown address type {other}"))),
     };
-    let mut skip = vec![0u8; len + 2];
-    stream.read_exact(&mut skip).await?;
-    Ok(())
+    let mut raw = vec![0u8; len + 2];
+    stream.read_exact(&mut raw).await?;
+    let port = u16::from_be_bytes([raw[len], raw[len + 1]]);
+    Ok(match atyp {
+        ATYP_V4 => <[u8; 4]>::try_from(&raw[..4])
+            .ok()
+            .map(|ip| SocketAddr::from((ip, port))),
+        ATYP_V6 => <[u8; 16]>::try_from(&raw[..16])
+            .ok()
+            .map(|ip| SocketAddr::from((ip, port))),
+        _ => None,
+    })
 }
 
-/// Connects to the SOCKS5 server, authenticates if configured and asks for a CONNECT to
-/// `dst`. Returns the stream, ready to relay.
-pub async fn connect(server: &Socks5Server, dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
-    let mut stream = direct::connect(server.addr, None, mark).await?;
-    handshake(&mut stream, server.auth.as_ref()).await?;
-    let mut request = vec![VERSION, CMD_CONNECT, 0];
-    encode_addr(dst, &mut request);
+/// Sends a request and reads the reply's status and bound address.
+async fn request(
+    stream: &mut TcpStream,
+    cmd: u8,
+    addr: SocketAddr,
+) -> io::Result<Option<SocketAddr>> {
+    let mut request = vec![VERSION, cmd, 0];
+    encode_addr(addr, &mut request);
     stream.write_all(&request).await?;
     let mut head = [0u8; 3];
     stream.read_exact(&mut head).await?;
@@ -139,7 +150,62 @@ pub async fn connect(server: &Socks5Server, dst: SocketAddr, mark: u32) -> io::R
     if head[1] != 0 {
         return Err(reply_error(head[1]));
     }
-    skip_addr(&mut stream).await?;
+    read_addr(stream).await
+}
+
+/// UDP ASSOCIATE (RFC 1928 section 7): returns the control connection, which must stay
+/// open for as long as the association is used, and the relay address to send to.
+pub async fn udp_associate(
+    server: &Socks5Server,
+    mark: u32,
+) -> io::Result<(TcpStream, SocketAddr)> {
+    let mut stream = direct::connect(server.addr, None, mark).await?;
+    handshake(&mut stream, server.auth.as_ref()).await?;
+    let any = match server.addr {
+        SocketAddr::V4(_) => SocketAddr::from(([0u8; 4], 0)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u8; 16], 0)),
+    };
+    let relay = request(&mut stream, CMD_UDP_ASSOCIATE, any)
+        .await?
+        .ok_or_else(|| protocol_error("UDP relay given as a domain name"))?;
+    // An unspecified relay address means "the server's own".
+    let relay = if relay.ip().is_unspecified() {
+        SocketAddr::new(server.addr.ip(), relay.port())
+    } else {
+        relay
+    };
+    Ok((stream, relay))
+}
+
+/// The header in front of each relayed datagram: RSV, FRAG = 0, then the destination.
+pub fn udp_header(dst: SocketAddr) -> Vec<u8> {
+    let mut header = vec![0, 0, 0];
+    encode_addr(dst, &mut header);
+    header
+}
+
+/// Where the payload starts in a datagram from the relay, or `None` for a malformed or
+/// fragmented one (FRAG != 0 is not supported, and RFC 1928 lets us drop it).
+pub fn udp_payload_offset(datagram: &[u8]) -> Option<usize> {
+    if datagram.len() < 4 || datagram[2] != 0 {
+        return None;
+    }
+    let len = match datagram[3] {
+        ATYP_V4 => 4,
+        ATYP_V6 => 16,
+        ATYP_DOMAIN => 1 + usize::from(*datagram.get(4)?),
+        _ => return None,
+    };
+    let offset = 4 + len + 2;
+    (offset <= datagram.len()).then_some(offset)
+}
+
+/// Connects to the SOCKS5 server, authenticates if configured and asks for a CONNECT to
+/// `dst`. Returns the stream, ready to relay.
+pub async fn connect(server: &Socks5Server, dst: SocketAddr, mark: u32) -> io::Result<TcpStream> {
+    let mut stream = direct::connect(server.addr, None, mark).await?;
+    handshake(&mut stream, server.auth.as_ref()).await?;
+    request(&mut stream, CMD_CONNECT, dst).await?;
     Ok(stream)
 }
 
@@ -205,6 +271,23 @@ mod tests {
                 .is_err()
         );
         assert!("socks5://127.0.0.1".parse::<Socks5Server>().is_err());
+    }
+
+    #[test]
+    fn udp_headers_round_trip() {
+        let dst: SocketAddr = "198.51.100.2:53".parse().expect("addr");
+        let mut datagram = udp_header(dst);
+        assert_eq!(datagram, [0, 0, 0, 1, 198, 51, 100, 2, 0, 53]);
+        datagram.extend_from_slice(b"payload");
+        assert_eq!(udp_payload_offset(&datagram), Some(10));
+        let mut fragment = datagram.clone();
+        fragment[2] = 1;
+        assert_eq!(udp_payload_offset(&fragment), None);
+        assert_eq!(udp_payload_offset(&datagram[..6]), None);
+        assert_eq!(
+            udp_payload_offset(&[0, 0, 0, 3, 3, b'a', b'b', b'c', 0, 53, 1]),
+            Some(10)
+        );
     }
 
     #[test]
