@@ -274,3 +274,61 @@ fn port_in_use_is_one_clear_error_and_leaves_nothing() {
     assert!(tcx_programs(&gw).is_empty());
     let _ = holder.as_raw_fd();
 }
+
+#[test]
+fn ipv6_connection_is_intercepted_and_proxied_over_ipv6() {
+    require_root();
+    let gw = Gateway::new("v6").expect("topology");
+    let server6 = SocketAddr::from((testbed::SERVER_V6, 80));
+    let _server = Server::start(
+        &gw.server,
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 80)),
+        ServerMode::Reply,
+    );
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    let reply = gw
+        .client
+        .run(|| exchange(server6, b"hello6"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        reply.starts_with(&format!("peer=[{}]:", testbed::ROUTER_SERVER_SIDE_V6)),
+        "{reply}"
+    );
+    assert!(reply.ends_with("got=6"), "{reply}");
+    agent
+        .wait_for_line(
+            &["[2001:db8:1::2]:", "-> [2001:db8:2::2]:80:", "6 bytes up"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no IPv6 connection line:\n{}", agent.log_text()));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn without_root_the_agent_says_so_and_changes_nothing() {
+    require_root();
+    let gw = Gateway::new("noroot").expect("topology");
+    let before = router_rules(&gw);
+    let out = gw
+        .router
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_proxy"))
+        .args(AGENT_ARGS)
+        .output()
+        .expect("setpriv (util-linux)");
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "proxy: error: must run as root: attaching eBPF programs and changing routing need CAP_BPF and CAP_NET_ADMIN"
+    );
+    assert_eq!(router_rules(&gw), before);
+    assert!(tcx_programs(&gw).is_empty());
+}
