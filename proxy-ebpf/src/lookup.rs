@@ -149,11 +149,22 @@ fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> 
             return None;
         }
         let state = unsafe { ptr::read_volatile(&raw const (*sk).state) };
+        // Only a listener can be bound to the wildcard address; the others carry a tuple.
+        let bound_specific = state != BPF_TCP_LISTEN
+            || unsafe {
+                match packet.family {
+                    Family::V4 => ptr::read_volatile(&raw const (*sk).src_ip4) != 0,
+                    Family::V6 => {
+                        let a = ptr::read_volatile(&raw const (*sk).src_ip6);
+                        (a[0] | a[1] | a[2] | a[3]) != 0
+                    }
+                }
+            };
         Some(SockRef {
             sk,
             state,
             connected_specific: false,
-            bound_specific: state != BPF_TCP_LISTEN,
+            bound_specific,
         })
     } else {
         let sk = unsafe { bpf_sk_lookup_udp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) };
@@ -197,7 +208,13 @@ fn lookup_listener(
     Some(sk)
 }
 
-/// Finds the socket `-j TPROXY` would give the packet to, or `None` (T2-T4).
+/// Finds the socket the recipe would give the packet to, or `None`.
+///
+/// The recipe puts `-m socket --transparent -j DIVERT` before `-j TPROXY`, so a transparent
+/// socket found with the packet's own tuple and bound to a specific address takes the
+/// packet first, even a listener (a transparent listener bound to the original destination
+/// itself). Then `-j TPROXY` (T2-T4): established first, the TIME_WAIT + SYN case, the
+/// listener at (laddr, lport).
 #[inline(always)]
 pub fn find_socket(
     ctx: &TcContext,
@@ -221,11 +238,17 @@ pub fn find_socket(
                 }
                 return Some((sk, Found::Established));
             }
-            // A LISTEN result is the lookup's fallback, not an established socket.
             if sk.state != BPF_TCP_LISTEN {
                 return Some((sk, Found::Established));
             }
-        } else if sk.connected_specific {
+            // A LISTEN result is the lookup's fallback, not an established socket: only
+            // `-m socket --transparent` takes it, when it is bound to a specific address.
+            if sk.bound_specific && sk.is_transparent() {
+                return Some((sk, Found::Established));
+            }
+        } else if sk.connected_specific || (sk.bound_specific && sk.is_transparent()) {
+            // UDP: a connected socket bound to a specific address is TPROXY's established
+            // one; a transparent one bound to a specific address is `-m socket`'s.
             return Some((sk, Found::Established));
         }
     }
