@@ -4,15 +4,13 @@
 //!   and the opposite direction goes on until it finishes too.
 //! * Reset: if either side resets or fails, both are closed with RST, so an upstream reset
 //!   reaches the client as a reset.
-//! * Zero-copy: by default each direction moves data with splice(2) through a pipe, socket
-//!   to pipe to socket, without copying it into userspace. The pipe is made on the first
-//!   data, so an idle connection holds no pipe and no buffer. Where splice is refused the
-//!   direction falls back to a bounded buffered copy.
+//! * Zero-copy for bulk: each direction starts by copying through a per-thread scratch
+//!   buffer (small request/response exchanges cost no pipe and no per-connection buffer);
+//!   once a read fills the buffer, splice mode moves the rest with splice(2) through a pipe,
+//!   socket to pipe to socket, without copying it into userspace. An idle connection holds
+//!   no pipe and no buffer. Where splice is refused the direction goes on copying.
 
-use std::{
-    io,
-    os::fd::{AsFd as _, OwnedFd},
-};
+use std::{io, os::fd::AsFd as _};
 
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::{io::Interest, net::TcpStream};
@@ -72,21 +70,31 @@ pub async fn copy_both_ways(
 }
 
 /// One direction, until EOF (then the write side is shut down) or an error.
+///
+/// Both modes start by copying through a per-thread scratch buffer: small exchanges cost no
+/// pipe and no per-connection buffer. In splice mode a read that fills the whole buffer
+/// marks the direction as bulk, and it moves on to splice(2) for the rest.
 async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     total: &mut u64,
     mode: RelayMode,
 ) -> io::Result<()> {
-    if mode == RelayMode::Splice {
-        match splice_pump(from, to, total).await {
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && *total == 0 => {
-                // This pair of sockets does not splice: copy instead.
+    loop {
+        match copy_step(from, to, total).await? {
+            Step::Eof => {
+                half_close(to);
+                return Ok(());
             }
-            other => return other,
+            Step::Full if mode == RelayMode::Splice => break,
+            Step::Full | Step::Partial => {}
         }
     }
-    copy_pump(from, to, total).await
+    match splice_pump(from, to, total).await {
+        // This pair of sockets does not splice: copy instead.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => copy_pump(from, to, total).await,
+        other => other,
+    }
 }
 
 /// Passes a FIN on. A failure here means the peer is already gone, which the other
@@ -95,20 +103,83 @@ fn half_close(to: &TcpStream) {
     let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
 }
 
-async fn splice_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
-    // (read end, write end), made on the first data.
-    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+/// What one read brought.
+enum Step {
+    Eof,
+    /// The read filled the scratch buffer: more is likely waiting (bulk).
+    Full,
+    Partial,
+}
+
+thread_local! {
+    /// Scratch space for copies, shared by the connections of a runtime thread: the read
+    /// and the first write happen without an await in between, so no connection holds it.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHUNK]);
+}
+
+/// Reads once and writes what it can at once; whatever the peer cannot take yet is kept in
+/// a buffer of its own and written as the socket drains.
+async fn copy_step(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<Step> {
     loop {
         from.readable().await?;
-        if pipe.is_none() {
-            pipe = Some(nix::unistd::pipe2(
-                nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK,
-            )?);
-        }
-        let Some((pipe_r, pipe_w)) = &pipe else {
+        let attempt = SCRATCH.with(|scratch| -> io::Result<Option<(Step, Vec<u8>)>> {
+            let mut buf = scratch.borrow_mut();
+            let n = match from.try_read(&mut buf) {
+                Ok(0) => return Ok(Some((Step::Eof, Vec::new()))),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let step = if n == buf.len() {
+                Step::Full
+            } else {
+                Step::Partial
+            };
+            let mut sent = 0;
+            while sent < n {
+                match to.try_write(&buf[sent..n]) {
+                    Ok(m) => sent += m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            *total += sent as u64;
+            Ok(Some((step, buf[sent..n].to_vec())))
+        })?;
+        let Some((step, mut left)) = attempt else {
             continue;
         };
-        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        while !left.is_empty() {
+            to.writable().await?;
+            match to.try_write(&left) {
+                Ok(m) => {
+                    left.drain(..m);
+                    *total += m as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        return Ok(step);
+    }
+}
+
+async fn copy_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
+    loop {
+        if let Step::Eof = copy_step(from, to, total).await? {
+            half_close(to);
+            return Ok(());
+        }
+    }
+}
+
+async fn splice_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
+    // (read end, write end), made once the direction turned out to be bulk.
+    let (pipe_r, pipe_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    loop {
+        from.readable().await?;
         let read = from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
         });
@@ -130,38 +201,6 @@ async fn splice_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::R
                 Ok(n) => {
                     left -= n;
                     *total += n as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-}
-
-async fn copy_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
-    // Made on the first data: an idle connection holds no buffer.
-    let mut buf: Vec<u8> = Vec::new();
-    loop {
-        from.readable().await?;
-        if buf.is_empty() {
-            buf = vec![0u8; CHUNK];
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => {
-                half_close(to);
-                return Ok(());
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
-        };
-        let mut sent = 0;
-        while sent < n {
-            to.writable().await?;
-            match to.try_write(&buf[sent..n]) {
-                Ok(m) => {
-                    sent += m;
-                    *total += m as u64;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
