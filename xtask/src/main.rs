@@ -4,6 +4,7 @@
 //! `bpf-linker` 0.10.3, Debian packages for the tests), saying what it does, so the README's
 //! commands work on a fresh machine.
 
+mod bench;
 mod build_ebpf;
 mod prereqs;
 mod run;
@@ -31,6 +32,9 @@ enum Task {
     Demo(run::DemoOptions),
     /// Install test prerequisites and run every test (unit and kernel tests; needs root).
     Test(test::Options),
+    /// Build in release mode and benchmark routing vs iptables TPROXY vs the eBPF
+    /// classifier in namespaces; results in bench/results/ (needs root).
+    Bench(bench::Options),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +43,6 @@ fn main() -> anyhow::Result<()> {
         Task::Run(opts) => run::run(&opts),
         Task::Demo(opts) => run::demo(&opts),
         Task::Test(opts) => test::test(&opts),
+        Task::Bench(opts) => bench::bench(&opts),
     }
 }

@@ -1,0 +1,652 @@
+//! The measurements, the targets they are judged against, and the markdown report.
+
+use std::{fmt::Write as _, time::Duration};
+
+use crate::{
+    Plan,
+    setup::{self, Kind},
+};
+
+/// One figure's runs, per set-up; `None` is a run that failed.
+#[derive(Default, Clone)]
+pub struct Series {
+    runs: [Vec<Option<f64>>; 3],
+}
+
+impl Series {
+    pub fn push(&mut self, kind: Kind, value: Option<f64>) {
+        self.runs[kind.index()].push(value);
+    }
+
+    pub fn runs(&self, kind: Kind) -> &[Option<f64>] {
+        &self.runs[kind.index()]
+    }
+
+    pub fn median(&self, kind: Kind) -> Option<f64> {
+        let mut v: Vec<f64> = self.runs[kind.index()].iter().flatten().copied().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        })
+    }
+}
+
+/// One measurement of the agent's memory with idle connections open through it.
+pub struct RssSample {
+    /// What the plan asked for; `opened` can be fewer when descriptors run short.
+    pub wanted: usize,
+    pub opened: usize,
+    pub failed: usize,
+    pub before_kib: u64,
+    pub after_kib: u64,
+    pub open_secs: f64,
+    /// Descriptors the agent holds per idle connection (measured on probe connections).
+    pub fds_per_conn: f64,
+    /// The same, by kind ("2.0 sockets, 4.0 pipes, 0.0 other").
+    pub fd_kinds: String,
+    pub agent_nofile: usize,
+}
+
+impl RssSample {
+    pub fn per_conn_kib(&self) -> f64 {
+        (self.after_kib as f64 - self.before_kib as f64) / self.opened as f64
+    }
+}
+
+pub struct Results {
+    /// 1 stream, 4 streams; Gbit/s.
+    pub bulk: [Series; 2],
+    /// New connections per second.
+    pub conn: Series,
+    pub conn_errors: [u64; 3],
+    /// Microseconds.
+    pub p50: Series,
+    pub p99: Series,
+    /// KiB per idle proxied connection.
+    pub rss: Series,
+    pub rss_samples: [Vec<RssSample>; 3],
+    pub rule_counts: [usize; 3],
+    /// New connections per second with `rule_counts[i]` rules.
+    pub rules: [Series; 3],
+    pub rule_conn_errors: [u64; 3],
+    pub notes: Vec<String>,
+    pub agent_warnings: Vec<(Kind, String)>,
+}
+
+impl Results {
+    pub fn new(rule_counts: [usize; 3]) -> Results {
+        Results {
+            bulk: Default::default(),
+            conn: Series::default(),
+            conn_errors: [0; 3],
+            p50: Series::default(),
+            p99: Series::default(),
+            rss: Series::default(),
+            rss_samples: Default::default(),
+            rule_counts,
+            rules: Default::default(),
+            rule_conn_errors: [0; 3],
+            notes: Vec::new(),
+            agent_warnings: Vec::new(),
+        }
+    }
+
+    pub fn note(&mut self, text: String) {
+        if !self.notes.contains(&text) && self.notes.len() < 50 {
+            self.notes.push(text);
+        }
+    }
+
+    pub fn agent_warning(&mut self, kind: Kind, line: String) {
+        let entry = (kind, line);
+        if !self.agent_warnings.contains(&entry) && self.agent_warnings.len() < 40 {
+            self.agent_warnings.push(entry);
+        }
+    }
+}
+
+/// What a figure of (c) is judged against.
+#[derive(Clone, Copy)]
+pub enum Target {
+    /// (c) / reference >= x.
+    RatioAtLeast(f64),
+    /// (c) / reference <= x.
+    RatioAtMost(f64),
+    /// (c) <= x, absolute.
+    AtMost(f64),
+}
+
+impl Target {
+    pub fn describe(self, reference: &str, unit: &str) -> String {
+        match self {
+            Target::RatioAtLeast(x) => format!(">= {x} x {reference}"),
+            Target::RatioAtMost(x) => format!("<= {x} x {reference}"),
+            Target::AtMost(x) => format!("<= {x} {unit}"),
+        }
+    }
+
+    /// PASS/MISS for `value` given the reference value, or why there is no verdict.
+    pub fn verdict(self, value: Option<f64>, reference: Option<f64>) -> &'static str {
+        let pass = match (self, value, reference) {
+            (Target::AtMost(x), Some(v), _) => v <= x,
+            (Target::RatioAtLeast(x), Some(v), Some(r)) if r > 0.0 => v / r >= x,
+            (Target::RatioAtMost(x), Some(v), Some(r)) if r > 0.0 => v / r <= x,
+            _ => return "n/a",
+        };
+        if pass { "PASS" } else { "MISS" }
+    }
+}
+
+/// A row of the main table.
+pub struct Row<'a> {
+    pub name: &'static str,
+    pub short: &'static str,
+    pub unit: &'static str,
+    pub series: &'a Series,
+    pub target: Target,
+    pub decimals: usize,
+}
+
+pub fn rows(r: &Results) -> Vec<Row<'_>> {
+    vec![
+        Row {
+            name: "Bulk TCP, 1 stream",
+            short: "Bulk, 1 stream",
+            unit: "Gbit/s",
+            series: &r.bulk[0],
+            target: Target::RatioAtLeast(0.6),
+            decimals: 2,
+        },
+        Row {
+            name: "Bulk TCP, 4 streams",
+            short: "Bulk, 4 streams",
+            unit: "Gbit/s",
+            series: &r.bulk[1],
+            target: Target::RatioAtLeast(0.4),
+            decimals: 2,
+        },
+        Row {
+            name: "New connections (request/response, close)",
+            short: "New connections",
+            unit: "conn/s",
+            series: &r.conn,
+            target: Target::RatioAtLeast(0.8),
+            decimals: 0,
+        },
+        Row {
+            name: "Latency p50, 64 B request/response, kept connection",
+            short: "Latency p50",
+            unit: "us",
+            series: &r.p50,
+            target: Target::RatioAtMost(1.1),
+            decimals: 1,
+        },
+        Row {
+            name: "Latency p99, 64 B request/response, kept connection",
+            short: "Latency p99",
+            unit: "us",
+            series: &r.p99,
+            target: Target::RatioAtMost(1.35),
+            decimals: 1,
+        },
+        Row {
+            name: "Agent RSS per idle proxied connection",
+            short: "RSS per idle conn",
+            unit: "KiB",
+            series: &r.rss,
+            target: Target::AtMost(16.0),
+            decimals: 1,
+        },
+    ]
+}
+
+/// The classifier-cost target: (c) at the most rules within 5% of (c) at one rule.
+pub const RULES_TARGET: Target = Target::RatioAtLeast(0.95);
+
+pub struct Meta {
+    pub quick: bool,
+    pub runs: usize,
+    pub cores: usize,
+    pub cpu: String,
+    pub kernel: String,
+    pub iptables: String,
+    pub load_before: String,
+    pub load_after: String,
+    pub started_unix: u64,
+    pub elapsed: Duration,
+    pub plan: String,
+    pub nofile: u64,
+    pub agent_nofile: Option<String>,
+}
+
+fn read_trimmed(path: &str) -> String {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn loadavg() -> String {
+    read_trimmed("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+impl Meta {
+    pub fn collect(quick: bool, plan: &Plan, nofile: u64) -> Meta {
+        let runs = plan.runs;
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
+            })
+            .unwrap_or_else(|| "?".into());
+        let iptables = std::process::Command::new("iptables")
+            .arg("-V")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_else(|_| "not found".into());
+        let plan = format!(
+            "{} runs per figure, set-ups interleaved run by run; bulk {:.1} s per run; \
+             new connections {:.1} s per run with {} concurrent clients; latency {} round trips \
+             after {} warm-up; {} idle connections, {} run(s) per set-up, each on a fresh agent; \
+             rule counts {:?}, also interleaved run by run (rules replaced before each \
+             measurement: iptables-restore for (b), a fresh agent with the rules file for (c))",
+            plan.runs,
+            plan.bulk.as_secs_f64(),
+            plan.conn.as_secs_f64(),
+            plan.conn_concurrency,
+            plan.latency_samples,
+            plan.latency_warmup,
+            plan.idle_conns,
+            plan.rss_runs,
+            plan.rule_counts
+        );
+        Meta {
+            quick,
+            runs,
+            cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu,
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            iptables,
+            load_before: loadavg(),
+            load_after: String::new(),
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            elapsed: Duration::ZERO,
+            plan,
+            nofile,
+            agent_nofile: None,
+        }
+    }
+
+    pub fn finish(&mut self, elapsed: Duration) {
+        self.elapsed = elapsed;
+        self.load_after = loadavg();
+    }
+
+    /// `YYYY-MM-DDTHH-MM-SSZ`, for file names.
+    pub fn file_stamp(&self) -> String {
+        let (y, mo, d, h, mi, s) = civil(self.started_unix);
+        format!("{y:04}-{mo:02}-{d:02}T{h:02}-{mi:02}-{s:02}Z")
+    }
+
+    pub fn date(&self) -> String {
+        let (y, mo, d, h, mi, s) = civil(self.started_unix);
+        format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
+    }
+
+    pub fn mode(&self) -> &'static str {
+        if self.quick { "quick" } else { "full" }
+    }
+}
+
+/// Unix seconds to (year, month, day, hour, minute, second), UTC (Howard Hinnant's
+/// days-to-civil).
+fn civil(unix: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (unix / 86_400) as i64;
+    let rem = unix % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (
+        y,
+        m,
+        d,
+        (rem / 3600) as u32,
+        (rem % 3600 / 60) as u32,
+        (rem % 60) as u32,
+    )
+}
+
+pub fn fmt_value(v: Option<f64>, decimals: usize) -> String {
+    match v {
+        Some(v) => {
+            let s = format!("{v:.decimals$}");
+            if decimals == 0 { thousands(&s) } else { s }
+        }
+        None => "n/a".into(),
+    }
+}
+
+fn thousands(digits: &str) -> String {
+    let (sign, digits) = digits.strip_prefix('-').map_or(("", digits), |d| ("-", d));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+pub fn ratio(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    }
+}
+
+fn fmt_ratio(r: Option<f64>) -> String {
+    r.map_or_else(|| "n/a".into(), |r| format!("{r:.2}"))
+}
+
+fn runs_text(runs: &[Option<f64>], decimals: usize) -> String {
+    runs.iter()
+        .map(|v| v.map_or_else(|| "failed".into(), |v| format!("{v:.decimals$}")))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
+    let mut md = String::new();
+    let (a, b, c) = (Kind::Routing, Kind::Iptables, Kind::Ebpf);
+    let _ = writeln!(
+        md,
+        "# Benchmark: eBPF classifier vs iptables TPROXY vs plain routing\n"
+    );
+    let _ = writeln!(
+        md,
+        "- **{} cores** ({}), **kernel {}**",
+        meta.cores, meta.cpu, meta.kernel
+    );
+    let _ = writeln!(
+        md,
+        "- {} ({} run), took {:.0} s; load average {} at the start, {} at the end",
+        meta.date(),
+        meta.mode(),
+        meta.elapsed.as_secs_f64(),
+        meta.load_before,
+        meta.load_after
+    );
+    let _ = writeln!(md, "- {}", meta.iptables);
+    let _ = writeln!(
+        md,
+        "- Each figure is the median of its runs. Targets apply to (c), this project's \
+         classifier with its proxy. The chart: [{png}]({png}).\n"
+    );
+
+    let _ = writeln!(md, "## Results\n");
+    let _ = writeln!(
+        md,
+        "| figure | {} | {} | {} | (b)/(a) | (c)/(a) | (c)/(b) | target for (c) | (c) |",
+        a.label(),
+        b.label(),
+        c.label()
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let rss_opened: Vec<usize> = r.rss_samples.iter().flatten().map(|s| s.opened).collect();
+    for row in rows(r) {
+        let [va, vb, vc] = [a, b, c].map(|k| row.series.median(k));
+        let name = match (std::ptr::eq(row.series, &r.rss), rss_opened.iter().max()) {
+            (true, Some(max)) => format!(
+                "{}, at {} connections",
+                row.name,
+                thousands(&max.to_string())
+            ),
+            _ => row.name.to_owned(),
+        };
+        let (target, verdict) = match row.target {
+            Target::AtMost(_) => (
+                row.target.describe("", row.unit),
+                row.target.verdict(vc, None),
+            ),
+            t => (t.describe("(a)", row.unit), t.verdict(vc, va)),
+        };
+        let _ = writeln!(
+            md,
+            "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | **{}** |",
+            name,
+            row.unit,
+            fmt_value(va, row.decimals),
+            fmt_value(vb, row.decimals),
+            fmt_value(vc, row.decimals),
+            fmt_ratio(ratio(vb, va)),
+            fmt_ratio(ratio(vc, va)),
+            fmt_ratio(ratio(vc, vb)),
+            target,
+            verdict
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n(a) has no proxy, so no proxy memory: its RSS is n/a. Ratios are plain quotients: \
+         for latency and memory, lower is better."
+    );
+    let short: Vec<&RssSample> = r
+        .rss_samples
+        .iter()
+        .flatten()
+        .filter(|s| s.opened < s.wanted)
+        .collect();
+    if let Some(fewest) = short.iter().map(|s| s.opened).min() {
+        let most = short.iter().map(|s| s.opened).max().unwrap_or(fewest);
+        let range = if most == fewest {
+            thousands(&fewest.to_string())
+        } else {
+            format!(
+                "{} to {}",
+                thousands(&fewest.to_string()),
+                thousands(&most.to_string())
+            )
+        };
+        let _ = writeln!(
+            md,
+            "\n**Idle connections: measured at {} connections, not {}.** The agent's \
+             open-files limit is {} (the hard limit on this machine: the bench runs without \
+             CAP_SYS_RESOURCE, so it cannot raise it for the agent to inherit), and the agent \
+             holds {:.1} descriptors per idle proxied connection after one exchange ({}; \
+             measured on {} probe connections): more connections would fail with EMFILE.",
+            range,
+            thousands(&short[0].wanted.to_string()),
+            short[0].agent_nofile,
+            short[0].fds_per_conn,
+            short[0].fd_kinds,
+            crate::PROBE_CONNS,
+        );
+    }
+    let _ = writeln!(md);
+
+    let _ = writeln!(
+        md,
+        "## Classifier cost: new connections per second, traffic matching the last rule\n"
+    );
+    let _ = writeln!(
+        md,
+        "| rules | (b) iptables TPROXY conn/s | (b) vs 1 rule | (c) eBPF conn/s | (c) vs 1 rule | (c)/(b) | target for (c) | (c) |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---|---|");
+    let first = [b, c].map(|k| r.rules[0].median(k));
+    for (i, count) in r.rule_counts.iter().enumerate() {
+        let [vb, vc] = [b, c].map(|k| r.rules[i].median(k));
+        let last = i + 1 == r.rule_counts.len();
+        let (target, verdict) = if last {
+            (
+                format!(
+                    "within 5% of 1 rule ({})",
+                    RULES_TARGET.describe("1 rule", "")
+                ),
+                RULES_TARGET.verdict(vc, first[1]),
+            )
+        } else {
+            ("".into(), "")
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            thousands(&count.to_string()),
+            fmt_value(vb, 0),
+            fmt_ratio(ratio(vb, first[0])),
+            fmt_value(vc, 0),
+            fmt_ratio(ratio(vc, first[1])),
+            fmt_ratio(ratio(vc, vb)),
+            target,
+            if verdict.is_empty() {
+                String::new()
+            } else {
+                format!("**{verdict}**")
+            }
+        );
+    }
+
+    let _ = writeln!(md, "\n## How each set-up is made\n");
+    let _ = writeln!(
+        md,
+        "Three client / router / server topologies in network namespaces (`proxy::testbed`: \
+         client 192.0.2.2 - r0 192.0.2.1 | router | r1 198.51.100.1 - server 198.51.100.2), \
+         all present at once; the runs of the three are interleaved. The client connects to \
+         198.51.100.2:80. In the client and router namespaces `net.ipv4.tcp_tw_reuse = 1` and \
+         `ip_local_port_range = 10000 60999`, for the many short connections.\n"
+    );
+    let _ = writeln!(
+        md,
+        "- **(a)** the router only forwards: the limit.\n\
+         - **(b)** the kernel's TPROXY delivers port-80 traffic to this project's proxy. In \
+         the router namespace, through `iptables-restore`:\n\n```\n{}```\n\n  with `ip {}` and \
+         `ip {}`. The proxy is the agent, run as `proxy {}`: there is no flag yet for \
+         \"listener only, no classifier\", so its classifier is attached to `lo`, which no \
+         benchmark packet crosses, with a rule for port 1 and its own mark and table; what \
+         serves is its built-in transparent listener on port {}, to which iptables' TPROXY \
+         hands the connections. For N rules, N-1 rules for destinations in 198.18.0.0/15 \
+         (never matching, nothing is sent there) come before the one above.\n\
+         - **(c)** this project's classifier: `proxy {}`; for N rules, `proxy run --iface r0 \
+         --config FILE` with the same N-1 never-matching rules before `dport = \"80\"`.\n\
+         - The agent runs with `RUST_LOG={}`: its per-connection log line (info) is off, the \
+         rest of its log (ready, warnings) on. Its open-files limit: {} (inherited from the \
+         bench, which raised its own to {}; the agent does not raise its own).\n",
+        setup::iptables_rules(1),
+        setup::IPTABLES_POLICY_ROUTING[0].join(" "),
+        setup::IPTABLES_POLICY_ROUTING[1].join(" "),
+        setup::IPTABLES_AGENT_ARGS.join(" "),
+        setup::ON_PORT,
+        setup::EBPF_AGENT_ARGS.join(" "),
+        setup::AGENT_LOG,
+        meta.agent_nofile.as_deref().unwrap_or("?"),
+        meta.nofile,
+    );
+
+    let _ = writeln!(md, "## Method\n");
+    let _ = writeln!(md, "- {}.", meta.plan);
+    let _ = writeln!(
+        md,
+        "- Load generators are in the bench process, with threads inside the client and \
+         server namespaces (so they share the machine's cores with the router and the agent). \
+         Server: tokio, 2 threads. Bulk: blocking writes of 128 KiB for the run's duration; \
+         the server counts the bytes it received. New connections: tokio, 2 threads; each \
+         client connects, sends 64 B, reads 64 B and closes. Latency: one kept connection, \
+         blocking, TCP_NODELAY, one 64 B exchange at a time. Idle connections: each does one \
+         64 B exchange (so the proxy has its upstream connection and relay running), then \
+         stays open; the agent's VmRSS (/proc/PID/status) is read before and after; \
+         per connection = difference / connections.\n"
+    );
+
+    let _ = writeln!(md, "## All runs\n");
+    let _ = writeln!(md, "| figure | set-up | runs |");
+    let _ = writeln!(md, "|---|---|---|");
+    for row in rows(r) {
+        for k in Kind::ALL {
+            if row.series.runs(k).is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                md,
+                "| {} ({}) | {} | {} |",
+                row.short,
+                row.unit,
+                k.label(),
+                runs_text(row.series.runs(k), row.decimals.max(1))
+            );
+        }
+    }
+    for (i, count) in r.rule_counts.iter().enumerate() {
+        for k in [b, c] {
+            let _ = writeln!(
+                md,
+                "| New connections, {count} rule(s) (conn/s) | {} | {} |",
+                k.label(),
+                runs_text(r.rules[i].runs(k), 0)
+            );
+        }
+    }
+    let _ = writeln!(md);
+    for k in [b, c] {
+        for s in &r.rss_samples[k.index()] {
+            let _ = writeln!(
+                md,
+                "- {}: {} idle connections opened (of {} wanted; {} failed) in {:.1} s; agent \
+                 VmRSS {} KiB before, {} KiB after: {:.1} KiB per connection; {:.1} descriptors \
+                 per connection in the agent ({}; limit {})",
+                k.label(),
+                s.opened,
+                s.wanted,
+                s.failed,
+                s.open_secs,
+                s.before_kib,
+                s.after_kib,
+                s.per_conn_kib(),
+                s.fds_per_conn,
+                s.fd_kinds,
+                s.agent_nofile
+            );
+        }
+    }
+    for k in Kind::ALL {
+        let (e1, e2) = (r.conn_errors[k.index()], r.rule_conn_errors[k.index()]);
+        if e1 + e2 > 0 {
+            let _ = writeln!(
+                md,
+                "- {}: {e1} failed connection attempts in the connection-rate runs, {e2} in the \
+                 rule runs (not counted in the rates)",
+                k.label()
+            );
+        }
+    }
+    if !r.notes.is_empty() || !r.agent_warnings.is_empty() {
+        let _ = writeln!(md, "\n## Notes\n");
+        for n in &r.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+        for (k, line) in &r.agent_warnings {
+            let _ = writeln!(md, "- agent of {}: `{line}`", k.label());
+        }
+    }
+    let _ = writeln!(md, "\n![chart]({png})");
+    md
+}

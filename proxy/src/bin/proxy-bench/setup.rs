@@ -1,0 +1,505 @@
+//! The three set-ups compared, each in a client / router / server topology of its own:
+//!
+//! * (a) plain routing through the router, no proxy;
+//! * (b) the kernel's iptables TPROXY recipe delivering to this project's proxy;
+//! * (c) this project's eBPF classifier delivering to the same proxy.
+//!
+//! Everything a scenario starts is stopped when it is dropped: the agent (SIGTERM, then
+//! SIGKILL), the load threads, and last the namespaces (by the [`Gateway`]).
+
+use std::{
+    collections::VecDeque,
+    io::{BufRead as _, BufReader, Write as _},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+use proxy::testbed::{self, Gateway, Netns};
+
+use crate::load::{self, NsRuntime, Server};
+
+/// The built-in listener's port, as in the issue's recipe.
+pub const ON_PORT: &str = "50080";
+/// Per-connection log lines (`proxy::tproxy::tcp`, info) are off while measuring; the rest of
+/// the agent's log stays at info so that its "ready:" line and warnings are seen.
+pub const AGENT_LOG: &str = "info,proxy::tproxy::tcp=warn";
+/// How (b) runs the agent: its classifier is attached to `lo`, which no benchmark packet
+/// crosses, with a rule for port 1, its own mark and table: only its listener on 50080 serves.
+pub const IPTABLES_AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "lo",
+    "--dport",
+    "1",
+    "--on-port",
+    ON_PORT,
+    "--tproxy-mark",
+    "0x100/0x100",
+    "--table",
+    "101",
+];
+/// How (c) runs the agent.
+pub const EBPF_AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    testbed::ROUTER_CLIENT_IFACE,
+    "--dport",
+    "80",
+    "--on-port",
+    ON_PORT,
+];
+/// The kernel's policy routing for (b), added by the bench.
+pub const IPTABLES_POLICY_ROUTING: &[&[&str]] = &[
+    &["rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
+    &[
+        "route",
+        "add",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        "100",
+    ],
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Kind {
+    Routing,
+    Iptables,
+    Ebpf,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Routing, Kind::Iptables, Kind::Ebpf];
+
+    pub fn letter(self) -> &'static str {
+        match self {
+            Kind::Routing => "a",
+            Kind::Iptables => "b",
+            Kind::Ebpf => "c",
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Kind::Routing => "(a) routing, no proxy",
+            Kind::Iptables => "(b) iptables TPROXY -> proxy",
+            Kind::Ebpf => "(c) eBPF classifier -> proxy",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The iptables-restore input for (b) with `rules` TPROXY rules of which only the last
+/// matches the benchmark's traffic, behind the recipe's `-m socket` DIVERT rule.
+pub fn iptables_rules(rules: usize) -> String {
+    let tproxy = format!("-j TPROXY --on-port {ON_PORT} --tproxy-mark 0x1/0x1");
+    let mut text = String::from(
+        "*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n\
+         :OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DIVERT - [0:0]\n\
+         -A PREROUTING -p tcp -m socket --transparent -j DIVERT\n",
+    );
+    for i in 0..rules.saturating_sub(1) {
+        text.push_str(&format!(
+            "-A PREROUTING -i {} -p tcp -d {}/32 --dport 80 {tproxy}\n",
+            testbed::ROUTER_CLIENT_IFACE,
+            decoy(i)
+        ));
+    }
+    text.push_str(&format!(
+        "-A PREROUTING -i {} -p tcp --dport 80 {tproxy}\n",
+        testbed::ROUTER_CLIENT_IFACE
+    ));
+    text.push_str("-A DIVERT -j MARK --set-mark 0x1/0x1\n-A DIVERT -j ACCEPT\nCOMMIT\n");
+    text
+}
+
+/// The `--config` file for (c) with `rules` rules, the same shape as (b)'s.
+pub fn rules_file(rules: usize) -> String {
+    let mut text = format!("[defaults]\non_port = {ON_PORT}\n");
+    for i in 0..rules.saturating_sub(1) {
+        text.push_str(&format!(
+            "[[rule]]\ndst = [\"{}/32\"]\ndport = \"80\"\n",
+            decoy(i)
+        ));
+    }
+    text.push_str("[[rule]]\ndport = \"80\"\n");
+    text
+}
+
+/// Destinations for the rules that never match: addresses of 198.18.0.0/15, the range set
+/// aside for benchmarks (RFC 2544). They only appear in rules; nothing is sent to them.
+fn decoy(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 1 + i as u32)
+}
+
+#[derive(Default)]
+struct AgentLog {
+    tail: VecDeque<String>,
+    notable: Vec<String>,
+    ready: bool,
+}
+
+/// The agent binary running in the router namespace, its stderr collected.
+pub struct Agent {
+    child: Option<Child>,
+    log: Arc<Mutex<AgentLog>>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    pub fn start(router: &Netns, binary: &Path, args: &[String]) -> Result<Agent, String> {
+        let mut child = router
+            .command(binary)
+            .args(args)
+            .env("RUST_LOG", AGENT_LOG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
+        let log = Arc::new(Mutex::new(AgentLog::default()));
+        let sink = Arc::clone(&log);
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                if line.contains(" ready: ") {
+                    log.ready = true;
+                }
+                if (line.contains("WARN") || line.contains("ERROR")) && log.notable.len() < 20 {
+                    log.notable.push(line.clone());
+                }
+                if log.tail.len() >= 200 {
+                    log.tail.pop_front();
+                }
+                log.tail.push_back(line);
+            }
+        });
+        let mut agent = Agent {
+            child: Some(child),
+            log,
+            reader: Some(reader),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while Instant::now() < deadline && !crate::stopped() {
+            if agent.lock().ready {
+                return Ok(agent);
+            }
+            if let Some(Ok(Some(status))) = agent.child.as_mut().map(Child::try_wait) {
+                agent.child = None;
+                if let Some(r) = agent.reader.take() {
+                    let _ = r.join();
+                }
+                return Err(format!(
+                    "agent exited with {status} before ready:\n{}",
+                    agent.tail()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!("agent not ready in time:\n{}", agent.tail()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AgentLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn tail(&self) -> String {
+        self.lock()
+            .tail
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Warnings and errors the agent logged (the first 20).
+    pub fn notable(&self) -> Vec<String> {
+        self.lock().notable.clone()
+    }
+
+    /// The agent's resident set size, KiB (`VmRSS` in /proc/PID/status). `ip netns exec`
+    /// execs the agent, so the child's pid is the agent's.
+    pub fn vm_rss_kib(&self) -> Result<u64, String> {
+        let pid = self
+            .child
+            .as_ref()
+            .map(Child::id)
+            .ok_or("agent not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
+        if !status
+            .lines()
+            .any(|l| l.starts_with("Name:") && l.contains("proxy"))
+        {
+            return Err(format!("/proc/{pid} is not the agent"));
+        }
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
+    }
+
+    /// How many descriptors the agent has open.
+    pub fn open_fds(&self) -> usize {
+        self.child.as_ref().map_or(0, |c| {
+            std::fs::read_dir(format!("/proc/{}/fd", c.id())).map_or(0, Iterator::count)
+        })
+    }
+
+    /// The agent's descriptors by kind: sockets, pipes, anything else.
+    pub fn fd_kinds(&self) -> [usize; 3] {
+        let mut kinds = [0; 3];
+        let Some(pid) = self.child.as_ref().map(Child::id) else {
+            return kinds;
+        };
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            return kinds;
+        };
+        for entry in dir.flatten() {
+            let target = std::fs::read_link(entry.path()).unwrap_or_default();
+            let target = target.to_string_lossy();
+            let slot = if target.starts_with("socket:") {
+                0
+            } else if target.starts_with("pipe:") {
+                1
+            } else {
+                2
+            };
+            kinds[slot] += 1;
+        }
+        kinds
+    }
+
+    /// The agent's "Max open files" (soft limit) from /proc/PID/limits.
+    pub fn nofile_limit(&self) -> Option<String> {
+        let pid = self.child.as_ref().map(Child::id)?;
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+        limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .map(str::to_owned)
+    }
+
+    /// SIGTERM (the agent drains, then undoes its set-up), a second SIGTERM after 5 s (exit
+    /// at once), SIGKILL after 10 s.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = Pid::from_raw(child.id() as i32);
+        let _ = signal::kill(pid, signal::Signal::SIGTERM);
+        let start = Instant::now();
+        let mut second_sent = false;
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if start.elapsed() >= Duration::from_secs(10) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                Ok(None) => {
+                    if !second_sent && start.elapsed() >= Duration::from_secs(5) {
+                        let _ = signal::kill(pid, signal::Signal::SIGTERM);
+                        second_sent = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One set-up with its own namespaces, server, client threads and (for b and c) agent.
+/// Fields drop in order: the agent, the load threads, then the namespaces.
+pub struct Scenario {
+    pub kind: Kind,
+    agent: Option<Agent>,
+    pub client: NsRuntime,
+    _server: Server,
+    binary: PathBuf,
+    workdir: PathBuf,
+    agent_args: Vec<String>,
+    pub gw: Gateway,
+}
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+impl Scenario {
+    pub fn new(
+        kind: Kind,
+        binary: &Path,
+        workdir: &Path,
+        server_lifetime: Duration,
+    ) -> Result<Scenario, String> {
+        let gw =
+            Gateway::new(&format!("bench{}", kind.letter())).map_err(|e| proxy::error_chain(&e))?;
+        // Many short connections: let the clients (the client, and the proxy towards the
+        // server) reuse ports in TIME_WAIT, from a wide range.
+        for ns in [&gw.client, &gw.router] {
+            ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
+                .and_then(|()| ns.sysctl("net.ipv4.ip_local_port_range", "10000 60999"))
+                .map_err(|e| proxy::error_chain(&e))?;
+        }
+        let server = Server::start(&gw.server, server_lifetime)?;
+        let client = NsRuntime::new(&gw.client.name, 2).map_err(|e| format!("client: {e}"))?;
+        let agent_args = match kind {
+            Kind::Routing => Vec::new(),
+            Kind::Iptables => args(IPTABLES_AGENT_ARGS),
+            Kind::Ebpf => args(EBPF_AGENT_ARGS),
+        };
+        let mut scenario = Scenario {
+            kind,
+            agent: None,
+            client,
+            _server: server,
+            binary: binary.to_owned(),
+            workdir: workdir.to_owned(),
+            agent_args,
+            gw,
+        };
+        if kind == Kind::Iptables {
+            scenario.install_iptables(1)?;
+            for cmd in IPTABLES_POLICY_ROUTING {
+                scenario
+                    .gw
+                    .router
+                    .ip(cmd)
+                    .map_err(|e| proxy::error_chain(&e))?;
+            }
+        }
+        scenario.restart_agent()?;
+        Ok(scenario)
+    }
+
+    pub fn has_agent(&self) -> bool {
+        self.kind != Kind::Routing
+    }
+
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
+    }
+
+    /// Stops the agent (if any) and starts a fresh one, then checks the path end to end.
+    pub fn restart_agent(&mut self) -> Result<(), String> {
+        if let Some(mut old) = self.agent.take() {
+            old.stop();
+        }
+        if self.has_agent() {
+            self.agent = Some(Agent::start(
+                &self.gw.router,
+                &self.binary,
+                &self.agent_args,
+            )?);
+        }
+        self.check_path()
+    }
+
+    /// One exchange end to end, and the server saw it from the right peer: the client
+    /// itself when routed, the router when proxied.
+    pub fn check_path(&self) -> Result<(), String> {
+        let expect = if self.has_agent() {
+            testbed::ROUTER_SERVER_SIDE_V4
+        } else {
+            testbed::CLIENT_V4
+        };
+        let mut last = String::new();
+        for _ in 0..20 {
+            match load::probe(&self.gw.client.name) {
+                Ok(peer) if peer == expect.to_string() => return Ok(()),
+                Ok(peer) => last = format!("the server saw {peer}, expected {expect}"),
+                Err(e) => last = e.to_string(),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err(format!(
+            "{}: no working path: {last}\n{}",
+            self.kind.label(),
+            self.agent.as_ref().map(Agent::tail).unwrap_or_default()
+        ))
+    }
+
+    /// Replaces (b)'s iptables rules with `rules` TPROXY rules, the last one matching.
+    fn install_iptables(&self, rules: usize) -> Result<(), String> {
+        let mut child = self
+            .gw
+            .router
+            .command("iptables-restore")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("running iptables-restore: {e}"))?;
+        let text = iptables_rules(rules);
+        let written = child
+            .stdin
+            .take()
+            .ok_or("no stdin pipe")
+            .and_then(|mut stdin| {
+                stdin
+                    .write_all(text.as_bytes())
+                    .map_err(|_| "writing to iptables-restore")
+            });
+        let out = child
+            .wait_with_output()
+            .map_err(|e| format!("iptables-restore: {e}"))?;
+        if written.is_err() || !out.status.success() {
+            return Err(format!(
+                "iptables-restore failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sets the number of rules, the last one matching the benchmark's traffic: iptables
+    /// rules for (b), a `--config` file and a fresh agent for (c).
+    pub fn set_rules(&mut self, rules: usize) -> Result<(), String> {
+        match self.kind {
+            Kind::Routing => Ok(()),
+            Kind::Iptables => {
+                self.install_iptables(rules)?;
+                self.check_path()
+            }
+            Kind::Ebpf => {
+                let path = self.workdir.join(format!("rules-{rules}.toml"));
+                std::fs::write(&path, rules_file(rules))
+                    .map_err(|e| format!("writing {}: {e}", path.display()))?;
+                self.agent_args = args(&[
+                    "run",
+                    "--iface",
+                    testbed::ROUTER_CLIENT_IFACE,
+                    "--config",
+                    &path.to_string_lossy(),
+                ]);
+                self.restart_agent()
+            }
+        }
+    }
+}
