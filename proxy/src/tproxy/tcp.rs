@@ -189,6 +189,8 @@ async fn handle(
     options: &ProxyOptions,
 ) {
     let peer = canonical(peer);
+    // Relayed bytes go out as they come: no Nagle delay on the client side either.
+    let _ = client.set_nodelay(true);
     let orig_dst = match client.local_addr() {
         Ok(addr) => canonical(addr),
         Err(e) => {
