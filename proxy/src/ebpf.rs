@@ -31,6 +31,10 @@ pub enum EbpfError {
     /// The object could not be loaded (verifier, BTF, permissions).
     #[error("loading the eBPF object")]
     Load(#[source] aya::EbpfError),
+    /// The kernel refused a program (the verifier, or a missing feature); the verifier's
+    /// log goes to the debug log, not into this one-line message.
+    #[error("the kernel refused to load program {0} (RUST_LOG=debug shows the verifier log)")]
+    Refused(&'static str, #[source] std::io::Error),
     /// A program is missing from the object or is of another type.
     #[error("program {0} in the eBPF object")]
     Program(&'static str, #[source] aya::programs::ProgramError),
@@ -104,11 +108,9 @@ impl Classifier {
             Err(e) => debug!("eBPF logs not forwarded: {e}"),
         }
         let prog: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
-        prog.load()
-            .map_err(|e| EbpfError::Program(PROG_TC_INGRESS, e))?;
+        prog.load().map_err(load_err(PROG_TC_INGRESS))?;
         let prog: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
-        prog.load()
-            .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
+        prog.load().map_err(load_err(PROG_SK_LOOKUP))?;
         Ok(Classifier {
             ebpf,
             tc_links: Vec::new(),
@@ -346,6 +348,20 @@ impl Classifier {
 impl Drop for Classifier {
     fn drop(&mut self) {
         self.detach_all();
+    }
+}
+
+/// A verifier refusal becomes one line; the log itself goes to the debug log.
+fn load_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
+    move |e| match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            debug!("verifier log for {name}:\n{verifier_log}");
+            EbpfError::Refused(name, io_error)
+        }
+        other => EbpfError::Program(name, other),
     }
 }
 

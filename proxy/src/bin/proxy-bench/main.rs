@@ -47,6 +47,10 @@ struct Cli {
     /// Where to write latest.md, latest.png and their timestamped copies.
     #[arg(long, value_name = "DIR", default_value = "bench/results")]
     out: PathBuf,
+    /// The agent's `--relay` mode for (b) and (c): splice (its default) or copy, to compare
+    /// the two.
+    #[arg(long, value_name = "MODE", default_value = "splice", value_parser = ["splice", "copy"])]
+    relay: String,
 }
 
 /// How much to measure.
@@ -275,6 +279,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     let agent_binary = std::fs::canonicalize(agent)
         .map_err(|e| format!("agent binary {}: {e}", agent.display()))?;
     let plan = Plan::new(cli.quick);
+    setup::set_relay_mode(&cli.relay);
     install_signal_handlers()?;
     let nofile = raise_nofile()?;
     let started = Instant::now();

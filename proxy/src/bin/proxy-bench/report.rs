@@ -550,7 +550,9 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
          --config FILE` with the same N-1 never-matching rules before `dport = \"80\"`.\n\
          - The agent runs with `RUST_LOG={}`: its per-connection log line (info) is off, the \
          rest of its log (ready, warnings) on. Its open-files limit: {} (inherited from the \
-         bench, which raised its own to {}; the agent does not raise its own).\n",
+         bench, which raised its own to {}; the agent raises its soft limit to the hard one, which \
+         nothing here may raise further).\n\
+         - Both (b) and (c) run the agent with `--relay {}`.\n",
         setup::iptables_rules(1),
         setup::IPTABLES_POLICY_ROUTING[0].join(" "),
         setup::IPTABLES_POLICY_ROUTING[1].join(" "),
@@ -560,6 +562,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
         setup::AGENT_LOG,
         meta.agent_nofile.as_deref().unwrap_or("?"),
         meta.nofile,
+        setup::relay_mode(),
     );
 
     let _ = writeln!(md, "## Method\n");

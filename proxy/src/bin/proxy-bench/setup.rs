@@ -149,6 +149,18 @@ struct AgentLog {
     ready: bool,
 }
 
+/// The agent's `--relay` mode, set once from the command line.
+static RELAY_MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn set_relay_mode(mode: &str) {
+    let _ = RELAY_MODE.set(mode.to_owned());
+}
+
+/// The agent's `--relay` mode for this run.
+pub fn relay_mode() -> &'static str {
+    RELAY_MODE.get().map_or("splice", String::as_str)
+}
+
 /// The agent binary running in the router namespace, its stderr collected.
 pub struct Agent {
     child: Option<Child>,
@@ -161,6 +173,7 @@ impl Agent {
         let mut child = router
             .command(binary)
             .args(args)
+            .args(["--relay", relay_mode()])
             .env("RUST_LOG", AGENT_LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
