@@ -28,7 +28,8 @@ use crate::{
     rules_file::RulesFileError,
     stats,
     tproxy::{
-        tcp::{self, ListenError, LiveConnections, ProxyOptions},
+        ListenError,
+        tcp::{self, LiveConnections, ProxyOptions},
         udp::{self, UdpOptions},
     },
     upstream::{Outbound, Upstream},

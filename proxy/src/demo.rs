@@ -49,9 +49,9 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
 
     let server_ready = mpsc::channel();
-    let server_ns = gw.server.name.clone();
     let expected = args.connections as usize + 1;
-    let server = std::thread::spawn(move || serve(&server_ns, expected, server_ready.0));
+    let ready_tx = server_ready.0;
+    let server = gw.server.spawn(move || serve(expected, ready_tx));
     let _ = server_ready.1.recv_timeout(Duration::from_secs(5));
 
     let (dport, on_port) = (INTERCEPTED_PORT.to_string(), ON_PORT.to_string());
@@ -176,16 +176,7 @@ fn exchange(addr: SocketAddr, request: &str) -> std::io::Result<String> {
 
 /// The demo server: answers `expected` connections over ports 80 and 8080, or stops after
 /// 30 s, whichever comes first.
-fn serve(ns: &str, expected: usize, ready: mpsc::Sender<()>) {
-    let netns = testbed::Netns {
-        name: ns.to_owned(),
-    };
-    let entered = netns.enter();
-    // Do not delete the namespace when this handle goes away: the Gateway owns it.
-    std::mem::forget(netns);
-    if entered.is_err() {
-        return;
-    }
+fn serve(expected: usize, ready: mpsc::Sender<()>) {
     let listeners: Vec<TcpListener> = [INTERCEPTED_PORT, DIRECT_PORT]
         .iter()
         .filter_map(|&port| TcpListener::bind(("0.0.0.0", port)).ok())

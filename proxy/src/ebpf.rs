@@ -5,7 +5,7 @@
 use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
 
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
     programs::{
         SchedClassifier, SkLookup, TcAttachType,
@@ -17,7 +17,7 @@ use log::{debug, info, warn};
 use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
     MAP_LISTENERS, MAP_PORT_CLASS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP,
-    PROG_TC_INGRESS, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6, SockOffsets,
+    PROG_TC_INGRESS, RuleAction, RuleCounters, SockOffsets,
 };
 
 use crate::{btf::Btf, rules::Compiled};
@@ -137,30 +137,8 @@ impl Classifier {
             }
         }
         let old = self.installed.take().unwrap_or_default();
-        {
-            let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULES_V4)
-                    .ok_or_else(|| missing(MAP_RULES_V4))?,
-            )
-            .map_err(map_err(MAP_RULES_V4))?;
-            for (len, key, index) in &compiled.v4 {
-                v4.insert(&Key::new(*len, *key), index, 0)
-                    .map_err(write_err(MAP_RULES_V4))?;
-            }
-        }
-        {
-            let mut v6: LpmTrie<&mut MapData, RuleKeyV6, u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULES_V6)
-                    .ok_or_else(|| missing(MAP_RULES_V6))?,
-            )
-            .map_err(map_err(MAP_RULES_V6))?;
-            for (len, key, index) in &compiled.v6 {
-                v6.insert(&Key::new(*len, *key), index, 0)
-                    .map_err(write_err(MAP_RULES_V6))?;
-            }
-        }
+        self.insert_prefixes(MAP_RULES_V4, &compiled.v4)?;
+        self.insert_prefixes(MAP_RULES_V6, &compiled.v6)?;
         {
             // Until a port has a class, no packet to it can match.
             let mut classes: Array<&mut MapData, u32> = Array::try_from(
@@ -181,35 +159,43 @@ impl Classifier {
                     .map_err(write_err(MAP_PORT_CLASS))?;
             }
         }
-        {
-            let now: HashSet<(u32, RuleKeyV4)> =
-                compiled.v4.iter().map(|(l, k, _)| (*l, *k)).collect();
-            let mut v4: LpmTrie<&mut MapData, RuleKeyV4, u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULES_V4)
-                    .ok_or_else(|| missing(MAP_RULES_V4))?,
-            )
-            .map_err(map_err(MAP_RULES_V4))?;
-            for (len, key, _) in old.v4.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
-                v4.remove(&Key::new(*len, *key))
-                    .map_err(write_err(MAP_RULES_V4))?;
-            }
-        }
-        {
-            let now: HashSet<(u32, RuleKeyV6)> =
-                compiled.v6.iter().map(|(l, k, _)| (*l, *k)).collect();
-            let mut v6: LpmTrie<&mut MapData, RuleKeyV6, u32> = LpmTrie::try_from(
-                self.ebpf
-                    .map_mut(MAP_RULES_V6)
-                    .ok_or_else(|| missing(MAP_RULES_V6))?,
-            )
-            .map_err(map_err(MAP_RULES_V6))?;
-            for (len, key, _) in old.v6.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
-                v6.remove(&Key::new(*len, *key))
-                    .map_err(write_err(MAP_RULES_V6))?;
-            }
-        }
+        self.remove_stale_prefixes(MAP_RULES_V4, &compiled.v4, &old.v4)?;
+        self.remove_stale_prefixes(MAP_RULES_V6, &compiled.v6, &old.v6)?;
         self.installed = Some(compiled.clone());
+        Ok(())
+    }
+
+    /// Inserts (prefix length, key) -> rule index entries into an LPM trie.
+    fn insert_prefixes<K: Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(u32, K, u32)],
+    ) -> Result<(), EbpfError> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(name).ok_or_else(|| missing(name))?)
+                .map_err(map_err(name))?;
+        for (len, key, index) in entries {
+            trie.insert(&Key::new(*len, *key), index, 0)
+                .map_err(write_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entries of `old` that `new` no longer has.
+    fn remove_stale_prefixes<K: Pod + Eq + std::hash::Hash>(
+        &mut self,
+        name: &'static str,
+        new: &[(u32, K, u32)],
+        old: &[(u32, K, u32)],
+    ) -> Result<(), EbpfError> {
+        let now: HashSet<(u32, K)> = new.iter().map(|(l, k, _)| (*l, *k)).collect();
+        let mut trie: LpmTrie<&mut MapData, K, u32> =
+            LpmTrie::try_from(self.ebpf.map_mut(name).ok_or_else(|| missing(name))?)
+                .map_err(map_err(name))?;
+        for (len, key, _) in old.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
+            trie.remove(&Key::new(*len, *key))
+                .map_err(write_err(name))?;
+        }
         Ok(())
     }
 

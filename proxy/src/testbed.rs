@@ -123,12 +123,20 @@ impl Netns {
 
     /// Moves the calling thread into the namespace, for threads that live on.
     pub fn enter(&self) -> Result<(), TestbedError> {
-        let setns_err = |source: io::Error| TestbedError::Setns {
-            name: self.name.clone(),
-            source,
-        };
-        let file = File::open(format!("/run/netns/{}", self.name)).map_err(setns_err)?;
-        setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| setns_err(io::Error::from(e)))
+        enter(&self.name)
+    }
+
+    /// Runs `f` on a new thread inside the namespace and returns at once with its handle
+    /// (for servers that run while the test goes on).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<Result<T, TestbedError>> {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter(&name)?;
+            Ok(f())
+        })
     }
 
     /// Writes a sysctl under /proc/sys/net as seen from inside the namespace.
@@ -140,6 +148,16 @@ impl Netns {
                 source,
             })
     }
+}
+
+/// Moves the calling thread into the named namespace.
+fn enter(name: &str) -> Result<(), TestbedError> {
+    let setns_err = |source: io::Error| TestbedError::Setns {
+        name: name.to_owned(),
+        source,
+    };
+    let file = File::open(format!("/run/netns/{name}")).map_err(setns_err)?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| setns_err(io::Error::from(e)))
 }
 
 impl Drop for Netns {

@@ -34,13 +34,12 @@ fn spawn_in<T: Send + 'static>(
     ns: &Netns,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> std::thread::JoinHandle<T> {
-    let name = ns.name.clone();
+    let handle = ns.spawn(f);
     std::thread::spawn(move || {
-        let netns = Netns { name };
-        let entered = netns.enter();
-        std::mem::forget(netns); // the Gateway owns the namespace
-        entered.expect("entering the namespace");
-        f()
+        handle
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            .expect("entering the namespace")
     })
 }
 

@@ -3,8 +3,7 @@
 //! rewrites a packet), the proxy connects there and relays both ways.
 
 use std::{
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -21,59 +20,22 @@ use tokio::{
 
 use crate::{
     relay::{self, RelayMode},
-    tproxy::sockopt::transparent_socket,
+    tproxy::{ListenError, bind_listener, canonical, is_local, sockopt::transparent_socket},
     upstream::{self, Outbound, Upstream},
 };
-
-/// The listener could not be opened.
-#[derive(Debug, thiserror::Error)]
-pub enum ListenError {
-    /// Another socket holds the address and port.
-    #[error("{0} is already in use (another proxy or an earlier agent still running?)")]
-    InUse(SocketAddr),
-    /// IP_TRANSPARENT was refused.
-    #[error("setting IP_TRANSPARENT on the listener for {0} needs CAP_NET_ADMIN")]
-    NotPermitted(SocketAddr),
-    /// Any other failure.
-    #[error("opening the transparent listener on {addr}")]
-    Other {
-        addr: SocketAddr,
-        #[source]
-        source: io::Error,
-    },
-}
 
 /// Opens the transparent listener at `on_ip:on_port`, or, without on-ip, at the wildcard
 /// address (dual stack where the namespace has IPv6), where the kernel's lookup at the
 /// ingress interface's address finds it.
 pub fn listen(on_ip: Option<IpAddr>, on_port: u16) -> Result<std::net::TcpListener, ListenError> {
-    match on_ip {
-        Some(ip) => bind(SocketAddr::new(ip, on_port)),
-        None => match bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), on_port)) {
-            Err(ListenError::Other { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
-                ) =>
-            {
-                bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), on_port))
-            }
-            other => other,
-        },
-    }
-}
-
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, ListenError> {
-    let classify = |source: io::Error| match source.raw_os_error() {
-        Some(libc::EADDRINUSE) => ListenError::InUse(addr),
-        Some(libc::EPERM) => ListenError::NotPermitted(addr),
-        _ => ListenError::Other { addr, source },
-    };
-    let socket = transparent_socket(&addr, Type::STREAM, Protocol::TCP).map_err(classify)?;
-    socket.bind(&addr.into()).map_err(classify)?;
-    socket.listen(1024).map_err(classify)?;
-    socket.set_nonblocking(true).map_err(classify)?;
-    Ok(socket.into())
+    bind_listener(on_ip, on_port, |addr| {
+        let fail = |source| ListenError::from_io(addr, source);
+        let socket = transparent_socket(&addr, Type::STREAM, Protocol::TCP).map_err(fail)?;
+        socket.bind(&addr.into()).map_err(fail)?;
+        socket.listen(1024).map_err(fail)?;
+        socket.set_nonblocking(true).map_err(fail)?;
+        Ok(socket.into())
+    })
 }
 
 /// What the accept loop needs to know for each connection.
@@ -160,11 +122,6 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
     }
 }
 
-/// Undoes the IPv4-mapped form a dual-stack socket reports (`::ffff:192.0.2.1`).
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
 /// True when `orig_dst` is the proxy's own listener: a client that connected straight to
 /// the proxy port. Relaying it would connect the proxy to itself, forever.
 fn is_own_listener(orig_dst: SocketAddr, listen_addr: Option<SocketAddr>) -> bool {
@@ -177,9 +134,8 @@ fn is_own_listener(orig_dst: SocketAddr, listen_addr: Option<SocketAddr>) -> boo
     if !listen.ip().is_unspecified() {
         return listen.ip().to_canonical() == orig_dst.ip();
     }
-    // A wildcard listener: the destination is ours if it is a local address, which is
-    // when a plain (non-transparent) bind to it succeeds.
-    std::net::UdpSocket::bind(SocketAddr::new(orig_dst.ip(), 0)).is_ok()
+    // A wildcard listener: the destination is ours if it is a local address.
+    is_local(orig_dst.ip())
 }
 
 async fn handle(

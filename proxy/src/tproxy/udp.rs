@@ -30,7 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 use crate::{
-    tproxy::{sockopt::transparent_socket, tcp::ListenError},
+    tproxy::{ListenError, bind_listener, canonical, is_local, sockopt::transparent_socket},
     upstream::{Outbound, Upstream, socks5},
 };
 
@@ -139,47 +139,23 @@ impl UdpUpstream {
 /// Opens the transparent UDP listener at `on_ip:on_port`, or at the wildcard address
 /// (dual stack where the namespace has IPv6), with original-destination reporting on.
 pub fn listen(on_ip: Option<IpAddr>, on_port: u16) -> Result<std::net::UdpSocket, ListenError> {
-    let try_bind = |addr: SocketAddr| -> Result<std::net::UdpSocket, ListenError> {
-        let classify = |source: io::Error| match source.raw_os_error() {
-            Some(libc::EADDRINUSE) => ListenError::InUse(addr),
-            Some(libc::EPERM) => ListenError::NotPermitted(addr),
-            _ => ListenError::Other { addr, source },
-        };
-        let socket = transparent_socket(&addr, Type::DGRAM, Protocol::UDP).map_err(classify)?;
+    bind_listener(on_ip, on_port, |addr| {
+        let fail = |source| ListenError::from_io(addr, source);
+        let socket = transparent_socket(&addr, Type::DGRAM, Protocol::UDP).map_err(fail)?;
         // Each datagram's original destination arrives as a control message. A dual-stack
         // socket reports IPv4 datagrams with the IPv4 option, so set both.
         let fd = socket.as_raw_fd();
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
         if addr.is_ipv4() || addr.ip().is_unspecified() {
-            socket::setsockopt(&fd, sockopt::Ipv4OrigDstAddr, &true)
-                .map_err(|e| classify(e.into()))?;
+            socket::setsockopt(&fd, sockopt::Ipv4OrigDstAddr, &true).map_err(|e| fail(e.into()))?;
         }
         if addr.is_ipv6() {
-            socket::setsockopt(&fd, sockopt::Ipv6OrigDstAddr, &true)
-                .map_err(|e| classify(e.into()))?;
+            socket::setsockopt(&fd, sockopt::Ipv6OrigDstAddr, &true).map_err(|e| fail(e.into()))?;
         }
-        socket.bind(&addr.into()).map_err(classify)?;
-        socket.set_nonblocking(true).map_err(classify)?;
+        socket.bind(&addr.into()).map_err(fail)?;
+        socket.set_nonblocking(true).map_err(fail)?;
         Ok(socket.into())
-    };
-    match on_ip {
-        Some(ip) => try_bind(SocketAddr::new(ip, on_port)),
-        None => match try_bind(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), on_port)) {
-            Err(ListenError::Other { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
-                ) =>
-            {
-                try_bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), on_port))
-            }
-            other => other,
-        },
-    }
-}
-
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+    })
 }
 
 /// One datagram with its sender and original destination.
@@ -291,10 +267,6 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
             }
         });
     }
-}
-
-fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// A socket bound to `local` (transparent when `transparent`) and connected to `peer`.

@@ -194,20 +194,15 @@ pub enum ServerMode {
 /// A TCP server on a thread inside a namespace; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
 }
 
 impl Server {
     pub fn start(ns: &Netns, addr: SocketAddr, mode: ServerMode) -> Server {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
-        let name = ns.name.clone();
         let flag = Arc::clone(&stop);
-        let thread = std::thread::spawn(move || {
-            let netns = Netns { name };
-            let entered = netns.enter();
-            std::mem::forget(netns); // the Gateway owns the namespace
-            entered.expect("entering the server namespace");
+        let thread = ns.spawn(move || {
             let listener = TcpListener::bind(addr).expect("binding the test server");
             listener.set_nonblocking(true).expect("nonblocking");
             ready_tx.send(()).expect("ready");
