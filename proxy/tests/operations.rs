@@ -296,3 +296,65 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
     assert!(!last.contains("packets=0 "), "{last}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn restart_after_a_crash_replaces_what_was_left() {
+    require_root();
+    let gw = Gateway::new("crash").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let rules_before =
+        String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
+            .into_owned();
+    let args = [
+        "run",
+        "--iface",
+        "r0",
+        "--dport",
+        "80",
+        "--on-port",
+        "50080",
+    ];
+    let agent = Agent::start(&gw.router, &args);
+    let _ = nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+    let (status, _) = agent.wait_exit(Duration::from_secs(5));
+    assert!(!status.success());
+    // SIGKILL leaves the rule and the route (the TCX link died with the process).
+    let left = String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
+        .into_owned();
+    assert!(
+        left.contains("fwmark 0x1/0x1 lookup 100 proto 211"),
+        "{left}"
+    );
+
+    let agent = Agent::start(&gw.router, &args);
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"again"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "{reply}"
+    );
+    let rules_now =
+        String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
+            .into_owned();
+    assert_eq!(
+        rules_now.matches("fwmark 0x1/0x1").count(),
+        1,
+        "a second rule was added:\n{rules_now}"
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    let after = String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
+        .into_owned();
+    assert_eq!(after, rules_before);
+    let table = String::from_utf8_lossy(
+        &gw.router
+            .ip(&["route", "show", "table", "100"])
+            .expect("ip route")
+            .stdout,
+    )
+    .into_owned();
+    assert_eq!(table, "");
+}
