@@ -38,6 +38,11 @@ pub const MAP_IFACE_ADDRS: &str = "IFACE_ADDRS";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 /// Array<[`GlobalConfig`]>, one entry.
 pub const MAP_CONFIG: &str = "CONFIG";
+/// LruHashMap<[`FlowKey`], u32>: the SYNs the classifier handed to a TIME_WAIT socket
+/// (T3), the only lookups the sk_lookup program may answer.
+pub const MAP_TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
+/// Entries of [`MAP_TIME_WAIT_SYNS`]: reconnects in flight at once.
+pub const MAX_TIME_WAIT_SYNS: u32 = 4096;
 /// PerCpuArray<u64>, one slot per [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// PerCpuArray<[`RuleCounters`]>, indexed by rule index.
@@ -86,6 +91,17 @@ pub struct RuleKeyV4 {
 pub struct RuleKeyV6 {
     pub class_be: [u8; 4],
     pub addr: [u8; 16],
+}
+
+/// A connection's tuple as the classifier and the sk_lookup program both see it; IPv4
+/// addresses use the first 4 bytes, the rest is zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowKey {
+    pub remote: [u8; 16],
+    pub local: [u8; 16],
+    pub remote_port_be: u16,
+    pub local_port_be: u16,
 }
 
 /// Bits of the class prefix that precede the address in [`RuleKeyV4`] and [`RuleKeyV6`].
@@ -292,4 +308,5 @@ mod pod {
     unsafe impl aya::Pod for super::RuleCounters {}
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::GlobalConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
 }

@@ -20,11 +20,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter};
+use proxy_common::{ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter, FlowKey};
 
 use crate::{
     lookup::Found,
-    maps::{CONFIG, count, count_rule},
+    maps::{CONFIG, TIME_WAIT_SYNS, count, count_rule},
     parse::{Fragment, Parsed},
     rules::Matched,
 };
@@ -107,7 +107,15 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
             Some((sk, _)) if !sk.is_transparent() => {
                 RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
             }
-            Some((sk, found)) => match lookup::assign(ctx, &sk) {
+            Some((sk, found)) => match {
+                if found == Found::TimeWaitSyn {
+                    // Tell the sk_lookup program that the kernel's coming listener lookup
+                    // for this tuple is ours to answer (and no other lookup is).
+                    let key = flow_key(&packet);
+                    let _ = TIME_WAIT_SYNS.insert(&key, &1, 0);
+                }
+                lookup::assign(ctx, &sk)
+            } {
                 Ok(()) => {
                     // T6: every assigned packet carries the mark, established or not:
                     // without the policy route the forwarding path drops a packet that
@@ -145,6 +153,17 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
                 TC_ACT_SHOT
             }
         }
+    }
+}
+
+/// The packet's tuple, remote (source) first, as the sk_lookup program will see it.
+#[inline(always)]
+fn flow_key(packet: &parse::Packet) -> FlowKey {
+    FlowKey {
+        remote: packet.saddr,
+        local: packet.daddr,
+        remote_port_be: packet.sport_be,
+        local_port_be: packet.dport_be,
     }
 }
 

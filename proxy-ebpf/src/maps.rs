@@ -2,11 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use proxy_common::{
-    Counter, GlobalConfig, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RULES,
-    PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+    Counter, FlowKey, GlobalConfig, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES,
+    MAX_RULES, MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4,
+    RuleKeyV6,
 };
 
 #[map]
@@ -26,6 +27,10 @@ pub static IFACE_ADDRS: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX
 
 #[map]
 pub static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
+
+#[map]
+pub static TIME_WAIT_SYNS: LruHashMap<FlowKey, u32> =
+    LruHashMap::with_max_entries(MAX_TIME_WAIT_SYNS, 0);
 
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);

@@ -6,15 +6,15 @@
 //! answers that lookup with the agent's listener for the matching rule, so the kernel
 //! retires the TIME_WAIT socket and the new connection reaches the proxy at once.
 //!
-//! It only acts on lookups for packets that arrived on an interface the classifier is
-//! attached to (the agent keeps those in `IFACE_ADDRS`) and that match a rule, so local
-//! traffic is never steered.
+//! It only answers the lookup that follows a SYN the classifier handed to a TIME_WAIT socket
+//! (the classifier records the tuple in `TIME_WAIT_SYNS` just before), on an interface the
+//! classifier is attached to and for a matching rule: no other traffic is ever steered.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use proxy_common::{ACTION_HAS_LISTENER_SLOT, IPPROTO_TCP};
+use proxy_common::{ACTION_HAS_LISTENER_SLOT, FlowKey, IPPROTO_TCP};
 
 use crate::{
-    maps::{IFACE_ADDRS, LISTENERS},
+    maps::{IFACE_ADDRS, LISTENERS, TIME_WAIT_SYNS},
     parse::{Family, Fragment, Packet},
     rules,
 };
@@ -37,35 +37,51 @@ pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
     if unsafe { IFACE_ADDRS.get(&ifindex) }.is_none() {
         return SK_PASS;
     }
-    let mut daddr = [0u8; 16];
+    let mut remote = [0u8; 16];
+    let mut local = [0u8; 16];
     let family = match field(unsafe { &raw const (*l).family }) {
         AF_INET => {
+            let r = field(unsafe { &raw const (*l).remote_ip4 });
+            remote[..4].copy_from_slice(&r.to_ne_bytes());
             let ip = field(unsafe { &raw const (*l).local_ip4 });
-            daddr[..4].copy_from_slice(&ip.to_ne_bytes());
+            local[..4].copy_from_slice(&ip.to_ne_bytes());
             Family::V4
         }
         AF_INET6 => {
-            let w0 = field(unsafe { &raw const (*l).local_ip6[0] });
-            let w1 = field(unsafe { &raw const (*l).local_ip6[1] });
-            let w2 = field(unsafe { &raw const (*l).local_ip6[2] });
-            let w3 = field(unsafe { &raw const (*l).local_ip6[3] });
-            daddr[0..4].copy_from_slice(&w0.to_ne_bytes());
-            daddr[4..8].copy_from_slice(&w1.to_ne_bytes());
-            daddr[8..12].copy_from_slice(&w2.to_ne_bytes());
-            daddr[12..16].copy_from_slice(&w3.to_ne_bytes());
+            for i in 0..4 {
+                let r = field(unsafe { &raw const (*l).remote_ip6[i] });
+                remote[i * 4..i * 4 + 4].copy_from_slice(&r.to_ne_bytes());
+                let w = field(unsafe { &raw const (*l).local_ip6[i] });
+                local[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+            }
             Family::V6
         }
         _ => return SK_PASS,
     };
-    let local_port = field(unsafe { &raw const (*l).local_port });
+    // `remote_port` is network order, `local_port` host order in `struct bpf_sk_lookup`.
+    let remote_port_be: u16 =
+        unsafe { core::ptr::read_volatile((&raw const (*l).remote_port).cast::<u16>()) };
+    let local_port = field(unsafe { &raw const (*l).local_port }) as u16;
+    // Only the lookup that follows a SYN the classifier handed to a TIME_WAIT socket is
+    // ours: any other (the proxy's own marked traffic, a fail-open packet, local traffic)
+    // goes on as if we were not here.
+    let key = FlowKey {
+        remote,
+        local,
+        remote_port_be,
+        local_port_be: local_port.to_be(),
+    };
+    if unsafe { TIME_WAIT_SYNS.get(&key) }.is_none() {
+        return SK_PASS;
+    }
+    let _ = TIME_WAIT_SYNS.remove(&key);
     let packet = Packet {
         family,
         protocol: IPPROTO_TCP,
-        saddr: [0; 16],
-        daddr,
-        sport_be: 0,
-        // `local_port` is in host order in `struct bpf_sk_lookup`.
-        dport_be: (local_port as u16).to_be(),
+        saddr: remote,
+        daddr: local,
+        sport_be: remote_port_be,
+        dport_be: local_port.to_be(),
         tcp_flags: 0,
         fragment: Fragment::None,
     };

@@ -657,3 +657,56 @@ fn udp_through_a_socks5_upstream_uses_udp_associate() {
     );
     assert!(status.success(), "{log}");
 }
+
+#[test]
+fn the_proxys_own_marked_traffic_is_never_intercepted() {
+    require_root();
+    let gw = Gateway::new("bypass").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let (mut socks, _socks_log) = start_microsocks(&gw.router);
+    // The classifier also sits on lo with a rule for the SOCKS port: without the outbound
+    // mark the proxy's own connection to 127.0.0.1:1080 would be handed back to its
+    // listener, and again, forever.
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--iface",
+            "lo",
+            "--dport",
+            "80,1080",
+            "--on-port",
+            "50080",
+            "--upstream",
+            "socks5://alice:s3cret@127.0.0.1:1080",
+        ],
+    );
+    let reply = gw
+        .client
+        .run(|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            writeln!(stream, "marked")?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer)?;
+            Ok(answer.trim().to_owned())
+        })
+        .expect("netns")
+        .unwrap_or_else(|e| panic!("exchange: {e}\n{}", agent.log_text()));
+    assert!(
+        reply.ends_with("echo=marked"),
+        "{reply}\n{}",
+        agent.log_text()
+    );
+    let (status, log) = agent.stop();
+    let _ = socks.kill();
+    let _ = socks.wait();
+    assert!(status.success(), "{log}");
+    assert!(common::counter(&log, "bypassed") >= 3, "{log}");
+    assert!(
+        !log.contains("-> 127.0.0.1:1080"),
+        "the proxy intercepted its own connection:\n{log}"
+    );
+}
