@@ -401,7 +401,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         listeners.start(&mut classifier, &rules, pending)?;
         classifier.attach_sk_lookup()?;
         for (name, _) in &ifaces {
-            classifier.attach(name)?;
+            classifier.attach(name, args.tc_attach)?;
         }
         log_rules(&rules);
         info!(
@@ -476,6 +476,14 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 
     // Teardown, in reverse, whatever happened above.
     classifier.detach_all();
+    for name in classifier.take_clsact_added() {
+        if let Some((_, index)) = ifaces.iter().find(|(n, _)| *n == name) {
+            match remove_clsact(&handle, *index).await {
+                Ok(()) => info!("clsact qdisc removed from {name}"),
+                Err(e) => warn!("removing the clsact qdisc from {name}: {e}"),
+            }
+        }
+    }
     if let Err(e) = routing.remove().await {
         error!("removing policy routing: {}", error_chain(&e));
     }
@@ -483,6 +491,20 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;
     result
+}
+
+/// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF
+/// clsact`); the filters under it go with it.
+async fn remove_clsact(handle: &rtnetlink::Handle, ifindex: u32) -> Result<(), rtnetlink::Error> {
+    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle};
+    let mut request = handle.qdisc().del(ifindex as i32);
+    let message = request.message_mut();
+    message.header.parent = TcHandle::CLSACT;
+    message.header.handle = TcHandle::from(0xffff_0000);
+    message
+        .attributes
+        .push(TcAttribute::Kind("clsact".to_owned()));
+    request.execute().await
 }
 
 /// SIGHUP: re-reads `--config`, and only if everything about it is usable, switches the

@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
+    ebpf::TcAttach,
     relay::RelayMode,
     rules::{self, Mark, PortSet, Protocols, Rule},
     rules_file::{self, RulesFileError},
@@ -135,6 +136,12 @@ pub struct RunArgs {
     /// long before exiting; a second signal exits at once.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_drain)]
     pub drain_timeout: Duration,
+
+    /// How the classifier is attached: auto (TCX links on 6.6+ kernels, else clsact +
+    /// cls_bpf), tcx, or netlink (clsact + cls_bpf, the qdisc removed on exit if the agent
+    /// added it).
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
 
     /// A UDP session (client, original destination) ends after this long without a
     /// datagram either way.

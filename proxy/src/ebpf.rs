@@ -8,8 +8,8 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
     programs::{
-        SchedClassifier, SkLookup, TcAttachType,
-        tc::{self, SchedClassifierLinkId},
+        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
 };
@@ -21,6 +21,17 @@ use proxy_common::{
 };
 
 use crate::{btf::Btf, rules::Compiled};
+
+/// How the classifier is attached at TC ingress (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links on kernels that have them (6.6+), clsact + cls_bpf otherwise.
+    Auto,
+    /// A TCX link.
+    Tcx,
+    /// cls_bpf under a clsact qdisc, over netlink (the pre-6.6 way).
+    Netlink,
+}
 
 /// The classifier object, built by `build.rs` from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
@@ -246,8 +257,14 @@ impl Classifier {
 
     /// Attaches the classifier at ingress of `iface`: a TCX link on kernels that have
     /// them (6.6+), else cls_bpf under a clsact qdisc over netlink.
-    pub fn attach(&mut self, iface: &str) -> Result<(), EbpfError> {
-        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+    pub fn attach(&mut self, iface: &str, how: TcAttach) -> Result<(), EbpfError> {
+        let tcx = match how {
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
+            TcAttach::Tcx => true,
+            TcAttach::Netlink => false,
+        };
         if !tcx {
             match tc::qdisc_add_clsact(iface) {
                 Ok(()) => self.clsact_added.push(iface.to_owned()),
@@ -261,19 +278,34 @@ impl Classifier {
                 }
             }
         }
+        let options = if tcx {
+            TcAttachOptions::TcxOrder(LinkOrder::default())
+        } else {
+            TcAttachOptions::Netlink(NlOptions::default())
+        };
         let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
         let link = prog
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, options)
             .map_err(|source| EbpfError::Attach {
                 iface: iface.to_owned(),
                 source,
             })?;
         info!(
             "classifier attached to {iface} ingress ({})",
-            if tcx { "tcx link" } else { "clsact + cls_bpf" }
+            if tcx {
+                "tcx link"
+            } else {
+                "clsact + cls_bpf over netlink"
+            }
         );
         self.tc_links.push((iface.to_owned(), link));
         Ok(())
+    }
+
+    /// The interfaces where the agent added the clsact qdisc itself, for the agent to
+    /// remove it again after [`detach_all`](Self::detach_all).
+    pub fn take_clsact_added(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.clsact_added)
     }
 
     /// Detaches from every interface. Errors are logged, not returned: teardown goes on.
@@ -285,12 +317,6 @@ impl Classifier {
                     // The interface may be gone already, and its links with it.
                     Err(e) => warn!("detaching from {iface}: {e}"),
                 }
-            }
-        }
-        for iface in self.clsact_added.drain(..) {
-            if let Err(e) = tc::qdisc_detach_program(&iface, TcAttachType::Ingress, PROG_TC_INGRESS)
-            {
-                debug!("removing the classifier filter from {iface}: {e}");
             }
         }
     }

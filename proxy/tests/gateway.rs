@@ -332,3 +332,53 @@ fn without_root_the_agent_says_so_and_changes_nothing() {
     assert_eq!(router_rules(&gw), before);
     assert!(tcx_programs(&gw).is_empty());
 }
+
+#[test]
+fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
+    require_root();
+    let gw = Gateway::new("nl").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let qdiscs = || {
+        let out = gw
+            .router
+            .command("tc")
+            .args(["qdisc", "show", "dev", "r0"])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let filters = || {
+        let out = gw
+            .router
+            .command("tc")
+            .args(["filter", "show", "dev", "r0", "ingress"])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!qdiscs().contains("clsact"));
+    let agent = Agent::start(
+        &gw.router,
+        &[AGENT_ARGS, &["--tc-attach", "netlink"]].concat(),
+    );
+    assert!(
+        agent.log_contains("classifier attached to r0 ingress (clsact + cls_bpf over netlink)")
+    );
+    assert!(qdiscs().contains("clsact"), "{}", qdiscs());
+    assert!(filters().contains("tproxy_ingress"), "{}", filters());
+    assert!(tcx_programs(&gw).is_empty(), "a TCX link as well");
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"nl"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(
+        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
+        "{reply}"
+    );
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("clsact qdisc removed from r0"), "{log}");
+    assert!(!qdiscs().contains("clsact"), "{}", qdiscs());
+    assert_eq!(filters().trim(), "");
+}
