@@ -116,6 +116,14 @@ pub const ACTION_FAIL_OPEN: u32 = 1 << 2;
 /// [`RuleAction::flags`]: `listener_slot` names a socket in [`MAP_LISTENERS`].
 pub const ACTION_HAS_LISTENER_SLOT: u32 = 1 << 3;
 
+/// The mark of an assigned packet: `(mark & ~mask) ^ value`, exactly `tproxy_tg4` in
+/// `net/netfilter/xt_TPROXY.c` (XOR, not OR). The one place the formula is written, for the
+/// classifier (rules and the return path) and the agent alike.
+#[inline(always)]
+pub const fn tproxy_mark(mark: u32, value: u32, mask: u32) -> u32 {
+    (mark & !mask) ^ value
+}
+
 /// What a matching rule does, the arguments of `-j TPROXY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,11 +145,10 @@ pub struct RuleAction {
 }
 
 impl RuleAction {
-    /// The mark a packet leaves with once assigned: `(mark & ~mask) ^ value`, exactly
-    /// `tproxy_tg4` in `net/netfilter/xt_TPROXY.c` (XOR, not OR).
+    /// The mark a packet leaves with once assigned (see [`tproxy_mark`]).
     #[inline(always)]
     pub const fn apply_mark(&self, mark: u32) -> u32 {
-        (mark & !self.mark_mask) ^ self.mark_value
+        tproxy_mark(mark, self.mark_value, self.mark_mask)
     }
 }
 

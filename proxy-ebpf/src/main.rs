@@ -20,7 +20,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::warn;
-use proxy_common::{ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter, FlowKey};
+use proxy_common::{
+    ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter, FlowKey, GlobalConfig, RuleAction, tproxy_mark,
+};
 
 use crate::{
     lookup::Found,
@@ -47,13 +49,12 @@ enum RuleVerdict {
 #[inline(always)]
 fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
     count(Counter::Seen);
+    let config = CONFIG.get(0).copied().unwrap_or_default();
     // The proxy's own outbound traffic (SO_MARK) is never intercepted: no loops.
-    if let Some(config) = CONFIG.get(0) {
-        let bypass = config.bypass_mark;
-        if bypass != 0 && unsafe { (*ctx.skb.skb).mark } & bypass == bypass {
-            count(Counter::Bypassed);
-            return TC_ACT_UNSPEC;
-        }
+    let bypass = config.bypass_mark;
+    if bypass != 0 && unsafe { (*ctx.skb.skb).mark } & bypass == bypass {
+        count(Counter::Bypassed);
+        return TC_ACT_UNSPEC;
     }
     let packet = match parse::parse(ctx) {
         Ok(Parsed::Transport(packet)) => packet,
@@ -84,7 +85,7 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     }
     let Some(Matched { index, action }) = rules::match_rule(&packet) else {
-        return divert(ctx, &packet);
+        return divert(ctx, &packet, &config);
     };
     count(Counter::Matched);
     let len = ctx.len();
@@ -107,33 +108,14 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
             Some((sk, _)) if !sk.is_transparent() => {
                 RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
             }
-            Some((sk, found)) => match {
+            Some((sk, found)) => {
                 if found == Found::TimeWaitSyn {
                     // Tell the sk_lookup program that the kernel's coming listener lookup
                     // for this tuple is ours to answer (and no other lookup is).
-                    let key = flow_key(&packet);
-                    let _ = TIME_WAIT_SYNS.insert(&key, &1, 0);
+                    let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &1, 0);
                 }
-                lookup::assign(ctx, &sk)
-            } {
-                Ok(()) => {
-                    // T6: every assigned packet carries the mark, established or not:
-                    // without the policy route the forwarding path drops a packet that
-                    // holds a socket.
-                    let mark = unsafe { (*ctx.skb.skb).mark };
-                    ctx.set_mark(action.apply_mark(mark));
-                    count(match found {
-                        Found::Established => Counter::AssignedEstablished,
-                        Found::TimeWaitSyn => Counter::TimeWaitSyn,
-                        Found::Listener => Counter::AssignedListener,
-                    });
-                    RuleVerdict::Assigned
-                }
-                Err(err) => {
-                    warn!(ctx, "bpf_sk_assign failed: {}", err);
-                    RuleVerdict::NoSocket(Counter::AssignFailed)
-                }
-            },
+                assigned(ctx, &sk, found, &action)
+            }
         }
     };
 
@@ -144,16 +126,39 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
         }
         RuleVerdict::NoSocket(reason) => {
             count(reason);
+            count_rule(index, len, false);
             if action.flags & ACTION_FAIL_OPEN != 0 {
                 count(Counter::PassedFailOpen);
-                count_rule(index, len, false);
                 TC_ACT_UNSPEC
             } else {
-                count_rule(index, len, false);
                 TC_ACT_SHOT
             }
         }
     }
+}
+
+/// Assigns the socket and, only once that worked, marks the packet (T6: every assigned
+/// packet carries the mark, established or not: without the policy route the forwarding
+/// path drops a packet that holds a socket; on failure the mark is left alone).
+#[inline(always)]
+fn assigned(
+    ctx: &TcContext,
+    sk: &lookup::SockRef,
+    found: Found,
+    action: &RuleAction,
+) -> RuleVerdict {
+    if let Err(err) = lookup::assign(ctx, sk) {
+        warn!(ctx, "bpf_sk_assign failed: {}", err);
+        return RuleVerdict::NoSocket(Counter::AssignFailed);
+    }
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(action.apply_mark(mark));
+    count(match found {
+        Found::Established => Counter::AssignedEstablished,
+        Found::TimeWaitSyn => Counter::TimeWaitSyn,
+        Found::Listener => Counter::AssignedListener,
+    });
+    RuleVerdict::Assigned
 }
 
 /// The packet's tuple, remote (source) first, as the sk_lookup program will see it.
@@ -172,21 +177,17 @@ fn flow_key(packet: &parse::Packet) -> FlowKey {
 /// a connection accepted under a rule that a reload removed). Those are assigned and marked
 /// like the recipe's `-m socket --transparent -j DIVERT` (T8).
 #[inline(always)]
-fn divert(ctx: &TcContext, packet: &parse::Packet) -> i32 {
-    let Some(config) = CONFIG.get(0) else {
-        count(Counter::NotMatched);
-        return TC_ACT_UNSPEC;
-    };
-    if config.flags & CONFIG_DIVERT == 0 {
-        count(Counter::NotMatched);
-        return TC_ACT_UNSPEC;
-    }
-    let (value, mask) = (config.divert_mark_value, config.divert_mark_mask);
-    if let Some(sk) = lookup::find_divert_socket(ctx, packet)
+fn divert(ctx: &TcContext, packet: &parse::Packet, config: &GlobalConfig) -> i32 {
+    if config.flags & CONFIG_DIVERT != 0
+        && let Some(sk) = lookup::find_divert_socket(ctx, packet)
         && lookup::assign(ctx, &sk).is_ok()
     {
         let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark((mark & !mask) ^ value);
+        ctx.set_mark(tproxy_mark(
+            mark,
+            config.divert_mark_value,
+            config.divert_mark_mask,
+        ));
         count(Counter::Diverted);
         return TC_ACT_OK;
     }

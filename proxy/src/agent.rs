@@ -317,7 +317,7 @@ fn raise_nofile_limit() {
     }
 }
 
-/// Runs the agent until `shutdown` completes.
+/// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
 pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
@@ -350,14 +350,15 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         (None, true) => Upstream::SpoofSource,
         (None, false) => Upstream::Direct,
     };
+    let outbound = Outbound {
+        connect_timeout: args.connect_timeout,
+        mark: args.outbound_mark,
+    };
     let live = Arc::new(LiveConnections::default());
     let mut listeners = Listeners {
         options: Arc::new(ProxyOptions {
             upstream: upstream.clone(),
-            outbound: Outbound {
-                connect_timeout: args.connect_timeout,
-                mark: args.outbound_mark,
-            },
+            outbound,
             relay: args.relay,
             limit: Arc::new(Semaphore::new(args.max_connections as usize)),
             live: Arc::clone(&live),
@@ -365,11 +366,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         udp_options: Arc::new(UdpOptions {
             idle_timeout: args.udp_idle_timeout,
             max_sessions: args.udp_max_sessions as usize,
-            outbound: Outbound {
-                connect_timeout: args.connect_timeout,
-                mark: args.outbound_mark,
-            },
-            upstream: upstream.clone(),
+            outbound,
+            upstream,
         }),
         running: HashMap::new(),
         udp_running: HashMap::new(),
@@ -390,12 +388,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     let mut addr_changes =
         ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
     for (name, index) in &ifaces {
-        let addrs = ifaddrs::laddr_candidates(&handle, *index).await?;
-        info!("{name}: laddr candidates {}", describe_addrs(&addrs));
-        classifier.set_iface_addrs(*index, addrs)?;
+        refresh_laddr(&handle, &mut classifier, name, *index, false).await?;
     }
 
-    let mut routing = PolicyRouting::new(args.table)?;
+    let mut routing = PolicyRouting::new(handle.clone(), args.table);
     let serving = async {
         routing.install(&marks(&rules)).await?;
         listeners.start(&mut classifier, &rules, pending)?;
@@ -429,16 +425,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                     }
                 }
                 Some(index) = addr_changes.recv() => {
-                    if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index) {
-                        match ifaddrs::laddr_candidates(&handle, index).await {
-                            Ok(addrs) => {
-                                info!("{name}: addresses changed, laddr candidates {}", describe_addrs(&addrs));
-                                if let Err(e) = classifier.set_iface_addrs(index, addrs) {
-                                    error!("{name}: {}", error_chain(&e));
-                                }
-                            }
-                            Err(e) => error!("{name}: {}", error_chain(&e)),
-                        }
+                    if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index)
+                        && let Err(e) = refresh_laddr(&handle, &mut classifier, name, index, true).await
+                    {
+                        error!("{name}: {}", error_chain(&e));
                     }
                 }
                 Ok((mut stream, _)) = stats_listener.accept() => {
@@ -553,6 +543,21 @@ fn log_rules(rules: &[Rule]) {
             rules.len() - SHOWN
         );
     }
+}
+
+/// Reads an interface's laddr candidates over netlink and hands them to the classifier.
+async fn refresh_laddr(
+    handle: &rtnetlink::Handle,
+    classifier: &mut Classifier,
+    name: &str,
+    index: u32,
+    changed: bool,
+) -> Result<(), AgentError> {
+    let addrs = ifaddrs::laddr_candidates(handle, index).await?;
+    let why = if changed { "addresses changed, " } else { "" };
+    info!("{name}: {why}laddr candidates {}", describe_addrs(&addrs));
+    classifier.set_iface_addrs(index, addrs)?;
+    Ok(())
 }
 
 fn describe_addrs(addrs: &IfaceAddrs) -> String {

@@ -72,16 +72,13 @@ fn family_name(v: &IpVersion) -> &'static str {
 }
 
 impl PolicyRouting {
-    /// Opens a netlink connection in the current network namespace. Must be called from a
-    /// tokio runtime.
-    pub fn new(table: u32) -> Result<Self, RoutingError> {
-        let (connection, handle, _) = rtnetlink::new_connection().map_err(RoutingError::Connect)?;
-        tokio::spawn(connection);
-        Ok(PolicyRouting {
+    /// Works through `handle`, a netlink connection in the agent's network namespace.
+    pub fn new(handle: Handle, table: u32) -> Self {
+        PolicyRouting {
             handle,
             table,
             installed: Vec::new(),
-        })
+        }
     }
 
     /// Makes the fwmark rules for `marks` (one per distinct mark) and the local route exist,

@@ -150,9 +150,9 @@ pub struct Mark {
 }
 
 impl Mark {
-    /// `(mark & !mask) ^ value`: what `tproxy_tg4` does to a packet it assigns.
+    /// What `tproxy_tg4` does to the mark of a packet it assigns.
     pub fn apply(self, mark: u32) -> u32 {
-        (mark & !self.mask) ^ self.value
+        proxy_common::tproxy_mark(mark, self.value, self.mask)
     }
 }
 
@@ -295,24 +295,11 @@ impl Rule {
 
     fn prefixes(&self) -> Vec<IpNet> {
         if self.dst.is_empty() {
-            vec![
-                IpNet::from(IpAddr::from([0u8; 4])).trunc_to(0),
-                IpNet::from(IpAddr::from([0u8; 16])).trunc_to(0),
-            ]
+            // 0.0.0.0/0 and ::/0.
+            vec![IpNet::V4(Default::default()), IpNet::V6(Default::default())]
         } else {
             self.dst.clone()
         }
-    }
-}
-
-trait TruncTo {
-    fn trunc_to(self, len: u8) -> IpNet;
-}
-
-impl TruncTo for IpNet {
-    fn trunc_to(self, len: u8) -> IpNet {
-        // Cannot fail: len is 0 here.
-        IpNet::new(self.addr(), len).map_or(self, |n| n.trunc())
     }
 }
 
