@@ -7,8 +7,8 @@
 //! agent gets SIGTERM, prints its counters and cleans up, and the namespaces are removed.
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    io::{BufRead as _, BufReader, Write as _},
+    net::{SocketAddr, TcpListener},
     process::{Child, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
@@ -18,7 +18,7 @@ use nix::{sys::signal, unistd::Pid};
 
 use crate::{
     config::DemoArgs,
-    testbed::{self, Gateway, TestbedError},
+    testbed::{self, Gateway, TestbedError, exchange},
 };
 
 /// The demo failed.
@@ -101,7 +101,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             let started = Instant::now();
             match exchange(
                 SocketAddr::from((server_v4, INTERCEPTED_PORT)),
-                &format!("request {i}"),
+                format!("request {i}\n").as_bytes(),
             ) {
                 Ok(reply) => println!(
                     "   client | reply in {:.1} ms: {}",
@@ -112,7 +112,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
             }
         }
         println!("== client: one connection to {server_v4}:{DIRECT_PORT} (not intercepted)");
-        match exchange(SocketAddr::from((server_v4, DIRECT_PORT)), "direct") {
+        match exchange(SocketAddr::from((server_v4, DIRECT_PORT)), b"direct\n") {
             Ok(reply) => println!("   client | reply: {}", reply.trim()),
             Err(e) => println!("   client | connection failed: {e}"),
         }
@@ -160,18 +160,6 @@ fn forward_log(agent: &mut Child, ready: mpsc::Sender<()>) -> Option<std::thread
             }
         }
     }))
-}
-
-/// One request/response: send a line, half-close, read the reply until EOF.
-fn exchange(addr: SocketAddr, request: &str) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(request.as_bytes())?;
-    stream.write_all(b"\n")?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply)
 }
 
 /// The demo server: answers `expected` connections over ports 80 and 8080, or stops after

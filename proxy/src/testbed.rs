@@ -13,10 +13,11 @@
 
 use std::{
     fs::File,
-    io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    io::{self, Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream},
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
 };
 
 use nix::sched::{CloneFlags, setns};
@@ -281,4 +282,16 @@ pub fn server_addr(v6: bool) -> IpAddr {
     } else {
         IpAddr::V4(SERVER_V4)
     }
+}
+
+/// One request/response, as the demo and the tests make it: connect, send `request`,
+/// half-close, read the reply to EOF. Bounded: 3 s to connect, 5 s per read.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> io::Result<String> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(request)?;
+    stream.shutdown(Shutdown::Write)?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
 }

@@ -12,12 +12,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Server, ServerMode, exchange, require_root};
+use common::{Agent, Server, ServerMode, ask, ask_line, exchange, require_root, server};
 use proxy::testbed::{self, Gateway, Netns};
-
-fn server(port: u16) -> SocketAddr {
-    SocketAddr::from((testbed::SERVER_V4, port))
-}
 
 const AGENT: &[&str] = &[
     "run",
@@ -245,14 +241,7 @@ fn socks5_upstream_asks_for_the_original_destination() {
     );
     let reply = gw
         .client
-        .run(|| -> std::io::Result<String> {
-            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            writeln!(stream, "via socks")?;
-            let mut answer = String::new();
-            BufReader::new(stream).read_line(&mut answer)?;
-            Ok(answer.trim().to_owned())
-        })
+        .run(|| ask_line(server(80), "via socks"))
         .expect("netns")
         .expect("exchange");
     // microsocks connected from the router's address, for the original destination.
@@ -516,14 +505,6 @@ fn sigterm_drains_a_live_connection_then_exits() {
         .expect("connect");
     live.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
-    let ask = |stream: &mut TcpStream, line: &str| -> String {
-        writeln!(stream, "{line}").expect("write");
-        let mut answer = String::new();
-        BufReader::new(stream.try_clone().expect("clone"))
-            .read_line(&mut answer)
-            .expect("read");
-        answer
-    };
     assert!(ask(&mut live, "before").contains("echo=before"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
@@ -685,14 +666,7 @@ fn the_proxys_own_marked_traffic_is_never_intercepted() {
     );
     let reply = gw
         .client
-        .run(|| -> std::io::Result<String> {
-            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
-            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-            writeln!(stream, "marked")?;
-            let mut answer = String::new();
-            BufReader::new(stream).read_line(&mut answer)?;
-            Ok(answer.trim().to_owned())
-        })
+        .run(|| ask_line(server(80), "marked"))
         .expect("netns")
         .unwrap_or_else(|e| panic!("exchange: {e}\n{}", agent.log_text()));
     assert!(

@@ -10,7 +10,7 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use common::{Agent, Server, ServerMode, counter, exchange, require_root};
+use common::{Agent, Server, ServerMode, counter, exchange, ip_stdout, require_root, server};
 use proxy::testbed::{self, Gateway};
 
 const AGENT_ARGS: &[&str] = &[
@@ -22,10 +22,6 @@ const AGENT_ARGS: &[&str] = &[
     "--on-port",
     "50080",
 ];
-
-fn server(port: u16) -> SocketAddr {
-    SocketAddr::from((testbed::SERVER_V4, port))
-}
 
 /// Programs attached at TCX ingress of the router's client-side interface.
 fn tcx_programs(gw: &Gateway) -> Vec<String> {
@@ -44,16 +40,11 @@ fn tcx_programs(gw: &Gateway) -> Vec<String> {
 }
 
 fn router_rules(gw: &Gateway) -> String {
-    let out = gw.router.ip(&["rule", "show"]).expect("ip rule show");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ip_stdout(&gw.router, &["rule", "show"])
 }
 
 fn router_table(gw: &Gateway, table: &str) -> String {
-    let out = gw
-        .router
-        .ip(&["route", "show", "table", table])
-        .expect("ip route show table");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    ip_stdout(&gw.router, &["route", "show", "table", table])
 }
 
 #[test]

@@ -3,20 +3,11 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpStream},
-    path::Path,
-    time::Duration,
-};
+use std::{net::TcpStream, path::Path, time::Duration};
 
-use common::{Agent, Server, ServerMode, exchange, require_root};
+use common::{Agent, Server, ServerMode, ask, exchange, ip_stdout, require_root, server};
 use nix::{sys::signal, unistd::Pid};
 use proxy::testbed::{self, Gateway};
-
-fn server(port: u16) -> SocketAddr {
-    SocketAddr::from((testbed::SERVER_V4, port))
-}
 
 fn write_rules(path: &Path, text: &str) {
     std::fs::write(path, text).expect("writing the rules file");
@@ -24,16 +15,6 @@ fn write_rules(path: &Path, text: &str) {
 
 fn hangup(agent: &Agent) {
     let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
-}
-
-/// One line over a kept connection: send `line`, read the answer.
-fn ask(stream: &mut TcpStream, line: &str) -> String {
-    writeln!(stream, "{line}").expect("write");
-    let mut answer = String::new();
-    BufReader::new(stream.try_clone().expect("clone"))
-        .read_line(&mut answer)
-        .expect("read");
-    answer.trim().to_owned()
 }
 
 #[test]
@@ -302,9 +283,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
     require_root();
     let gw = Gateway::new("crash").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let rules_before =
-        String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
-            .into_owned();
+    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
     let args = [
         "run",
         "--iface",
@@ -319,8 +298,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
     let (status, _) = agent.wait_exit(Duration::from_secs(5));
     assert!(!status.success());
     // SIGKILL leaves the rule and the route (the TCX link died with the process).
-    let left = String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
-        .into_owned();
+    let left = ip_stdout(&gw.router, &["rule", "show"]);
     assert!(
         left.contains("fwmark 0x1/0x1 lookup 100 proto 211"),
         "{left}"
@@ -336,9 +314,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
         "{reply}"
     );
-    let rules_now =
-        String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
-            .into_owned();
+    let rules_now = ip_stdout(&gw.router, &["rule", "show"]);
     assert_eq!(
         rules_now.matches("fwmark 0x1/0x1").count(),
         1,
@@ -346,15 +322,8 @@ fn restart_after_a_crash_replaces_what_was_left() {
     );
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
-    let after = String::from_utf8_lossy(&gw.router.ip(&["rule", "show"]).expect("ip rule").stdout)
-        .into_owned();
+    let after = ip_stdout(&gw.router, &["rule", "show"]);
     assert_eq!(after, rules_before);
-    let table = String::from_utf8_lossy(
-        &gw.router
-            .ip(&["route", "show", "table", "100"])
-            .expect("ip route")
-            .stdout,
-    )
-    .into_owned();
+    let table = ip_stdout(&gw.router, &["route", "show", "table", "100"]);
     assert_eq!(table, "");
 }

@@ -1,11 +1,15 @@
 //! Helpers shared by the kernel tests: the agent as a child process in the router
 //! namespace, a small TCP server, and a client exchange. Every wait is bounded.
 
-#![allow(dead_code, reason = "each test binary uses a different subset")]
+#![allow(
+    dead_code,
+    unused_imports,
+    reason = "each test binary uses a different subset"
+)]
 
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, ExitStatus, Stdio},
     sync::{
         Arc, Mutex,
@@ -268,13 +272,36 @@ impl Drop for Server {
     }
 }
 
-/// Connects, sends `request`, half-closes and reads the reply to EOF.
-pub fn exchange(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+pub use proxy::testbed::exchange;
+
+/// The test server's IPv4 address and `port`.
+pub fn server(port: u16) -> SocketAddr {
+    SocketAddr::from((proxy::testbed::SERVER_V4, port))
+}
+
+/// `ip -n NS ARGS`' output, for comparing rules and routes before and after.
+pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
+    let out = ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One line over a kept connection: send `line`, read the (trimmed) answer line.
+pub fn ask(stream: &mut TcpStream, line: &str) -> String {
+    writeln!(stream, "{line}").expect("write");
+    let mut answer = String::new();
+    BufReader::new(stream.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .expect("read");
+    answer.trim().to_owned()
+}
+
+/// Connects, sends one line and reads one line back (for servers that answer per line and
+/// SOCKS servers that do not pass half-closes on).
+pub fn ask_line(addr: SocketAddr, line: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(request)?;
-    stream.shutdown(Shutdown::Write)?;
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply)?;
-    Ok(reply)
+    writeln!(stream, "{line}")?;
+    let mut answer = String::new();
+    BufReader::new(stream).read_line(&mut answer)?;
+    Ok(answer.trim().to_owned())
 }
