@@ -1,6 +1,6 @@
 //! Installing what the build and the tests need, when it is missing.
 
-use std::process::Command;
+use std::{path::Path, process::Command};
 
 use anyhow::{Context as _, bail};
 
@@ -66,15 +66,15 @@ pub fn ensure_bpf_linker() -> anyhow::Result<()> {
     if which::which("bpf-linker").is_ok() {
         return Ok(());
     }
-    if let Some(home) = std::env::var_os("CARGO_HOME").or_else(|| {
-        std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cargo").into_os_string())
-    }) {
-        let installed = std::path::Path::new(&home).join("bin/bpf-linker");
+    if let Some(home) = std::env::var_os("CARGO_HOME")
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo").into_os_string()))
+    {
+        let installed = Path::new(&home).join("bin/bpf-linker");
         if installed.exists() {
             // Installed but not on PATH: put cargo's bin directory there for the build.
             let path = std::env::var_os("PATH").unwrap_or_default();
             let mut dirs: Vec<_> = std::env::split_paths(&path).collect();
-            dirs.insert(0, std::path::Path::new(&home).join("bin"));
+            dirs.insert(0, Path::new(&home).join("bin"));
             let joined = std::env::join_paths(dirs).context("building PATH")?;
             // SAFETY: xtask is single-threaded here.
             unsafe { std::env::set_var("PATH", joined) };
@@ -99,45 +99,38 @@ pub fn ensure_build() -> anyhow::Result<()> {
 
 /// Debian packages the demo and the tests use, installed with apt-get when missing.
 pub fn ensure_system_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(bin, _)| {
-            which::which(bin).is_err() && !std::path::Path::new("/usr/sbin").join(bin).exists()
-        })
-        .map(|(_, pkg)| *pkg)
-        .fold(Vec::new(), |mut acc, pkg| {
-            if !acc.contains(&pkg) {
-                acc.push(pkg);
-            }
-            acc
-        });
-    if missing.is_empty() {
+    // (program, package) pairs whose program is not installed (root's PATH has /usr/sbin,
+    // a plain user's may not).
+    let missing = || -> Vec<(&str, &str)> {
+        DEBIAN_PACKAGES
+            .iter()
+            .filter(|(bin, _)| {
+                which::which(bin).is_err() && !Path::new("/usr/sbin").join(bin).exists()
+            })
+            .copied()
+            .collect()
+    };
+    let mut packages: Vec<&str> = missing().iter().map(|(_, pkg)| *pkg).collect();
+    packages.dedup();
+    if packages.is_empty() {
         return Ok(());
     }
     if which::which("apt-get").is_err() {
-        bail!("missing tools from packages {missing:?}; install them with your package manager");
+        bail!("missing tools from packages {packages:?}; install them with your package manager");
     }
-    eprintln!("xtask: installing Debian packages {missing:?} with apt-get");
-    let mut update = Command::new("apt-get");
-    update.args(["update", "-q"]);
-    status(&mut update)?;
+    eprintln!("xtask: installing Debian packages {packages:?} with apt-get");
+    status(Command::new("apt-get").args(["update", "-q"]))?;
     let mut install = Command::new("apt-get");
     install
         .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
+        .args(&packages)
         .env("DEBIAN_FRONTEND", "noninteractive");
     if let Err(e) = status(&mut install) {
         // A package whose service cannot start here (no init system) makes apt-get fail
         // after unpacking; what matters is that the programs are there.
         eprintln!("xtask: {e}; checking the programs");
     }
-    let still_missing: Vec<&str> = DEBIAN_PACKAGES
-        .iter()
-        .filter(|(bin, _)| {
-            which::which(bin).is_err() && !std::path::Path::new("/usr/sbin").join(bin).exists()
-        })
-        .map(|(bin, _)| *bin)
-        .collect();
+    let still_missing: Vec<&str> = missing().iter().map(|(bin, _)| *bin).collect();
     if !still_missing.is_empty() {
         bail!("still missing after apt-get: {still_missing:?}");
     }
