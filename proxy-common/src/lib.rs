@@ -177,7 +177,8 @@ pub struct RuleCounters {
     pub bytes: u64,
     /// Matched packets that were assigned to a socket.
     pub assigned: u64,
-    /// Matched packets dropped because no usable socket was found.
+    /// Matched packets with no usable socket: dropped, or passed on with fail-open (the
+    /// global `passed_fail_open` counter tells the two apart).
     pub dropped: u64,
 }
 

@@ -508,8 +508,9 @@ async fn reload(
     listeners: &mut Listeners,
 ) -> Result<Vec<Rule>, AgentError> {
     let Some(path) = &args.config else {
-        warn!("SIGHUP: nothing to reload (the rules come from flags, not --config)");
-        return Err(AgentError::Unsupported("no --config to reload".into()));
+        return Err(AgentError::Unsupported(
+            "SIGHUP: nothing to reload (the rules come from flags, not --config)".into(),
+        ));
     };
     info!("SIGHUP: reloading {}", path.display());
     let mut rules = args.rules()?;
