@@ -16,7 +16,11 @@ use std::{
 
 use log::{error, info, warn};
 use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig, IfaceAddrs, RuleCounters};
-use tokio::{io::AsyncWriteExt as _, net::TcpListener, sync::Semaphore, task::JoinHandle};
+use tokio::{
+    io::AsyncWriteExt as _,
+    sync::Semaphore,
+    task::{AbortHandle, JoinHandle},
+};
 
 use crate::{
     config::{ListenerMode, RunArgs},
@@ -31,6 +35,7 @@ use crate::{
         ListenError,
         tcp::{self, LiveConnections, ProxyOptions},
         udp::{self, UdpOptions},
+        workers::{self, Workers},
     },
     upstream::{Outbound, Upstream},
 };
@@ -106,12 +111,13 @@ impl ShutdownSignals {
 /// Key of a built-in listener: the rules that share on-ip and on-port share a listener.
 type ListenerKey = (Option<IpAddr>, u16);
 
-/// The agent's own transparent listeners: TCP ones with their sockmap slot and accept
-/// task, UDP ones with their receive task.
+/// The agent's own transparent listeners: TCP ones with their sockmap slot and an accept
+/// task on each worker, UDP ones with their receive task.
 struct Listeners {
     options: Arc<ProxyOptions>,
     udp_options: Arc<UdpOptions>,
-    running: HashMap<ListenerKey, (u32, SocketAddr, JoinHandle<()>)>,
+    workers: Workers,
+    running: HashMap<ListenerKey, (u32, SocketAddr, Vec<AbortHandle>)>,
     udp_running: HashMap<ListenerKey, (SocketAddr, JoinHandle<()>)>,
 }
 
@@ -125,7 +131,8 @@ struct Obsolete {
 /// Listeners opened for a (re)load, not serving yet.
 #[derive(Default)]
 struct Pending {
-    tcp: Vec<(ListenerKey, std::net::TcpListener)>,
+    /// A listener socket per worker.
+    tcp: Vec<(ListenerKey, Vec<std::net::TcpListener>)>,
     udp: Vec<(ListenerKey, std::net::UdpSocket)>,
 }
 
@@ -167,9 +174,10 @@ impl Listeners {
                         ))
                     })?;
                 used_slots.push(slot);
-                pending
-                    .tcp
-                    .push((key, tcp::listen(rule.on_ip, rule.on_port)?));
+                pending.tcp.push((
+                    key,
+                    tcp::listen(rule.on_ip, rule.on_port, self.workers.len())?,
+                ));
                 slot
             };
             wanted.insert(key, slot);
@@ -208,22 +216,30 @@ impl Listeners {
             info!("built-in transparent UDP listener on {addr}");
             self.udp_running.insert(key, (addr, task));
         }
-        for (key, std_listener) in pending.tcp {
+        for (key, group) in pending.tcp {
             let slot = rules
                 .iter()
                 .find(|r| (r.on_ip, r.on_port) == key)
                 .and_then(|r| r.listener_slot)
                 .unwrap_or(0);
-            classifier.set_listener(slot, &std_listener)?;
-            let listener = TcpListener::from_std(std_listener)
-                .map_err(|e| AgentError::Io("registering a listener with the runtime", e))?;
-            let addr = listener
+            let Some(first) = group.first() else {
+                continue;
+            };
+            // One socket of the group is enough for sk_lookup: the kernel picks among the
+            // group after the program (`inet_lookup_run_sk_lookup`).
+            classifier.set_listener(slot, first)?;
+            let addr = first
                 .local_addr()
                 .map_err(|e| AgentError::Io("reading a listener's address", e))?;
-            let options = Arc::clone(&self.options);
-            let task = tokio::spawn(tcp::serve(listener, options));
-            info!("built-in transparent listener on {addr} (slot {slot})");
-            self.running.insert(key, (slot, addr, task));
+            let tasks = self
+                .workers
+                .serve(group, &self.options)
+                .map_err(|e| AgentError::Io("registering a listener with a worker", e))?;
+            info!(
+                "built-in transparent listener on {addr} (slot {slot}, {} socket(s))",
+                tasks.len()
+            );
+            self.running.insert(key, (slot, addr, tasks));
         }
         Ok(())
     }
@@ -231,8 +247,8 @@ impl Listeners {
     /// Closes listeners (the ones no rule needs after a reload, or all of them).
     fn close(&mut self, which: &Obsolete) {
         for key in &which.tcp {
-            if let Some((_, addr, task)) = self.running.remove(key) {
-                task.abort();
+            if let Some((_, addr, tasks)) = self.running.remove(key) {
+                tasks.iter().for_each(AbortHandle::abort);
                 info!("listener on {addr} closed");
             }
         }
@@ -354,8 +370,15 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         connect_timeout: args.connect_timeout,
         mark: args.outbound_mark,
     };
+    let worker_count = workers::count(args.workers).map_err(AgentError::Unsupported)?;
     let live = Arc::new(LiveConnections::default());
     let mut listeners = Listeners {
+        workers: Workers::start(if args.listener == ListenerMode::Builtin {
+            worker_count
+        } else {
+            0
+        })
+        .map_err(|e| AgentError::Io("starting the TCP worker threads", e))?,
         options: Arc::new(ProxyOptions {
             upstream: upstream.clone(),
             outbound,

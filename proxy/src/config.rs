@@ -128,6 +128,13 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
     pub relay: RelayMode,
 
+    /// Threads that accept and relay TCP connections, each with its own event loop and its
+    /// own listener socket in a SO_REUSEPORT group, so a connection's wake-ups stay on one
+    /// thread. 0: one per CPU (one on kernels before 6.5, where bpf_sk_assign refuses
+    /// SO_REUSEPORT listeners).
+    #[arg(long, value_name = "N", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=1024))]
+    pub workers: u16,
+
     /// Connections proxied at once; more are reset as they arrive.
     #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,

@@ -373,3 +373,78 @@ fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
     assert!(!qdiscs().contains("clsact"), "{}", qdiscs());
     assert_eq!(filters().trim(), "");
 }
+
+/// Listening sockets on the router at `port` (`ss -Hltn`).
+fn router_listeners(gw: &Gateway, port: u16) -> usize {
+    let out = gw
+        .router
+        .command("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .expect("ss");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn every_worker_serves_its_listener_and_a_second_agent_on_the_port_is_refused() {
+    require_root();
+    let gw = Gateway::new("workers").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "3"]].concat());
+    assert_eq!(router_listeners(&gw, 50080), 3, "{}", agent.log_text());
+
+    // The kernel spreads connections over the group by the 4-tuple's hash: with 20 client
+    // ports, a worker that did not serve its socket would leave some of them hanging.
+    for i in 0..20 {
+        let reply = gw
+            .client
+            .run(|| exchange(server(80), b"spread"))
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("connection {i}: {e}\n{}", agent.log_text()));
+        assert!(reply.ends_with("got=6"), "connection {i}: {reply}");
+    }
+
+    // A second agent (its own table and mark) must not join the first one's SO_REUSEPORT
+    // group on the same port.
+    let second = Agent::spawn(
+        &gw.router,
+        &[
+            AGENT_ARGS,
+            &[
+                "--table",
+                "101",
+                "--tproxy-mark",
+                "0x2/0x2",
+                "--workers",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    let (status, log) = second.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(log.contains(":50080 is already in use"), "{log}");
+    assert_eq!(router_listeners(&gw, 50080), 3);
+
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit: {status}\n{log}");
+    assert!(counter(&log, "assigned_listener") >= 20, "{log}");
+    assert_eq!(counter(&log, "dropped_no_socket"), 0, "{log}");
+}
+
+#[test]
+fn one_worker_needs_no_reuseport_group() {
+    require_root();
+    let gw = Gateway::new("oneworker").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "1"]].concat());
+    assert_eq!(router_listeners(&gw, 50080), 1, "{}", agent.log_text());
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"one"))
+        .expect("netns")
+        .expect("exchange");
+    assert!(reply.ends_with("got=3"), "{reply}");
+    let (status, log) = agent.stop();
+    assert!(status.success(), "agent exit: {status}\n{log}");
+}

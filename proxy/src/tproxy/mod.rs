@@ -4,6 +4,7 @@
 pub mod sockopt;
 pub mod tcp;
 pub mod udp;
+pub mod workers;
 
 use std::{
     io,

@@ -26,15 +26,35 @@ use crate::{
 
 /// Opens the transparent listener at `on_ip:on_port`, or, without on-ip, at the wildcard
 /// address (dual stack where the namespace has IPv6), where the kernel's lookup at the
-/// ingress interface's address finds it.
-pub fn listen(on_ip: Option<IpAddr>, on_port: u16) -> Result<std::net::TcpListener, ListenError> {
+/// ingress interface's address finds it: one socket per worker, `count` in all. More than
+/// one form a SO_REUSEPORT group.
+pub fn listen(
+    on_ip: Option<IpAddr>,
+    on_port: u16,
+    count: usize,
+) -> Result<Vec<std::net::TcpListener>, ListenError> {
     bind_listener(on_ip, on_port, |addr| {
         let fail = |source| ListenError::from_io(addr, source);
-        let socket = transparent_socket(&addr, Type::STREAM, Protocol::TCP).map_err(fail)?;
-        socket.bind(&addr.into()).map_err(fail)?;
-        socket.listen(1024).map_err(fail)?;
-        socket.set_nonblocking(true).map_err(fail)?;
-        Ok(socket.into())
+        if count > 1 {
+            // SO_REUSEPORT would let this group join the group of another agent still
+            // running as root on the same port. A bind without it first fails if anything
+            // listens there.
+            let probe = transparent_socket(&addr, Type::STREAM, Protocol::TCP).map_err(fail)?;
+            probe.bind(&addr.into()).map_err(fail)?;
+        }
+        (0..count)
+            .map(|_| {
+                let socket =
+                    transparent_socket(&addr, Type::STREAM, Protocol::TCP).map_err(fail)?;
+                if count > 1 {
+                    socket.set_reuse_port(true).map_err(fail)?;
+                }
+                socket.bind(&addr.into()).map_err(fail)?;
+                socket.listen(1024).map_err(fail)?;
+                socket.set_nonblocking(true).map_err(fail)?;
+                Ok(socket.into())
+            })
+            .collect()
     })
 }
 

@@ -51,6 +51,20 @@ struct Cli {
     /// the two.
     #[arg(long, value_name = "MODE", default_value = "splice", value_parser = ["splice", "copy"])]
     relay: String,
+    /// One more flag for the agent of (b) and (c), for comparing its settings (repeat it for
+    /// several: --agent-arg=--workers=1).
+    #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
+    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, rules), for
+    /// working on one of them; the others show as n/a in the report.
+    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "rules"])]
+    only: Vec<String>,
+}
+
+impl Cli {
+    fn wants(&self, figure: &str) -> bool {
+        self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
 }
 
 /// How much to measure.
@@ -279,7 +293,9 @@ fn run(cli: &Cli) -> Result<(), String> {
     let agent_binary = std::fs::canonicalize(agent)
         .map_err(|e| format!("agent binary {}: {e}", agent.display()))?;
     let plan = Plan::new(cli.quick);
-    setup::set_relay_mode(&cli.relay);
+    let mut agent_flags = vec!["--relay".to_owned(), cli.relay.clone()];
+    agent_flags.extend(cli.agent_arg.iter().cloned());
+    setup::set_agent_flags(agent_flags);
     install_signal_handlers()?;
     let nofile = raise_nofile()?;
     let started = Instant::now();
@@ -323,6 +339,9 @@ fn run(cli: &Cli) -> Result<(), String> {
     for run in 1..=plan.runs {
         let tag = format!("run {run}/{}", plan.runs);
         for (streams, series) in [(1usize, 0usize), (4, 1)] {
+            if !cli.wants("bulk") {
+                break;
+            }
             let mut shown = Vec::new();
             for s in &scenarios {
                 let v = load::bulk(&s.gw.client.name, streams, plan.bulk).map(|bps| bps / 1e9);
@@ -345,7 +364,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             check("bulk")?;
         }
         let mut shown = Vec::new();
-        for s in &scenarios {
+        for s in scenarios.iter().filter(|_| cli.wants("conn")) {
             let r = load::conn_rate(&s.client, plan.conn_concurrency, plan.conn);
             results.conn_errors[s.kind.index()] += r.errors;
             results.conn.push(s.kind, Some(r.per_sec));
@@ -357,7 +376,7 @@ fn run(cli: &Cli) -> Result<(), String> {
         );
         check("connection rate")?;
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
-        for s in &scenarios {
+        for s in scenarios.iter().filter(|_| cli.wants("latency")) {
             let lat = load::latency(&s.gw.client.name, plan.latency_warmup, plan.latency_samples);
             let (p50, p99) = match lat {
                 Ok((a, b)) => (Some(a), Some(b)),
@@ -382,7 +401,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         check("latency")?;
     }
 
-    for s in scenarios.iter_mut().filter(|s| s.has_agent()) {
+    for s in scenarios
+        .iter_mut()
+        .filter(|s| s.has_agent() && cli.wants("rss"))
+    {
         for run in 1..=plan.rss_runs {
             // A fresh agent each time: memory freed by earlier connections would otherwise
             // be reused and hide the cost.
@@ -427,7 +449,7 @@ fn run(cli: &Cli) -> Result<(), String> {
 
     // Rule counts interleaved run by run too, so that a drift of the machine's load over
     // the minutes does not masquerade as a cost of the rules.
-    for run in 1..=plan.runs {
+    for run in (1..=plan.runs).filter(|_| cli.wants("rules")) {
         for (i, &count) in plan.rule_counts.iter().enumerate() {
             let t = Instant::now();
             for s in scenarios.iter_mut().filter(|s| s.has_agent()) {

@@ -552,7 +552,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
          rest of its log (ready, warnings) on. Its open-files limit: {} (inherited from the \
          bench, which raised its own to {}; the agent raises its soft limit to the hard one, which \
          nothing here may raise further).\n\
-         - Both (b) and (c) run the agent with `--relay {}`.\n",
+         - Both (b) and (c) run the agent with `{}`.\n",
         setup::iptables_rules(1),
         setup::IPTABLES_POLICY_ROUTING[0].join(" "),
         setup::IPTABLES_POLICY_ROUTING[1].join(" "),
@@ -562,7 +562,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
         setup::AGENT_LOG,
         meta.agent_nofile.as_deref().unwrap_or("?"),
         meta.nofile,
-        setup::relay_mode(),
+        setup::agent_flags().join(" "),
     );
 
     let _ = writeln!(md, "## Method\n");

@@ -149,16 +149,17 @@ struct AgentLog {
     ready: bool,
 }
 
-/// The agent's `--relay` mode, set once from the command line.
-static RELAY_MODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+/// Flags every agent of this run gets (`--relay MODE` and the bench's `--agent-arg`s), set
+/// once from the command line.
+static AGENT_FLAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
 
-pub fn set_relay_mode(mode: &str) {
-    let _ = RELAY_MODE.set(mode.to_owned());
+pub fn set_agent_flags(flags: Vec<String>) {
+    let _ = AGENT_FLAGS.set(flags);
 }
 
-/// The agent's `--relay` mode for this run.
-pub fn relay_mode() -> &'static str {
-    RELAY_MODE.get().map_or("splice", String::as_str)
+/// The flags every agent of this run gets.
+pub fn agent_flags() -> &'static [String] {
+    AGENT_FLAGS.get().map_or(&[], Vec::as_slice)
 }
 
 /// The agent binary running in the router namespace, its stderr collected.
@@ -173,7 +174,7 @@ impl Agent {
         let mut child = router
             .command(binary)
             .args(args)
-            .args(["--relay", relay_mode()])
+            .args(agent_flags())
             .env("RUST_LOG", AGENT_LOG)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
