@@ -294,6 +294,8 @@ pub fn bulk(client_ns: &str, streams: usize, duration: Duration) -> io::Result<f
 /// One outcome of [`conn_rate`].
 pub struct ConnRate {
     pub per_sec: f64,
+    /// Connections completed.
+    pub completed: u64,
     pub errors: u64,
 }
 
@@ -335,6 +337,7 @@ pub fn conn_rate(client: &NsRuntime, concurrency: usize, duration: Duration) -> 
     });
     ConnRate {
         per_sec: ok.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
+        completed: ok.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
     }
 }

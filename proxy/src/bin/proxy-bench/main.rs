@@ -9,6 +9,7 @@
 //! run if it overruns. Needs root. Not a test: run it with `cargo xtask bench [--quick]`.
 
 mod chart;
+mod cpu;
 mod load;
 mod report;
 mod setup;
@@ -365,15 +366,24 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         let mut shown = Vec::new();
         for s in scenarios.iter().filter(|_| cli.wants("conn")) {
+            let agent_pid = s.agent().and_then(|a| a.pid());
+            let agent_cpu = || agent_pid.and_then(cpu::process);
+            let (machine_before, agent_before) = (cpu::machine(), agent_cpu());
             let r = load::conn_rate(&s.client, plan.conn_concurrency, plan.conn);
+            if let (Some(m0), Some(m1)) = (machine_before, cpu::machine()) {
+                let agent = agent_before.zip(agent_cpu());
+                results.conn_cpu[s.kind.index()].add(r.completed, (m0, m1), agent);
+            }
             results.conn_errors[s.kind.index()] += r.errors;
             results.conn.push(s.kind, Some(r.per_sec));
             shown.push(Some(r.per_sec));
         }
-        progress(
-            started,
-            &format!("{tag}: new connections: {}", fmt_runs(&kinds, &shown, "/s")),
-        );
+        if cli.wants("conn") {
+            progress(
+                started,
+                &format!("{tag}: new connections: {}", fmt_runs(&kinds, &shown, "/s")),
+            );
+        }
         check("connection rate")?;
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for s in scenarios.iter().filter(|_| cli.wants("latency")) {
@@ -390,14 +400,16 @@ fn run(cli: &Cli) -> Result<(), String> {
             p50s.push(p50);
             p99s.push(p99);
         }
-        progress(
-            started,
-            &format!(
-                "{tag}: latency p50: {}; p99: {}",
-                fmt_runs(&kinds, &p50s, "us"),
-                fmt_runs(&kinds, &p99s, "us")
-            ),
-        );
+        if cli.wants("latency") {
+            progress(
+                started,
+                &format!(
+                    "{tag}: latency p50: {}; p99: {}",
+                    fmt_runs(&kinds, &p50s, "us"),
+                    fmt_runs(&kinds, &p99s, "us")
+                ),
+            );
+        }
         check("latency")?;
     }
 

@@ -4,6 +4,7 @@ use std::{fmt::Write as _, time::Duration};
 
 use crate::{
     Plan,
+    cpu::ConnCpu,
     setup::{self, Kind},
 };
 
@@ -65,6 +66,8 @@ pub struct Results {
     /// New connections per second.
     pub conn: Series,
     pub conn_errors: [u64; 3],
+    /// CPU time spent during the connection-rate runs.
+    pub conn_cpu: [ConnCpu; 3],
     /// Microseconds.
     pub p50: Series,
     pub p99: Series,
@@ -85,6 +88,7 @@ impl Results {
             bulk: Default::default(),
             conn: Series::default(),
             conn_errors: [0; 3],
+            conn_cpu: [ConnCpu::default(); 3],
             p50: Series::default(),
             p99: Series::default(),
             rss: Series::default(),
@@ -483,6 +487,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
         );
     }
     let _ = writeln!(md);
+    conn_cpu_section(&mut md, r);
 
     let _ = writeln!(
         md,
@@ -652,4 +657,44 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     }
     let _ = writeln!(md, "\n![chart]({png})");
     md
+}
+
+/// Where the time of a new connection goes: the whole machine's busy CPU per connection,
+/// and the agent's share of it, from /proc during the connection-rate runs.
+fn conn_cpu_section(md: &mut String, r: &Results) {
+    let Some(routing_us) = r.conn_cpu[Kind::Routing.index()].machine_us() else {
+        return;
+    };
+    let _ = writeln!(md, "## CPU per new connection\n");
+    let _ = writeln!(
+        md,
+        "Measured over the same runs as the connection rate: busy CPU time of the whole \
+         machine (both cores: load generators, kernel, agent; /proc/stat) and of the agent \
+         (/proc/PID/stat; its system time includes the network stack work its syscalls do \
+         inline, such as delivering a segment across the veth pair to the server's socket), \
+         divided by the connections completed.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| set-up | machine busy | machine CPU per connection (us) | vs (a) | agent user (us) | agent system (us) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for kind in Kind::ALL {
+        let c = &r.conn_cpu[kind.index()];
+        let Some(machine) = c.machine_us() else {
+            continue;
+        };
+        let (user, system) = c.agent_us().map_or(("n/a".into(), "n/a".into()), |(u, s)| {
+            (format!("{u:.1}"), format!("{s:.1}"))
+        });
+        let _ = writeln!(
+            md,
+            "| {} | {} | {machine:.1} | {:.2} | {user} | {system} |",
+            kind.label(),
+            c.busy_share()
+                .map_or("n/a".into(), |b| format!("{:.0}%", b * 100.0)),
+            machine / routing_us,
+        );
+    }
+    let _ = writeln!(md);
 }

@@ -266,6 +266,10 @@ impl Agent {
             .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// How many descriptors the agent has open.
     pub fn open_fds(&self) -> usize {
         self.child.as_ref().map_or(0, |c| {
