@@ -684,3 +684,161 @@ fn the_proxys_own_marked_traffic_is_never_intercepted() {
         "the proxy intercepted its own connection:\n{log}"
     );
 }
+
+/// Connects through the proxy and asks one line; `None` when the proxy resets or closes.
+fn try_ask(gw: &Gateway, line: &'static str) -> Option<String> {
+    gw.client
+        .run(move || -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            writeln!(stream, "{line}")?;
+            let mut answer = String::new();
+            BufReader::new(stream).read_line(&mut answer)?;
+            Ok(answer.trim().to_owned())
+        })
+        .expect("netns")
+        .ok()
+        .filter(|answer| !answer.is_empty())
+}
+
+#[test]
+fn connections_beyond_max_connections_are_reset_until_a_slot_frees() {
+    require_root();
+    let gw = Gateway::new("maxconn").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(&gw.router, &[AGENT, &["--max-connections", "1"]].concat());
+    let mut first = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect");
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    assert!(ask(&mut first, "one").contains("echo=one"));
+
+    // The kernel completes the handshake; the proxy then resets the connection.
+    let second = gw
+        .client
+        .run(|| -> std::io::Result<usize> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.read(&mut [0u8; 16])
+        })
+        .expect("netns");
+    assert_eq!(
+        second.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "a second connection at --max-connections 1"
+    );
+    agent
+        .wait_for_line(
+            &["refused, --max-connections reached"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no refusal logged:\n{}", agent.log_text()));
+    // The first one is untouched.
+    assert!(ask(&mut first, "still").contains("echo=still"));
+
+    // Its slot comes back once it ends.
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut answer = None;
+    while answer.is_none() && Instant::now() < deadline {
+        answer = try_ask(&gw, "three");
+        if answer.is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let answer = answer.unwrap_or_else(|| panic!("no slot came back:\n{}", agent.log_text()));
+    assert!(answer.contains("echo=three"), "{answer}");
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
+    require_root();
+    let gw = Gateway::new("emfile").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(&gw.router, &[AGENT, &["--workers", "1"]].concat());
+    // Room for two proxied connections (two descriptors each), and no more. A new
+    // descriptor takes the lowest free number, and the limit bounds the number: the limit
+    // is where the fourth free number below it ends.
+    let used: Vec<libc::rlim_t> = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+        .expect("the agent's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let (mut bound, mut free) = (0, 0);
+    while free < 4 {
+        if !used.contains(&bound) {
+            free += 1;
+        }
+        bound += 1;
+    }
+    let limit = libc::rlimit {
+        rlim_cur: bound,
+        rlim_max: bound,
+    };
+    // SAFETY: a live pid, a valid rlimit, and no old-limit pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            agent.pid() as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let connect = || {
+        let stream = gw
+            .client
+            .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+            .expect("netns")
+            .unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(300));
+                panic!("connect: {e}\n{}", agent.log_text())
+            });
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        stream
+    };
+    let mut first = connect();
+    assert!(ask(&mut first, "one").contains("echo=one"));
+    let mut second = connect();
+    assert!(ask(&mut second, "two").contains("echo=two"));
+
+    // The third waits in the kernel's accept queue while accept(2) fails with EMFILE.
+    let mut third = connect();
+    writeln!(third, "three").expect("write");
+    agent
+        .wait_for_line(&["accept: Too many open files"], Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no EMFILE warning:\n{}", agent.log_text()));
+    std::thread::sleep(Duration::from_secs(1));
+    let retries = agent
+        .log_text()
+        .matches("accept: Too many open files")
+        .count();
+    // 50 ms apart: about 20 in that second. A loop without the pause logs thousands.
+    assert!(
+        retries <= 40,
+        "{retries} accept failures in about a second: the accept loop does not back off"
+    );
+
+    // One connection ends, its descriptors free up, and the waiting one is served.
+    drop(first);
+    let mut answer = String::new();
+    BufReader::new(third.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .unwrap_or_else(|e| {
+            std::thread::sleep(Duration::from_millis(300));
+            panic!("the waiting connection: {e}\n{}", agent.log_text())
+        });
+    assert!(answer.contains("echo=three"), "{answer}");
+    assert!(ask(&mut second, "two again").contains("echo=two again"));
+    // Closed before the stop, which would otherwise wait for them (the drain).
+    drop((second, third));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}

@@ -64,7 +64,11 @@ impl Agent {
         let mut child = ns
             .command(env!("CARGO_BIN_EXE_proxy"))
             .args(args)
-            .env("RUST_LOG", "info")
+            // AGENT_LOG=debug in the test's environment, to see more when a test fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
