@@ -12,7 +12,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Server, ServerMode, ask, ask_line, exchange, require_root, server};
+use common::{
+    Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange, require_root, server,
+};
 use proxy::testbed::{self, Gateway, Netns};
 
 const AGENT: &[&str] = &[
@@ -498,13 +500,7 @@ fn sigterm_drains_a_live_connection_then_exits() {
     let gw = Gateway::new("drain").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
     let agent = Agent::start(&gw.router, AGENT);
-    let mut live = gw
-        .client
-        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
-        .expect("netns")
-        .expect("connect");
-    live.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    let mut live = connect_kept(&gw, 80, &|| agent.log_text());
     assert!(ask(&mut live, "before").contains("echo=before"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
@@ -707,14 +703,7 @@ fn connections_beyond_max_connections_are_reset_until_a_slot_frees() {
     let gw = Gateway::new("maxconn").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
     let agent = Agent::start(&gw.router, &[AGENT, &["--max-connections", "1"]].concat());
-    let mut first = gw
-        .client
-        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
-        .expect("netns")
-        .expect("connect");
-    first
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    let mut first = connect_kept(&gw, 80, &|| agent.log_text());
     assert!(ask(&mut first, "one").contains("echo=one"));
 
     // The kernel completes the handshake; the proxy then resets the connection.
@@ -791,18 +780,11 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
     let connect = || {
-        let stream = gw
-            .client
-            .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
-            .expect("netns")
-            .unwrap_or_else(|e| {
-                std::thread::sleep(Duration::from_millis(300));
-                panic!("connect: {e}\n{}", agent.log_text())
-            });
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        stream
+        connect_kept(&gw, 80, &|| {
+            // Let the agent's last lines reach the log first.
+            std::thread::sleep(Duration::from_millis(300));
+            agent.log_text()
+        })
     };
     let mut first = connect();
     assert!(ask(&mut first, "one").contains("echo=one"));

@@ -289,6 +289,25 @@ pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A kept connection from the client namespace to the test server's `port` (through the
+/// proxy when a rule covers it), with a 5 s read timeout; panics with `context` if the
+/// connect fails.
+pub fn connect_kept(
+    gw: &proxy::testbed::Gateway,
+    port: u16,
+    context: &dyn Fn() -> String,
+) -> TcpStream {
+    let stream = gw
+        .client
+        .run(move || TcpStream::connect_timeout(&server(port), Duration::from_secs(3)))
+        .expect("entering the client namespace")
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", context()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    stream
+}
+
 /// One line over a kept connection: send `line`, read the (trimmed) answer line.
 pub fn ask(stream: &mut TcpStream, line: &str) -> String {
     writeln!(stream, "{line}").expect("write");
