@@ -1,5 +1,6 @@
 //! TC-ingress classifier that does what `iptables -t mangle ... -j TPROXY` does, and the
-//! `sk_lookup` program that completes the TIME_WAIT + SYN case.
+//! `sk_lookup` program that completes the TIME_WAIT + SYN case, and (`--relay sockmap`) the
+//! sk_skb program that relays established connections inside the kernel ([`relay`]).
 //!
 //! Packet path: [`parse`] the headers, [`rules`] find the first matching rule, [`laddr`]
 //! picks the listener address, [`lookup`] finds the socket (established, TIME_WAIT SYN,
@@ -11,6 +12,7 @@ mod laddr;
 mod lookup;
 mod maps;
 mod parse;
+mod relay;
 mod rules;
 mod sk_lookup;
 

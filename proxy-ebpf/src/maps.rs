@@ -2,12 +2,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use proxy_common::{
     Counter, FlowKey, GlobalConfig, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES,
-    MAX_RULES, MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4,
-    RuleKeyV6,
+    MAX_RELAYED_SOCKETS, MAX_RULES, MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction,
+    RuleCounters, RuleKeyV4, RuleKeyV6,
 };
 
 #[map]
@@ -31,6 +31,20 @@ pub static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
 #[map]
 pub static TIME_WAIT_SYNS: LruHashMap<FlowKey, u32> =
     LruHashMap::with_max_entries(MAX_TIME_WAIT_SYNS, 0);
+
+#[map]
+pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED_SOCKETS, 0);
+
+#[map]
+pub static RELAY_TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED_SOCKETS, 0);
+
+/// Allocated per entry (BPF_F_NO_PREALLOC): the agent sizes the relay maps at load time,
+/// to one entry when the kernel relay is off.
+#[map]
+pub static RELAY_PEERS: HashMap<u64, u64> =
+    HashMap::with_max_entries(MAX_RELAYED_SOCKETS, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);

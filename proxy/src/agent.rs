@@ -27,6 +27,7 @@ use crate::{
     ebpf::{Classifier, EbpfError},
     error_chain,
     ifaddrs::{self, IfaddrsError},
+    relay::RelayMode,
     routing::{PolicyRouting, RoutingError},
     rules::{self, Mark, Rule, RuleError},
     rules_file::RulesFileError,
@@ -385,6 +386,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             relay: args.relay,
             limit: Arc::new(Semaphore::new(args.max_connections as usize)),
             live: Arc::clone(&live),
+            kernel_relay: std::sync::OnceLock::new(),
         }),
         udp_options: Arc::new(UdpOptions {
             idle_timeout: args.udp_idle_timeout,
@@ -401,7 +403,21 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     }
     let compiled = rules::compile(&rules)?;
 
-    let mut classifier = Classifier::load()?;
+    let kernel_relay = args.relay == RelayMode::Sockmap && args.listener == ListenerMode::Builtin;
+    // Two sockets per connection, up to the connection limit.
+    let relayed_sockets = if kernel_relay {
+        args.max_connections
+            .saturating_mul(2)
+            .min(proxy_common::MAX_RELAYED_SOCKETS)
+    } else {
+        0
+    };
+    let mut classifier = Classifier::load(relayed_sockets)?;
+    if kernel_relay {
+        let relay = classifier.kernel_relay()?;
+        let _ = listeners.options.kernel_relay.set(relay);
+        info!("relay: in the kernel (sockmap), up to {relayed_sockets} sockets");
+    }
     classifier.install_rules(&compiled)?;
     classifier.set_config(global_config(&rules, args.outbound_mark))?;
 

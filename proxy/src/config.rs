@@ -123,8 +123,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "URL")]
     pub upstream: Option<Socks5Server>,
 
-    /// How the proxy copies bytes: splice (zero-copy through a pipe, falling back to a
-    /// buffer where the kernel refuses) or copy (a userspace buffer).
+    /// How the proxy moves bytes: splice (zero-copy through a pipe, falling back to a
+    /// buffer where the kernel refuses), copy (a userspace buffer), or sockmap (inside the
+    /// kernel: an sk_skb program redirects each socket's bytes to its peer, and the agent
+    /// is not woken per message).
     #[arg(long, value_enum, default_value_t = RelayMode::Splice)]
     pub relay: RelayMode,
 

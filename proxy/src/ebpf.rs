@@ -6,9 +6,9 @@ use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, SkLookup, TcAttachType,
+        LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
@@ -16,11 +16,12 @@ use aya::{
 use log::{debug, info, warn};
 use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
-    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_SK_LOOKUP,
+    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_PEERS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS,
+    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP,
     PROG_TC_INGRESS, RuleAction, RuleCounters, SockOffsets,
 };
 
-use crate::{btf::Btf, rules::Compiled};
+use crate::{btf::Btf, kernel_relay::KernelRelay, rules::Compiled};
 
 /// How the classifier is attached at TC ingress (`--tc-attach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -94,8 +95,10 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Loads the object and starts forwarding its log records.
-    pub fn load() -> Result<Self, EbpfError> {
+    /// Loads the object and starts forwarding its log records. `relayed_sockets` sizes the
+    /// maps of the in-kernel relay (`--relay sockmap`); 0 when it is off, and they take
+    /// one entry.
+    pub fn load(relayed_sockets: u32) -> Result<Self, EbpfError> {
         let offsets = match Btf::from_sys_fs().and_then(|btf| btf.sock_offsets()) {
             Ok(offsets) => {
                 debug!("transparent flag offsets: {offsets:?}");
@@ -109,8 +112,12 @@ impl Classifier {
                 SockOffsets::UNKNOWN
             }
         };
+        let relay_entries = relayed_sockets.max(1);
         let mut ebpf = EbpfLoader::new()
             .override_global("SOCK_OFFSETS", &offsets, true)
+            .map_max_entries(MAP_RELAY_SOCKS, relay_entries)
+            .map_max_entries(MAP_RELAY_TARGETS, relay_entries)
+            .map_max_entries(MAP_RELAY_PEERS, relay_entries)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -244,6 +251,27 @@ impl Classifier {
         )
         .map_err(map_err(MAP_LISTENERS))?;
         map.set(slot, socket, 0).map_err(write_err(MAP_LISTENERS))
+    }
+
+    /// Loads the relay's verdict program, attaches it to its sockmap and hands the relay's
+    /// maps over (`--relay sockmap`).
+    pub fn kernel_relay(&mut self) -> Result<KernelRelay, EbpfError> {
+        let take =
+            |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or_else(|| missing(name));
+        let socks: SockHash<MapData, u64> =
+            SockHash::try_from(take(&mut self.ebpf, MAP_RELAY_SOCKS)?)
+                .map_err(map_err(MAP_RELAY_SOCKS))?;
+        let targets: SockHash<MapData, u64> =
+            SockHash::try_from(take(&mut self.ebpf, MAP_RELAY_TARGETS)?)
+                .map_err(map_err(MAP_RELAY_TARGETS))?;
+        let peers: HashMap<MapData, u64, u64> =
+            HashMap::try_from(take(&mut self.ebpf, MAP_RELAY_PEERS)?)
+                .map_err(map_err(MAP_RELAY_PEERS))?;
+        let prog: &mut SkSkb = program(&mut self.ebpf, PROG_RELAY_VERDICT)?;
+        prog.load().map_err(load_err(PROG_RELAY_VERDICT))?;
+        prog.attach(socks.fd())
+            .map_err(|e| EbpfError::Program(PROG_RELAY_VERDICT, e))?;
+        Ok(KernelRelay::new(socks, targets, peers))
     }
 
     /// Attaches the sk_lookup program to the agent's own network namespace.

@@ -5,7 +5,8 @@
 //!   them; [`ebpf`] loads and attaches it and fills its maps from [`rules`] and [`ifaddrs`].
 //! * [`routing`] installs the fwmark rule and local route that deliver marked packets.
 //! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
-//!   destination and [`relay`] copies both ways.
+//!   destination and [`relay`] copies both ways, or [`kernel_relay`] has the kernel move
+//!   the bytes (`--relay sockmap`).
 //! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod config;
 pub mod demo;
 pub mod ebpf;
 pub mod ifaddrs;
+pub mod kernel_relay;
 pub mod relay;
 pub mod routing;
 pub mod rules;

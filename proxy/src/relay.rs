@@ -22,6 +22,10 @@ pub enum RelayMode {
     Splice,
     /// read(2)/write(2) through a userspace buffer.
     Copy,
+    /// Inside the kernel: both sockets in a sockmap whose sk_skb program redirects each
+    /// one's bytes to the other (`kernel_relay`). Where a connection cannot be linked, it
+    /// is relayed as with `Splice`.
+    Sockmap,
 }
 
 /// Bytes relayed each way, and what ended the relay if it was not a clean close.
@@ -86,7 +90,7 @@ async fn pump(
                 half_close(to);
                 return Ok(());
             }
-            Step::Full if mode == RelayMode::Splice => break,
+            Step::Full if mode != RelayMode::Copy => break,
             Step::Full | Step::Partial => {}
         }
     }
@@ -99,7 +103,7 @@ async fn pump(
 
 /// Passes a FIN on. A failure here means the peer is already gone, which the other
 /// direction reports.
-fn half_close(to: &TcpStream) {
+pub(crate) fn half_close(to: &TcpStream) {
     let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
 }
 

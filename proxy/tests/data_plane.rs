@@ -222,7 +222,19 @@ fn start_microsocks(ns: &Netns) -> (Child, mpsc::Receiver<String>) {
 #[test]
 fn socks5_upstream_asks_for_the_original_destination() {
     require_root();
-    let gw = Gateway::new("socks").expect("topology");
+    socks5_upstream("splice");
+}
+
+/// The handshake bytes the agent itself exchanged with the SOCKS server are not relayed
+/// bytes: the in-kernel relay starts after them.
+#[test]
+fn socks5_upstream_with_sockmap() {
+    require_root();
+    socks5_upstream("sockmap");
+}
+
+fn socks5_upstream(relay: &str) {
+    let gw = Gateway::new(&format!("socks{relay}")).expect("topology");
     // Line by line: microsocks closes both sides when one half-closes, so the exchange
     // does not rely on a half-close (the bulk tests cover that for direct upstreams).
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
@@ -239,6 +251,8 @@ fn socks5_upstream_asks_for_the_original_destination() {
             "50080",
             "--upstream",
             "socks5://alice:s3cret@127.0.0.1:1080",
+            "--relay",
+            relay,
         ],
     );
     let reply = gw
@@ -397,6 +411,12 @@ fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_copy() {
 }
 
 #[test]
+fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_sockmap() {
+    require_root();
+    bulk_both_ways("sockmap");
+}
+
+#[test]
 fn direct_connection_to_the_proxy_port_is_closed_without_a_loop() {
     require_root();
     let gw = Gateway::new("loop").expect("topology");
@@ -440,7 +460,17 @@ fn direct_connection_to_the_proxy_port_is_closed_without_a_loop() {
 #[test]
 fn upstream_refusal_and_reset_reach_the_client_as_resets() {
     require_root();
-    let gw = Gateway::new("rst").expect("topology");
+    refusal_and_reset_reach_the_client("splice");
+}
+
+#[test]
+fn upstream_refusal_and_reset_reach_the_client_as_resets_with_sockmap() {
+    require_root();
+    refusal_and_reset_reach_the_client("sockmap");
+}
+
+fn refusal_and_reset_reach_the_client(relay: &str) {
+    let gw = Gateway::new(&format!("rst{relay}")).expect("topology");
     // Port 81 has nobody (the server's kernel refuses); port 80 accepts and resets.
     let resetter = spawn_in(&gw.server, || -> std::io::Result<()> {
         let listener = TcpListener::bind("0.0.0.0:80")?;
@@ -461,6 +491,8 @@ fn upstream_refusal_and_reset_reach_the_client_as_resets() {
             "80-81",
             "--on-port",
             "50080",
+            "--relay",
+            relay,
         ],
     );
     let read_result = |port: u16| {
@@ -821,6 +853,84 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     assert!(ask(&mut second, "two again").contains("echo=two again"));
     // Closed before the stop, which would otherwise wait for them (the drain).
     drop((second, third));
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn sockmap_relay_carries_a_request_and_its_answer() {
+    require_root();
+    let gw = Gateway::new("skmsg").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let mut stream = connect_kept(&gw, 80, &|| agent.log_text());
+    for line in ["one", "two", "three"] {
+        let answer = ask(&mut stream, line);
+        assert!(answer.contains(&format!("echo={line}")), "{answer}");
+    }
+    drop(stream);
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(log.contains("relay: in the kernel (sockmap)"), "{log}");
+    // The connection went through the kernel relay, not the userspace fallback.
+    assert!(!log.contains("copying this connection"), "{log}");
+    assert!(log.contains("14 bytes up"), "{log}");
+}
+
+#[test]
+fn sockmap_relay_passes_a_half_close_on() {
+    require_root();
+    let gw = Gateway::new("skhalf").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let reply = gw
+        .client
+        .run(|| exchange(server(80), b"hello"))
+        .expect("netns")
+        .unwrap_or_else(|e| {
+            std::thread::sleep(Duration::from_millis(300));
+            panic!("exchange: {e}\n{}", agent.log_text())
+        });
+    assert!(reply.ends_with("got=5"), "{reply}");
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+}
+
+#[test]
+fn sockmap_relay_server_answers_and_closes_first() {
+    require_root();
+    let gw = Gateway::new("skfirst").expect("topology");
+    let server_thread = spawn_in(&gw.server, || -> std::io::Result<()> {
+        let listener = TcpListener::bind("0.0.0.0:80")?;
+        for _ in 0..3 {
+            let (mut stream, peer) = listener.accept()?;
+            let mut one = [0u8; 1];
+            stream.read_exact(&mut one)?;
+            stream.write_all(peer.ip().to_string().as_bytes())?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    for i in 0..3 {
+        let got = gw
+            .client
+            .run(|| -> std::io::Result<String> {
+                let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(b"P")?;
+                let mut peer = String::new();
+                stream.read_to_string(&mut peer)?;
+                Ok(peer)
+            })
+            .expect("netns")
+            .unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(300));
+                panic!("probe {i}: {e}\n{}", agent.log_text())
+            });
+        assert_eq!(got, testbed::ROUTER_SERVER_SIDE_V4.to_string());
+    }
+    server_thread.join().expect("thread").expect("server");
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
 }

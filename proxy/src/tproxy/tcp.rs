@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, OnceLock,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use crate::{
+    kernel_relay::{self, KernelRelay},
     relay::{self, RelayMode},
     tproxy::{ListenError, bind_listener, canonical, is_local, sockopt::transparent_socket},
     upstream::{self, Outbound, Upstream},
@@ -67,6 +68,8 @@ pub struct ProxyOptions {
     pub limit: Arc<Semaphore>,
     /// Counts live connections, for the drain on shutdown.
     pub live: Arc<LiveConnections>,
+    /// The in-kernel relay's maps (`--relay sockmap`), set once the programs are loaded.
+    pub kernel_relay: OnceLock<KernelRelay>,
 }
 
 /// The number of connections being proxied, and a way to wait until there are none.
@@ -190,7 +193,10 @@ async fn handle(
                 return;
             }
         };
-    let outcome = relay::copy_both_ways(client, upstream, options.relay).await;
+    let outcome = match options.kernel_relay.get() {
+        Some(kernel) => kernel_relay::relay(kernel, client, upstream).await,
+        None => relay::copy_both_ways(client, upstream, options.relay).await,
+    };
     let elapsed = started.elapsed();
     match outcome.error {
         None => info!(

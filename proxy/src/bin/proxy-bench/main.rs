@@ -50,7 +50,7 @@ struct Cli {
     out: PathBuf,
     /// The agent's `--relay` mode for (b) and (c): splice (its default) or copy, to compare
     /// the two.
-    #[arg(long, value_name = "MODE", default_value = "splice", value_parser = ["splice", "copy"])]
+    #[arg(long, value_name = "MODE", default_value = "splice", value_parser = ["splice", "copy", "sockmap"])]
     relay: String,
     /// One more flag for the agent of (b) and (c), for comparing its settings (repeat it for
     /// several: --agent-arg=--workers=1).

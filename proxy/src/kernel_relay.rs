@@ -1,0 +1,381 @@
+//! `--relay sockmap`: an established connection's bytes move between its two sockets inside
+//! the kernel (the sk_skb program in `proxy-ebpf/src/relay.rs`), and the agent only watches
+//! for the end of each direction.
+//!
+//! Order of the bytes, which is the whole difficulty:
+//! * The agent never reads a byte itself. Bytes that arrived before the sockets joined the
+//!   sockmap wait in the receive queue; setting SO_RCVLOWAT runs the socket's data-ready
+//!   callback (`tcp_set_rcvlowat` -> `tcp_data_ready`), now the psock's, which hands the
+//!   whole queue to the program in order (`tcp_read_skb`).
+//! * A FIN is passed on only once every byte the socket received is in the peer's send
+//!   queue: redirected bytes go out from a kernel worker, later than the FIN would if the
+//!   agent shut the peer down at once. The agent compares the bytes received on one side
+//!   (`tcpi_bytes_received`) with the bytes written to the other (`tcpi_bytes_acked` plus
+//!   SIOCOUTQ).
+
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+    sync::{Mutex, PoisonError},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData, SockHash};
+use log::{info, warn};
+use tokio::net::TcpStream;
+
+use crate::relay::{self, RelayMode, RelayOutcome};
+
+/// The relay's maps, shared by the workers.
+pub struct KernelRelay {
+    maps: Mutex<Maps>,
+}
+
+struct Maps {
+    /// Sockets whose received bytes go through the verdict program.
+    socks: SockHash<MapData, u64>,
+    /// Sockets the program may redirect to.
+    targets: SockHash<MapData, u64>,
+    /// Cookie -> the peer's cookie.
+    peers: HashMap<MapData, u64, u64>,
+}
+
+/// How far linking a pair got before it failed.
+enum LinkError {
+    /// No socket has the program yet: the connection can be relayed in userspace instead.
+    NotStarted(io::Error),
+    /// One socket already hands its bytes to the kernel relay: the connection cannot go on.
+    Partial(io::Error),
+}
+
+fn map_io(e: aya::maps::MapError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl KernelRelay {
+    pub(crate) fn new(
+        socks: SockHash<MapData, u64>,
+        targets: SockHash<MapData, u64>,
+        peers: HashMap<MapData, u64, u64>,
+    ) -> Self {
+        KernelRelay {
+            maps: Mutex::new(Maps {
+                socks,
+                targets,
+                peers,
+            }),
+        }
+    }
+
+    /// Makes `a` and `b` each other's relay peer. The peers and the targets go in first, so
+    /// that the first byte the program sees already has somewhere to go.
+    fn link(&self, a: (u64, RawFd), b: (u64, RawFd)) -> Result<(), LinkError> {
+        let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
+        let prepare = |maps: &mut Maps| -> Result<(), aya::maps::MapError> {
+            maps.peers.insert(a.0, b.0, 0)?;
+            maps.peers.insert(b.0, a.0, 0)?;
+            maps.targets.insert(a.0, a.1, 0)?;
+            maps.targets.insert(b.0, b.1, 0)
+        };
+        if let Err(e) = prepare(&mut maps) {
+            maps.forget(a.0, b.0);
+            return Err(LinkError::NotStarted(map_io(e)));
+        }
+        if let Err(e) = maps.socks.insert(a.0, a.1, 0) {
+            maps.forget(a.0, b.0);
+            return Err(LinkError::NotStarted(map_io(e)));
+        }
+        if let Err(e) = maps.socks.insert(b.0, b.1, 0) {
+            maps.forget(a.0, b.0);
+            return Err(LinkError::Partial(map_io(e)));
+        }
+        Ok(())
+    }
+
+    /// Drops the pair's entries. Closing a socket also takes it out of the sockmaps.
+    fn unlink(&self, a: u64, b: u64) {
+        self.maps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .forget(a, b);
+    }
+}
+
+impl Maps {
+    fn forget(&mut self, a: u64, b: u64) {
+        for cookie in [a, b] {
+            let _ = self.socks.remove(&cookie);
+            let _ = self.targets.remove(&cookie);
+            let _ = self.peers.remove(&cookie);
+        }
+    }
+}
+
+/// Relays until both directions are closed, or until one fails (then both are reset).
+/// Falls back to the userspace relay if the pair cannot be linked at all (the map full).
+pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream) -> RelayOutcome {
+    let (Ok(client_cookie), Ok(upstream_cookie)) = (cookie(&client), cookie(&upstream)) else {
+        return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
+    };
+    // What the agent itself read and wrote before (the SOCKS5 handshake on the upstream
+    // socket): not relayed bytes.
+    let (Ok(up_base), Ok(down_base)) = (
+        Baseline::measure(&client, &upstream),
+        Baseline::measure(&upstream, &client),
+    ) else {
+        return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
+    };
+    match kernel.link(
+        (client_cookie, client.as_raw_fd()),
+        (upstream_cookie, upstream.as_raw_fd()),
+    ) {
+        Ok(()) => {}
+        Err(LinkError::NotStarted(e)) => {
+            info!("in-kernel relay unavailable ({e}): copying this connection");
+            return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
+        }
+        Err(LinkError::Partial(e)) => {
+            warn!("in-kernel relay: linking a connection failed halfway: {e}");
+            relay::reset(client);
+            relay::reset(upstream);
+            return RelayOutcome {
+                up: 0,
+                down: 0,
+                error: Some(e),
+            };
+        }
+    }
+    // Bytes that arrived before the link are still queued: run them through the program.
+    let kicked = kick(&client).and_then(|()| kick(&upstream));
+
+    let mut error = kicked.err();
+    // Which directions ended with their EOF.
+    let (mut up_eof, mut down_eof) = (false, false);
+    if error.is_none() {
+        let up_half = watch(&client, &upstream, up_base);
+        let down_half = watch(&upstream, &client, down_base);
+        tokio::pin!(up_half, down_half);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            let result = tokio::select! {
+                r = &mut up_half, if !up_done => { up_done = true; up_eof = r.is_ok(); r }
+                r = &mut down_half, if !down_done => { down_done = true; down_eof = r.is_ok(); r }
+            };
+            if let Err(e) = result {
+                error = Some(e);
+                break;
+            }
+        }
+    }
+    let up = relayed(&client, up_base, up_eof);
+    let down = relayed(&upstream, down_base, down_eof);
+    kernel.unlink(client_cookie, upstream_cookie);
+    if error.is_some() {
+        relay::reset(client);
+        relay::reset(upstream);
+    }
+    RelayOutcome { up, down, error }
+}
+
+/// The bytes the agent itself had read from one socket and written to the other before the
+/// link.
+#[derive(Clone, Copy)]
+struct Baseline {
+    consumed: u64,
+    written: u64,
+}
+
+impl Baseline {
+    fn measure(from: &TcpStream, to: &TcpStream) -> io::Result<Baseline> {
+        Ok(Baseline {
+            consumed: consumed(from.as_raw_fd())?,
+            written: written(to.as_raw_fd())?,
+        })
+    }
+}
+
+/// Bytes relayed from `from` (for the connection's log line): what it received after the
+/// link, less the FIN's sequence number once its EOF was seen.
+fn relayed(from: &TcpStream, base: Baseline, eof: bool) -> u64 {
+    counters(from.as_raw_fd())
+        .map(|c| c.received.saturating_sub(base.consumed + u64::from(eof)))
+        .unwrap_or(0)
+}
+
+/// A direction waits here for its EOF, passes it on once the bytes before it are in the
+/// peer's send queue, and ends.
+async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let mut probe = [0u8; 1];
+        match from.try_read(&mut probe) {
+            Ok(0) => break,
+            // The program redirects every byte; one reaching the agent would be out of
+            // order with the rest, so the connection cannot go on.
+            Ok(_) => {
+                return Err(io::Error::other(
+                    "a byte reached the agent past the in-kernel relay",
+                ));
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    // `tcpi_bytes_received` follows rcv_nxt, which the FIN moved on by one.
+    let target = counters(from.as_raw_fd())?
+        .received
+        .saturating_sub(base.consumed + 1);
+    wait_written(to, base.written + target).await?;
+    relay::half_close(to);
+    Ok(())
+}
+
+/// Gives up when the peer's send queue has not moved for this long.
+const FLUSH_STALL: Duration = Duration::from_secs(30);
+
+/// Waits until `bytes` have been written into `to` (by the kernel relay), polling with a
+/// growing pause: this runs once per direction, at its end, and is usually true at once.
+async fn wait_written(to: &TcpStream, bytes: u64) -> io::Result<()> {
+    let mut pause = Duration::from_micros(200);
+    let mut last = 0;
+    let mut last_progress = Instant::now();
+    loop {
+        let now = written(to.as_raw_fd())?;
+        if now >= bytes {
+            return Ok(());
+        }
+        if let Some(e) = to.take_error()? {
+            return Err(e);
+        }
+        if now != last {
+            last = now;
+            last_progress = Instant::now();
+        } else if last_progress.elapsed() > FLUSH_STALL {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the in-kernel relay stalled before a half-close",
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The socket's cookie, its key in the relay maps.
+fn cookie(stream: &TcpStream) -> io::Result<u64> {
+    let mut value: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an out-buffer of the size given.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// SO_RCVLOWAT = 1 (the default): setting it runs the data-ready callback when bytes are
+/// queued.
+fn kick(stream: &TcpStream) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: a valid descriptor and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The start of `struct tcp_info` (linux/tcp.h) up to the byte counters.
+#[repr(C)]
+#[derive(Default)]
+struct TcpInfoHead {
+    bytes8: [u8; 8],
+    words: [u32; 24],
+    pacing_rate: u64,
+    max_pacing_rate: u64,
+    bytes_acked: u64,
+    bytes_received: u64,
+}
+
+struct Counters {
+    acked: u64,
+    received: u64,
+}
+
+fn counters(fd: RawFd) -> io::Result<Counters> {
+    let mut info = TcpInfoHead::default();
+    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
+    // SAFETY: a valid descriptor and an out-buffer of the size given; the kernel copies at
+    // most that much.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
+        return Err(io::Error::other(
+            "TCP_INFO without byte counters (kernel older than 4.1)",
+        ));
+    }
+    Ok(Counters {
+        acked: info.bytes_acked,
+        received: info.bytes_received,
+    })
+}
+
+/// Bytes queued with `request` (SIOCINQ: received, not read; SIOCOUTQ: written, not acked).
+fn queued(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
+    let mut value: libc::c_int = 0;
+    // SAFETY: both ioctls write one int.
+    let rc = unsafe { libc::ioctl(fd, request, &mut value) };
+    if rc == 0 {
+        Ok(value.max(0) as u64)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Bytes written into the socket so far: acked + still queued. Read in that order, an ACK
+/// between the two reads makes the sum smaller, never larger: a wait on it never ends early.
+fn written(fd: RawFd) -> io::Result<u64> {
+    let acked = counters(fd)?.acked;
+    Ok(acked + queued(fd, libc::TIOCOUTQ)?)
+}
+
+/// Bytes read from the socket so far: received - still queued. Retried until two readings
+/// agree, since bytes may arrive between them.
+fn consumed(fd: RawFd) -> io::Result<u64> {
+    for _ in 0..16 {
+        let before = counters(fd)?.received;
+        let unread = queued(fd, libc::FIONREAD)?;
+        if counters(fd)?.received == before {
+            return Ok(before.saturating_sub(unread));
+        }
+    }
+    Err(io::Error::other("bytes kept arriving while measuring"))
+}
