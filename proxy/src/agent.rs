@@ -371,15 +371,16 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         connect_timeout: args.connect_timeout,
         mark: args.outbound_mark,
     };
-    let worker_count = workers::count(args.workers).map_err(AgentError::Unsupported)?;
+    // An external listener needs no workers.
+    let worker_count = if args.listener == ListenerMode::Builtin {
+        workers::count(args.workers).map_err(AgentError::Unsupported)?
+    } else {
+        0
+    };
     let live = Arc::new(LiveConnections::default());
     let mut listeners = Listeners {
-        workers: Workers::start(if args.listener == ListenerMode::Builtin {
-            worker_count
-        } else {
-            0
-        })
-        .map_err(|e| AgentError::Io("starting the TCP worker threads", e))?,
+        workers: Workers::start(worker_count)
+            .map_err(|e| AgentError::Io("starting the TCP worker threads", e))?,
         options: Arc::new(ProxyOptions {
             upstream: upstream.clone(),
             outbound,
@@ -502,6 +503,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             }
         }
     }
+
+    // Connections still open after the drain end here, before the routes they use go:
+    // stopping the workers drops their tasks and closes their sockets.
+    drop(listeners);
 
     // Teardown, in reverse, whatever happened above.
     classifier.detach_all();

@@ -17,11 +17,11 @@ use std::{
     io,
     os::fd::{AsRawFd, RawFd},
     sync::{Mutex, PoisonError},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use aya::maps::{HashMap, MapData, SockHash};
-use log::{info, warn};
+use log::info;
 use tokio::net::TcpStream;
 
 use crate::relay::{self, RelayMode, RelayOutcome};
@@ -40,12 +40,14 @@ struct Maps {
     peers: HashMap<MapData, u64, u64>,
 }
 
-/// How far linking a pair got before it failed.
-enum LinkError {
-    /// No socket has the program yet: the connection can be relayed in userspace instead.
-    NotStarted(io::Error),
-    /// One socket already hands its bytes to the kernel relay: the connection cannot go on.
-    Partial(io::Error),
+/// How far linking a pair got.
+enum Linked {
+    /// Both sockets hand their bytes to the program.
+    Both,
+    /// Only the first does: the second left ESTABLISHED (its peer sent a FIN or a RST)
+    /// between the inserts, and the sockmap refuses such sockets. Its bytes were never
+    /// seen by the program, so copying them in userspace keeps them in order.
+    FirstOnly,
 }
 
 fn map_io(e: aya::maps::MapError) -> io::Error {
@@ -68,28 +70,25 @@ impl KernelRelay {
     }
 
     /// Makes `a` and `b` each other's relay peer. The peers and the targets go in first, so
-    /// that the first byte the program sees already has somewhere to go.
-    fn link(&self, a: (u64, RawFd), b: (u64, RawFd)) -> Result<(), LinkError> {
+    /// that the first byte the program sees already has somewhere to go. An error means no
+    /// socket was linked (and nothing is left in the maps).
+    fn link(&self, a: (u64, RawFd), b: (u64, RawFd)) -> io::Result<Linked> {
         let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
         let prepare = |maps: &mut Maps| -> Result<(), aya::maps::MapError> {
             maps.peers.insert(a.0, b.0, 0)?;
             maps.peers.insert(b.0, a.0, 0)?;
             maps.targets.insert(a.0, a.1, 0)?;
-            maps.targets.insert(b.0, b.1, 0)
+            maps.targets.insert(b.0, b.1, 0)?;
+            maps.socks.insert(a.0, a.1, 0)
         };
         if let Err(e) = prepare(&mut maps) {
             maps.forget(a.0, b.0);
-            return Err(LinkError::NotStarted(map_io(e)));
+            return Err(map_io(e));
         }
-        if let Err(e) = maps.socks.insert(a.0, a.1, 0) {
-            maps.forget(a.0, b.0);
-            return Err(LinkError::NotStarted(map_io(e)));
-        }
-        if let Err(e) = maps.socks.insert(b.0, b.1, 0) {
-            maps.forget(a.0, b.0);
-            return Err(LinkError::Partial(map_io(e)));
-        }
-        Ok(())
+        Ok(match maps.socks.insert(b.0, b.1, 0) {
+            Ok(()) => Linked::Both,
+            Err(_) => Linked::FirstOnly,
+        })
     }
 
     /// Drops the pair's entries. Closing a socket also takes it out of the sockmaps.
@@ -112,48 +111,65 @@ impl Maps {
 }
 
 /// Relays until both directions are closed, or until one fails (then both are reset).
-/// Falls back to the userspace relay if the pair cannot be linked at all (the map full).
+/// Falls back to the userspace relay where the pair cannot be handed to the kernel.
 pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream) -> RelayOutcome {
-    let (Ok(client_cookie), Ok(upstream_cookie)) = (cookie(&client), cookie(&upstream)) else {
-        return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
+    let prepared = (|| -> io::Result<_> {
+        let cookies = (cookie(&client)?, cookie(&upstream)?);
+        // What the agent itself read and wrote before (the SOCKS5 handshake on the
+        // upstream socket): not relayed bytes.
+        let bases = (
+            Baseline::measure(&client, &upstream)?,
+            Baseline::measure(&upstream, &client)?,
+        );
+        // The program is handed whole skbs (`tcp_read_skb` ignores how much of the first
+        // one was read): after a partial read, such as a SOCKS5 reply that shared a
+        // segment with the server's first bytes, it would send the read part again.
+        for (stream, base) in [(&client, bases.0), (&upstream, bases.1)] {
+            if base.consumed > 0 && queued(stream.as_raw_fd(), libc::FIONREAD)? > 0 {
+                return Err(io::Error::other(
+                    "bytes left over from the agent's own reads",
+                ));
+            }
+        }
+        Ok((cookies, bases))
+    })();
+    let ((client_cookie, upstream_cookie), (up_base, down_base)) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return copy_instead(e, client, upstream).await,
     };
-    // What the agent itself read and wrote before (the SOCKS5 handshake on the upstream
-    // socket): not relayed bytes.
-    let (Ok(up_base), Ok(down_base)) = (
-        Baseline::measure(&client, &upstream),
-        Baseline::measure(&upstream, &client),
-    ) else {
-        return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
-    };
-    match kernel.link(
+    let linked = match kernel.link(
         (client_cookie, client.as_raw_fd()),
         (upstream_cookie, upstream.as_raw_fd()),
     ) {
-        Ok(()) => {}
-        Err(LinkError::NotStarted(e)) => {
-            info!("in-kernel relay unavailable ({e}): copying this connection");
-            return relay::copy_both_ways(client, upstream, RelayMode::Splice).await;
-        }
-        Err(LinkError::Partial(e)) => {
-            warn!("in-kernel relay: linking a connection failed halfway: {e}");
-            relay::reset(client);
-            relay::reset(upstream);
-            return RelayOutcome {
-                up: 0,
-                down: 0,
-                error: Some(e),
-            };
-        }
-    }
+        Ok(linked) => linked,
+        Err(e) => return copy_instead(e, client, upstream).await,
+    };
+    // However this ends (even cancelled), the pair's map entries go.
+    let _unlink = Unlink {
+        kernel,
+        cookies: (client_cookie, upstream_cookie),
+    };
     // Bytes that arrived before the link are still queued: run them through the program.
-    let kicked = kick(&client).and_then(|()| kick(&upstream));
+    let mut error = kick(&client).err();
+    if matches!(linked, Linked::Both)
+        && let Err(e) = kick(&upstream)
+    {
+        error = Some(e);
+    }
 
-    let mut error = kicked.err();
-    // Which directions ended with their EOF.
+    // Which directions ended with their EOF; bytes the agent copied itself.
     let (mut up_eof, mut down_eof) = (false, false);
+    let mut copied_down = 0;
     if error.is_none() {
         let up_half = watch(&client, &upstream, up_base);
-        let down_half = watch(&upstream, &client, down_base);
+        let down_half = async {
+            match linked {
+                Linked::Both => watch(&upstream, &client, down_base).await,
+                Linked::FirstOnly => {
+                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy).await
+                }
+            }
+        };
         tokio::pin!(up_half, down_half);
         let (mut up_done, mut down_done) = (false, false);
         while !(up_done && down_done) {
@@ -168,13 +184,32 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
         }
     }
     let up = relayed(&client, up_base, up_eof);
-    let down = relayed(&upstream, down_base, down_eof);
-    kernel.unlink(client_cookie, upstream_cookie);
+    let down = match linked {
+        Linked::Both => relayed(&upstream, down_base, down_eof),
+        Linked::FirstOnly => copied_down,
+    };
     if error.is_some() {
         relay::reset(client);
         relay::reset(upstream);
     }
     RelayOutcome { up, down, error }
+}
+
+async fn copy_instead(why: io::Error, client: TcpStream, upstream: TcpStream) -> RelayOutcome {
+    info!("in-kernel relay unavailable ({why}): copying this connection");
+    relay::copy_both_ways(client, upstream, RelayMode::Splice).await
+}
+
+/// Takes a pair out of the maps when dropped.
+struct Unlink<'a> {
+    kernel: &'a KernelRelay,
+    cookies: (u64, u64),
+}
+
+impl Drop for Unlink<'_> {
+    fn drop(&mut self) {
+        self.kernel.unlink(self.cookies.0, self.cookies.1);
+    }
 }
 
 /// The bytes the agent itself had read from one socket and written to the other before the
@@ -230,34 +265,21 @@ async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<(
     Ok(())
 }
 
-/// Gives up when the peer's send queue has not moved for this long.
-const FLUSH_STALL: Duration = Duration::from_secs(30);
-
 /// Waits until `bytes` have been written into `to` (by the kernel relay), polling with a
 /// growing pause: this runs once per direction, at its end, and is usually true at once.
+/// It can take as long as `to`'s reader takes to open its window (a paused download): no
+/// time limit, as with the userspace relay; a socket error ends it.
 async fn wait_written(to: &TcpStream, bytes: u64) -> io::Result<()> {
     let mut pause = Duration::from_micros(200);
-    let mut last = 0;
-    let mut last_progress = Instant::now();
     loop {
-        let now = written(to.as_raw_fd())?;
-        if now >= bytes {
+        if written(to.as_raw_fd())? >= bytes {
             return Ok(());
         }
         if let Some(e) = to.take_error()? {
             return Err(e);
         }
-        if now != last {
-            last = now;
-            last_progress = Instant::now();
-        } else if last_progress.elapsed() > FLUSH_STALL {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the in-kernel relay stalled before a half-close",
-            ));
-        }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(50));
+        pause = (pause * 2).min(Duration::from_millis(200));
     }
 }
 
@@ -368,7 +390,9 @@ fn written(fd: RawFd) -> io::Result<u64> {
 }
 
 /// Bytes read from the socket so far: received - still queued. Retried until two readings
-/// agree, since bytes may arrive between them.
+/// agree, since bytes may arrive between them. (A FIN already received would count in the
+/// first and not the second; such a socket has left ESTABLISHED, the sockmap refuses it,
+/// and its direction is copied instead, so the figure is never used for it.)
 fn consumed(fd: RawFd) -> io::Result<u64> {
     for _ in 0..16 {
         let before = counters(fd)?.received;

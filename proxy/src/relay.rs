@@ -78,7 +78,7 @@ pub async fn copy_both_ways(
 /// Both modes start by copying through a per-thread scratch buffer: small exchanges cost no
 /// pipe and no per-connection buffer. In splice mode a read that fills the whole buffer
 /// marks the direction as bulk, and it moves on to splice(2) for the rest.
-async fn pump(
+pub(crate) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     total: &mut u64,

@@ -934,3 +934,48 @@ fn sockmap_relay_server_answers_and_closes_first() {
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
 }
+
+/// A server that speaks first and closes at once: its FIN can reach the upstream socket
+/// before or while the pair is linked (the sockmap refuses sockets past ESTABLISHED), and
+/// every way that goes must still deliver the banner and a clean EOF.
+#[test]
+fn sockmap_relay_server_that_speaks_and_closes_at_once() {
+    require_root();
+    let gw = Gateway::new("skbanner").expect("topology");
+    const ROUNDS: usize = 20;
+    let server_thread = spawn_in(&gw.server, || -> std::io::Result<()> {
+        let listener = TcpListener::bind("0.0.0.0:80")?;
+        for _ in 0..ROUNDS {
+            let (mut stream, _) = listener.accept()?;
+            stream.write_all(b"220 banner\r\n")?;
+        }
+        Ok(())
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    for i in 0..ROUNDS {
+        let got = gw
+            .client
+            .run(|| -> std::io::Result<String> {
+                let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(3))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                let mut banner = String::new();
+                stream.read_to_string(&mut banner)?;
+                Ok(banner)
+            })
+            .expect("netns")
+            .unwrap_or_else(|e| {
+                std::thread::sleep(Duration::from_millis(300));
+                panic!("round {i}: {e}\n{}", agent.log_text())
+            });
+        assert_eq!(got, "220 banner\r\n", "round {i}");
+    }
+    server_thread.join().expect("thread").expect("server");
+    let (status, log) = agent.stop();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("ended by"), "{log}");
+    eprintln!(
+        "{} of {ROUNDS} connections copied in userspace (the server's FIN came first)",
+        log.matches("copying this connection").count()
+    );
+}

@@ -108,9 +108,17 @@ impl Workers {
         let mut tasks = Vec::with_capacity(listeners.len());
         for (worker, listener) in self.workers.iter().zip(listeners) {
             // Registers the socket with this worker's reactor.
-            let listener = {
+            let registered = {
                 let _entered = worker.handle.enter();
-                TcpListener::from_std(listener)?
+                TcpListener::from_std(listener)
+            };
+            let listener = match registered {
+                Ok(listener) => listener,
+                Err(e) => {
+                    // All or nothing: no accept task left that nobody could stop.
+                    tasks.iter().for_each(AbortHandle::abort);
+                    return Err(e);
+                }
             };
             let options = Arc::clone(options);
             let task = worker.handle.spawn(tcp::serve(listener, options));
