@@ -811,13 +811,7 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
         )
     };
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
-    let connect = || {
-        connect_kept(&gw, 80, &|| {
-            // Let the agent's last lines reach the log first.
-            std::thread::sleep(Duration::from_millis(300));
-            agent.log_text()
-        })
-    };
+    let connect = || connect_kept(&gw, 80, &|| agent.settled_log());
     let mut first = connect();
     assert!(ask(&mut first, "one").contains("echo=one"));
     let mut second = connect();
@@ -845,10 +839,7 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     let mut answer = String::new();
     BufReader::new(third.try_clone().expect("clone"))
         .read_line(&mut answer)
-        .unwrap_or_else(|e| {
-            std::thread::sleep(Duration::from_millis(300));
-            panic!("the waiting connection: {e}\n{}", agent.log_text())
-        });
+        .unwrap_or_else(|e| panic!("the waiting connection: {e}\n{}", agent.settled_log()));
     assert!(answer.contains("echo=three"), "{answer}");
     assert!(ask(&mut second, "two again").contains("echo=two again"));
     // Closed before the stop, which would otherwise wait for them (the drain).
@@ -887,10 +878,7 @@ fn sockmap_relay_passes_a_half_close_on() {
         .client
         .run(|| exchange(server(80), b"hello"))
         .expect("netns")
-        .unwrap_or_else(|e| {
-            std::thread::sleep(Duration::from_millis(300));
-            panic!("exchange: {e}\n{}", agent.log_text())
-        });
+        .unwrap_or_else(|e| panic!("exchange: {e}\n{}", agent.settled_log()));
     assert!(reply.ends_with("got=5"), "{reply}");
     let (status, log) = agent.stop();
     assert!(status.success(), "{log}");
@@ -924,10 +912,7 @@ fn sockmap_relay_server_answers_and_closes_first() {
                 Ok(peer)
             })
             .expect("netns")
-            .unwrap_or_else(|e| {
-                std::thread::sleep(Duration::from_millis(300));
-                panic!("probe {i}: {e}\n{}", agent.log_text())
-            });
+            .unwrap_or_else(|e| panic!("probe {i}: {e}\n{}", agent.settled_log()));
         assert_eq!(got, testbed::ROUTER_SERVER_SIDE_V4.to_string());
     }
     server_thread.join().expect("thread").expect("server");
@@ -964,10 +949,7 @@ fn sockmap_relay_server_that_speaks_and_closes_at_once() {
                 Ok(banner)
             })
             .expect("netns")
-            .unwrap_or_else(|e| {
-                std::thread::sleep(Duration::from_millis(300));
-                panic!("round {i}: {e}\n{}", agent.log_text())
-            });
+            .unwrap_or_else(|e| panic!("round {i}: {e}\n{}", agent.settled_log()));
         assert_eq!(got, "220 banner\r\n", "round {i}");
     }
     server_thread.join().expect("thread").expect("server");

@@ -117,6 +117,13 @@ impl Agent {
         self.log.lock().expect("log lock").join("\n")
     }
 
+    /// The log after a pause that lets the agent's last lines through (its stderr is read
+    /// on a thread): for a failure message written right after the failure.
+    pub fn settled_log(&self) -> String {
+        std::thread::sleep(Duration::from_millis(300));
+        self.log_text()
+    }
+
     /// Waits up to `timeout` for a log line containing every needle.
     pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
         let deadline = Instant::now() + timeout;
