@@ -6,7 +6,9 @@
 //! * The agent never reads a byte itself. Bytes that arrived before the sockets joined the
 //!   sockmap wait in the receive queue; setting SO_RCVLOWAT runs the socket's data-ready
 //!   callback (`tcp_set_rcvlowat` -> `tcp_data_ready`), now the psock's, which hands the
-//!   whole queue to the program in order (`tcp_read_skb`).
+//!   whole queue to the program in order (`tcp_read_skb`). Where the agent did read (a
+//!   SOCKS5 handshake) and bytes are still queued, the connection is copied instead: the
+//!   program is handed whole skbs, the part already read included.
 //! * A FIN is passed on only once every byte the socket received is in the peer's send
 //!   queue: redirected bytes go out from a kernel worker, later than the FIN would if the
 //!   agent shut the peer down at once. The agent compares the bytes received on one side
