@@ -13,7 +13,8 @@ use std::{
 };
 
 use common::{
-    Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange, require_root, server,
+    Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange, exchange_from_client,
+    require_root, server,
 };
 use proxy::testbed::{self, Gateway, Netns};
 
@@ -63,11 +64,7 @@ fn spoof_source_makes_the_server_see_the_client() {
             "--spoof-source",
         ],
     );
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"hello"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"hello");
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
         "{reply}"
@@ -79,8 +76,7 @@ fn spoof_source_makes_the_server_see_the_client() {
             Duration::from_secs(5),
         )
         .unwrap_or_else(|| panic!("not proxied:\n{}", agent.log_text()));
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(
         common::counter(&log, "diverted") >= 2,
         "replies did not take the return path:\n{log}"
@@ -159,8 +155,7 @@ fn udp_replies_come_from_the_original_destination() {
         .unwrap_or_else(|| panic!("no session line:\n{}", agent.log_text()));
     assert!(line.contains("udp"), "{line}");
     let _ = echo.join();
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     // The first datagram went to the listener, the next two to the session's own socket.
     assert_eq!(common::counter(&log, "assigned_listener"), 1, "{log}");
     assert_eq!(common::counter(&log, "assigned_established"), 2, "{log}");
@@ -518,8 +513,7 @@ fn refusal_and_reset_reach_the_client(relay: &str) {
         "reset"
     );
     resetter.join().expect("thread").expect("server");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(
         log.contains("-> 198.51.100.2:81: upstream connect failed"),
         "{log}"
@@ -773,8 +767,7 @@ fn connections_beyond_max_connections_are_reset_until_a_slot_frees() {
     }
     let answer = answer.unwrap_or_else(|| panic!("no slot came back:\n{}", agent.log_text()));
     assert!(answer.contains("echo=three"), "{answer}");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
 }
 
 #[test]
@@ -844,8 +837,7 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     assert!(ask(&mut second, "two again").contains("echo=two again"));
     // Closed before the stop, which would otherwise wait for them (the drain).
     drop((second, third));
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
 }
 
 #[test]
@@ -860,8 +852,7 @@ fn sockmap_relay_carries_a_request_and_its_answer() {
         assert!(answer.contains(&format!("echo={line}")), "{answer}");
     }
     drop(stream);
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(log.contains("relay: in the kernel (sockmap)"), "{log}");
     // The connection went through the kernel relay, not the userspace fallback.
     assert!(!log.contains("copying this connection"), "{log}");
@@ -880,8 +871,7 @@ fn sockmap_relay_passes_a_half_close_on() {
         .expect("netns")
         .unwrap_or_else(|e| panic!("exchange: {e}\n{}", agent.settled_log()));
     assert!(reply.ends_with("got=5"), "{reply}");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
 }
 
 #[test]
@@ -916,8 +906,7 @@ fn sockmap_relay_server_answers_and_closes_first() {
         assert_eq!(got, testbed::ROUTER_SERVER_SIDE_V4.to_string());
     }
     server_thread.join().expect("thread").expect("server");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
 }
 
 /// A server that speaks first and closes at once: its FIN can reach the upstream socket
@@ -953,8 +942,7 @@ fn sockmap_relay_server_that_speaks_and_closes_at_once() {
         assert_eq!(got, "220 banner\r\n", "round {i}");
     }
     server_thread.join().expect("thread").expect("server");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(!log.contains("ended by"), "{log}");
     eprintln!(
         "{} of {ROUNDS} connections copied in userspace (the server's FIN came first)",

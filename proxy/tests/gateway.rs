@@ -10,7 +10,10 @@ use std::{
 };
 
 use aya::programs::{SchedClassifier, TcAttachType};
-use common::{Agent, Server, ServerMode, counter, exchange, ip_stdout, require_root, server};
+use common::{
+    Agent, Server, ServerMode, counter, exchange, exchange_from_client, ip_stdout, require_root,
+    server,
+};
 use proxy::testbed::{self, Gateway};
 
 const AGENT_ARGS: &[&str] = &[
@@ -54,11 +57,7 @@ fn intercepted_connection_reaches_server_and_agent_logs_original_destination() {
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let agent = Agent::start(&gw.router, AGENT_ARGS);
 
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"hello"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"hello");
     // The server sees the proxy's connection (from the router), with all 5 bytes.
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
@@ -76,8 +75,7 @@ fn intercepted_connection_reaches_server_and_agent_logs_original_destination() {
         .unwrap_or_else(|| panic!("no connection line in the agent log:\n{}", agent.log_text()));
     assert!(line.contains("bytes down"), "{line}");
 
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit: {status}\n{log}");
+    let log = agent.stop_ok();
     assert!(counter(&log, "assigned_listener") >= 1, "{log}");
     assert!(counter(&log, "assigned_established") >= 1, "{log}");
     assert_eq!(counter(&log, "dropped_no_socket"), 0, "{log}");
@@ -90,19 +88,14 @@ fn non_matching_port_is_untouched() {
     let _server = Server::start(&gw.server, server(8080), ServerMode::Reply);
     let agent = Agent::start(&gw.router, AGENT_ARGS);
 
-    let reply = gw
-        .client
-        .run(|| exchange(server(8080), b"hi"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(8080), b"hi");
     // Routed, not proxied: the server sees the client itself.
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
         "reply: {reply}"
     );
 
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(
         !log.contains("-> 198.51.100.2:8080"),
         "port 8080 was proxied:\n{log}"
@@ -165,8 +158,7 @@ fn reconnect_from_same_client_port_while_proxy_side_is_in_time_wait_is_immediate
         second.0,
         first.0
     );
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     // The reconnecting SYN went to the TIME_WAIT socket and from there (sk_lookup) to the
     // listener: the listener was never looked up at TC for it. Without the sk_lookup half,
     // the TIME_WAIT socket answers with an ACK, the client resets it and retransmits its
@@ -194,11 +186,7 @@ fn sigterm_removes_link_rule_and_route_and_traffic_flows_as_before() {
         router_table(&gw, "100")
     );
     assert_eq!(tcx_programs(&gw), vec!["tproxy_ingress".to_owned()]);
-    let proxied = gw
-        .client
-        .run(|| exchange(server(80), b"x"))
-        .expect("netns")
-        .expect("exchange");
+    let proxied = exchange_from_client(&gw, server(80), b"x");
     assert!(
         proxied.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
         "{proxied}"
@@ -209,11 +197,7 @@ fn sigterm_removes_link_rule_and_route_and_traffic_flows_as_before() {
     assert_eq!(router_rules(&gw), before_rules, "rules left behind");
     assert_eq!(router_table(&gw, "100"), "", "route left behind");
     assert!(tcx_programs(&gw).is_empty(), "classifier still attached");
-    let direct = gw
-        .client
-        .run(|| exchange(server(80), b"x"))
-        .expect("netns")
-        .expect("exchange");
+    let direct = exchange_from_client(&gw, server(80), b"x");
     assert!(
         direct.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
         "{direct}"
@@ -277,11 +261,7 @@ fn ipv6_connection_is_intercepted_and_proxied_over_ipv6() {
         ServerMode::Reply,
     );
     let agent = Agent::start(&gw.router, AGENT_ARGS);
-    let reply = gw
-        .client
-        .run(|| exchange(server6, b"hello6"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server6, b"hello6");
     assert!(
         reply.starts_with(&format!("peer=[{}]:", testbed::ROUTER_SERVER_SIDE_V6)),
         "{reply}"
@@ -293,8 +273,7 @@ fn ipv6_connection_is_intercepted_and_proxied_over_ipv6() {
             Duration::from_secs(5),
         )
         .unwrap_or_else(|| panic!("no IPv6 connection line:\n{}", agent.log_text()));
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
 }
 
 #[test]
@@ -358,17 +337,12 @@ fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
     assert!(qdiscs().contains("clsact"), "{}", qdiscs());
     assert!(filters().contains("tproxy_ingress"), "{}", filters());
     assert!(tcx_programs(&gw).is_empty(), "a TCX link as well");
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"nl"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"nl");
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
         "{reply}"
     );
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(log.contains("clsact qdisc removed from r0"), "{log}");
     assert!(!qdiscs().contains("clsact"), "{}", qdiscs());
     assert_eq!(filters().trim(), "");
@@ -426,8 +400,7 @@ fn every_worker_serves_its_listener_and_a_second_agent_on_the_port_is_refused() 
     assert!(log.contains(":50080 is already in use"), "{log}");
     assert_eq!(router_listeners(&gw, 50080), 3);
 
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit: {status}\n{log}");
+    let log = agent.stop_ok();
     assert!(counter(&log, "assigned_listener") >= 20, "{log}");
     assert_eq!(counter(&log, "dropped_no_socket"), 0, "{log}");
 }
@@ -439,12 +412,7 @@ fn one_worker_needs_no_reuseport_group() {
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "1"]].concat());
     assert_eq!(router_listeners(&gw, 50080), 1, "{}", agent.log_text());
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"one"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"one");
     assert!(reply.ends_with("got=3"), "{reply}");
-    let (status, log) = agent.stop();
-    assert!(status.success(), "agent exit: {status}\n{log}");
+    agent.stop_ok();
 }

@@ -5,7 +5,9 @@ mod common;
 
 use std::{net::TcpStream, path::Path, time::Duration};
 
-use common::{Agent, Server, ServerMode, ask, exchange, ip_stdout, require_root, server};
+use common::{
+    Agent, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout, require_root, server,
+};
 use nix::{sys::signal, unistd::Pid};
 use proxy::testbed::{self, Gateway};
 
@@ -41,11 +43,7 @@ fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
     live.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
     assert!(ask(&mut live, "one").starts_with(&router));
-    let direct = gw
-        .client
-        .run(|| exchange(server(8080), b"x"))
-        .expect("netns")
-        .expect("8080");
+    let direct = exchange_from_client(&gw, server(8080), b"x");
     assert!(direct.starts_with(&client), "{direct}");
 
     // The new file drops port 80 and intercepts 8080 on another port.
@@ -54,11 +52,7 @@ fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
     agent
         .wait_for_line(&["reloaded: 1 rule(s) in force"], Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no reload:\n{}", agent.log_text()));
-    let proxied = gw
-        .client
-        .run(|| exchange(server(8080), b"x"))
-        .expect("netns")
-        .expect("8080");
+    let proxied = exchange_from_client(&gw, server(8080), b"x");
     assert!(proxied.starts_with(&router), "{proxied}");
     // The live connection's rule is gone; its packets still reach the proxy's socket
     // (return path) and the connection goes on.
@@ -82,17 +76,12 @@ fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
         .wait_for_line(&["reload refused"], Duration::from_secs(10))
         .unwrap_or_else(|| panic!("bad file not refused:\n{}", agent.log_text()));
     assert!(refused.contains("rule 1: dport"), "{refused}");
-    let still = gw
-        .client
-        .run(|| exchange(server(8080), b"x"))
-        .expect("netns")
-        .expect("8080");
+    let still = exchange_from_client(&gw, server(8080), b"x");
     assert!(still.starts_with(&router), "{still}");
     assert!(ask(&mut live, "four").starts_with(&router));
     drop(live);
 
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    let log = agent.stop_ok();
     assert!(common::counter(&log, "diverted") >= 2, "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -255,11 +244,7 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
         "{}",
         agent.log_text()
     );
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"x"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"x");
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
         "{reply}"
@@ -305,11 +290,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
     );
 
     let agent = Agent::start(&gw.router, &args);
-    let reply = gw
-        .client
-        .run(|| exchange(server(80), b"again"))
-        .expect("netns")
-        .expect("exchange");
+    let reply = exchange_from_client(&gw, server(80), b"again");
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
         "{reply}"
@@ -320,8 +301,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
         1,
         "a second rule was added:\n{rules_now}"
     );
-    let (status, log) = agent.stop();
-    assert!(status.success(), "{log}");
+    agent.stop_ok();
     let after = ip_stdout(&gw.router, &["rule", "show"]);
     assert_eq!(after, rules_before);
     let table = ip_stdout(&gw.router, &["route", "show", "table", "100"]);

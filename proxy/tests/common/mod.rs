@@ -164,6 +164,13 @@ impl Agent {
     }
 
     /// SIGTERM, then waits (bounded) for the exit status and the full log.
+    /// Stops the agent, checks that it exited cleanly, and returns its log.
+    pub fn stop_ok(self) -> String {
+        let (status, log) = self.stop();
+        assert!(status.success(), "agent exit: {status}\n{log}");
+        log
+    }
+
     pub fn stop(self) -> (ExitStatus, String) {
         if let Some(child) = &self.child {
             let _ = signal::kill(Pid::from_raw(child.id() as i32), signal::Signal::SIGTERM);
@@ -294,6 +301,19 @@ pub fn server(port: u16) -> SocketAddr {
 pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
     let out = ns.ip(args).unwrap_or_else(|e| panic!("ip {args:?}: {e}"));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One exchange (`testbed::exchange`) from the client namespace to `addr`; panics if it
+/// fails.
+pub fn exchange_from_client(
+    gw: &proxy::testbed::Gateway,
+    addr: SocketAddr,
+    payload: &[u8],
+) -> String {
+    gw.client
+        .run(|| exchange(addr, payload))
+        .expect("entering the client namespace")
+        .unwrap_or_else(|e| panic!("exchange with {addr}: {e}"))
 }
 
 /// A kept connection from the client namespace to the test server's `port` (through the
