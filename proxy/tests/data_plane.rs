@@ -13,20 +13,10 @@ use std::{
 };
 
 use common::{
-    Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange, exchange_from_client,
-    require_root, server,
+    AGENT_ARGS, Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange,
+    exchange_from_client, require_root, server,
 };
 use proxy::testbed::{self, Gateway, Netns};
-
-const AGENT: &[&str] = &[
-    "run",
-    "--iface",
-    "r0",
-    "--dport",
-    "80",
-    "--on-port",
-    "50080",
-];
 
 /// Runs `f` on a thread inside `ns` and hands back its join handle.
 fn spawn_in<T: Send + 'static>(
@@ -237,18 +227,15 @@ fn socks5_upstream(relay: &str) {
     let agent = Agent::start(
         &gw.router,
         &[
-            "run",
-            "--iface",
-            "r0",
-            "--dport",
-            "80",
-            "--on-port",
-            "50080",
-            "--upstream",
-            "socks5://alice:s3cret@127.0.0.1:1080",
-            "--relay",
-            relay,
-        ],
+            AGENT_ARGS,
+            &[
+                "--upstream",
+                "socks5://alice:s3cret@127.0.0.1:1080",
+                "--relay",
+                relay,
+            ],
+        ]
+        .concat(),
     );
     let reply = gw
         .client
@@ -333,7 +320,7 @@ fn bulk_both_ways(relay: &str) {
         Ok(got as u64)
     });
     std::thread::sleep(Duration::from_millis(100));
-    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", relay]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", relay]].concat());
     let (sent_hash, reply_hash, reply_ok, got) = gw
         .client
         .run(|| -> std::io::Result<(u64, u64, bool, usize)> {
@@ -415,7 +402,7 @@ fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_sockmap() {
 fn direct_connection_to_the_proxy_port_is_closed_without_a_loop() {
     require_root();
     let gw = Gateway::new("loop").expect("topology");
-    let agent = Agent::start(&gw.router, AGENT);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
     let proxy_port = SocketAddr::from((testbed::ROUTER_CLIENT_SIDE_V4, 50080));
     let (reply, took) = gw
         .client
@@ -525,7 +512,7 @@ fn sigterm_drains_a_live_connection_then_exits() {
     require_root();
     let gw = Gateway::new("drain").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
-    let agent = Agent::start(&gw.router, AGENT);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
     let mut live = connect_kept(&gw, 80, &|| agent.log_text());
     assert!(ask(&mut live, "before").contains("echo=before"));
     let _ = nix::sys::signal::kill(
@@ -728,7 +715,10 @@ fn connections_beyond_max_connections_are_reset_until_a_slot_frees() {
     require_root();
     let gw = Gateway::new("maxconn").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
-    let agent = Agent::start(&gw.router, &[AGENT, &["--max-connections", "1"]].concat());
+    let agent = Agent::start(
+        &gw.router,
+        &[AGENT_ARGS, &["--max-connections", "1"]].concat(),
+    );
     let mut first = connect_kept(&gw, 80, &|| agent.log_text());
     assert!(ask(&mut first, "one").contains("echo=one"));
 
@@ -775,7 +765,7 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     require_root();
     let gw = Gateway::new("emfile").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
-    let agent = Agent::start(&gw.router, &[AGENT, &["--workers", "1"]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "1"]].concat());
     // Room for two proxied connections (two descriptors each), and no more. A new
     // descriptor takes the lowest free number, and the limit bounds the number: the limit
     // is where the fourth free number below it ends.
@@ -845,7 +835,7 @@ fn sockmap_relay_carries_a_request_and_its_answer() {
     require_root();
     let gw = Gateway::new("skmsg").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
-    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
     let mut stream = connect_kept(&gw, 80, &|| agent.log_text());
     for line in ["one", "two", "three"] {
         let answer = ask(&mut stream, line);
@@ -864,7 +854,7 @@ fn sockmap_relay_passes_a_half_close_on() {
     require_root();
     let gw = Gateway::new("skhalf").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
     let reply = gw
         .client
         .run(|| exchange(server(80), b"hello"))
@@ -889,7 +879,7 @@ fn sockmap_relay_server_answers_and_closes_first() {
         Ok(())
     });
     std::thread::sleep(Duration::from_millis(100));
-    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
     for i in 0..3 {
         let got = gw
             .client
@@ -926,7 +916,7 @@ fn sockmap_relay_server_that_speaks_and_closes_at_once() {
         Ok(())
     });
     std::thread::sleep(Duration::from_millis(100));
-    let agent = Agent::start(&gw.router, &[AGENT, &["--relay", "sockmap"]].concat());
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
     for i in 0..ROUNDS {
         let got = gw
             .client

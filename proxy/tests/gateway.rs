@@ -11,20 +11,10 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use common::{
-    Agent, Server, ServerMode, counter, exchange, exchange_from_client, ip_stdout, require_root,
-    server,
+    AGENT_ARGS, Agent, Server, ServerMode, counter, exchange, exchange_from_client, ip_stdout,
+    require_root, server,
 };
 use proxy::testbed::{self, Gateway};
-
-const AGENT_ARGS: &[&str] = &[
-    "run",
-    "--iface",
-    "r0",
-    "--dport",
-    "80",
-    "--on-port",
-    "50080",
-];
 
 /// Programs attached at TCX ingress of the router's client-side interface.
 fn tcx_programs(gw: &Gateway) -> Vec<String> {

@@ -6,7 +6,8 @@ mod common;
 use std::{net::TcpStream, path::Path, time::Duration};
 
 use common::{
-    Agent, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout, require_root, server,
+    AGENT_ARGS, Agent, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
+    require_root, server,
 };
 use nix::{sys::signal, unistd::Pid};
 use proxy::testbed::{self, Gateway};
@@ -91,20 +92,7 @@ fn stats_prints_global_and_per_rule_counters_of_the_running_agent() {
     require_root();
     let gw = Gateway::new("stats").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let agent = Agent::start(
-        &gw.router,
-        &[
-            "run",
-            "--iface",
-            "r0",
-            "--dport",
-            "80",
-            "--on-port",
-            "50080",
-            "--table",
-            "123",
-        ],
-    );
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--table", "123"]].concat());
     for _ in 0..3 {
         gw.client
             .run(|| exchange(server(80), b"hello"))
@@ -166,18 +154,7 @@ fn stats_prints_global_and_per_rule_counters_of_the_running_agent() {
 fn laddr_follows_interface_address_changes() {
     require_root();
     let gw = Gateway::new("addrs").expect("topology");
-    let agent = Agent::start(
-        &gw.router,
-        &[
-            "run",
-            "--iface",
-            "r0",
-            "--dport",
-            "80",
-            "--on-port",
-            "50080",
-        ],
-    );
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
     assert!(
         agent.log_contains("r0: laddr candidates 192.0.2.1, 2001:db8:1::1"),
         "{}",

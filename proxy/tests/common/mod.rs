@@ -213,6 +213,18 @@ pub enum ServerMode {
     Echo,
 }
 
+/// `proxy run` intercepting TCP port 80 arriving on the router's client side, for the
+/// built-in listener on port 50080: the set-up most kernel tests start from.
+pub const AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--dport",
+    "80",
+    "--on-port",
+    "50080",
+];
+
 /// A TCP server on a thread inside a namespace; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
