@@ -269,60 +269,15 @@ mod tests {
     #[test]
     fn bad_flags_are_refused() {
         for bad in [
-            &["run", "--dport", "80", "--on-port", "50080"][..],
-            &[
-                "run",
-                "--iface",
-                "eth0",
-                "--dport",
-                "80,x",
-                "--on-port",
-                "50080",
-            ],
-            &[
-                "run",
-                "--iface",
-                "eth0",
-                "--dport",
-                "80",
-                "--on-port",
-                "70000",
-            ],
-            &[
-                "run",
-                "--iface",
-                "eth0",
-                "--dport",
-                "80",
-                "--on-port",
-                "1",
-                "--dst",
-                "10/x",
-            ],
-            &[
-                "run",
-                "--iface",
-                "eth0",
-                "--dport",
-                "80",
-                "--on-port",
-                "1",
-                "--tproxy-mark",
-                "0",
-            ],
-            &[
-                "run",
-                "--iface",
-                "eth0",
-                "--dport",
-                "80",
-                "--on-port",
-                "1",
-                "--table",
-                "0",
-            ],
+            "run --dport 80 --on-port 50080",
+            "run --iface eth0 --dport 80,x --on-port 50080",
+            "run --iface eth0 --dport 80 --on-port 70000",
+            "run --iface eth0 --dport 80 --on-port 1 --dst 10/x",
+            "run --iface eth0 --dport 80 --on-port 1 --tproxy-mark 0",
+            "run --iface eth0 --dport 80 --on-port 1 --table 0",
         ] {
-            assert!(parse(bad).is_err(), "{bad:?} was accepted");
+            let args: Vec<&str> = bad.split_whitespace().collect();
+            assert!(parse(&args).is_err(), "`{bad}` was accepted");
         }
     }
 }
