@@ -150,16 +150,7 @@ fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> 
         }
         let state = unsafe { ptr::read_volatile(&raw const (*sk).state) };
         // Only a listener can be bound to the wildcard address; the others carry a tuple.
-        let bound_specific = state != BPF_TCP_LISTEN
-            || unsafe {
-                match packet.family {
-                    Family::V4 => ptr::read_volatile(&raw const (*sk).src_ip4) != 0,
-                    Family::V6 => {
-                        let a = ptr::read_volatile(&raw const (*sk).src_ip6);
-                        (a[0] | a[1] | a[2] | a[3]) != 0
-                    }
-                }
-            };
+        let bound_specific = state != BPF_TCP_LISTEN || bound_to_address(sk, packet.family);
         Some(SockRef {
             sk,
             state,
@@ -173,21 +164,28 @@ fn lookup(ctx: &TcContext, packet: &Packet, daddr: &[u8; 16], dport_be: u16) -> 
         }
         // Connected: a remote port is set (`inet_dport`). Specific: a local address is.
         let remote_port = unsafe { ptr::read_volatile(&raw const (*sk).dst_port) };
-        let bound = unsafe {
-            match packet.family {
-                Family::V4 => ptr::read_volatile(&raw const (*sk).src_ip4) != 0,
-                Family::V6 => {
-                    let a = ptr::read_volatile(&raw const (*sk).src_ip6);
-                    (a[0] | a[1] | a[2] | a[3]) != 0
-                }
-            }
-        };
+        let bound = bound_to_address(sk, packet.family);
         Some(SockRef {
             sk,
             state: UDP_SOCKET,
             connected_specific: remote_port != 0 && bound,
             bound_specific: bound,
         })
+    }
+}
+
+/// Is the socket bound to a specific local address (not the wildcard)?
+#[inline(always)]
+fn bound_to_address(sk: *mut bpf_sock, family: Family) -> bool {
+    // SAFETY: `sk` is a non-null socket the lookup returned; the fields are context reads.
+    unsafe {
+        match family {
+            Family::V4 => ptr::read_volatile(&raw const (*sk).src_ip4) != 0,
+            Family::V6 => {
+                let a = ptr::read_volatile(&raw const (*sk).src_ip6);
+                (a[0] | a[1] | a[2] | a[3]) != 0
+            }
+        }
     }
 }
 
