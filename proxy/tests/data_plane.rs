@@ -18,6 +18,19 @@ use common::{
 };
 use proxy::testbed::{self, Gateway, Netns};
 
+/// `proxy run` intercepting UDP port 53 for the built-in UDP listener on port 5353.
+const UDP_AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--protocol",
+    "udp",
+    "--dport",
+    "53",
+    "--on-port",
+    "5353",
+];
+
 /// Runs `f` on a thread inside `ns` and hands back its join handle.
 fn spawn_in<T: Send + 'static>(
     ns: &Netns,
@@ -93,19 +106,7 @@ fn udp_replies_come_from_the_original_destination() {
     });
     let agent = Agent::start(
         &gw.router,
-        &[
-            "run",
-            "--iface",
-            "r0",
-            "--protocol",
-            "udp",
-            "--dport",
-            "53",
-            "--on-port",
-            "5353",
-            "--udp-idle-timeout",
-            "2",
-        ],
+        &[UDP_AGENT_ARGS, &["--udp-idle-timeout", "2"]].concat(),
     );
     let replies = gw
         .client
@@ -592,20 +593,15 @@ fn udp_through_a_socks5_upstream_uses_udp_associate() {
     let agent = Agent::start(
         &gw.router,
         &[
-            "run",
-            "--iface",
-            "r0",
-            "--protocol",
-            "udp",
-            "--dport",
-            "53",
-            "--on-port",
-            "5353",
-            "--upstream",
-            "socks5://127.0.0.1:1081",
-            "--udp-idle-timeout",
-            "1",
-        ],
+            UDP_AGENT_ARGS,
+            &[
+                "--upstream",
+                "socks5://127.0.0.1:1081",
+                "--udp-idle-timeout",
+                "1",
+            ],
+        ]
+        .concat(),
     );
     let reply = gw
         .client

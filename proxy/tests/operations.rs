@@ -246,16 +246,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
     let gw = Gateway::new("crash").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
-    let args = [
-        "run",
-        "--iface",
-        "r0",
-        "--dport",
-        "80",
-        "--on-port",
-        "50080",
-    ];
-    let agent = Agent::start(&gw.router, &args);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
     let _ = nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
     let (status, _) = agent.wait_exit(Duration::from_secs(5));
     assert!(!status.success());
@@ -266,7 +257,7 @@ fn restart_after_a_crash_replaces_what_was_left() {
         "{left}"
     );
 
-    let agent = Agent::start(&gw.router, &args);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
     let reply = exchange_from_client(&gw, server(80), b"again");
     assert!(
         reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
