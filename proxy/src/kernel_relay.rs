@@ -285,6 +285,13 @@ async fn wait_written(to: &TcpStream, bytes: u64) -> io::Result<()> {
     }
 }
 
+/// A libc call's return code as a result (-1: errno).
+fn os_result(rc: libc::c_int) -> io::Result<()> {
+    nix::errno::Errno::result(rc)
+        .map(drop)
+        .map_err(io::Error::from)
+}
+
 /// The socket's cookie, its key in the relay maps.
 fn cookie(stream: &TcpStream) -> io::Result<u64> {
     let mut value: u64 = 0;
@@ -299,11 +306,8 @@ fn cookie(stream: &TcpStream) -> io::Result<u64> {
             &mut len,
         )
     };
-    if rc == 0 {
-        Ok(value)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    os_result(rc)?;
+    Ok(value)
 }
 
 /// SO_RCVLOWAT = 1 (the default): setting it runs the data-ready callback when bytes are
@@ -320,11 +324,7 @@ fn kick(stream: &TcpStream) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    os_result(rc)
 }
 
 /// The start of `struct tcp_info` (linux/tcp.h) up to the byte counters.
@@ -358,9 +358,7 @@ fn counters(fd: RawFd) -> io::Result<Counters> {
             &mut len,
         )
     };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    os_result(rc)?;
     if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
         return Err(io::Error::other(
             "TCP_INFO without byte counters (kernel older than 4.1)",
@@ -377,11 +375,8 @@ fn queued(fd: RawFd, request: libc::Ioctl) -> io::Result<u64> {
     let mut value: libc::c_int = 0;
     // SAFETY: both ioctls write one int.
     let rc = unsafe { libc::ioctl(fd, request, &mut value) };
-    if rc == 0 {
-        Ok(value.max(0) as u64)
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    os_result(rc)?;
+    Ok(value.max(0) as u64)
 }
 
 /// Bytes written into the socket so far: acked + still queued. Read in that order, an ACK
