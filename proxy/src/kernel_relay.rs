@@ -159,11 +159,10 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
         error = Some(e);
     }
 
-    // Which directions ended with their EOF; bytes the agent copied itself.
-    let (mut up_eof, mut down_eof) = (false, false);
+    // Bytes the agent copied itself (the down direction of a half-linked pair).
     let mut copied_down = 0;
+    let mut ended = relay::Ended::default();
     if error.is_none() {
-        let up_half = watch(&client, &upstream, up_base);
         let down_half = async {
             match linked {
                 Linked::Both => watch(&upstream, &client, down_base).await,
@@ -172,19 +171,10 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
                 }
             }
         };
-        tokio::pin!(up_half, down_half);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let result = tokio::select! {
-                r = &mut up_half, if !up_done => { up_done = true; up_eof = r.is_ok(); r }
-                r = &mut down_half, if !down_done => { down_done = true; down_eof = r.is_ok(); r }
-            };
-            if let Err(e) = result {
-                error = Some(e);
-                break;
-            }
-        }
+        ended = relay::both_directions(watch(&client, &upstream, up_base), down_half).await;
+        error = ended.error.take();
     }
+    let (up_eof, down_eof) = (ended.up, ended.down);
     let up = relayed(&client, up_base, up_eof);
     let down = match linked {
         Linked::Both => relayed(&upstream, down_base, down_eof),

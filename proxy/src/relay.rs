@@ -47,30 +47,52 @@ pub async fn copy_both_ways(
     mode: RelayMode,
 ) -> RelayOutcome {
     let (mut up, mut down) = (0u64, 0u64);
-    let mut error = None;
-    {
-        let up_half = pump(&client, &upstream, &mut up, mode);
-        let down_half = pump(&upstream, &client, &mut down, mode);
-        tokio::pin!(up_half, down_half);
-        let (mut up_done, mut down_done) = (false, false);
-        while !(up_done && down_done) {
-            let result = tokio::select! {
-                r = &mut up_half, if !up_done => { up_done = true; r }
-                r = &mut down_half, if !down_done => { down_done = true; r }
-            };
-            if let Err(e) = result {
-                // One side failed: the other direction would wait forever for a peer that
-                // is gone. Stop both.
-                error = Some(e);
-                break;
-            }
-        }
-    }
-    if error.is_some() {
+    let ended = both_directions(
+        pump(&client, &upstream, &mut up, mode),
+        pump(&upstream, &client, &mut down, mode),
+    )
+    .await;
+    if ended.error.is_some() {
         reset(client);
         reset(upstream);
     }
-    RelayOutcome { up, down, error }
+    RelayOutcome {
+        up,
+        down,
+        error: ended.error,
+    }
+}
+
+/// How the two directions of a relay ended.
+#[derive(Default)]
+pub(crate) struct Ended {
+    /// The direction finished cleanly (its EOF passed on).
+    pub up: bool,
+    pub down: bool,
+    /// What stopped the relay, if a direction failed.
+    pub error: Option<io::Error>,
+}
+
+/// Runs both directions until both finish, or until one fails: then the other would wait
+/// forever for a peer that is gone, so it is stopped too.
+pub(crate) async fn both_directions(
+    up_half: impl Future<Output = io::Result<()>>,
+    down_half: impl Future<Output = io::Result<()>>,
+) -> Ended {
+    let mut ended = Ended::default();
+    tokio::pin!(up_half, down_half);
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        let result = tokio::select! {
+            r = &mut up_half, if !up_done => { up_done = true; ended.up = r.is_ok(); r }
+            r = &mut down_half, if !down_done => { down_done = true; ended.down = r.is_ok(); r }
+        };
+        if let Err(e) = result {
+            ended.error = Some(e);
+            break;
+        }
+    }
+    ended
 }
 
 /// One direction, until EOF (then the write side is shut down) or an error.
