@@ -30,11 +30,9 @@ pub const PROG_RELAY_VERDICT: &str = "relay_verdict";
 /// SOCKHASH the verdict program is attached to: a socket in it has its received data
 /// handed to the program. Keyed by socket cookie.
 pub const MAP_RELAY_SOCKS: &str = "RELAY_SOCKS";
-/// SOCKHASH without programs, where the verdict program finds the socket to redirect to.
-/// Keyed by socket cookie.
+/// SOCKHASH without programs: under a socket's cookie, its peer, the socket its bytes go
+/// to.
 pub const MAP_RELAY_TARGETS: &str = "RELAY_TARGETS";
-/// Socket cookie -> the cookie of the socket its bytes go to.
-pub const MAP_RELAY_PEERS: &str = "RELAY_PEERS";
 /// Sockets relayed in the kernel at once (two per connection).
 pub const MAX_RELAYED_SOCKETS: u32 = 131_072;
 /// Array<u32>, [`PORT_CLASS_ENTRIES`] entries: (protocol, port) -> port class (0 = none).

@@ -38,14 +38,6 @@ pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED_S
 #[map]
 pub static RELAY_TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED_SOCKETS, 0);
 
-/// Allocated per entry (BPF_F_NO_PREALLOC): the agent sizes the relay maps at load time,
-/// to one entry when the kernel relay is off.
-#[map]
-pub static RELAY_PEERS: HashMap<u64, u64> =
-    HashMap::with_max_entries(MAX_RELAYED_SOCKETS, BPF_F_NO_PREALLOC);
-
-const BPF_F_NO_PREALLOC: u32 = 1;
-
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
 

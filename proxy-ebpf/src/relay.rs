@@ -3,8 +3,8 @@
 //! The agent puts both sockets of a connection (client side and upstream) in
 //! `RELAY_SOCKS`, which this program is attached to, and in `RELAY_TARGETS`, which has no
 //! program. Every segment a socket in `RELAY_SOCKS` receives comes here
-//! (`sk_psock_verdict_recv`) and is redirected to the egress of its peer, found in
-//! `RELAY_TARGETS` through `RELAY_PEERS`. The bytes then go out on the peer from the
+//! (`sk_psock_verdict_recv`) and is redirected to the egress of its peer, which
+//! `RELAY_TARGETS` holds under the socket's own cookie. The bytes then go out on the peer from the
 //! kernel's psock worker (`sk_psock_backlog`): no wake-up of the agent, no copy to
 //! userspace. The agent only watches for the end of each direction.
 //!
@@ -17,7 +17,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::maps::{RELAY_PEERS, RELAY_TARGETS};
+use crate::maps::RELAY_TARGETS;
 
 #[stream_verdict]
 pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
@@ -29,15 +29,8 @@ pub fn relay_verdict(ctx: SkBuffContext) -> u32 {
         return SK_DROP;
     }
     // SAFETY: the helper only reads the socket the skb belongs to.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
-    // SAFETY: a plain hash-map read of a u64.
-    let Some(peer) = (unsafe { RELAY_PEERS.get(&cookie) }) else {
-        // Not a pair the agent set up (it writes the peers before adding the sockets):
-        // nothing can take the bytes.
-        return SK_DROP;
-    };
-    let mut peer = *peer;
-    // SK_PASS when the skb was queued for the peer, SK_DROP when the peer is gone (its
-    // connection is being torn down).
-    RELAY_TARGETS.redirect_skb(&ctx, &mut peer, 0) as u32
+    let mut cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb as *mut _) };
+    // SK_PASS when the skb was queued for the peer; SK_DROP when there is no peer under
+    // this cookie (its connection is being torn down): nothing can take the bytes.
+    RELAY_TARGETS.redirect_skb(&ctx, &mut cookie, 0) as u32
 }

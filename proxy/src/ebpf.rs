@@ -16,9 +16,9 @@ use aya::{
 use log::{debug, info, warn};
 use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
-    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_PEERS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS,
-    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP,
-    PROG_TC_INGRESS, RuleAction, RuleCounters, SockOffsets,
+    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS, MAP_RULE_COUNTERS,
+    MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS, RuleAction,
+    RuleCounters, SockOffsets,
 };
 
 use crate::{btf::Btf, kernel_relay::KernelRelay, rules::Compiled};
@@ -117,7 +117,6 @@ impl Classifier {
             .override_global("SOCK_OFFSETS", &offsets, true)
             .map_max_entries(MAP_RELAY_SOCKS, relay_entries)
             .map_max_entries(MAP_RELAY_TARGETS, relay_entries)
-            .map_max_entries(MAP_RELAY_PEERS, relay_entries)
             .load(OBJECT)
             .map_err(EbpfError::Load)?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -264,14 +263,11 @@ impl Classifier {
         let targets: SockHash<MapData, u64> =
             SockHash::try_from(take(&mut self.ebpf, MAP_RELAY_TARGETS)?)
                 .map_err(map_err(MAP_RELAY_TARGETS))?;
-        let peers: HashMap<MapData, u64, u64> =
-            HashMap::try_from(take(&mut self.ebpf, MAP_RELAY_PEERS)?)
-                .map_err(map_err(MAP_RELAY_PEERS))?;
         let prog: &mut SkSkb = program(&mut self.ebpf, PROG_RELAY_VERDICT)?;
         prog.load().map_err(load_err(PROG_RELAY_VERDICT))?;
         prog.attach(socks.fd())
             .map_err(|e| EbpfError::Program(PROG_RELAY_VERDICT, e))?;
-        Ok(KernelRelay::new(socks, targets, peers))
+        Ok(KernelRelay::new(socks, targets))
     }
 
     /// Attaches the sk_lookup program to the agent's own network namespace.

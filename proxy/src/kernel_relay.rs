@@ -22,7 +22,7 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{HashMap, MapData, SockHash};
+use aya::maps::{MapData, SockHash};
 use log::info;
 use tokio::net::TcpStream;
 
@@ -36,10 +36,8 @@ pub struct KernelRelay {
 struct Maps {
     /// Sockets whose received bytes go through the verdict program.
     socks: SockHash<MapData, u64>,
-    /// Sockets the program may redirect to.
+    /// Under each socket's cookie, its peer: where the program redirects its bytes.
     targets: SockHash<MapData, u64>,
-    /// Cookie -> the peer's cookie.
-    peers: HashMap<MapData, u64, u64>,
 }
 
 /// How far linking a pair got.
@@ -57,30 +55,20 @@ fn map_io(e: aya::maps::MapError) -> io::Error {
 }
 
 impl KernelRelay {
-    pub(crate) fn new(
-        socks: SockHash<MapData, u64>,
-        targets: SockHash<MapData, u64>,
-        peers: HashMap<MapData, u64, u64>,
-    ) -> Self {
+    pub(crate) fn new(socks: SockHash<MapData, u64>, targets: SockHash<MapData, u64>) -> Self {
         KernelRelay {
-            maps: Mutex::new(Maps {
-                socks,
-                targets,
-                peers,
-            }),
+            maps: Mutex::new(Maps { socks, targets }),
         }
     }
 
-    /// Makes `a` and `b` each other's relay peer. The peers and the targets go in first, so
-    /// that the first byte the program sees already has somewhere to go. An error means no
+    /// Makes `a` and `b` each other's relay peer. The targets go in first, so that the
+    /// first byte the program sees already has somewhere to go. An error means no
     /// socket was linked (and nothing is left in the maps).
     fn link(&self, a: (u64, RawFd), b: (u64, RawFd)) -> io::Result<Linked> {
         let mut maps = self.maps.lock().unwrap_or_else(PoisonError::into_inner);
         let prepare = |maps: &mut Maps| -> Result<(), aya::maps::MapError> {
-            maps.peers.insert(a.0, b.0, 0)?;
-            maps.peers.insert(b.0, a.0, 0)?;
-            maps.targets.insert(a.0, a.1, 0)?;
-            maps.targets.insert(b.0, b.1, 0)?;
+            maps.targets.insert(a.0, b.1, 0)?;
+            maps.targets.insert(b.0, a.1, 0)?;
             maps.socks.insert(a.0, a.1, 0)
         };
         if let Err(e) = prepare(&mut maps) {
@@ -107,7 +95,6 @@ impl Maps {
         for cookie in [a, b] {
             let _ = self.socks.remove(&cookie);
             let _ = self.targets.remove(&cookie);
-            let _ = self.peers.remove(&cookie);
         }
     }
 }
