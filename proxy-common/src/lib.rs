@@ -50,7 +50,8 @@ pub const MAP_LISTENERS: &str = "LISTENERS";
 /// Array<[`GlobalConfig`]>, one entry.
 pub const MAP_CONFIG: &str = "CONFIG";
 /// LruHashMap<[`FlowKey`], u32>: the SYNs the classifier handed to a TIME_WAIT socket
-/// (T3), the only lookups the sk_lookup program may answer.
+/// (T3), the only lookups the sk_lookup program may answer, with the listener slot to answer
+/// with.
 pub const MAP_TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
 /// Entries of [`MAP_TIME_WAIT_SYNS`]: reconnects in flight at once.
 pub const MAX_TIME_WAIT_SYNS: u32 = 4096;
@@ -193,19 +194,15 @@ pub struct RuleCounters {
     pub dropped: u64,
 }
 
-/// [`GlobalConfig::flags`]: packets that match no rule but belong to a transparent socket
-/// are assigned and marked (the `-m socket --transparent -j DIVERT` rule of the recipe).
-pub const CONFIG_DIVERT: u32 = 1 << 0;
-
 /// Settings that apply to every packet, not to one rule.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct GlobalConfig {
-    /// The mark for diverted packets, applied as `(mark & !mask) ^ value`.
+    /// The mark for diverted packets (packets that match no rule but belong to a
+    /// transparent socket: the recipe's `-m socket --transparent -j DIVERT`), applied as
+    /// `(mark & !mask) ^ value`.
     pub divert_mark_value: u32,
     pub divert_mark_mask: u32,
-    /// `CONFIG_*` bits.
-    pub flags: u32,
     /// The agent's outbound mark: packets with all these bits set are never touched
     /// (0: none).
     pub bypass_mark: u32,

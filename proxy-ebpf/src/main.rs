@@ -23,7 +23,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    ACTION_FAIL_OPEN, CONFIG_DIVERT, Counter, FlowKey, GlobalConfig, RuleAction, tproxy_mark,
+    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, Counter, FlowKey, GlobalConfig, RuleAction,
+    tproxy_mark,
 };
 
 use crate::{
@@ -111,10 +112,11 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
                 RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
             }
             Some((sk, found)) => {
-                if found == Found::TimeWaitSyn {
+                if found == Found::TimeWaitSyn && action.flags & ACTION_HAS_LISTENER_SLOT != 0 {
                     // Tell the sk_lookup program that the kernel's coming listener lookup
-                    // for this tuple is ours to answer (and no other lookup is).
-                    let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &1, 0);
+                    // for this tuple is ours to answer (and no other lookup is), and with
+                    // which of the agent's listeners.
+                    let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &action.listener_slot, 0);
                 }
                 assigned(ctx, &sk, found, &action)
             }
@@ -180,8 +182,7 @@ fn flow_key(packet: &parse::Packet) -> FlowKey {
 /// like the recipe's `-m socket --transparent -j DIVERT` (T8).
 #[inline(always)]
 fn divert(ctx: &TcContext, packet: &parse::Packet, config: &GlobalConfig) -> i32 {
-    if config.flags & CONFIG_DIVERT != 0
-        && let Some(sk) = lookup::find_divert_socket(ctx, packet)
+    if let Some(sk) = lookup::find_divert_socket(ctx, packet)
         && lookup::assign(ctx, &sk).is_ok()
     {
         let mark = unsafe { (*ctx.skb.skb).mark };

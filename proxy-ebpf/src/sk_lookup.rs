@@ -6,18 +6,14 @@
 //! answers that lookup with the agent's listener for the matching rule, so the kernel
 //! retires the TIME_WAIT socket and the new connection reaches the proxy at once.
 //!
-//! It only answers the lookup that follows a SYN the classifier handed to a TIME_WAIT socket
-//! (the classifier records the tuple in `TIME_WAIT_SYNS` just before), on an interface the
-//! classifier is attached to and for a matching rule: no other traffic is ever steered.
+//! It only answers the lookup that follows a SYN the classifier handed to a TIME_WAIT socket:
+//! the classifier records the tuple in `TIME_WAIT_SYNS` just before, with the listener slot
+//! of the rule it matched, so no other traffic is ever steered and no rule is matched twice.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
-use proxy_common::{ACTION_HAS_LISTENER_SLOT, FlowKey, IPPROTO_TCP};
+use proxy_common::{FlowKey, IPPROTO_TCP};
 
-use crate::{
-    maps::{IFACE_ADDRS, LISTENERS, TIME_WAIT_SYNS},
-    parse::{Family, Fragment, Packet},
-    rules,
-};
+use crate::maps::{LISTENERS, TIME_WAIT_SYNS};
 
 const SK_PASS: u32 = 1;
 const AF_INET: u32 = 2;
@@ -32,20 +28,14 @@ pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
     if field(unsafe { &raw const (*l).protocol }) != IPPROTO_TCP as u32 {
         return SK_PASS;
     }
-    // Map keys must live on the stack, not in the context.
-    let ifindex: u32 = field(unsafe { &raw const (*l).ingress_ifindex });
-    if unsafe { IFACE_ADDRS.get(&ifindex) }.is_none() {
-        return SK_PASS;
-    }
     let mut remote = [0u8; 16];
     let mut local = [0u8; 16];
-    let family = match field(unsafe { &raw const (*l).family }) {
+    match field(unsafe { &raw const (*l).family }) {
         AF_INET => {
             let r = field(unsafe { &raw const (*l).remote_ip4 });
             remote[..4].copy_from_slice(&r.to_ne_bytes());
             let ip = field(unsafe { &raw const (*l).local_ip4 });
             local[..4].copy_from_slice(&ip.to_ne_bytes());
-            Family::V4
         }
         AF_INET6 => {
             for i in 0..4 {
@@ -54,7 +44,6 @@ pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
                 let w = field(unsafe { &raw const (*l).local_ip6[i] });
                 local[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
             }
-            Family::V6
         }
         _ => return SK_PASS,
     };
@@ -71,26 +60,13 @@ pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
         remote_port_be,
         local_port_be: local_port.to_be(),
     };
-    if unsafe { TIME_WAIT_SYNS.get(&key) }.is_none() {
+    // SAFETY: a plain hash-map read of a u32.
+    let Some(&slot) = (unsafe { TIME_WAIT_SYNS.get(&key) }) else {
         return SK_PASS;
-    }
-    let _ = TIME_WAIT_SYNS.remove(&key);
-    let packet = Packet {
-        family,
-        protocol: IPPROTO_TCP,
-        saddr: remote,
-        daddr: local,
-        sport_be: remote_port_be,
-        dport_be: local_port.to_be(),
-        tcp_flags: 0,
-        fragment: Fragment::None,
     };
-    if let Some(matched) = rules::match_rule(&packet)
-        && matched.action.flags & ACTION_HAS_LISTENER_SLOT != 0
-    {
-        // No listener in the slot (an external listener, or none yet): the kernel's own
-        // lookup goes on as if we were not here.
-        let _ = LISTENERS.redirect_sk_lookup(&ctx, matched.action.listener_slot, 0);
-    }
+    let _ = TIME_WAIT_SYNS.remove(&key);
+    // No listener in the slot (none yet, or closed by a reload): the kernel's own lookup
+    // goes on as if we were not here.
+    let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
     SK_PASS
 }

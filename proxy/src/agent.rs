@@ -15,7 +15,7 @@ use std::{
 };
 
 use log::{error, info, warn};
-use proxy_common::{CONFIG_DIVERT, Counter, GlobalConfig, IfaceAddrs, RuleCounters};
+use proxy_common::{Counter, GlobalConfig, IfaceAddrs, RuleCounters};
 use tokio::{
     io::AsyncWriteExt as _,
     sync::Semaphore,
@@ -295,7 +295,6 @@ fn global_config(rules: &[Rule], outbound_mark: u32) -> GlobalConfig {
     GlobalConfig {
         divert_mark_value: mark.value,
         divert_mark_mask: mark.mask,
-        flags: CONFIG_DIVERT,
         bypass_mark: outbound_mark,
     }
 }
