@@ -211,11 +211,8 @@ pub struct DemoArgs {
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u32::from_str_radix(hex, 16),
-        None => s.parse(),
-    };
-    parsed.map_err(|_| format!("'{s}' is not a 32-bit number (decimal or 0x-hex)"))
+    crate::rules::parse_u32(s)
+        .ok_or_else(|| format!("'{s}' is not a 32-bit number (decimal or 0x-hex)"))
 }
 
 fn parse_drain(s: &str) -> Result<Duration, String> {

@@ -227,9 +227,8 @@ impl Classifier {
         map.set(0, config, 0).map_err(write_err(MAP_CONFIG))
     }
 
-    /// Records the address `nf_tproxy_laddr4/6` would use for an interface. Every attached
-    /// interface needs an entry (even an empty one): the sk_lookup program acts only for
-    /// interfaces listed here.
+    /// Records the address `nf_tproxy_laddr4/6` would use for an interface (an empty entry:
+    /// the packet's own destination).
     pub fn set_iface_addrs(&mut self, ifindex: u32, addrs: IfaceAddrs) -> Result<(), EbpfError> {
         let mut map: HashMap<&mut MapData, u32, IfaceAddrs> = HashMap::try_from(
             self.ebpf

@@ -269,22 +269,9 @@ fn os_result(rc: libc::c_int) -> io::Result<()> {
         .map_err(io::Error::from)
 }
 
-/// The socket's cookie, its key in the relay maps.
+/// The socket's cookie (SO_COOKIE), its key in the relay maps.
 fn cookie(stream: &TcpStream) -> io::Result<u64> {
-    let mut value: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and an out-buffer of the size given.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut value).cast(),
-            &mut len,
-        )
-    };
-    os_result(rc)?;
-    Ok(value)
+    socket2::SockRef::from(stream).cookie()
 }
 
 /// SO_RCVLOWAT = 1 (the default): setting it runs the data-ready callback when bytes are

@@ -162,18 +162,19 @@ impl Default for Mark {
     }
 }
 
+/// A 32-bit number in decimal or 0x-hex, as iptables takes marks.
+pub fn parse_u32(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
 impl FromStr for Mark {
     type Err = RuleError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let number = |t: &str| -> Result<u32, RuleError> {
-            let t = t.trim();
-            let parsed = match t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
-                Some(hex) => u32::from_str_radix(hex, 16),
-                None => t.parse::<u32>(),
-            };
-            parsed.map_err(|_| RuleError::BadMark(s.to_owned()))
-        };
+        let number = |t: &str| parse_u32(t.trim()).ok_or_else(|| RuleError::BadMark(s.to_owned()));
         let (value, mask) = match s.split_once('/') {
             Some((v, m)) => (number(v)?, number(m)?),
             None => (number(s)?, u32::MAX),
