@@ -152,7 +152,7 @@ impl Netns {
 }
 
 /// Moves the calling thread into the named namespace.
-fn enter(name: &str) -> Result<(), TestbedError> {
+pub fn enter(name: &str) -> Result<(), TestbedError> {
     let setns_err = |source: io::Error| TestbedError::Setns {
         name: name.to_owned(),
         source,

@@ -11,7 +11,6 @@
 //! Every loop is bounded in count and in time, and stops early when [`crate::stopped`].
 
 use std::{
-    fs::File,
     future::Future,
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     net::{Shutdown, SocketAddr},
@@ -23,7 +22,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 use proxy::testbed::{Netns, SERVER_V4};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -49,8 +48,7 @@ pub fn server_addr() -> SocketAddr {
 
 /// Moves the calling thread into the named network namespace.
 pub fn enter_ns(name: &str) -> io::Result<()> {
-    let file = File::open(format!("/run/netns/{name}"))?;
-    setns(&file, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
+    proxy::testbed::enter(name).map_err(io::Error::other)
 }
 
 /// A tokio runtime whose every thread lives in one network namespace.
