@@ -68,13 +68,10 @@ impl UdpUpstream {
     ) -> io::Result<Self> {
         let mark = Some(options.outbound.mark);
         match &options.upstream {
-            Upstream::Direct => Ok(UdpUpstream::Direct(connected_socket(
-                None, orig_dst, false, mark,
-            )?)),
+            Upstream::Direct => Ok(UdpUpstream::Direct(connected_socket(None, orig_dst, mark)?)),
             Upstream::SpoofSource => Ok(UdpUpstream::Direct(connected_socket(
                 Some(SocketAddr::new(client.ip(), 0)),
                 orig_dst,
-                true,
                 mark,
             )?)),
             Upstream::Socks5(server) => {
@@ -86,7 +83,7 @@ impl UdpUpstream {
                 .map_err(|_| {
                     io::Error::new(io::ErrorKind::TimedOut, "SOCKS5 UDP ASSOCIATE timed out")
                 })??;
-                let relay = connected_socket(None, relay_addr, false, mark)?;
+                let relay = connected_socket(None, relay_addr, mark)?;
                 Ok(UdpUpstream::Socks5 {
                     control,
                     relay,
@@ -269,22 +266,20 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
     }
 }
 
-/// A socket bound to `local` (transparent when `transparent`) and connected to `peer`.
+/// A socket connected to `peer`, bound to `local` when given (then transparent: `local` is
+/// not one of our addresses).
 fn connected_socket(
     local: Option<SocketAddr>,
     peer: SocketAddr,
-    transparent: bool,
     mark: Option<u32>,
 ) -> io::Result<UdpSocket> {
     let socket = Socket::new(Domain::for_address(peer), Type::DGRAM, Some(Protocol::UDP))?;
     if let Some(mark) = mark {
         socket.set_mark(mark)?;
     }
-    if transparent {
-        match peer {
-            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-        }
+    // Bound to an address that is not ours (the client's, an original destination).
+    if local.is_some() {
+        super::sockopt::set_transparent(&socket, &peer)?;
     }
     // Several sessions (clients) share an original destination: each has its own reply
     // socket bound to it.
@@ -305,7 +300,7 @@ async fn session(
 ) -> io::Result<()> {
     let started = Instant::now();
     let upstream = UdpUpstream::open(client, orig_dst, options).await?;
-    let reply = connected_socket(Some(orig_dst), client, true, None)?;
+    let reply = connected_socket(Some(orig_dst), client, None)?;
     let (mut up, mut down) = (0u64, 0u64);
     let mut up_buf = vec![0u8; MAX_DATAGRAM];
     let mut down_buf = vec![0u8; MAX_DATAGRAM];

@@ -18,10 +18,7 @@ pub async fn connect(
     if let Some(source) = source {
         // The client's family must be the destination's; a dual-stack listener reports
         // IPv4 clients as such already (canonical addresses).
-        match dst {
-            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
-            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
-        }
+        crate::tproxy::sockopt::set_transparent(&socket, &dst)?;
         socket.bind(&SocketAddr::new(source.ip(), 0).into())?;
     }
     socket.set_nonblocking(true)?;
