@@ -132,8 +132,8 @@ struct Obsolete {
 /// Listeners opened for a (re)load, not serving yet.
 #[derive(Default)]
 struct Pending {
-    /// A listener socket per worker.
-    tcp: Vec<(ListenerKey, Vec<std::net::TcpListener>)>,
+    /// The sockmap slot, and a listener socket per worker.
+    tcp: Vec<(ListenerKey, u32, Vec<std::net::TcpListener>)>,
     udp: Vec<(ListenerKey, std::net::UdpSocket)>,
 }
 
@@ -177,6 +177,7 @@ impl Listeners {
                 used_slots.push(slot);
                 pending.tcp.push((
                     key,
+                    slot,
                     tcp::listen(rule.on_ip, rule.on_port, self.workers.len())?,
                 ));
                 slot
@@ -201,12 +202,7 @@ impl Listeners {
     }
 
     /// Registers freshly opened listeners in the sockmap and starts accepting on them.
-    fn start(
-        &mut self,
-        classifier: &mut Classifier,
-        rules: &[Rule],
-        pending: Pending,
-    ) -> Result<(), AgentError> {
+    fn start(&mut self, classifier: &mut Classifier, pending: Pending) -> Result<(), AgentError> {
         for (key, socket) in pending.udp {
             let socket = tokio::net::UdpSocket::from_std(socket)
                 .map_err(|e| AgentError::Io("registering a UDP listener with the runtime", e))?;
@@ -217,12 +213,7 @@ impl Listeners {
             info!("built-in transparent UDP listener on {addr}");
             self.udp_running.insert(key, (addr, task));
         }
-        for (key, group) in pending.tcp {
-            let slot = rules
-                .iter()
-                .find(|r| (r.on_ip, r.on_port) == key)
-                .and_then(|r| r.listener_slot)
-                .unwrap_or(0);
+        for (key, slot, group) in pending.tcp {
             let Some(first) = group.first() else {
                 continue;
             };
@@ -433,7 +424,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     let mut routing = PolicyRouting::new(handle.clone(), args.table);
     let serving = async {
         routing.install(&marks(&rules)).await?;
-        listeners.start(&mut classifier, &rules, pending)?;
+        listeners.start(&mut classifier, pending)?;
         classifier.attach_sk_lookup()?;
         for (name, _) in &ifaces {
             classifier.attach(name, args.tc_attach)?;
@@ -566,7 +557,7 @@ async fn reload(
     };
     let compiled = rules::compile(&rules)?;
     routing.install(&marks(&rules)).await?;
-    listeners.start(classifier, &rules, pending)?;
+    listeners.start(classifier, pending)?;
     classifier.install_rules(&compiled)?;
     classifier.set_config(global_config(&rules, args.outbound_mark))?;
     listeners.close(&obsolete);
