@@ -149,9 +149,11 @@ pub struct Mark {
     pub mask: u32,
 }
 
+#[cfg(test)]
 impl Mark {
-    /// What `tproxy_tg4` does to the mark of a packet it assigns.
-    pub fn apply(self, mark: u32) -> u32 {
+    /// What `tproxy_tg4` does to the mark of a packet it assigns (the classifier computes
+    /// it with `proxy_common::tproxy_mark`).
+    fn apply(self, mark: u32) -> u32 {
         proxy_common::tproxy_mark(mark, self.value, self.mask)
     }
 }

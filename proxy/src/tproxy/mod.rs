@@ -71,6 +71,22 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 
 /// Is `ip` one of this namespace's own addresses? A plain (non-transparent) bind to it
 /// succeeds only then. Used to refuse traffic aimed straight at the proxy's port (a loop).
-pub fn is_local(ip: IpAddr) -> bool {
+fn is_local(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// True when `orig_dst` is the proxy's own listener: a client that connected straight to
+/// the proxy port. Relaying it would connect the proxy to itself, forever.
+pub fn is_own_listener(orig_dst: SocketAddr, listen_addr: Option<SocketAddr>) -> bool {
+    let Some(listen) = listen_addr else {
+        return false;
+    };
+    if orig_dst.port() != listen.port() {
+        return false;
+    }
+    if !listen.ip().is_unspecified() {
+        return listen.ip().to_canonical() == orig_dst.ip();
+    }
+    // A wildcard listener: the destination is ours if it is a local address.
+    is_local(orig_dst.ip())
 }

@@ -21,7 +21,7 @@ use tokio::{
 use crate::{
     kernel_relay::{self, KernelRelay},
     relay::{self, RelayMode},
-    tproxy::{ListenError, bind_listener, canonical, is_local, sockopt::transparent_socket},
+    tproxy::{ListenError, bind_listener, canonical, is_own_listener, sockopt::transparent_socket},
     upstream::{self, Outbound, Upstream},
 };
 
@@ -143,22 +143,6 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
             }
         }
     }
-}
-
-/// True when `orig_dst` is the proxy's own listener: a client that connected straight to
-/// the proxy port. Relaying it would connect the proxy to itself, forever.
-fn is_own_listener(orig_dst: SocketAddr, listen_addr: Option<SocketAddr>) -> bool {
-    let Some(listen) = listen_addr else {
-        return false;
-    };
-    if orig_dst.port() != listen.port() {
-        return false;
-    }
-    if !listen.ip().is_unspecified() {
-        return listen.ip().to_canonical() == orig_dst.ip();
-    }
-    // A wildcard listener: the destination is ours if it is a local address.
-    is_local(orig_dst.ip())
 }
 
 async fn handle(

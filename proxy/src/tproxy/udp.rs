@@ -30,7 +30,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 use crate::{
-    tproxy::{ListenError, bind_listener, canonical, is_local, sockopt::transparent_socket},
+    tproxy::{ListenError, bind_listener, canonical, is_own_listener, sockopt::transparent_socket},
     upstream::{Outbound, Upstream, socks5},
 };
 
@@ -220,7 +220,7 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
                 continue;
             }
         };
-        if listen_addr.is_some_and(|l| l.port() == orig_dst.port() && is_local(orig_dst.ip())) {
+        if is_own_listener(orig_dst, listen_addr) {
             debug!(
                 "udp {client} -> {orig_dst}: straight to the proxy port, dropped (it would loop)"
             );
