@@ -104,7 +104,7 @@ pub(crate) async fn pump(
     from: &TcpStream,
     to: &TcpStream,
     total: &mut u64,
-    mode: RelayMode,
+    mut mode: RelayMode,
 ) -> io::Result<()> {
     loop {
         match copy_step(from, to, total).await? {
@@ -112,14 +112,15 @@ pub(crate) async fn pump(
                 half_close(to);
                 return Ok(());
             }
-            Step::Full if mode != RelayMode::Copy => break,
+            Step::Full if mode != RelayMode::Copy => {
+                match splice_pump(from, to, total).await {
+                    // This pair of sockets does not splice: copy the rest.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => mode = RelayMode::Copy,
+                    other => return other,
+                }
+            }
             Step::Full | Step::Partial => {}
         }
-    }
-    match splice_pump(from, to, total).await {
-        // This pair of sockets does not splice: copy instead.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => copy_pump(from, to, total).await,
-        other => other,
     }
 }
 
@@ -187,15 +188,6 @@ async fn copy_step(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Res
             }
         }
         return Ok(step);
-    }
-}
-
-async fn copy_pump(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Result<()> {
-    loop {
-        if let Step::Eof = copy_step(from, to, total).await? {
-            half_close(to);
-            return Ok(());
-        }
     }
 }
 
