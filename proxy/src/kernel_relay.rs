@@ -167,11 +167,7 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
         Linked::Both => relayed(&upstream, down_base, down_eof),
         Linked::FirstOnly => copied_down,
     };
-    if error.is_some() {
-        relay::reset(client);
-        relay::reset(upstream);
-    }
-    RelayOutcome { up, down, error }
+    relay::finish(client, upstream, up, down, error)
 }
 
 async fn copy_instead(why: io::Error, client: TcpStream, upstream: TcpStream) -> RelayOutcome {

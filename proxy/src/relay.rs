@@ -52,15 +52,23 @@ pub async fn copy_both_ways(
         pump(&upstream, &client, &mut down, mode),
     )
     .await;
-    if ended.error.is_some() {
+    finish(client, upstream, up, down, ended.error)
+}
+
+/// The end of a relay: after a failure both connections are reset, so an upstream reset
+/// reaches the client as one.
+pub(crate) fn finish(
+    client: TcpStream,
+    upstream: TcpStream,
+    up: u64,
+    down: u64,
+    error: Option<io::Error>,
+) -> RelayOutcome {
+    if error.is_some() {
         reset(client);
         reset(upstream);
     }
-    RelayOutcome {
-        up,
-        down,
-        error: ended.error,
-    }
+    RelayOutcome { up, down, error }
 }
 
 /// How the two directions of a relay ended.
