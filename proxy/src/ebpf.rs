@@ -141,12 +141,8 @@ impl Classifier {
     /// used are removed, so the classifier never sees an empty table.
     pub fn install_rules(&mut self, compiled: &Compiled) -> Result<(), EbpfError> {
         {
-            let mut actions: Array<&mut MapData, RuleAction> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_ACTIONS)
-                    .ok_or_else(|| missing(MAP_ACTIONS))?,
-            )
-            .map_err(map_err(MAP_ACTIONS))?;
+            let mut actions: Array<&mut MapData, RuleAction> =
+                map_mut(&mut self.ebpf, MAP_ACTIONS)?;
             for (i, action) in compiled.actions.iter().enumerate() {
                 actions
                     .set(i as u32, action, 0)
@@ -158,12 +154,7 @@ impl Classifier {
         self.insert_prefixes(MAP_RULES_V6, &compiled.v6)?;
         {
             // Until a port has a class, no packet to it can match.
-            let mut classes: Array<&mut MapData, u32> = Array::try_from(
-                self.ebpf
-                    .map_mut(MAP_PORT_CLASS)
-                    .ok_or_else(|| missing(MAP_PORT_CLASS))?,
-            )
-            .map_err(map_err(MAP_PORT_CLASS))?;
+            let mut classes: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_PORT_CLASS)?;
             for (index, class) in &compiled.port_classes {
                 classes
                     .set(*index, class, 0)
@@ -188,9 +179,7 @@ impl Classifier {
         name: &'static str,
         entries: &[(u32, K, u32)],
     ) -> Result<(), EbpfError> {
-        let mut trie: LpmTrie<&mut MapData, K, u32> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).ok_or_else(|| missing(name))?)
-                .map_err(map_err(name))?;
+        let mut trie: LpmTrie<&mut MapData, K, u32> = map_mut(&mut self.ebpf, name)?;
         for (len, key, index) in entries {
             trie.insert(&Key::new(*len, *key), index, 0)
                 .map_err(write_err(name))?;
@@ -206,9 +195,7 @@ impl Classifier {
         old: &[(u32, K, u32)],
     ) -> Result<(), EbpfError> {
         let now: HashSet<(u32, K)> = new.iter().map(|(l, k, _)| (*l, *k)).collect();
-        let mut trie: LpmTrie<&mut MapData, K, u32> =
-            LpmTrie::try_from(self.ebpf.map_mut(name).ok_or_else(|| missing(name))?)
-                .map_err(map_err(name))?;
+        let mut trie: LpmTrie<&mut MapData, K, u32> = map_mut(&mut self.ebpf, name)?;
         for (len, key, _) in old.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
             trie.remove(&Key::new(*len, *key))
                 .map_err(write_err(name))?;
@@ -218,50 +205,30 @@ impl Classifier {
 
     /// Writes the settings that apply to every packet.
     pub fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
-        let mut map: Array<&mut MapData, GlobalConfig> = Array::try_from(
-            self.ebpf
-                .map_mut(MAP_CONFIG)
-                .ok_or_else(|| missing(MAP_CONFIG))?,
-        )
-        .map_err(map_err(MAP_CONFIG))?;
+        let mut map: Array<&mut MapData, GlobalConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
         map.set(0, config, 0).map_err(write_err(MAP_CONFIG))
     }
 
     /// Records the address `nf_tproxy_laddr4/6` would use for an interface (an empty entry:
     /// the packet's own destination).
     pub fn set_iface_addrs(&mut self, ifindex: u32, addrs: IfaceAddrs) -> Result<(), EbpfError> {
-        let mut map: HashMap<&mut MapData, u32, IfaceAddrs> = HashMap::try_from(
-            self.ebpf
-                .map_mut(MAP_IFACE_ADDRS)
-                .ok_or_else(|| missing(MAP_IFACE_ADDRS))?,
-        )
-        .map_err(map_err(MAP_IFACE_ADDRS))?;
+        let mut map: HashMap<&mut MapData, u32, IfaceAddrs> =
+            map_mut(&mut self.ebpf, MAP_IFACE_ADDRS)?;
         map.insert(ifindex, addrs, 0)
             .map_err(write_err(MAP_IFACE_ADDRS))
     }
 
     /// Puts one of the agent's listeners in the sockmap the sk_lookup program picks from.
     pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<(), EbpfError> {
-        let mut map: SockMap<&mut MapData> = SockMap::try_from(
-            self.ebpf
-                .map_mut(MAP_LISTENERS)
-                .ok_or_else(|| missing(MAP_LISTENERS))?,
-        )
-        .map_err(map_err(MAP_LISTENERS))?;
+        let mut map: SockMap<&mut MapData> = map_mut(&mut self.ebpf, MAP_LISTENERS)?;
         map.set(slot, socket, 0).map_err(write_err(MAP_LISTENERS))
     }
 
     /// Loads the relay's verdict program, attaches it to its sockmap and hands the relay's
     /// maps over (`--relay sockmap`).
     pub fn kernel_relay(&mut self) -> Result<KernelRelay, EbpfError> {
-        let take =
-            |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).ok_or_else(|| missing(name));
-        let socks: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut self.ebpf, MAP_RELAY_SOCKS)?)
-                .map_err(map_err(MAP_RELAY_SOCKS))?;
-        let targets: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut self.ebpf, MAP_RELAY_TARGETS)?)
-                .map_err(map_err(MAP_RELAY_TARGETS))?;
+        let socks: SockHash<MapData, u64> = take_map(&mut self.ebpf, MAP_RELAY_SOCKS)?;
+        let targets: SockHash<MapData, u64> = take_map(&mut self.ebpf, MAP_RELAY_TARGETS)?;
         let prog: &mut SkSkb = program(&mut self.ebpf, PROG_RELAY_VERDICT)?;
         prog.load().map_err(load_err(PROG_RELAY_VERDICT))?;
         prog.attach(socks.fd())
@@ -346,12 +313,7 @@ impl Classifier {
 
     /// Sums the global counters over CPUs.
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
-        let map: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(
-            self.ebpf
-                .map(MAP_COUNTERS)
-                .ok_or_else(|| missing(MAP_COUNTERS))?,
-        )
-        .map_err(map_err(MAP_COUNTERS))?;
+        let map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, MAP_COUNTERS)?;
         Counter::ALL
             .iter()
             .map(|&c| {
@@ -363,12 +325,7 @@ impl Classifier {
 
     /// Sums rule `index`'s counters over CPUs.
     pub fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
-        let map: PerCpuArray<&MapData, RuleCounters> = PerCpuArray::try_from(
-            self.ebpf
-                .map(MAP_RULE_COUNTERS)
-                .ok_or_else(|| missing(MAP_RULE_COUNTERS))?,
-        )
-        .map_err(map_err(MAP_RULE_COUNTERS))?;
+        let map: PerCpuArray<&MapData, RuleCounters> = map_ref(&self.ebpf, MAP_RULE_COUNTERS)?;
         let values = map.get(&index, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
         Ok(values.iter().fold(RuleCounters::default(), |mut sum, c| {
             sum.packets += c.packets;
@@ -398,6 +355,30 @@ fn load_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
         }
         other => EbpfError::Program(name, other),
     }
+}
+
+/// Map `name` of the object, as the type its declaration gives it.
+fn map_mut<'a, M>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+{
+    M::try_from(ebpf.map_mut(name).ok_or_else(|| missing(name))?).map_err(map_err(name))
+}
+
+/// [`map_mut`], to read.
+fn map_ref<'a, M>(ebpf: &'a Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>,
+{
+    M::try_from(ebpf.map(name).ok_or_else(|| missing(name))?).map_err(map_err(name))
+}
+
+/// [`map_mut`], taking the map out of the object (to hand it over).
+fn take_map<M>(ebpf: &mut Ebpf, name: &'static str) -> Result<M, EbpfError>
+where
+    M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    M::try_from(ebpf.take_map(name).ok_or_else(|| missing(name))?).map_err(map_err(name))
 }
 
 fn missing(name: &'static str) -> EbpfError {
