@@ -4,12 +4,11 @@
 //! network namespaces. Results go to `bench/results/` (latest.md, latest.png and a
 //! timestamped copy of each).
 
-use std::{path::PathBuf, process::Command};
+use std::process::Command;
 
-use anyhow::Context as _;
 use clap::Args;
 
-use crate::prereqs;
+use crate::{prereqs, run};
 
 #[derive(Args)]
 pub struct Options {
@@ -20,25 +19,9 @@ pub struct Options {
 
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
     prereqs::require_root("the benchmarks")?;
-    prereqs::ensure_build()?;
     prereqs::ensure_system_tools()?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask is inside the workspace")?
-        .to_path_buf();
-    eprintln!("xtask: building the agent and the benchmark (release, eBPF object embedded)");
-    prereqs::status(Command::new(env!("CARGO")).current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "proxy",
-    ]))?;
-    // Where cargo put them: CARGO_TARGET_DIR when set (relative to the workspace, where
-    // cargo ran), else target/.
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .map_or_else(|| root.join("target"), |dir| root.join(dir));
-    let release = target.join("release");
+    let release = run::build_release()?;
+    let root = run::workspace_root()?;
     let mut cmd = Command::new(release.join("proxy-bench"));
     cmd.current_dir(&root)
         .arg("--agent")

@@ -21,23 +21,35 @@ pub struct DemoOptions {
     args: Vec<String>,
 }
 
-fn build_release() -> anyhow::Result<std::path::PathBuf> {
+/// The workspace's root directory.
+pub fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
+    Ok(std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask is inside the workspace")?
+        .to_path_buf())
+}
+
+/// Builds the `proxy` package in release mode (the agent with its eBPF object embedded, and
+/// the benchmark) and returns the directory the binaries are in: under CARGO_TARGET_DIR
+/// when set (relative to the workspace, where cargo runs), else under target/.
+pub fn build_release() -> anyhow::Result<std::path::PathBuf> {
     prereqs::ensure_build()?;
-    eprintln!("xtask: building the agent (release, eBPF object embedded)");
-    prereqs::status(Command::new(env!("CARGO")).args([
+    let root = workspace_root()?;
+    eprintln!("xtask: building the agent and the benchmark (release, eBPF object embedded)");
+    prereqs::status(Command::new(env!("CARGO")).current_dir(&root).args([
         "build",
         "--release",
         "--package",
         "proxy",
     ]))?;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("xtask is inside the workspace")?;
-    Ok(root.join("target/release/proxy"))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .map_or_else(|| root.join("target"), |dir| root.join(dir));
+    Ok(target.join("release"))
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    let binary = build_release()?;
+    let binary = build_release()?.join("proxy");
     let err = Command::new(&binary).args(&opts.args).exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }
@@ -45,7 +57,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 pub fn demo(opts: &DemoOptions) -> anyhow::Result<()> {
     prereqs::require_root("the demo")?;
     prereqs::ensure_system_tools()?;
-    let binary = build_release()?;
+    let binary = build_release()?.join("proxy");
     let err = Command::new(&binary).arg("demo").args(&opts.args).exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }
