@@ -19,7 +19,7 @@ pub fn build_ebpf(opts: &Options) -> anyhow::Result<()> {
     let mut cmd = Command::new("rustup");
     cmd.args([
         "run",
-        toolchain,
+        &toolchain,
         "cargo",
         "build",
         "--package",

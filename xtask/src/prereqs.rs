@@ -33,13 +33,17 @@ fn succeeds(cmd: &mut Command) -> bool {
     cmd.output().is_ok_and(|o| o.status.success())
 }
 
-/// The toolchain that builds the eBPF crate: nightly when rustup has it (as `proxy/build.rs`
-/// decides), else stable with `RUSTC_BOOTSTRAP=1`.
-pub fn ebpf_toolchain() -> &'static str {
+/// The toolchain that builds the eBPF crate, chosen as `proxy/build.rs` chooses it (the two
+/// are separate crates, so the rule is written in both): PROXY_EBPF_TOOLCHAIN when set,
+/// else nightly when rustup has it, else stable with `RUSTC_BOOTSTRAP=1`.
+pub fn ebpf_toolchain() -> String {
+    if let Ok(chosen) = std::env::var("PROXY_EBPF_TOOLCHAIN") {
+        return chosen;
+    }
     if succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
-        "nightly"
+        "nightly".into()
     } else {
-        "stable"
+        "stable".into()
     }
 }
 
@@ -47,7 +51,13 @@ pub fn ebpf_toolchain() -> &'static str {
 pub fn ensure_rust_src() -> anyhow::Result<()> {
     let toolchain = ebpf_toolchain();
     let out = Command::new("rustup")
-        .args(["component", "list", "--installed", "--toolchain", toolchain])
+        .args([
+            "component",
+            "list",
+            "--installed",
+            "--toolchain",
+            &toolchain,
+        ])
         .output()
         .context("running rustup (the eBPF build needs a rustup-managed toolchain)")?;
     if String::from_utf8_lossy(&out.stdout)
@@ -59,7 +69,7 @@ pub fn ensure_rust_src() -> anyhow::Result<()> {
     eprintln!(
         "xtask: installing the rust-src component for the {toolchain} toolchain (needed by -Z build-std=core)"
     );
-    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", toolchain]))
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))
 }
 
 pub fn ensure_bpf_linker() -> anyhow::Result<()> {
