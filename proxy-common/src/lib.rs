@@ -19,8 +19,12 @@
 //!    on-ip, on-port, the mark and whether to fail open.
 #![no_std]
 
-/// Name of the TC ingress classifier program in the object.
+/// Name of the TC ingress classifier program in the object, for interfaces whose packets
+/// start with an Ethernet header at TC ingress (Ethernet, veth, bridge, loopback).
 pub const PROG_TC_INGRESS: &str = "tproxy_ingress";
+/// The same classifier for interfaces without a link-layer header (tun, WireGuard, ipip):
+/// the IP header is at offset 0 and `skb->protocol` gives the family (T10).
+pub const PROG_TC_INGRESS_L3: &str = "tproxy_ingress_l3";
 /// Name of the `sk_lookup` program that finishes the TIME_WAIT + SYN case (T3).
 pub const PROG_SK_LOOKUP: &str = "tproxy_sk_lookup";
 
@@ -55,6 +59,11 @@ pub const MAP_CONFIG: &str = "CONFIG";
 pub const MAP_TIME_WAIT_SYNS: &str = "TIME_WAIT_SYNS";
 /// Entries of [`MAP_TIME_WAIT_SYNS`]: reconnects in flight at once.
 pub const MAX_TIME_WAIT_SYNS: u32 = 4096;
+/// LruHashMap<[`FragmentKey`], u8>: datagrams whose first fragment the classifier dropped,
+/// so that their later fragments are dropped too (T11).
+pub const MAP_DROPPED_FRAGMENTS: &str = "DROPPED_FRAGMENTS";
+/// Entries of [`MAP_DROPPED_FRAGMENTS`]: fragmented datagrams being dropped at once.
+pub const MAX_DROPPED_FRAGMENTS: u32 = 8192;
 /// PerCpuArray<u64>, one slot per [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// PerCpuArray<[`RuleCounters`]>, indexed by rule index.
@@ -114,6 +123,20 @@ pub struct FlowKey {
     pub local: [u8; 16],
     pub remote_port_be: u16,
     pub local_port_be: u16,
+}
+
+/// A fragmented datagram, as the receiver's reassembly tells its fragments apart
+/// (`ip4_frag_match`, `ip6_frag_match`): addresses, identification and, for IPv4, the
+/// protocol (0 for IPv6, whose fragment queue ignores it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentKey {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// The IPv4 identification (16 bits) or the IPv6 fragment header's (32 bits).
+    pub id: u32,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
 }
 
 /// Bits of the class prefix that precede the address in [`RuleKeyV4`] and [`RuleKeyV6`].
@@ -228,11 +251,13 @@ pub enum Counter {
     PassedFailOpen = 6,
     /// Packets that matched no rule and were left alone (T1).
     NotMatched = 7,
-    /// Packets the classifier could not parse (truncated headers and the like).
+    /// Packets the classifier could not parse and left alone: IP headers the stack drops
+    /// itself, or transport headers cut short to destinations no rule covers.
     Malformed = 8,
     /// Matched packets dropped because the socket found was not transparent (T5).
     DroppedNotTransparent = 9,
-    /// IP fragments that matched a rule (never assigned, see T9).
+    /// First fragments that matched a rule (never assigned, see T9): dropped, or passed with
+    /// fail-open.
     Fragment = 10,
     /// `bpf_sk_assign` refused a socket.
     AssignFailed = 11,
@@ -242,10 +267,19 @@ pub enum Counter {
     Diverted = 12,
     /// Packets that carry the agent's own outbound mark, left alone.
     Bypassed = 13,
+    /// Packets whose transport header could not be read (a first fragment cut short, an
+    /// IPv6 chain without its upper header, a truncated segment), dropped because their
+    /// destination falls under a rule (T9, T11): they might belong to a matched flow.
+    DroppedUnclassifiable = 14,
+    /// Later fragments of a datagram whose first fragment was dropped, dropped too (T11).
+    DroppedLaterFragment = 15,
+    /// `bpf_sk_assign` refused a socket on the return path (T8); the packet went on
+    /// unassigned.
+    DivertAssignFailed = 16,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -262,6 +296,9 @@ impl Counter {
         Counter::AssignFailed,
         Counter::Diverted,
         Counter::Bypassed,
+        Counter::DroppedUnclassifiable,
+        Counter::DroppedLaterFragment,
+        Counter::DivertAssignFailed,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -281,13 +318,17 @@ impl Counter {
             Counter::AssignFailed => "assign_failed",
             Counter::Diverted => "diverted",
             Counter::Bypassed => "bypassed",
+            Counter::DroppedUnclassifiable => "dropped_unclassifiable",
+            Counter::DroppedLaterFragment => "dropped_later_fragment",
+            Counter::DivertAssignFailed => "divert_assign_failed",
         }
     }
 }
 
 /// Offsets into kernel socket structures, read by the loader from
 /// `/sys/kernel/btf/vmlinux`, so that the classifier can check the transparent flag (T5)
-/// without CO-RE support. An offset of `u32::MAX` means "unknown": the check is skipped.
+/// without CO-RE support. An offset of `u32::MAX` means "unknown": the check is skipped,
+/// which the agent allows only when told to (`--allow-unchecked-transparency`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SockOffsets {
@@ -325,4 +366,5 @@ mod pod {
     unsafe impl aya::Pod for super::SockOffsets {}
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FragmentKey {}
 }

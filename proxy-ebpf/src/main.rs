@@ -2,7 +2,12 @@
 //! `sk_lookup` program that completes the TIME_WAIT + SYN case, and (`--relay sockmap`) the
 //! sk_skb program that relays established connections inside the kernel ([`relay`]).
 //!
-//! Packet path: [`parse`] the headers, [`rules`] find the first matching rule, [`laddr`]
+//! Two entry points share one body: [`tproxy_ingress`] for interfaces with an Ethernet
+//! header and [`tproxy_ingress_l3`] for those without (T10).
+//!
+//! Packet path: [`parse`] the headers (a packet whose ports cannot be read is dropped when
+//! a rule covers its destination, and so are the later fragments of a dropped first
+//! fragment: T11), [`rules`] find the first matching rule, [`laddr`]
 //! picks the listener address, [`lookup`] finds the socket (established, TIME_WAIT SYN,
 //! listener), then the packet is assigned and marked here.
 #![no_std]
@@ -29,7 +34,7 @@ use proxy_common::{
 
 use crate::{
     lookup::Found,
-    maps::{CONFIG, TIME_WAIT_SYNS, count, count_rule},
+    maps::{CONFIG, DROPPED_FRAGMENTS, TIME_WAIT_SYNS, count, count_rule},
     parse::{Fragment, Parsed},
     rules::Matched,
 };
@@ -37,9 +42,17 @@ use crate::{
 /// `TC_ACT_OK`: accept, ending the TC chain, for packets we assigned.
 const TC_ACT_OK: i32 = 0;
 
+/// For interfaces whose frames start with an Ethernet header at TC ingress.
 #[classifier]
 pub fn tproxy_ingress(ctx: TcContext) -> i32 {
-    try_tproxy_ingress(&ctx)
+    try_tproxy_ingress::<{ parse::ETH_HDR_LEN }>(&ctx)
+}
+
+/// For interfaces without a link-layer header (tun, WireGuard, ipip): the agent attaches
+/// this one instead, decided once per interface from its link type (T10).
+#[classifier]
+pub fn tproxy_ingress_l3(ctx: TcContext) -> i32 {
+    try_tproxy_ingress::<0>(&ctx)
 }
 
 /// Outcome for a packet that matched a rule: what the kernel does after `-j TPROXY`.
@@ -50,7 +63,7 @@ enum RuleVerdict {
 }
 
 #[inline(always)]
-fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
+fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
     count(Counter::Seen);
     let config = CONFIG.get(0).copied().unwrap_or_default();
     // The proxy's own outbound traffic (SO_MARK) is never intercepted: no loops.
@@ -59,34 +72,42 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
         count(Counter::Bypassed);
         return TC_ACT_UNSPEC;
     }
-    let packet = match parse::parse(ctx) {
+    let packet = match parse::parse::<L2_LEN>(ctx) {
         Ok(Parsed::Transport(packet)) => packet,
         Ok(Parsed::Other) => {
             count(Counter::NotMatched);
             return TC_ACT_UNSPEC;
         }
-        Ok(Parsed::Ipv6NoTransport(daddr)) => {
-            // T9: ip6tables drops a packet whose transport header it cannot find when it
-            // is checked against a rule with a protocol.
-            if rules::ipv6_prefix_has_rule(&daddr) {
-                count(Counter::Malformed);
+        Ok(Parsed::LaterFragment(packet)) => {
+            // A later fragment has no ports, so no rule can be checked; it follows its
+            // first fragment (T11): dropped if that was dropped, else left alone. It is
+            // never assigned (T9).
+            if unsafe { DROPPED_FRAGMENTS.get(&packet.fragment_key()) }.is_some() {
+                count(Counter::DroppedLaterFragment);
                 return TC_ACT_SHOT;
             }
             count(Counter::NotMatched);
             return TC_ACT_UNSPEC;
         }
+        Ok(Parsed::Unclassifiable(packet)) => {
+            // The kernel's TPROXY decides on reassembled packets (nf_defrag_ipv4/6), so no
+            // fragment shape gets past it; ip6tables hotdrops a packet whose transport
+            // header it cannot find. Here a packet whose ports cannot be read is dropped
+            // whenever its destination falls under a rule, whatever the port (T9, T11).
+            if rules::destination_has_rule(packet.family, &packet.daddr) {
+                count(Counter::DroppedUnclassifiable);
+                drop_later_fragments(&packet);
+                return TC_ACT_SHOT;
+            }
+            count(Counter::Malformed);
+            return TC_ACT_UNSPEC;
+        }
         Err(parse::ParseError::Malformed) => {
-            // Not ours to judge: the stack drops what it cannot parse itself.
+            // A broken IP header: the stack drops it itself before routing (ip_rcv_core).
             count(Counter::Malformed);
             return TC_ACT_UNSPEC;
         }
     };
-    // A later fragment has no ports, so it cannot match a port rule; it is left alone and
-    // never assigned (T9). See the README on fragmented UDP.
-    if packet.fragment == Fragment::Later {
-        count(Counter::NotMatched);
-        return TC_ACT_UNSPEC;
-    }
     let Some(Matched { index, action }) = rules::match_rule(&packet) else {
         return divert(ctx, &packet, &config);
     };
@@ -135,9 +156,20 @@ fn try_tproxy_ingress(ctx: &TcContext) -> i32 {
                 count(Counter::PassedFailOpen);
                 TC_ACT_UNSPEC
             } else {
+                drop_later_fragments(&packet);
                 TC_ACT_SHOT
             }
         }
+    }
+}
+
+/// A first fragment is being dropped: remember its datagram so that the later fragments
+/// go too, instead of reaching the destination without it (T11). Reassembly could not
+/// finish there anyway; dropping them says so in the counters and spares the link.
+#[inline(always)]
+fn drop_later_fragments(packet: &parse::Packet) {
+    if packet.fragment == Fragment::First {
+        let _ = DROPPED_FRAGMENTS.insert(&packet.fragment_key(), &1, 0);
     }
 }
 
@@ -182,20 +214,24 @@ fn flow_key(packet: &parse::Packet) -> FlowKey {
 /// like the recipe's `-m socket --transparent -j DIVERT` (T8).
 #[inline(always)]
 fn divert(ctx: &TcContext, packet: &parse::Packet, config: &GlobalConfig) -> i32 {
-    if let Some(sk) = lookup::find_divert_socket(ctx, packet)
-        && lookup::assign(ctx, &sk).is_ok()
-    {
-        let mark = unsafe { (*ctx.skb.skb).mark };
-        ctx.set_mark(tproxy_mark(
-            mark,
-            config.divert_mark_value,
-            config.divert_mark_mask,
-        ));
-        count(Counter::Diverted);
-        return TC_ACT_OK;
+    let Some(sk) = lookup::find_divert_socket(ctx, packet) else {
+        count(Counter::NotMatched);
+        return TC_ACT_UNSPEC;
+    };
+    if let Err(err) = lookup::assign(ctx, &sk) {
+        // Not silent: the packet goes on unassigned, and this says so.
+        warn!(ctx, "bpf_sk_assign failed on the return path: {}", err);
+        count(Counter::DivertAssignFailed);
+        return TC_ACT_UNSPEC;
     }
-    count(Counter::NotMatched);
-    TC_ACT_UNSPEC
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    ctx.set_mark(tproxy_mark(
+        mark,
+        config.divert_mark_value,
+        config.divert_mark_mask,
+    ));
+    count(Counter::Diverted);
+    TC_ACT_OK
 }
 
 #[cfg(not(test))]

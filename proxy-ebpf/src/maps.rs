@@ -5,7 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use proxy_common::{
-    Counter, FlowKey, GlobalConfig, IfaceAddrs, MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES,
+    Counter, FlowKey, FragmentKey, GlobalConfig, IfaceAddrs, MAX_DROPPED_FRAGMENTS, MAX_IFACES,
+    MAX_LISTENERS, MAX_PREFIX_ENTRIES,
     MAX_RELAYED_SOCKETS, MAX_RULES, MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction,
     RuleCounters, RuleKeyV4, RuleKeyV6,
 };
@@ -31,6 +32,10 @@ pub static LISTENERS: SockMap = SockMap::with_max_entries(MAX_LISTENERS, 0);
 #[map]
 pub static TIME_WAIT_SYNS: LruHashMap<FlowKey, u32> =
     LruHashMap::with_max_entries(MAX_TIME_WAIT_SYNS, 0);
+
+#[map]
+pub static DROPPED_FRAGMENTS: LruHashMap<FragmentKey, u8> =
+    LruHashMap::with_max_entries(MAX_DROPPED_FRAGMENTS, 0);
 
 #[map]
 pub static RELAY_SOCKS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED_SOCKETS, 0);

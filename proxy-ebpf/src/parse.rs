@@ -1,13 +1,14 @@
-//! Bounds-checked header parsing: Ethernet, IPv4 (with options), IPv6 (past extension
-//! headers), TCP and UDP ports.
+//! Bounds-checked header parsing: Ethernet or no link-layer header, IPv4 (with options),
+//! IPv6 (past extension headers), fragments, TCP and UDP ports.
 //!
 //! Everything the classifier needs is read here, before the first socket lookup, because
 //! the verifier rejects any path that returns while a socket reference is held.
 
 use aya_ebpf::programs::TcContext;
-use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+use proxy_common::{FragmentKey, IPPROTO_TCP, IPPROTO_UDP};
 
-const ETH_HDR_LEN: usize = 14;
+/// Bytes before the IP header on an Ethernet-type interface at TC ingress.
+pub const ETH_HDR_LEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 
@@ -57,6 +58,9 @@ pub struct Packet {
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     pub fragment: Fragment,
+    /// The datagram's identification when it is fragmented (IPv4 header or IPv6 fragment
+    /// header).
+    pub fragment_id: u32,
 }
 
 impl Packet {
@@ -71,20 +75,39 @@ impl Packet {
     pub fn dport(&self) -> u16 {
         u16::from_be(self.dport_be)
     }
+
+    /// The datagram this fragment belongs to, as the receiver's reassembly tells it.
+    #[inline(always)]
+    pub fn fragment_key(&self) -> FragmentKey {
+        FragmentKey {
+            saddr: self.saddr,
+            daddr: self.daddr,
+            id: self.fragment_id,
+            protocol: match self.family {
+                Family::V4 => self.protocol,
+                Family::V6 => 0,
+            },
+            _pad: [0; 3],
+        }
+    }
 }
 
 /// Result of parsing, before any rule is consulted.
 pub enum Parsed {
-    /// A TCP or UDP packet with its ports (or a later fragment of one).
+    /// A TCP or UDP packet with its ports: whole, or the first fragment of a datagram.
     Transport(Packet),
+    /// A later fragment: no transport header, so no ports (they read as 0).
+    LaterFragment(Packet),
+    /// The IP header was read but the transport header could not be (cut short, or an IPv6
+    /// chain that never reaches it): the destination is known, the ports are not (0).
+    Unclassifiable(Packet),
     /// Not IPv4/IPv6, or another transport protocol: never touched.
     Other,
-    /// An IPv6 packet whose transport header could not be found (T9), with its destination.
-    Ipv6NoTransport([u8; 16]),
 }
 
 pub enum ParseError {
-    /// Headers cut short or inconsistent.
+    /// The IP header itself is cut short or inconsistent: the stack drops such a packet
+    /// (`ip_rcv_core`, `ipv6_rcv`) before routing it anywhere.
     Malformed,
 }
 
@@ -93,19 +116,26 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
     ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
 }
 
+/// Parses a packet whose IP header starts `L2_LEN` bytes into the frame: 14 behind an
+/// Ethernet header, 0 on an interface without a link-layer header (T10), where the
+/// ethertype comes from `skb->protocol` instead.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, ParseError> {
-    let ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Result<Parsed, ParseError> {
+    let ethertype = if L2_LEN == 0 {
+        // `__sk_buff.protocol` holds the __be16 `skb->protocol`, zero-extended.
+        u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16)
+    } else {
+        u16::from_be(load::<u16>(ctx, L2_LEN - 2)?)
+    };
     match ethertype {
-        ETH_P_IP => parse_ipv4(ctx),
-        ETH_P_IPV6 => parse_ipv6(ctx),
+        ETH_P_IP => parse_ipv4(ctx, L2_LEN),
+        ETH_P_IPV6 => parse_ipv6(ctx, L2_LEN),
         _ => Ok(Parsed::Other),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ParseError> {
-    let l3 = ETH_HDR_LEN;
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
     let version_ihl = load::<u8>(ctx, l3)?;
     if version_ihl >> 4 != 4 {
         return Err(ParseError::Malformed);
@@ -119,6 +149,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ParseError> {
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Ok(Parsed::Other);
     }
+    let id = u16::from_be(load::<u16>(ctx, l3 + 4)?);
     let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
     let fragment = if frag & 0x1fff != 0 {
         Fragment::Later
@@ -133,7 +164,7 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ParseError> {
     let d: [u8; 4] = load(ctx, l3 + 16)?;
     saddr[..4].copy_from_slice(&s);
     daddr[..4].copy_from_slice(&d);
-    let mut packet = Packet {
+    let packet = Packet {
         family: Family::V4,
         protocol,
         saddr,
@@ -142,80 +173,110 @@ fn parse_ipv4(ctx: &TcContext) -> Result<Parsed, ParseError> {
         dport_be: 0,
         tcp_flags: 0,
         fragment,
+        fragment_id: u32::from(id),
     };
-    if fragment != Fragment::Later {
-        read_ports(ctx, l3 + ihl * 4, &mut packet)?;
+    if fragment == Fragment::Later {
+        return Ok(Parsed::LaterFragment(packet));
     }
-    Ok(Parsed::Transport(packet))
+    Ok(with_ports(ctx, l3 + ihl * 4, packet))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Result<Parsed, ParseError> {
-    let l3 = ETH_HDR_LEN;
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
     let saddr: [u8; 16] = load(ctx, l3 + 8)?;
     let daddr: [u8; 16] = load(ctx, l3 + 24)?;
-    let mut next = load::<u8>(ctx, l3 + 6)?;
-    let mut offset = l3 + IPV6_HDR_LEN;
-    let mut fragment = Fragment::None;
-    // Walk the extension headers like `ipv6_find_hdr`.
+    let next = load::<u8>(ctx, l3 + 6)?;
+    let mut packet = Packet {
+        family: Family::V6,
+        protocol: next,
+        saddr,
+        daddr,
+        sport_be: 0,
+        dport_be: 0,
+        tcp_flags: 0,
+        fragment: Fragment::None,
+        fragment_id: 0,
+    };
+    // From here on the destination is known: a header that cannot be read makes the
+    // packet unclassifiable, not malformed (T9, T11).
+    match walk_ipv6_chain(ctx, l3 + IPV6_HDR_LEN, &mut packet) {
+        Ok(Chain::Transport(l4)) => Ok(with_ports(ctx, l4, packet)),
+        Ok(Chain::LaterFragment) => Ok(Parsed::LaterFragment(packet)),
+        // ICMPv6, ESP, and everything else: not ours.
+        Ok(Chain::OtherProtocol) => Ok(Parsed::Other),
+        Ok(Chain::NoTransport) | Err(ParseError::Malformed) => Ok(Parsed::Unclassifiable(packet)),
+    }
+}
+
+/// Where an IPv6 extension header chain leads.
+enum Chain {
+    /// TCP or UDP, whose header starts at this offset.
+    Transport(usize),
+    /// A later fragment: what follows the fragment header is payload, not headers.
+    LaterFragment,
+    /// An upper protocol other than TCP and UDP.
+    OtherProtocol,
+    /// No upper header (`NEXTHDR_NONE`), or more headers than a BPF loop may walk:
+    /// ip6tables hotdrops such a packet when a rule with a protocol checks it (T9).
+    NoTransport,
+}
+
+/// Walks the extension headers like `ipv6_find_hdr`, keeping `packet.protocol` and its
+/// fragment fields up to date.
+#[inline(always)]
+fn walk_ipv6_chain(
+    ctx: &TcContext,
+    mut offset: usize,
+    packet: &mut Packet,
+) -> Result<Chain, ParseError> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
-        match next {
-            IPPROTO_TCP | IPPROTO_UDP => {
-                let mut packet = Packet {
-                    family: Family::V6,
-                    protocol: next,
-                    saddr,
-                    daddr,
-                    sport_be: 0,
-                    dport_be: 0,
-                    tcp_flags: 0,
-                    fragment,
-                };
-                read_ports(ctx, offset, &mut packet)?;
-                return Ok(Parsed::Transport(packet));
-            }
+        match packet.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => return Ok(Chain::Transport(offset)),
             NEXTHDR_HOP | NEXTHDR_ROUTING | NEXTHDR_DEST => {
                 let hdr: [u8; 2] = load(ctx, offset)?;
-                next = hdr[0];
+                packet.protocol = hdr[0];
                 offset += (hdr[1] as usize + 1) * 8;
             }
             NEXTHDR_AUTH => {
                 let hdr: [u8; 2] = load(ctx, offset)?;
-                next = hdr[0];
+                packet.protocol = hdr[0];
                 offset += (hdr[1] as usize + 2) * 4;
             }
             NEXTHDR_FRAGMENT => {
-                let hdr: [u8; 4] = load(ctx, offset)?;
-                next = hdr[0];
+                let hdr: [u8; 8] = load(ctx, offset)?;
+                packet.protocol = hdr[0];
+                packet.fragment_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 let frag = u16::from_be_bytes([hdr[2], hdr[3]]);
                 if frag & 0xfff8 != 0 {
-                    // A later fragment: no transport header here. Only the protocol is
-                    // known; the ports are not.
-                    if next != IPPROTO_TCP && next != IPPROTO_UDP {
-                        return Ok(Parsed::Other);
-                    }
-                    return Ok(Parsed::Transport(Packet {
-                        family: Family::V6,
-                        protocol: next,
-                        saddr,
-                        daddr,
-                        sport_be: 0,
-                        dport_be: 0,
-                        tcp_flags: 0,
-                        fragment: Fragment::Later,
-                    }));
+                    packet.fragment = Fragment::Later;
+                    return Ok(Chain::LaterFragment);
                 }
                 if frag & 1 != 0 {
-                    fragment = Fragment::First;
+                    packet.fragment = Fragment::First;
                 }
                 offset += 8;
             }
-            NEXTHDR_NONE => return Ok(Parsed::Ipv6NoTransport(daddr)),
-            // ICMPv6, ESP, and everything else: not ours.
-            _ => return Ok(Parsed::Other),
+            NEXTHDR_NONE => return Ok(Chain::NoTransport),
+            _ => return Ok(Chain::OtherProtocol),
         }
     }
-    Ok(Parsed::Ipv6NoTransport(daddr))
+    Ok(Chain::NoTransport)
+}
+
+/// The packet with its ports read from the transport header at `l4`, or unclassifiable
+/// when that header is cut short (a tiny first fragment: the classic evasion of a filter
+/// that decides on fragments, RFC 1858).
+#[inline(always)]
+fn with_ports(ctx: &TcContext, l4: usize, mut packet: Packet) -> Parsed {
+    match read_ports(ctx, l4, &mut packet) {
+        Ok(()) => Parsed::Transport(packet),
+        Err(ParseError::Malformed) => {
+            packet.sport_be = 0;
+            packet.dport_be = 0;
+            packet.tcp_flags = 0;
+            Parsed::Unclassifiable(packet)
+        }
+    }
 }
 
 #[inline(always)]

@@ -29,12 +29,12 @@ pub fn match_rule(packet: &Packet) -> Option<Matched> {
     Some(Matched { index, action })
 }
 
-/// Does `daddr` fall under any IPv6 rule's prefix, whatever the port? The agent stores every
-/// IPv6 prefix under class 0 for this: a packet whose transport header cannot be found is
-/// dropped when it would have been a candidate (T9, like ip6tables' hotdrop).
+/// Does `daddr` fall under any rule's prefix, whatever the port and protocol? The agent
+/// stores every prefix of every rule under class 0 for this: a packet whose ports cannot be
+/// read is dropped when it could have been a candidate (T9, T11).
 #[inline(always)]
-pub fn ipv6_prefix_has_rule(daddr: &[u8; 16]) -> bool {
-    lookup_prefix(Family::V6, 0, daddr).is_some()
+pub fn destination_has_rule(family: Family, daddr: &[u8; 16]) -> bool {
+    lookup_prefix(family, 0, daddr).is_some()
 }
 
 #[inline(always)]

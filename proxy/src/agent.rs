@@ -27,6 +27,7 @@ use crate::{
     ebpf::{Classifier, EbpfError},
     error_chain,
     ifaddrs::{self, IfaddrsError},
+    link_header::{self, LinkHeaderError},
     relay::RelayMode,
     routing::{PolicyRouting, RoutingError},
     rules::{self, Mark, Rule, RuleError},
@@ -67,6 +68,9 @@ pub enum AgentError {
     /// Installing the policy route failed.
     #[error("policy routing")]
     Routing(#[from] RoutingError),
+    /// An interface whose link type the classifier cannot parse.
+    #[error(transparent)]
+    LinkHeader(#[from] LinkHeaderError),
     /// Reading an interface's addresses failed.
     #[error(transparent)]
     Ifaddrs(#[from] IfaddrsError),
@@ -403,7 +407,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     } else {
         0
     };
-    let mut classifier = Classifier::load(relayed_sockets)?;
+    let mut classifier = Classifier::load(relayed_sockets, args.allow_unchecked_transparency)?;
     if kernel_relay {
         let relay = classifier.kernel_relay()?;
         let _ = listeners.options.kernel_relay.set(relay);
@@ -417,8 +421,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     tokio::spawn(connection);
     let mut addr_changes =
         ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
+    let mut link_headers = Vec::new();
     for (name, index) in &ifaces {
         refresh_laddr(&handle, &mut classifier, name, *index, false).await?;
+        link_headers.push(link_header::of_interface(&handle, name, *index).await?);
     }
 
     let mut routing = PolicyRouting::new(handle.clone(), args.table);
@@ -426,8 +432,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         routing.install(&marks(&rules)).await?;
         listeners.start(&mut classifier, pending)?;
         classifier.attach_sk_lookup()?;
-        for (name, _) in &ifaces {
-            classifier.attach(name, args.tc_attach)?;
+        for ((name, _), header) in ifaces.iter().zip(&link_headers) {
+            classifier.attach(name, *header, args.tc_attach)?;
         }
         log_rules(&rules);
         info!(

@@ -166,6 +166,12 @@ pub struct RunArgs {
     /// would be routed back to itself.
     #[arg(long, value_name = "MARK", default_value = "0x40000000", value_parser = parse_u32)]
     pub outbound_mark: u32,
+
+    /// Start even when this kernel's BTF does not say where sockets keep their transparent
+    /// flag. Without the check (T5), a plain socket on a rule's on-ip/on-port would receive
+    /// intercepted traffic; by default the agent refuses to start instead.
+    #[arg(long)]
+    pub allow_unchecked_transparency: bool,
 }
 
 impl RunArgs {

@@ -17,11 +17,20 @@ use log::{debug, info, warn};
 use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
     MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS, MAP_RULE_COUNTERS,
-    MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS, RuleAction,
+    MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS,
+    PROG_TC_INGRESS_L3, RuleAction,
     RuleCounters, SockOffsets,
 };
 
-use crate::{btf::Btf, kernel_relay::KernelRelay, rules::Compiled};
+use crate::{btf::Btf, kernel_relay::KernelRelay, link_header::LinkHeader, rules::Compiled};
+
+/// The classifier program for an interface's link header (T10).
+pub fn classifier_for(header: LinkHeader) -> &'static str {
+    match header {
+        LinkHeader::Ethernet => PROG_TC_INGRESS,
+        LinkHeader::None => PROG_TC_INGRESS_L3,
+    }
+}
 
 /// How the classifier is attached at TC ingress (`--tc-attach`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +79,12 @@ pub enum EbpfError {
         #[source]
         source: tc::TcError,
     },
+    /// This kernel's BTF does not say where sockets keep their transparent flag.
+    #[error(
+        "cannot check that sockets are transparent (needs /sys/kernel/btf/vmlinux with \
+         struct inet_sock, CONFIG_DEBUG_INFO_BTF); --allow-unchecked-transparency starts anyway"
+    )]
+    NoTransparencyCheck(#[source] crate::btf::BtfError),
     /// The network namespace could not be opened for the sk_lookup program.
     #[error("opening /proc/self/ns/net")]
     Netns(#[source] std::io::Error),
@@ -87,7 +102,8 @@ fn write_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfErro
 /// everything (TCX and sk_lookup links die with their file descriptors).
 pub struct Classifier {
     ebpf: Ebpf,
-    tc_links: Vec<(String, SchedClassifierLinkId)>,
+    /// (interface, program name, link) per attachment.
+    tc_links: Vec<(String, &'static str, SchedClassifierLinkId)>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
     /// The tables last written, to remove what a reload no longer needs.
@@ -98,19 +114,26 @@ impl Classifier {
     /// Loads the object and starts forwarding its log records. `relayed_sockets` sizes the
     /// maps of the in-kernel relay (`--relay sockmap`); 0 when it is off, and they take
     /// one entry.
-    pub fn load(relayed_sockets: u32) -> Result<Self, EbpfError> {
+    ///
+    /// Without the offsets of the transparent flag in this kernel's BTF the classifier
+    /// cannot refuse a plain socket (T5), so loading fails unless `allow_unchecked` says to
+    /// accept that risk.
+    pub fn load(relayed_sockets: u32, allow_unchecked: bool) -> Result<Self, EbpfError> {
         let offsets = match Btf::from_sys_fs().and_then(|btf| btf.sock_offsets()) {
             Ok(offsets) => {
                 debug!("transparent flag offsets: {offsets:?}");
                 offsets
             }
-            Err(e) => {
+            Err(e) if allow_unchecked => {
                 warn!(
-                    "cannot check that sockets are transparent (T5) on this kernel: {}",
+                    "--allow-unchecked-transparency: sockets are not checked for \
+                     IP_TRANSPARENT (T5), a plain socket on a rule's on-ip/on-port would \
+                     receive intercepted traffic: {}",
                     crate::error_chain(&e)
                 );
                 SockOffsets::UNKNOWN
             }
+            Err(e) => return Err(EbpfError::NoTransparencyCheck(e)),
         };
         let relay_entries = relayed_sockets.max(1);
         let mut ebpf = EbpfLoader::new()
@@ -124,8 +147,10 @@ impl Classifier {
             // The object has no log statements compiled in (or no ring buffer support).
             Err(e) => debug!("eBPF logs not forwarded: {e}"),
         }
-        let prog: &mut SchedClassifier = program(&mut ebpf, PROG_TC_INGRESS)?;
-        prog.load().map_err(load_err(PROG_TC_INGRESS))?;
+        for name in [PROG_TC_INGRESS, PROG_TC_INGRESS_L3] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
+            prog.load().map_err(load_err(name))?;
+        }
         let prog: &mut SkLookup = program(&mut ebpf, PROG_SK_LOOKUP)?;
         prog.load().map_err(load_err(PROG_SK_LOOKUP))?;
         Ok(Classifier {
@@ -245,9 +270,15 @@ impl Classifier {
         Ok(())
     }
 
-    /// Attaches the classifier at ingress of `iface`: a TCX link on kernels that have
-    /// them (6.6+), else cls_bpf under a clsact qdisc over netlink.
-    pub fn attach(&mut self, iface: &str, how: TcAttach) -> Result<(), EbpfError> {
+    /// Attaches the classifier at ingress of `iface`, the variant for its link header: a
+    /// TCX link on kernels that have them (6.6+), else cls_bpf under a clsact qdisc over
+    /// netlink.
+    pub fn attach(
+        &mut self,
+        iface: &str,
+        header: LinkHeader,
+        how: TcAttach,
+    ) -> Result<(), EbpfError> {
         let tcx = match how {
             TcAttach::Auto => {
                 KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
@@ -273,7 +304,8 @@ impl Classifier {
         } else {
             TcAttachOptions::Netlink(NlOptions::default())
         };
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROG_TC_INGRESS)?;
+        let name = classifier_for(header);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         let link = prog
             .attach_with_options(iface, TcAttachType::Ingress, options)
             .map_err(|source| EbpfError::Attach {
@@ -281,14 +313,14 @@ impl Classifier {
                 source,
             })?;
         info!(
-            "classifier attached to {iface} ingress ({})",
+            "classifier {name} attached to {iface} ingress ({})",
             if tcx {
                 "tcx link"
             } else {
                 "clsact + cls_bpf over netlink"
             }
         );
-        self.tc_links.push((iface.to_owned(), link));
+        self.tc_links.push((iface.to_owned(), name, link));
         Ok(())
     }
 
@@ -300,13 +332,13 @@ impl Classifier {
 
     /// Detaches from every interface. Errors are logged, not returned: teardown goes on.
     pub fn detach_all(&mut self) {
-        if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, PROG_TC_INGRESS) {
-            for (iface, link) in self.tc_links.drain(..) {
-                match prog.detach(link) {
-                    Ok(()) => info!("classifier detached from {iface}"),
-                    // The interface may be gone already, and its links with it.
-                    Err(e) => warn!("detaching from {iface}: {e}"),
-                }
+        for (iface, name, link) in std::mem::take(&mut self.tc_links) {
+            let detached = program::<SchedClassifier>(&mut self.ebpf, name)
+                .and_then(|prog| prog.detach(link).map_err(|e| EbpfError::Program(name, e)));
+            match detached {
+                Ok(()) => info!("classifier detached from {iface}"),
+                // The interface may be gone already, and its links with it.
+                Err(e) => warn!("detaching from {iface}: {}", crate::error_chain(&e)),
             }
         }
     }

@@ -2,7 +2,8 @@
 //!
 //! Packet path, file by file:
 //! * `proxy-ebpf` (classifier at TC ingress) assigns intercepted packets to sockets and marks
-//!   them; [`ebpf`] loads and attaches it and fills its maps from [`rules`] and [`ifaddrs`].
+//!   them; [`ebpf`] loads and attaches it (the variant [`link_header`] picks per interface)
+//!   and fills its maps from [`rules`] and [`ifaddrs`].
 //! * [`routing`] installs the fwmark rule and local route that deliver marked packets.
 //! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
 //!   destination and [`relay`] copies both ways, or [`kernel_relay`] has the kernel move
@@ -16,6 +17,7 @@ pub mod demo;
 pub mod ebpf;
 pub mod ifaddrs;
 pub mod kernel_relay;
+pub mod link_header;
 pub mod relay;
 pub mod routing;
 pub mod rules;

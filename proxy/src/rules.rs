@@ -400,15 +400,16 @@ pub fn compile(rules: &[Rule]) -> Result<Compiled, RuleError> {
             }
         }
     }
-    // Class 0 in the IPv6 trie: every IPv6 prefix of any rule, whatever the port, for the
-    // packets whose transport header cannot be found (T9).
+    // Class 0: every prefix of any rule, whatever the port, for the packets whose ports
+    // cannot be read (a first fragment cut short, an IPv6 chain without its transport
+    // header): they are dropped when a rule covers their destination (T9, T11).
     for (index, rule) in rules.iter().enumerate() {
-        for prefix in rule
-            .prefixes()
-            .into_iter()
-            .filter(|p| matches!(p, IpNet::V6(_)))
-        {
-            insert_first_match(&mut v6, 0, prefix, index as u32);
+        for prefix in rule.prefixes() {
+            let table = match prefix {
+                IpNet::V4(_) => &mut v4,
+                IpNet::V6(_) => &mut v6,
+            };
+            insert_first_match(table, 0, prefix, index as u32);
         }
     }
 
@@ -664,9 +665,9 @@ mod tests {
     #[test]
     fn no_dst_covers_both_families() {
         let c = compile(&[rule(&[], "80")]).expect("compiles");
-        assert_eq!(c.v4.len(), 1);
-        assert_eq!(c.v4[0].0, CLASS_PREFIX_BITS);
-        // One entry under the port class, one under class 0 for T9.
+        // One entry under the port class, one under class 0 for T9/T11, per family.
+        assert_eq!(c.v4.len(), 2);
+        assert!(c.v4.iter().all(|(len, _, _)| *len == CLASS_PREFIX_BITS));
         assert_eq!(c.v6.len(), 2);
         assert_eq!(
             classify(&c, IPPROTO_TCP, Ipv4Addr::new(203, 0, 113, 9), 80),
