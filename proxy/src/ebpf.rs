@@ -8,7 +8,7 @@ use aya::{
     Ebpf, EbpfLoader, Pod,
     maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap, lpm_trie::Key},
     programs::{
-        LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType,
+        LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType, TestRun as _, TestRunOptions,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
     },
     util::KernelVersion,
@@ -341,6 +341,29 @@ impl Classifier {
                 Err(e) => warn!("detaching from {iface}: {}", crate::error_chain(&e)),
             }
         }
+    }
+
+    /// Runs a classifier program once on `frame` with `BPF_PROG_TEST_RUN`, without
+    /// attaching it anywhere, and returns its verdict (`TC_ACT_*`). The socket lookups run
+    /// in the caller's network namespace; counters count as for real packets. For the
+    /// classifier tests, and for diagnosing what a given frame would meet.
+    pub fn run_on_frame(&self, name: &'static str, frame: &[u8]) -> Result<i32, EbpfError> {
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .ok_or(EbpfError::Program(
+                name,
+                aya::programs::ProgramError::NotLoaded,
+            ))?
+            .try_into()
+            .map_err(|e| EbpfError::Program(name, e))?;
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ..TestRunOptions::new()
+            })
+            .map_err(|e| EbpfError::Program(name, e))?;
+        Ok(result.return_value as i32)
     }
 
     /// Sums the global counters over CPUs.
