@@ -6,9 +6,8 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Counter, FlowKey, FragmentKey, GlobalConfig, IfaceAddrs, MAX_DROPPED_FRAGMENTS, MAX_IFACES,
-    MAX_LISTENERS, MAX_PREFIX_ENTRIES,
-    MAX_RELAYED_SOCKETS, MAX_RULES, MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction,
-    RuleCounters, RuleKeyV4, RuleKeyV6,
+    MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RELAYED_SOCKETS, MAX_RULES, MAX_TIME_WAIT_SYNS,
+    PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
 };
 
 #[map]

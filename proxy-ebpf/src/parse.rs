@@ -264,29 +264,28 @@ fn walk_ipv6_chain(
 }
 
 /// The packet with its ports read from the transport header at `l4`, or unclassifiable
-/// when that header is cut short (a tiny first fragment: the classic evasion of a filter
-/// that decides on fragments, RFC 1858).
+/// when they cannot be read.
+///
+/// A first fragment may carry only the first 8 bytes of the TCP header (RFC 1858's tiny
+/// fragment): its ports are there, its flags are not. The ports decide the rule, and no
+/// later fragment can change them (offsets are multiples of 8 bytes, and Linux discards
+/// overlapping fragments), so the packet is classified by them; the flags only matter for
+/// the TIME_WAIT case, and a fragment is never assigned. A segment that is not a fragment
+/// and is too short for its flags is cut short: unclassifiable.
 #[inline(always)]
 fn with_ports(ctx: &TcContext, l4: usize, mut packet: Packet) -> Parsed {
-    match read_ports(ctx, l4, &mut packet) {
-        Ok(()) => Parsed::Transport(packet),
-        Err(ParseError::Malformed) => {
-            packet.sport_be = 0;
-            packet.dport_be = 0;
-            packet.tcp_flags = 0;
-            Parsed::Unclassifiable(packet)
+    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+        return Parsed::Unclassifiable(packet);
+    };
+    if packet.protocol == IPPROTO_TCP {
+        match ctx.load::<u8>(l4 + 13) {
+            Ok(flags) => packet.tcp_flags = flags,
+            Err(_) if packet.fragment == Fragment::First => {}
+            Err(_) => return Parsed::Unclassifiable(packet),
         }
     }
-}
-
-#[inline(always)]
-fn read_ports(ctx: &TcContext, l4: usize, packet: &mut Packet) -> Result<(), ParseError> {
     // Both TCP and UDP start with the source and destination ports.
-    let ports: [u16; 2] = load(ctx, l4)?;
     packet.sport_be = ports[0];
     packet.dport_be = ports[1];
-    if packet.protocol == IPPROTO_TCP {
-        packet.tcp_flags = load::<u8>(ctx, l4 + 13)?;
-    }
-    Ok(())
+    Parsed::Transport(packet)
 }

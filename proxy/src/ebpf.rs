@@ -18,8 +18,7 @@ use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
     MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS, MAP_RULE_COUNTERS,
     MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS,
-    PROG_TC_INGRESS_L3, RuleAction,
-    RuleCounters, SockOffsets,
+    PROG_TC_INGRESS_L3, RuleAction, RuleCounters, SockOffsets,
 };
 
 use crate::{btf::Btf, kernel_relay::KernelRelay, link_header::LinkHeader, rules::Compiled};

@@ -97,7 +97,7 @@ mod tests {
         );
         assert_eq!(for_link_type(LinkLayerType::None), Some(LinkHeader::None));
         assert_eq!(for_link_type(LinkLayerType::Tunnel), Some(LinkHeader::None));
-        assert_eq!(for_link_type(LinkLayerType::IpGre), None);
+        assert_eq!(for_link_type(LinkLayerType::Ipgre), None);
         assert_eq!(for_link_type(LinkLayerType::Ppp), None);
     }
 }

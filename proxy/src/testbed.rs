@@ -22,6 +22,9 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+mod tun_pump;
+pub use tun_pump::TunPump;
+
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 pub const ROUTER_CLIENT_SIDE_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const ROUTER_SERVER_SIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
@@ -50,6 +53,13 @@ pub enum TestbedError {
     /// Entering a namespace failed.
     #[error("entering network namespace {name}")]
     Setns {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    /// A tun device could not be made, or its pump started.
+    #[error("setting up tun device {name}")]
+    Tun {
         name: String,
         #[source]
         source: io::Error,
@@ -167,8 +177,21 @@ impl Drop for Netns {
     }
 }
 
-/// Client, router and server namespaces joined by veth pairs; the router forwards.
+/// How the client namespace is joined to the router.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientLink {
+    /// A veth pair: Ethernet frames.
+    Veth,
+    /// Two tun devices joined by a packet pump ([`TunPump`]): IP packets with no link-layer
+    /// header, as on a WireGuard, tun or ipip ingress (T10).
+    Tun,
+}
+
+/// Client, router and server namespaces joined by veth pairs (or a tun pair on the client
+/// side); the router forwards.
 pub struct Gateway {
+    /// Declared first, so dropped first: the pump stops before its namespaces go.
+    pump: Option<TunPump>,
     pub client: Netns,
     pub router: Netns,
     pub server: Netns,
@@ -179,6 +202,11 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(0);
 impl Gateway {
     /// Builds the topology with namespace names unique to this process and call.
     pub fn new(tag: &str) -> Result<Self, TestbedError> {
+        Self::with_client_link(tag, ClientLink::Veth)
+    }
+
+    /// [`Gateway::new`], with the client side joined by `link`.
+    pub fn with_client_link(tag: &str, link: ClientLink) -> Result<Self, TestbedError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(TestbedError::NotRoot);
         }
@@ -187,23 +215,31 @@ impl Gateway {
             std::process::id(),
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
-        let gw = Gateway {
+        let mut gw = Gateway {
+            pump: None,
             client: Netns::create(format!("{id}-cli"))?,
             router: Netns::create(format!("{id}-rtr"))?,
             server: Netns::create(format!("{id}-srv"))?,
         };
-        gw.router.ip(&[
-            "link",
-            "add",
-            "r0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "c0",
-            "netns",
-            &gw.client.name,
-        ])?;
+        match link {
+            ClientLink::Veth => {
+                gw.router.ip(&[
+                    "link",
+                    "add",
+                    "r0",
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "c0",
+                    "netns",
+                    &gw.client.name,
+                ])?;
+            }
+            ClientLink::Tun => {
+                gw.pump = Some(TunPump::start((&gw.client, "c0"), (&gw.router, "r0"))?);
+            }
+        }
         gw.router.ip(&[
             "link",
             "add",

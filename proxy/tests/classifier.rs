@@ -186,10 +186,10 @@ fn cases() -> Vec<Case> {
             Counter::NotMatched,
         ),
         case(
-            "tcp4 first fragment with 8 bytes of TCP (no flags)",
+            "tcp4 first fragment with 8 bytes of TCP (ports, no flags), matched",
             ipv4(SERVER4, TCP, &[], (0, true), &syn80[..8]),
             TC_ACT_SHOT,
-            Counter::DroppedUnclassifiable,
+            Counter::Fragment,
         ),
         case(
             "tcp4 later fragment of that one",
@@ -198,10 +198,28 @@ fn cases() -> Vec<Case> {
             Counter::DroppedLaterFragment,
         ),
         case(
+            "tcp4 tiny first fragment to another port",
+            ipv4(SERVER4, TCP, &[], (0, true), &syn81[..8]),
+            TC_ACT_UNSPEC,
+            Counter::NotMatched,
+        ),
+        case(
             "tcp4 tiny first fragment to another prefix",
             ipv4(ELSEWHERE4, TCP, &[], (0, true), &syn80[..8]),
             TC_ACT_UNSPEC,
+            Counter::NotMatched,
+        ),
+        case(
+            "tcp4 truncated segment (2 bytes of TCP) to another prefix",
+            ipv4(ELSEWHERE4, TCP, &[], (0, false), &syn80[..2]),
+            TC_ACT_UNSPEC,
             Counter::Malformed,
+        ),
+        case(
+            "tcp4 truncated segment (8 bytes of TCP, no flags), not fragmented",
+            ipv4(SERVER4, TCP, &[], (0, false), &syn80[..8]),
+            TC_ACT_SHOT,
+            Counter::DroppedUnclassifiable,
         ),
         case(
             "tcp4 later fragment to another prefix",
