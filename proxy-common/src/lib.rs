@@ -39,13 +39,21 @@ pub const MAP_RELAY_SOCKS: &str = "RELAY_SOCKS";
 pub const MAP_RELAY_TARGETS: &str = "RELAY_TARGETS";
 /// Sockets relayed in the kernel at once (two per connection).
 pub const MAX_RELAYED_SOCKETS: u32 = 131_072;
-/// Array<u32>, [`PORT_CLASS_ENTRIES`] entries: (protocol, port) -> port class (0 = none).
+/// Array<u32>, [`GENERATIONS`] x [`PORT_CLASS_ENTRIES`] entries, indexed by
+/// [`port_class_slot`]: (generation, protocol, port) -> port class (0 = none).
 pub const MAP_PORT_CLASS: &str = "PORT_CLASS";
+/// Array<u32>, one entry: the generation of the rule tables in force (0 or 1). A reload
+/// writes the other generation's tables, then switches this one word: a packet sees the old
+/// rule set or the new one, never a mix.
+pub const MAP_GENERATION: &str = "GENERATION";
+/// Rule-table generations kept side by side: the one in force and the one being written.
+pub const GENERATIONS: u32 = 2;
 /// LpmTrie<[`RuleKeyV4`], u32>: (class, IPv4 destination) -> rule index.
 pub const MAP_RULES_V4: &str = "RULES_V4";
 /// LpmTrie<[`RuleKeyV6`], u32>: (class, IPv6 destination) -> rule index.
 pub const MAP_RULES_V6: &str = "RULES_V6";
-/// Array<[`RuleAction`]>, [`MAX_RULES`] entries, indexed by rule index.
+/// Array<[`RuleAction`]>, [`GENERATIONS`] x [`MAX_RULES`] entries, indexed by
+/// [`action_index`].
 pub const MAP_ACTIONS: &str = "ACTIONS";
 /// HashMap<u32 ifindex, [`IfaceAddrs`]>: the address `nf_tproxy_laddr4/6` would pick.
 pub const MAP_IFACE_ADDRS: &str = "IFACE_ADDRS";
@@ -66,7 +74,9 @@ pub const MAP_DROPPED_FRAGMENTS: &str = "DROPPED_FRAGMENTS";
 pub const MAX_DROPPED_FRAGMENTS: u32 = 8192;
 /// PerCpuArray<u64>, one slot per [`Counter`].
 pub const MAP_COUNTERS: &str = "COUNTERS";
-/// PerCpuArray<[`RuleCounters`]>, indexed by rule index.
+/// PerCpuArray<[`RuleCounters`]>, [`MAX_RULES`] entries, indexed by
+/// [`RuleAction::counter_slot`]: a rule that stays across reloads keeps its slot, and its
+/// counts, whatever its index.
 pub const MAP_RULE_COUNTERS: &str = "RULE_COUNTERS";
 
 /// Upper bound on the number of rules (size of the action and per-rule counter arrays).
@@ -95,6 +105,28 @@ pub const fn port_class_index(protocol: u8, port: u16) -> Option<u32> {
         _ => return None,
     };
     Some(slot * 65_536 + port as u32)
+}
+
+/// Index of (generation, protocol, destination port) in [`MAP_PORT_CLASS`].
+#[inline(always)]
+pub const fn port_class_slot(generation: u32, protocol: u8, port: u16) -> Option<u32> {
+    match port_class_index(protocol, port) {
+        Some(index) => Some(generation * PORT_CLASS_ENTRIES + index),
+        None => None,
+    }
+}
+
+/// The class bits of an LPM key: the generation in the top bit, the port class below, so
+/// that both generations' prefixes live in one trie without meeting.
+#[inline(always)]
+pub const fn class_key(generation: u32, class: u32) -> [u8; 4] {
+    ((generation << 31) | class).to_be_bytes()
+}
+
+/// Index of a generation's rule in [`MAP_ACTIONS`]: what the LPM tries store.
+#[inline(always)]
+pub const fn action_index(generation: u32, rule_index: u32) -> u32 {
+    generation * MAX_RULES + rule_index
 }
 
 /// LPM key for IPv4 rules. The prefix length covers the 32 class bits, then the address.
@@ -177,6 +209,8 @@ pub struct RuleAction {
     pub flags: u32,
     /// Slot of the agent's listener in [`MAP_LISTENERS`] (for the TIME_WAIT + SYN case).
     pub listener_slot: u32,
+    /// The rule's slot in [`MAP_RULE_COUNTERS`].
+    pub counter_slot: u32,
 }
 
 impl RuleAction {

@@ -108,7 +108,11 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             return TC_ACT_UNSPEC;
         }
     };
-    let Some(Matched { index, action }) = rules::match_rule(&packet) else {
+    let Some(Matched {
+        counter_slot,
+        action,
+    }) = rules::match_rule(&packet)
+    else {
         return divert(ctx, &packet, &config);
     };
     count(Counter::Matched);
@@ -146,12 +150,12 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
 
     match verdict {
         RuleVerdict::Assigned => {
-            count_rule(index, len, true);
+            count_rule(counter_slot, len, true);
             TC_ACT_OK
         }
         RuleVerdict::NoSocket(reason) => {
             count(reason);
-            count_rule(index, len, false);
+            count_rule(counter_slot, len, false);
             if action.flags & ACTION_FAIL_OPEN != 0 {
                 count(Counter::PassedFailOpen);
                 TC_ACT_UNSPEC

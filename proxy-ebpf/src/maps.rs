@@ -5,22 +5,27 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockHash, SockMap},
 };
 use proxy_common::{
-    Counter, FlowKey, FragmentKey, GlobalConfig, IfaceAddrs, MAX_DROPPED_FRAGMENTS, MAX_IFACES,
-    MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RELAYED_SOCKETS, MAX_RULES, MAX_TIME_WAIT_SYNS,
-    PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+    Counter, FlowKey, FragmentKey, GENERATIONS, GlobalConfig, IfaceAddrs, MAX_DROPPED_FRAGMENTS,
+    MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RELAYED_SOCKETS, MAX_RULES,
+    MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
 };
 
 #[map]
-pub static PORT_CLASS: Array<u32> = Array::with_max_entries(PORT_CLASS_ENTRIES, 0);
+pub static PORT_CLASS: Array<u32> = Array::with_max_entries(GENERATIONS * PORT_CLASS_ENTRIES, 0);
 
 #[map]
-pub static RULES_V4: LpmTrie<RuleKeyV4, u32> = LpmTrie::with_max_entries(MAX_PREFIX_ENTRIES, 0);
+pub static GENERATION: Array<u32> = Array::with_max_entries(1, 0);
 
 #[map]
-pub static RULES_V6: LpmTrie<RuleKeyV6, u32> = LpmTrie::with_max_entries(MAX_PREFIX_ENTRIES, 0);
+pub static RULES_V4: LpmTrie<RuleKeyV4, u32> =
+    LpmTrie::with_max_entries(GENERATIONS * MAX_PREFIX_ENTRIES, 0);
 
 #[map]
-pub static ACTIONS: Array<RuleAction> = Array::with_max_entries(MAX_RULES, 0);
+pub static RULES_V6: LpmTrie<RuleKeyV6, u32> =
+    LpmTrie::with_max_entries(GENERATIONS * MAX_PREFIX_ENTRIES, 0);
+
+#[map]
+pub static ACTIONS: Array<RuleAction> = Array::with_max_entries(GENERATIONS * MAX_RULES, 0);
 
 #[map]
 pub static IFACE_ADDRS: HashMap<u32, IfaceAddrs> = HashMap::with_max_entries(MAX_IFACES, 0);
@@ -59,10 +64,10 @@ pub fn count(counter: Counter) {
     }
 }
 
-/// Adds one packet of `len` bytes to rule `index`, with its outcome.
+/// Adds one packet of `len` bytes to the rule with counter slot `slot`, with its outcome.
 #[inline(always)]
-pub fn count_rule(index: u32, len: u32, assigned: bool) {
-    if let Some(stats) = RULE_COUNTERS.get_ptr_mut(index) {
+pub fn count_rule(slot: u32, len: u32, assigned: bool) {
+    if let Some(stats) = RULE_COUNTERS.get_ptr_mut(slot) {
         unsafe {
             (*stats).packets += 1;
             (*stats).bytes += len as u64;

@@ -2,31 +2,47 @@
 //! destination address) -> the first rule in order that covers the packet. The agent
 //! precomputes both tables (see `proxy::rules::compile`), so the cost per packet is two
 //! lookups however many rules there are.
+//!
+//! Every lookup is in the generation [`GENERATION`] names, read once per packet: a reload
+//! writes the other generation, then switches that one word (`proxy::ebpf`'s
+//! `install_rules`), so a packet never meets half of one rule set and half of another.
 
 use aya_ebpf::maps::lpm_trie::Key;
-use proxy_common::{CLASS_PREFIX_BITS, RuleAction, RuleKeyV4, RuleKeyV6, port_class_index};
+use proxy_common::{
+    CLASS_PREFIX_BITS, RuleAction, RuleKeyV4, RuleKeyV6, class_key, port_class_slot,
+};
 
 use crate::{
-    maps::{ACTIONS, PORT_CLASS, RULES_V4, RULES_V6},
+    maps::{ACTIONS, GENERATION, PORT_CLASS, RULES_V4, RULES_V6},
     parse::{Family, Packet},
 };
 
-/// The rule a packet matched: its index (for per-rule counters) and its action.
+/// The rule a packet matched: its counter slot and its action.
 pub struct Matched {
-    pub index: u32,
+    pub counter_slot: u32,
     pub action: RuleAction,
+}
+
+/// The generation of the rule tables in force.
+#[inline(always)]
+fn generation() -> u32 {
+    GENERATION.get(0).copied().unwrap_or(0) & 1
 }
 
 #[inline(always)]
 pub fn match_rule(packet: &Packet) -> Option<Matched> {
-    let slot = port_class_index(packet.protocol, packet.dport())?;
+    let generation = generation();
+    let slot = port_class_slot(generation, packet.protocol, packet.dport())?;
     let class = *PORT_CLASS.get(slot)?;
     if class == 0 {
         return None;
     }
-    let index = lookup_prefix(packet.family, class, &packet.daddr)?;
+    let index = lookup_prefix(packet.family, class_key(generation, class), &packet.daddr)?;
     let action = *ACTIONS.get(index)?;
-    Some(Matched { index, action })
+    Some(Matched {
+        counter_slot: action.counter_slot,
+        action,
+    })
 }
 
 /// Does `daddr` fall under any rule's prefix, whatever the port and protocol? The agent
@@ -34,12 +50,12 @@ pub fn match_rule(packet: &Packet) -> Option<Matched> {
 /// read is dropped when it could have been a candidate (T9, T11).
 #[inline(always)]
 pub fn destination_has_rule(family: Family, daddr: &[u8; 16]) -> bool {
-    lookup_prefix(family, 0, daddr).is_some()
+    lookup_prefix(family, class_key(generation(), 0), daddr).is_some()
 }
 
+/// The action index the longest prefix under `class_be` holding `daddr` maps to.
 #[inline(always)]
-fn lookup_prefix(family: Family, class: u32, daddr: &[u8; 16]) -> Option<u32> {
-    let class_be = class.to_be_bytes();
+fn lookup_prefix(family: Family, class_be: [u8; 4], daddr: &[u8; 16]) -> Option<u32> {
     match family {
         Family::V4 => {
             let key = Key::new(

@@ -141,6 +141,16 @@ struct Pending {
     udp: Vec<(ListenerKey, std::net::UdpSocket)>,
 }
 
+impl Pending {
+    /// The listeners this holds, to close them again if a reload fails after starting them.
+    fn keys(&self) -> Obsolete {
+        Obsolete {
+            tcp: self.tcp.iter().map(|(key, _, _)| *key).collect(),
+            udp: self.udp.iter().map(|(key, _)| *key).collect(),
+        }
+    }
+}
+
 impl Listeners {
     /// Opens the listeners `rules` need that are not open yet, gives each rule its slot,
     /// and returns the keys no rule needs any more (still open; see [`Self::close`]).
@@ -413,7 +423,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         let _ = listeners.options.kernel_relay.set(relay);
         info!("relay: in the kernel (sockmap), up to {relayed_sockets} sockets");
     }
-    classifier.install_rules(&compiled)?;
+    classifier.install_rules(&rules, &compiled)?;
     classifier.set_config(global_config(&rules, args.outbound_mark))?;
 
     let (connection, handle, _) =
@@ -455,7 +465,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                     break;
                 }
                 _ = hangup.recv() => {
-                    match reload(&args, &mut classifier, &mut routing, &mut listeners).await {
+                    match reload(&args, &mut classifier, &mut routing, &mut listeners, &rules).await {
                         Ok(new_rules) => rules = new_rules,
                         Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
                     }
@@ -541,11 +551,18 @@ async fn remove_clsact(handle: &rtnetlink::Handle, ifindex: u32) -> Result<(), r
 /// classifier, the routing and the listeners over without detaching. Connections already
 /// accepted live on: their packets find their sockets through the established lookup,
 /// under the new rules or the return path.
+///
+/// Plan, then apply in an order that never lets a packet meet a half-made rule: the new
+/// rules' listeners and routes first, then the classifier's generation switch (atomic, see
+/// [`crate::generation`]), and only after it the old generation's tables, routes and
+/// listeners. A failure before the switch undoes what was added and leaves the rules in
+/// force as they were.
 async fn reload(
     args: &RunArgs,
     classifier: &mut Classifier,
     routing: &mut PolicyRouting,
     listeners: &mut Listeners,
+    in_force: &[Rule],
 ) -> Result<Vec<Rule>, AgentError> {
     let Some(path) = &args.config else {
         return Err(AgentError::Unsupported(
@@ -553,6 +570,7 @@ async fn reload(
         ));
     };
     info!("SIGHUP: reloading {}", path.display());
+    // Plan: nothing a packet can see changes here.
     let mut rules = args.rules()?;
     check_supported(&rules, args.listener)?;
     let mut pending = Pending::default();
@@ -562,17 +580,52 @@ async fn reload(
         Obsolete::default()
     };
     let compiled = rules::compile(&rules)?;
-    routing.install(&marks(&rules)).await?;
-    listeners.start(classifier, pending)?;
-    classifier.install_rules(&compiled)?;
+
+    // Apply: what the new rules need, then the switch.
+    let added = pending.keys();
+    let switched = async {
+        routing.add(&marks(&rules)).await?;
+        listeners.start(classifier, pending)?;
+        classifier.install_rules(&rules, &compiled)?;
+        Ok::<(), AgentError>(())
+    }
+    .await;
+    if let Err(e) = switched {
+        listeners.close(&added);
+        if let Err(undo) = routing.prune(&marks(in_force)).await {
+            warn!(
+                "reload: removing the new rules' routes: {}",
+                error_chain(&undo)
+            );
+        }
+        return Err(e);
+    }
     classifier.set_config(global_config(&rules, args.outbound_mark))?;
+
+    // Retire the old generation once packets that read its number have passed (a
+    // classifier run takes microseconds).
+    tokio::time::sleep(RETIRE_AFTER).await;
+    if let Err(e) = classifier.retire_previous() {
+        warn!(
+            "reload: clearing the old rule tables (retried on the next reload): {}",
+            error_chain(&e)
+        );
+    }
+    if let Err(e) = routing.prune(&marks(&rules)).await {
+        warn!(
+            "reload: removing the old rules' routes: {}",
+            error_chain(&e)
+        );
+    }
     listeners.close(&obsolete);
     log_rules(&rules);
     info!("reloaded: {} rule(s) in force", rules.len());
     Ok(rules)
 }
 
-/// Logs the first rules in force; `proxy stats` lists them all.
+/// How long after a generation switch the old generation's tables are cleared.
+const RETIRE_AFTER: Duration = Duration::from_millis(10);
+
 fn log_rules(rules: &[Rule]) {
     const SHOWN: usize = 20;
     for (i, rule) in rules.iter().take(SHOWN).enumerate() {

@@ -2,11 +2,14 @@
 //! (TCX links where the kernel has them, clsact + cls_bpf over netlink otherwise) and the
 //! `sk_lookup` program, and forwarding the programs' aya-log records to `log`.
 
-use std::{collections::HashSet, fs::File, os::fd::AsRawFd};
+use std::{fs::File, os::fd::AsRawFd};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{Array, HashMap, LpmTrie, MapData, PerCpuArray, SockHash, SockMap, lpm_trie::Key},
+    maps::{
+        Array, HashMap, LpmTrie, MapData, PerCpuArray, PerCpuValues, SockHash, SockMap,
+        lpm_trie::Key,
+    },
     programs::{
         LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType, TestRun as _, TestRunOptions,
         tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
@@ -15,13 +18,19 @@ use aya::{
 };
 use log::{debug, info, warn};
 use proxy_common::{
-    Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_IFACE_ADDRS,
-    MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS, MAP_RULE_COUNTERS,
-    MAP_RULES_V4, MAP_RULES_V6, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS,
-    PROG_TC_INGRESS_L3, RuleAction, RuleCounters, SockOffsets,
+    Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_GENERATION,
+    MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS,
+    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, MAX_RULES, PROG_RELAY_VERDICT, PROG_SK_LOOKUP,
+    PROG_TC_INGRESS, PROG_TC_INGRESS_L3, RuleAction, RuleCounters, SockOffsets, action_index,
 };
 
-use crate::{btf::Btf, kernel_relay::KernelRelay, link_header::LinkHeader, rules::Compiled};
+use crate::{
+    btf::Btf,
+    generation,
+    kernel_relay::KernelRelay,
+    link_header::LinkHeader,
+    rules::{Compiled, Rule},
+};
 
 /// The classifier program for an interface's link header (T10).
 pub fn classifier_for(header: LinkHeader) -> &'static str {
@@ -78,6 +87,15 @@ pub enum EbpfError {
         #[source]
         source: tc::TcError,
     },
+    /// The rules in force and the new ones need more counter slots than there are.
+    #[error(
+        "{0} rules in force and new: both count at once around a reload, and the classifier \
+         has {MAX_RULES} counter slots; reload in two steps"
+    )]
+    CounterSlots(usize),
+    /// The number of possible CPUs could not be read.
+    #[error("reading the number of possible CPUs")]
+    Cpus(#[source] std::io::Error),
     /// This kernel's BTF does not say where sockets keep their transparent flag.
     #[error(
         "cannot check that sockets are transparent (needs /sys/kernel/btf/vmlinux with \
@@ -97,6 +115,17 @@ fn write_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfErro
     move |e| EbpfError::MapWrite(name, e)
 }
 
+/// One installed rule generation (see [`crate::generation`]).
+struct Generation {
+    /// 0 or 1: which half of the tables.
+    generation: u32,
+    /// The tables as written in that half.
+    tables: Compiled,
+    /// The rules, and the counter slot of each, for the next reload and the counters.
+    rules: Vec<Rule>,
+    counter_slots: Vec<u32>,
+}
+
 /// The loaded programs and the links that keep them attached. Dropping it detaches
 /// everything (TCX and sk_lookup links die with their file descriptors).
 pub struct Classifier {
@@ -105,8 +134,10 @@ pub struct Classifier {
     tc_links: Vec<(String, &'static str, SchedClassifierLinkId)>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
-    /// The tables last written, to remove what a reload no longer needs.
-    installed: Option<Compiled>,
+    /// The rule generation in force.
+    in_force: Option<Generation>,
+    /// The tables of the generation before it, until they are cleared.
+    previous: Option<Compiled>,
 }
 
 impl Classifier {
@@ -156,48 +187,134 @@ impl Classifier {
             ebpf,
             tc_links: Vec::new(),
             clsact_added: Vec::new(),
-            installed: None,
+            in_force: None,
+            previous: None,
         })
     }
 
-    /// Writes the rule tables. Called before attaching, and again on reload: new entries
-    /// go in first, then the port classes switch over, then entries only the old rules
-    /// used are removed, so the classifier never sees an empty table.
-    pub fn install_rules(&mut self, compiled: &Compiled) -> Result<(), EbpfError> {
+    /// Installs `rules` (compiled as `compiled`) as a new generation and switches the
+    /// classifier over to it in one map write (see [`crate::generation`]). Before the
+    /// switch nothing a packet can see has changed, so an error leaves the rules in force
+    /// as they were. The previous generation stays written until
+    /// [`retire_previous`](Self::retire_previous), which the caller runs once packets
+    /// that read the old generation number have passed.
+    pub fn install_rules(&mut self, rules: &[Rule], compiled: &Compiled) -> Result<(), EbpfError> {
+        // A generation that could not be cleared last time is cleared first: its entries
+        // must not come back to life under the next switch.
+        self.retire_previous()?;
+        let next = self.in_force.as_ref().map_or(0, |g| 1 - g.generation);
+        let in_force: Vec<(Rule, u32)> = self
+            .in_force
+            .as_ref()
+            .map(|g| {
+                g.rules
+                    .iter()
+                    .cloned()
+                    .zip(g.counter_slots.iter().copied())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let counter_slots = generation::assign_counter_slots(&in_force, rules)
+            .ok_or(EbpfError::CounterSlots(in_force.len() + rules.len()))?;
+        let tables = generation::place(compiled, next, &counter_slots);
+        let written = self
+            .zero_fresh_counters(&in_force, &counter_slots)
+            .and_then(|()| self.write_tables(next, &tables))
+            .and_then(|()| {
+                let mut map: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_GENERATION)?;
+                map.set(0, next, 0).map_err(write_err(MAP_GENERATION))
+            });
+        if let Err(e) = written {
+            // Not in force: take back what was written, or leave it for the next try.
+            if self.clear_tables(&tables).is_err() {
+                self.previous = Some(tables);
+            }
+            return Err(e);
+        }
+        let installed = Generation {
+            generation: next,
+            tables,
+            rules: rules.to_vec(),
+            counter_slots,
+        };
+        self.previous = self.in_force.replace(installed).map(|old| old.tables);
+        Ok(())
+    }
+
+    /// Clears the tables of the generation no longer in force. Idempotent; on error the
+    /// leftovers are kept and cleared by the next call (or the next install).
+    pub fn retire_previous(&mut self) -> Result<(), EbpfError> {
+        let Some(tables) = self.previous.take() else {
+            return Ok(());
+        };
+        if let Err(e) = self.clear_tables(&tables) {
+            self.previous = Some(tables);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Writes generation `generation`'s tables: actions first, then prefixes, then the port
+    /// classes that lead to them. None of it is read until the generation is switched on.
+    fn write_tables(&mut self, generation: u32, tables: &Compiled) -> Result<(), EbpfError> {
         {
             let mut actions: Array<&mut MapData, RuleAction> =
                 map_mut(&mut self.ebpf, MAP_ACTIONS)?;
-            for (i, action) in compiled.actions.iter().enumerate() {
+            for (i, action) in tables.actions.iter().enumerate() {
                 actions
-                    .set(i as u32, action, 0)
+                    .set(action_index(generation, i as u32), action, 0)
                     .map_err(write_err(MAP_ACTIONS))?;
             }
         }
-        let old = self.installed.take().unwrap_or_default();
-        self.insert_prefixes(MAP_RULES_V4, &compiled.v4)?;
-        self.insert_prefixes(MAP_RULES_V6, &compiled.v6)?;
+        self.insert_prefixes(MAP_RULES_V4, &tables.v4)?;
+        self.insert_prefixes(MAP_RULES_V6, &tables.v6)?;
+        let mut classes: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_PORT_CLASS)?;
+        for (index, class) in &tables.port_classes {
+            classes
+                .set(*index, class, 0)
+                .map_err(write_err(MAP_PORT_CLASS))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a generation's port classes and prefixes (its actions are unreachable
+    /// without them and are overwritten by the next use). Entries already gone are fine.
+    fn clear_tables(&mut self, tables: &Compiled) -> Result<(), EbpfError> {
         {
-            // Until a port has a class, no packet to it can match.
             let mut classes: Array<&mut MapData, u32> = map_mut(&mut self.ebpf, MAP_PORT_CLASS)?;
-            for (index, class) in &compiled.port_classes {
-                classes
-                    .set(*index, class, 0)
-                    .map_err(write_err(MAP_PORT_CLASS))?;
-            }
-            let now: HashSet<u32> = compiled.port_classes.iter().map(|(i, _)| *i).collect();
-            for (index, _) in old.port_classes.iter().filter(|(i, _)| !now.contains(i)) {
+            for (index, _) in &tables.port_classes {
                 classes
                     .set(*index, 0, 0)
                     .map_err(write_err(MAP_PORT_CLASS))?;
             }
         }
-        self.remove_stale_prefixes(MAP_RULES_V4, &compiled.v4, &old.v4)?;
-        self.remove_stale_prefixes(MAP_RULES_V6, &compiled.v6, &old.v6)?;
-        self.installed = Some(compiled.clone());
+        self.remove_prefixes(MAP_RULES_V4, &tables.v4)?;
+        self.remove_prefixes(MAP_RULES_V6, &tables.v6)
+    }
+
+    /// Zeroes the counters of the slots `counter_slots` takes that no rule in force uses:
+    /// a slot freed by a removed rule still holds its counts.
+    fn zero_fresh_counters(
+        &mut self,
+        in_force: &[(Rule, u32)],
+        counter_slots: &[u32],
+    ) -> Result<(), EbpfError> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| EbpfError::Cpus(e))?;
+        let mut map: PerCpuArray<&mut MapData, RuleCounters> =
+            map_mut(&mut self.ebpf, MAP_RULE_COUNTERS)?;
+        for slot in counter_slots
+            .iter()
+            .filter(|s| !in_force.iter().any(|(_, used)| used == *s))
+        {
+            let zeroes = PerCpuValues::try_from(vec![RuleCounters::default(); cpus])
+                .map_err(|e| EbpfError::Cpus(std::io::Error::other(e)))?;
+            map.set(*slot, zeroes, 0)
+                .map_err(write_err(MAP_RULE_COUNTERS))?;
+        }
         Ok(())
     }
 
-    /// Inserts (prefix length, key) -> rule index entries into an LPM trie.
+    /// Inserts (prefix length, key) -> action index entries into an LPM trie.
     fn insert_prefixes<K: Pod>(
         &mut self,
         name: &'static str,
@@ -211,18 +328,18 @@ impl Classifier {
         Ok(())
     }
 
-    /// Removes the entries of `old` that `new` no longer has.
-    fn remove_stale_prefixes<K: Pod + Eq + std::hash::Hash>(
+    /// Removes entries from an LPM trie; one already absent is not an error.
+    fn remove_prefixes<K: Pod>(
         &mut self,
         name: &'static str,
-        new: &[(u32, K, u32)],
-        old: &[(u32, K, u32)],
+        entries: &[(u32, K, u32)],
     ) -> Result<(), EbpfError> {
-        let now: HashSet<(u32, K)> = new.iter().map(|(l, k, _)| (*l, *k)).collect();
         let mut trie: LpmTrie<&mut MapData, K, u32> = map_mut(&mut self.ebpf, name)?;
-        for (len, key, _) in old.iter().filter(|(l, k, _)| !now.contains(&(*l, *k))) {
-            trie.remove(&Key::new(*len, *key))
-                .map_err(write_err(name))?;
+        for (len, key, _) in entries {
+            match trie.remove(&Key::new(*len, *key)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(EbpfError::MapWrite(name, e)),
+            }
         }
         Ok(())
     }
@@ -377,10 +494,18 @@ impl Classifier {
             .collect()
     }
 
-    /// Sums rule `index`'s counters over CPUs.
+    /// Sums the counters of the rule at `index` in the rules in force over CPUs (zero for
+    /// an index past them).
     pub fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
+        let Some(slot) = self
+            .in_force
+            .as_ref()
+            .and_then(|g| g.counter_slots.get(index as usize))
+        else {
+            return Ok(RuleCounters::default());
+        };
         let map: PerCpuArray<&MapData, RuleCounters> = map_ref(&self.ebpf, MAP_RULE_COUNTERS)?;
-        let values = map.get(&index, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
+        let values = map.get(slot, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
         Ok(values.iter().fold(RuleCounters::default(), |mut sum, c| {
             sum.packets += c.packets;
             sum.bytes += c.bytes;

@@ -15,6 +15,7 @@ pub mod btf;
 pub mod config;
 pub mod demo;
 pub mod ebpf;
+pub mod generation;
 pub mod ifaddrs;
 pub mod kernel_relay;
 pub mod link_header;

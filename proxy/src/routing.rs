@@ -82,10 +82,25 @@ impl PolicyRouting {
     }
 
     /// Makes the fwmark rules for `marks` (one per distinct mark) and the local route exist,
-    /// for IPv4 and, where the namespace has IPv6, for IPv6. Rules of ours for this table
-    /// with other marks are removed after the new ones are in place, so a reload never
-    /// leaves a moment without a route. Leftovers of a crashed run are reused or removed.
+    /// for IPv4 and, where the namespace has IPv6, for IPv6, and removes rules of ours for
+    /// this table with other marks. Leftovers of a crashed run are reused or removed.
     pub async fn install(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
+        self.ensure(marks, true).await
+    }
+
+    /// [`install`](Self::install) without removing anything: a reload adds the routes of
+    /// its new rules before the classifier can match them, and prunes the old ones only
+    /// after the switch ([`prune`](Self::prune)).
+    pub async fn add(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
+        self.ensure(marks, false).await
+    }
+
+    /// Removes our fwmark rules for marks not in `marks`.
+    pub async fn prune(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
+        self.ensure(marks, true).await
+    }
+
+    async fn ensure(&mut self, marks: &[Mark], remove_others: bool) -> Result<(), RoutingError> {
         let mut wanted: Vec<Mark> = Vec::new();
         for m in marks {
             if !wanted.contains(m) {
@@ -116,7 +131,7 @@ impl PolicyRouting {
                 );
             }
             for (rule, mark) in existing {
-                if !wanted.contains(&mark) {
+                if remove_others && !wanted.contains(&mark) {
                     self.delete_rule(version.clone(), rule).await?;
                     debug!(
                         "policy routing ({}): fwmark {mark} removed",

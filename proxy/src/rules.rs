@@ -293,6 +293,8 @@ impl Rule {
             _pad: 0,
             flags,
             listener_slot: self.listener_slot.unwrap_or(0),
+            // Given when the rule is installed (`generation::assign_counter_slots`).
+            counter_slot: 0,
         }
     }
 

@@ -327,9 +327,12 @@ fn crafted_frames_take_the_expected_path() {
             else {
                 panic!("not a run command");
             };
-            let compiled = rules::compile(&args.rules().expect("rules")).expect("compiles");
+            let rules = args.rules().expect("rules");
+            let compiled = rules::compile(&rules).expect("compiles");
             let mut classifier = Classifier::load(0, false).expect("loading the classifier");
-            classifier.install_rules(&compiled).expect("installing rules");
+            classifier
+                .install_rules(&rules, &compiled)
+                .expect("installing rules");
             let mut failures = Vec::new();
             for case in cases() {
                 let before = counters(&classifier);

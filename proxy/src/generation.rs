@@ -1,0 +1,172 @@
+//! Where a reload switches generations. The classifier keeps two copies of its rule tables
+//! (port classes, prefixes, actions), told apart by a generation bit, and reads the one the
+//! `GENERATION` map names, once per packet. A reload writes the generation not in force,
+//! switches that one word, and only then clears the old copy: a packet sees the old rule
+//! set or the new one, never a mix, and a reload that fails before the switch changes
+//! nothing a packet can see.
+//!
+//! This module holds the pure part: placing compiled tables in a generation, and giving
+//! each rule its counter slot so that a rule that stays keeps its counts whatever its new
+//! position. `ebpf::Classifier::install_rules` writes the maps.
+
+use proxy_common::{MAX_RULES, PORT_CLASS_ENTRIES, action_index, class_key};
+
+use crate::rules::{Compiled, Rule};
+
+/// `compiled`'s tables as generation `generation` stores them: port classes at the
+/// generation's offset, the generation bit in every prefix key, action indices at the
+/// generation's offset, and each action with its counter slot.
+pub fn place(compiled: &Compiled, generation: u32, counter_slots: &[u32]) -> Compiled {
+    let class_of = |class_be: [u8; 4]| class_key(generation, u32::from_be_bytes(class_be));
+    Compiled {
+        port_classes: compiled
+            .port_classes
+            .iter()
+            .map(|(index, class)| (generation * PORT_CLASS_ENTRIES + index, *class))
+            .collect(),
+        v4: compiled
+            .v4
+            .iter()
+            .map(|(len, key, index)| {
+                let mut key = *key;
+                key.class_be = class_of(key.class_be);
+                (*len, key, action_index(generation, *index))
+            })
+            .collect(),
+        v6: compiled
+            .v6
+            .iter()
+            .map(|(len, key, index)| {
+                let mut key = *key;
+                key.class_be = class_of(key.class_be);
+                (*len, key, action_index(generation, *index))
+            })
+            .collect(),
+        actions: compiled
+            .actions
+            .iter()
+            .zip(counter_slots)
+            .map(|(action, slot)| {
+                let mut action = *action;
+                action.counter_slot = *slot;
+                action
+            })
+            .collect(),
+    }
+}
+
+/// A rule as far as its counters are concerned: everything but the listener slot, which
+/// the agent may renumber.
+fn same_rule(a: &Rule, b: &Rule) -> bool {
+    Rule {
+        listener_slot: None,
+        ..a.clone()
+    } == Rule {
+        listener_slot: None,
+        ..b.clone()
+    }
+}
+
+/// Counter slots for `next`: a rule equal to one in force takes that rule's slot (its
+/// counts go on); any other rule takes the lowest slot no rule in force uses, to be zeroed
+/// before the switch. `None` when the rules in force and the new ones together need more
+/// than [`MAX_RULES`] slots: both generations count at once around the switch.
+pub fn assign_counter_slots(in_force: &[(Rule, u32)], next: &[Rule]) -> Option<Vec<u32>> {
+    let mut taken = vec![false; in_force.len()];
+    let mut slots: Vec<Option<u32>> = next
+        .iter()
+        .map(|rule| {
+            let found = in_force
+                .iter()
+                .enumerate()
+                .find(|(i, (old, _))| !taken[*i] && same_rule(old, rule))?;
+            taken[found.0] = true;
+            Some(found.1.1)
+        })
+        .collect();
+    let mut used: Vec<bool> = vec![false; MAX_RULES as usize];
+    for (_, slot) in in_force {
+        used[*slot as usize] = true;
+    }
+    let mut free = (0..MAX_RULES).filter(|s| !used[*s as usize]);
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = Some(free.next()?);
+    }
+    slots.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proxy_common::{CLASS_PREFIX_BITS, RuleKeyV4};
+
+    use super::*;
+    use crate::rules::{Mark, PortRange, PortSet, Protocols};
+
+    fn rule(port: u16) -> Rule {
+        Rule {
+            protocols: Protocols {
+                tcp: true,
+                udp: false,
+            },
+            dst: Vec::new(),
+            dport: PortSet(vec![PortRange {
+                start: port,
+                end: port,
+            }]),
+            on_ip: None,
+            on_port: 50_080,
+            mark: Mark { value: 1, mask: 1 },
+            fail_open: false,
+            listener_slot: Some(0),
+        }
+    }
+
+    #[test]
+    fn a_rule_that_stays_keeps_its_slot_whatever_its_position() {
+        let in_force = vec![(rule(80), 0), (rule(81), 1), (rule(82), 2)];
+        let mut moved = rule(80);
+        moved.listener_slot = Some(5);
+        let slots = assign_counter_slots(&in_force, &[rule(82), rule(90), moved]).expect("fits");
+        // 82 keeps 2, 80 keeps 0 (its listener slot changed), 90 takes the first free: 3.
+        assert_eq!(slots, vec![2, 3, 0]);
+    }
+
+    #[test]
+    fn duplicates_take_one_slot_each() {
+        let in_force = vec![(rule(80), 7)];
+        let slots = assign_counter_slots(&in_force, &[rule(80), rule(80)]).expect("fits");
+        assert_eq!(slots, vec![7, 0]);
+    }
+
+    #[test]
+    fn both_generations_must_fit_the_counters() {
+        let in_force: Vec<(Rule, u32)> = (0..MAX_RULES).map(|i| (rule(1), i)).collect();
+        assert_eq!(assign_counter_slots(&in_force, &[rule(2)]), None);
+        assert!(assign_counter_slots(&in_force, &[rule(1)]).is_some());
+    }
+
+    #[test]
+    fn generations_never_share_a_key_or_an_index() {
+        let compiled = Compiled {
+            port_classes: vec![(80, 1)],
+            v4: vec![(
+                CLASS_PREFIX_BITS,
+                RuleKeyV4 {
+                    class_be: 1u32.to_be_bytes(),
+                    addr: [0; 4],
+                },
+                0,
+            )],
+            v6: Vec::new(),
+            actions: vec![rule(80).action()],
+        };
+        let zero = place(&compiled, 0, &[4]);
+        let one = place(&compiled, 1, &[4]);
+        assert_eq!(zero.port_classes, vec![(80, 1)]);
+        assert_eq!(one.port_classes, vec![(PORT_CLASS_ENTRIES + 80, 1)]);
+        assert_ne!(zero.v4[0].1, one.v4[0].1);
+        assert_eq!(zero.v4[0].2, 0);
+        assert_eq!(one.v4[0].2, MAX_RULES);
+        assert_eq!(one.actions[0].counter_slot, 4);
+    }
+}

@@ -1,0 +1,203 @@
+//! Reloads are atomic: under load, a packet sees the old rule set or the new one, never a
+//! mix, and no connection is dropped or handed to another rule's listener while the
+//! classifier switches over.
+
+mod common;
+
+use std::{
+    io::ErrorKind,
+    net::{SocketAddr, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+use proxy::testbed::Gateway;
+use socket2::{Domain, Socket, Type};
+
+use common::{Agent, require_root, server};
+
+const RELOADS: usize = 80;
+const FILLER_RULES: usize = 300;
+/// A connect slower than this lost its SYN and waited for the retransmission (1 s).
+const SLOW_CONNECT: Duration = Duration::from_millis(700);
+
+/// Two rules, P (port 80 to listener 50080) and Q (port 81 to 50081), with filler rules
+/// between them that never match the client's destination; `p_first` picks the order.
+fn rules_file(p_first: bool) -> String {
+    let p = "[[rule]]\ndport = \"80\"\non_port = 50080\n";
+    let q = "[[rule]]\ndport = \"81\"\non_port = 50081\n";
+    let mut out = String::from(if p_first { p } else { q });
+    for i in 0..FILLER_RULES {
+        out.push_str(&format!(
+            "[[rule]]\ndst = [\"10.{}.{}.0/24\"]\ndport = \"80-81\"\non_port = 50080\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    out.push_str(if p_first { q } else { p });
+    out
+}
+
+/// What the test's transparent listeners saw: (listener port, original destination port)
+/// per accepted connection.
+type Accepted = Arc<Mutex<Vec<(u16, u16)>>>;
+
+/// A transparent listener on 0.0.0.0:`port` in the router namespace (what
+/// `--listener external` expects), recording each accepted connection until `stop`.
+fn transparent_listener(
+    gw: &Gateway,
+    port: u16,
+    accepted: &Accepted,
+    stop: &Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Result<(), proxy::testbed::TestbedError>> {
+    let socket = gw
+        .router
+        .run(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.set_ip_transparent_v4(true)?;
+            socket.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())?;
+            socket.listen(1024)?;
+            socket.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(socket)
+        })
+        .expect("router namespace")
+        .expect("transparent listener");
+    let accepted = Arc::clone(accepted);
+    let stop = Arc::clone(stop);
+    gw.router.spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            match socket.accept() {
+                Ok((conn, _)) => {
+                    let original = conn
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_socket())
+                        .map_or(0, |a| a.port());
+                    accepted.lock().expect("lock").push((port, original));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    })
+}
+
+#[derive(Default, Debug)]
+struct Load {
+    connected: u64,
+    failed: Vec<String>,
+    slow: u64,
+}
+
+#[test]
+fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
+    require_root();
+    let gw = Gateway::new("reload-atomic").expect("topology");
+    let dir = std::env::temp_dir().join(format!("proxy-atomic-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, rules_file(true)).expect("rules file");
+    let config = path.to_str().expect("utf-8 path").to_owned();
+
+    let accepted: Accepted = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let listeners = [
+        transparent_listener(&gw, 50080, &accepted, &stop),
+        transparent_listener(&gw, 50081, &accepted, &stop),
+    ];
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--config",
+            &config,
+            "--listener",
+            "external",
+        ],
+    );
+
+    let load_stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let flag = Arc::clone(&load_stop);
+        gw.client.spawn(move || {
+            let mut load = Load::default();
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let mut port = 80;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let started = Instant::now();
+                match TcpStream::connect_timeout(&server(port), Duration::from_secs(3)) {
+                    Ok(_) => {
+                        load.connected += 1;
+                        if started.elapsed() > SLOW_CONNECT {
+                            load.slow += 1;
+                        }
+                    }
+                    Err(e) => load.failed.push(format!("port {port}: {e}")),
+                }
+                port = if port == 80 { 81 } else { 80 };
+            }
+            load
+        })
+    };
+
+    let mut done = 0;
+    let mut reload_log_ok = true;
+    for i in 1..=RELOADS {
+        std::fs::write(&path, rules_file(i % 2 == 0)).expect("rules file");
+        let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.log_text().matches("reloaded: ").count() < i && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if agent.log_text().matches("reloaded: ").count() < i {
+            reload_log_ok = false;
+            break;
+        }
+        done = i;
+    }
+    load_stop.store(true, Ordering::Relaxed);
+    let load = load.join().expect("load thread").expect("client namespace");
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    for l in listeners {
+        let _ = l.join();
+    }
+    let log = agent.stop_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(reload_log_ok, "reload {} did not finish:\n{log}", done + 1);
+    let accepted = accepted.lock().expect("lock").clone();
+    let misrouted: Vec<&(u16, u16)> = accepted
+        .iter()
+        .filter(|(listener, original)| *listener != 50000 + original)
+        .collect();
+    assert!(
+        load.connected >= 2 * RELOADS as u64,
+        "too little load to test anything: {load:?}"
+    );
+    assert!(
+        misrouted.is_empty(),
+        "{} of {} connections went to the other rule's listener (listener, original port): {:?}",
+        misrouted.len(),
+        accepted.len(),
+        &misrouted[..misrouted.len().min(10)]
+    );
+    assert!(
+        load.failed.is_empty() && load.slow == 0,
+        "connections dropped during reloads: {} failed, {} slow (a SYN lost), of {}: {:?}",
+        load.failed.len(),
+        load.slow,
+        load.connected,
+        &load.failed[..load.failed.len().min(10)]
+    );
+}
