@@ -32,6 +32,7 @@ use crate::{
     routing::{PolicyRouting, RoutingError},
     rules::{self, Mark, Rule, RuleError},
     rules_file::RulesFileError,
+    src_valid_mark::{self, SrcValidMark, SysctlError},
     stats,
     tproxy::{
         ListenError,
@@ -86,6 +87,12 @@ pub enum AgentError {
     /// A socket or runtime operation failed.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),
+    /// The sysctls that keep intercepted IPv4 deliverable under `src_valid_mark=1` could
+    /// not be read or set.
+    #[error(
+        "src_valid_mark check (with src_valid_mark=1, intercepted IPv4 needs accept_local=1 and rp_filter other than 1 on the --iface interfaces)"
+    )]
+    Sysctl(#[from] SysctlError),
 }
 
 /// SIGINT and SIGTERM: the first starts the drain, a second one ends it at once.
@@ -437,6 +444,12 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         link_headers.push(link_header::of_interface(&handle, name, *index).await?);
     }
 
+    // Before the first packet can be marked; restored in the teardown (or on drop).
+    let mut svm = SrcValidMark::new(args.ifaces.iter().cloned());
+    svm.start()?;
+    let mut svm_poll = tokio::time::interval(src_valid_mark::POLL_INTERVAL);
+    svm_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     let mut routing = PolicyRouting::new(handle.clone(), args.table);
     let serving = async {
         routing.install(&marks(&rules)).await?;
@@ -483,6 +496,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                         let _ = stream.write_all(report.as_bytes()).await;
                     });
                 }
+                _ = svm_poll.tick() => svm.recheck(),
             }
         }
         Ok::<(), AgentError>(())
@@ -527,6 +541,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     if let Err(e) = routing.remove().await {
         error!("removing policy routing: {}", error_chain(&e));
     }
+    svm.restore();
     log_counters(&classifier, &rules);
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;

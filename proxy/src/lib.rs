@@ -4,7 +4,8 @@
 //! * `proxy-ebpf` (classifier at TC ingress) assigns intercepted packets to sockets and marks
 //!   them; [`ebpf`] loads and attaches it (the variant [`link_header`] picks per interface)
 //!   and fills its maps from [`rules`] and [`ifaddrs`].
-//! * [`routing`] installs the fwmark rule and local route that deliver marked packets.
+//! * [`routing`] installs the fwmark rule and local route that deliver marked packets;
+//!   [`src_valid_mark`] keeps them delivering when `src_valid_mark=1` (Tailscale) is set.
 //! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
 //!   destination and [`relay`] copies both ways, or [`kernel_relay`] has the kernel move
 //!   the bytes (`--relay sockmap`).
@@ -23,6 +24,7 @@ pub mod relay;
 pub mod routing;
 pub mod rules;
 pub mod rules_file;
+pub mod src_valid_mark;
 pub mod stats;
 pub mod testbed;
 pub mod tproxy;

@@ -10,7 +10,7 @@ use common::{
     require_root, server,
 };
 use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::{self, Gateway};
+use proxy::testbed::{self, Gateway, Netns};
 
 fn write_rules(path: &Path, text: &str) {
     std::fs::write(path, text).expect("writing the rules file");
@@ -274,4 +274,113 @@ fn restart_after_a_crash_replaces_what_was_left() {
     assert_eq!(after, rules_before);
     let table = ip_stdout(&gw.router, &["route", "show", "table", "100"]);
     assert_eq!(table, "");
+}
+
+/// Every readable sysctl under net.ipv4.conf (all, default, lo, r0, r1) in `ns`, as
+/// `conf/DIR/KEY=VALUE` lines: what the agent may touch and what it must leave alone.
+fn ipv4_conf(ns: &Netns) -> Vec<String> {
+    ns.run(|| {
+        let mut lines = Vec::new();
+        let conf = Path::new("/proc/sys/net/ipv4/conf");
+        for dir in std::fs::read_dir(conf).expect("listing net.ipv4.conf") {
+            let dir = dir.expect("a conf entry").path();
+            for file in std::fs::read_dir(&dir).expect("listing a conf dir") {
+                let path = file.expect("a conf file").path();
+                if let Ok(value) = std::fs::read_to_string(&path) {
+                    let name = path.strip_prefix(conf).expect("under conf").display();
+                    lines.push(format!("conf/{name}={}", value.trim()));
+                }
+            }
+        }
+        lines.sort();
+        lines
+    })
+    .expect("entering the router namespace")
+}
+
+/// `lines` with `conf/KEY` set to `value`, for the sysctls the test itself writes.
+fn with(mut lines: Vec<String>, key: &str, value: &str) -> Vec<String> {
+    let prefix = format!("conf/{key}=");
+    let line = lines
+        .iter_mut()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {key}"));
+    *line = format!("{prefix}{value}");
+    lines
+}
+
+#[test]
+fn src_valid_mark_set_before_start_or_while_running_keeps_ipv4_proxied() {
+    // net.ipv4.conf sysctls belong to the network namespace: only the router's are written.
+    require_root();
+    let gw = Gateway::new("svm").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let proxied = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let sysctl = |key: &str, value: &str| {
+        gw.router
+            .sysctl(&format!("net.ipv4.conf.{key}"), value)
+            .expect("sysctl in the router namespace");
+    };
+
+    // As Tailscale leaves it, before the agent starts.
+    sysctl("all.src_valid_mark", "1");
+    let before = ipv4_conf(&gw.router);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    assert!(
+        agent.log_contains("src_valid_mark=1 (conf.all): set net.ipv4.conf.r0.accept_local=1 "),
+        "{}",
+        agent.log_text()
+    );
+    let reply = exchange_from_client(&gw, server(80), b"set before start");
+    assert!(reply.starts_with(&proxied), "{reply}");
+    let log = agent.stop_ok();
+    assert!(
+        log.contains("restored net.ipv4.conf.r0.accept_local=0"),
+        "{log}"
+    );
+    assert_eq!(ipv4_conf(&gw.router), before);
+
+    // Set while the agent runs (Tailscale restarting): fixed within the poll interval.
+    sysctl("all.src_valid_mark", "0");
+    let before = ipv4_conf(&gw.router);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    assert!(
+        !agent.log_contains("src_valid_mark"),
+        "{}",
+        agent.log_text()
+    );
+    sysctl("all.src_valid_mark", "1");
+    agent
+        .wait_for_line(
+            &["src_valid_mark=1 (conf.all): set net.ipv4.conf.r0.accept_local=1 "],
+            proxy::src_valid_mark::POLL_INTERVAL + Duration::from_secs(2),
+        )
+        .unwrap_or_else(|| panic!("not noticed:\n{}", agent.log_text()));
+    let reply = exchange_from_client(&gw, server(80), b"set while running");
+    assert!(reply.starts_with(&proxied), "{reply}");
+    agent.stop_ok();
+    assert_eq!(
+        ipv4_conf(&gw.router),
+        with(before, "all/src_valid_mark", "1")
+    );
+
+    // The interface's own setting counts as well (the kernel ORs it with conf.all); with
+    // strict rp_filter, accept_local is not enough: r0 goes loose (conf.all stays strict).
+    sysctl("all.src_valid_mark", "0");
+    sysctl("r0.src_valid_mark", "1");
+    sysctl("all.rp_filter", "1");
+    let before = ipv4_conf(&gw.router);
+    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    assert!(
+        agent.log_contains(
+            "src_valid_mark=1 (conf.r0): set net.ipv4.conf.r0.accept_local=1, \
+             net.ipv4.conf.r0.rp_filter=2 "
+        ),
+        "{}",
+        agent.log_text()
+    );
+    let reply = exchange_from_client(&gw, server(80), b"set on r0");
+    assert!(reply.starts_with(&proxied), "{reply}");
+    agent.stop_ok();
+    assert_eq!(ipv4_conf(&gw.router), before);
 }
