@@ -328,7 +328,7 @@ fn crafted_frames_take_the_expected_path() {
                 panic!("not a run command");
             };
             let compiled = rules::compile(&args.rules().expect("rules")).expect("compiles");
-            let mut classifier = Classifier::load(0, false).expect("loading the classifier");
+            let mut classifier = Classifier::load(0, false, 100).expect("loading the classifier");
             classifier.install_rules(&compiled).expect("installing rules");
             let mut failures = Vec::new();
             for case in cases() {
