@@ -424,7 +424,11 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     } else {
         0
     };
-    let mut classifier = Classifier::load(relayed_sockets, args.allow_unchecked_transparency)?;
+    let mut classifier = Classifier::load(
+        relayed_sockets,
+        args.allow_unchecked_transparency,
+        args.table,
+    )?;
     if kernel_relay {
         let relay = classifier.kernel_relay()?;
         let _ = listeners.options.kernel_relay.set(relay);
@@ -458,6 +462,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         for ((name, _), header) in ifaces.iter().zip(&link_headers) {
             classifier.attach(name, *header, args.tc_attach)?;
         }
+        classifier.remove_leftovers();
         log_rules(&rules);
         info!(
             "ready: {} rule(s) on {}, {} listener (table {})",
@@ -550,7 +555,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 
 /// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF
 /// clsact`); the filters under it go with it.
-async fn remove_clsact(handle: &rtnetlink::Handle, ifindex: u32) -> Result<(), rtnetlink::Error> {
+pub(crate) async fn remove_clsact(
+    handle: &rtnetlink::Handle,
+    ifindex: u32,
+) -> Result<(), rtnetlink::Error> {
     use rtnetlink::packet_route::tc::{TcAttribute, TcHandle};
     let mut request = handle.qdisc().del(ifindex as i32);
     let message = request.message_mut();

@@ -43,6 +43,10 @@ pub enum Command {
     /// Print the counters of the agent running in this network namespace, globally and per
     /// rule, like `iptables -vL`.
     Stats(StatsArgs),
+    /// Remove what an agent that died uncleanly left in this network namespace (its pinned
+    /// links, its cls_bpf filters and the clsact qdiscs it added, its fwmark rules and
+    /// routes), for when it will not be restarted. A restarted agent takes it over instead.
+    Cleanup(CleanupArgs),
     /// Build a throwaway client / router / server topology in network namespaces, run the
     /// agent on the router, send a few connections through it and remove everything.
     Demo(DemoArgs),
@@ -200,6 +204,14 @@ pub struct StatsArgs {
     /// The routing table of the agent to ask (agents in one namespace differ by table).
     #[arg(long, value_name = "N", default_value_t = 100)]
     pub table: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CleanupArgs {
+    /// Only what the agent with this routing table left; without it, every table's (an
+    /// agent still running is left alone either way).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    pub table: Option<u32>,
 }
 
 /// `--listener`.

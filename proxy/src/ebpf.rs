@@ -1,8 +1,20 @@
 //! Loading the embedded eBPF object, filling its maps, attaching the TC-ingress classifier
 //! (TCX links where the kernel has them, clsact + cls_bpf over netlink otherwise) and the
 //! `sk_lookup` program, and forwarding the programs' aya-log records to `log`.
+//!
+//! What is attached outlives the agent unless the agent detaches it (T12): the TCX and
+//! sk_lookup links are pinned ([`crate::pins`]), the cls_bpf filters stay with their qdisc.
+//! A restart takes over what a crashed run left without a gap: the pinned TCX link gets
+//! the new program (`bpf_link_update`), the filter is replaced in place (same priority and
+//! handle), the new sk_lookup link is attached before the old one goes.
 
-use std::{fs::File, os::fd::AsRawFd};
+use std::{
+    fs::File,
+    io,
+    mem::ManuallyDrop,
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
@@ -11,8 +23,10 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType, TestRun as _, TestRunOptions,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        Link as _, LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType, TestRun as _,
+        TestRunOptions,
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
     util::KernelVersion,
 };
@@ -29,8 +43,14 @@ use crate::{
     generation,
     kernel_relay::KernelRelay,
     link_header::LinkHeader,
+    pins::{PinDir, PinError},
     rules::{Compiled, Rule},
+    tc_filter,
 };
+
+/// The TC programs of the object: a cls_bpf filter at ingress whose program has one of
+/// these names, and whose handle is an agent's table, is that agent's.
+pub const TC_PROGRAMS: &[&str] = &[PROG_TC_INGRESS, PROG_TC_INGRESS_L3];
 
 /// The classifier program for an interface's link header (T10).
 pub fn classifier_for(header: LinkHeader) -> &'static str {
@@ -105,6 +125,19 @@ pub enum EbpfError {
     /// The network namespace could not be opened for the sk_lookup program.
     #[error("opening /proc/self/ns/net")]
     Netns(#[source] std::io::Error),
+    /// The pin directory could not be set up.
+    #[error("pinning the classifier so that it outlives the agent")]
+    Pins(#[from] PinError),
+    /// A link could not be pinned.
+    #[error("pinning {0}")]
+    Pin(PathBuf, #[source] io::Error),
+    /// The filters at an interface could not be listed.
+    #[error("listing the tc filters at {iface} ingress")]
+    Filters {
+        iface: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
@@ -126,12 +159,54 @@ struct Generation {
     counter_slots: Vec<u32>,
 }
 
-/// The loaded programs and the links that keep them attached. Dropping it detaches
-/// everything (TCX and sk_lookup links die with their file descriptors).
+/// A link pinned in bpffs: the pin holds it, not a descriptor of the agent's, so it stays
+/// attached whatever becomes of the agent, until the pin is removed.
+struct Pinned {
+    path: PathBuf,
+}
+
+impl Pinned {
+    /// Pins `link` at `path` in place of whatever is pinned there: pinned under a temporary
+    /// name first, then renamed over the old pin, so the path always holds a link. The old
+    /// link, if any, goes when the last descriptor of it closes.
+    fn replace(link: FdLink, path: &Path) -> Result<Self, EbpfError> {
+        let fresh = crate::pins::fresh(path);
+        // A leftover of a run that died between the two steps.
+        let _ = std::fs::remove_file(&fresh);
+        link.pin(&fresh)
+            .map_err(|e| EbpfError::Pin(fresh.clone(), io::Error::other(e)))?;
+        std::fs::rename(&fresh, path).map_err(|e| EbpfError::Pin(path.to_owned(), e))?;
+        Ok(Pinned {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Removes the pin: the link (and its program, if nothing else holds it) goes.
+    fn unpin(self) -> io::Result<()> {
+        std::fs::remove_file(&self.path)
+    }
+}
+
+/// The classifier at one interface.
+enum TcLink {
+    /// A TCX link, pinned.
+    Tcx { iface: String, link: Pinned },
+    /// A cls_bpf filter. Kept from aya's drop, which would delete the filter: a filter must
+    /// stay when the agent dies uncleanly, and only [`Classifier::detach_all`] removes it.
+    Filter {
+        iface: String,
+        link: ManuallyDrop<SchedClassifierLink>,
+    },
+}
+
+/// The loaded programs and the links that keep them attached. Dropping it leaves them
+/// attached, as a crash does (T12); [`Classifier::detach_all`] removes them.
 pub struct Classifier {
     ebpf: Ebpf,
-    /// (interface, program name, link) per attachment.
-    tc_links: Vec<(String, &'static str, SchedClassifierLinkId)>,
+    pins: PinDir,
+    table: u32,
+    tc_links: Vec<TcLink>,
+    sk_lookup: Option<Pinned>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
     /// The rule generation in force.
@@ -143,12 +218,19 @@ pub struct Classifier {
 impl Classifier {
     /// Loads the object and starts forwarding its log records. `relayed_sockets` sizes the
     /// maps of the in-kernel relay (`--relay sockmap`); 0 when it is off, and they take
-    /// one entry.
+    /// one entry. `table` names the agent's pin directory and filter handles.
     ///
     /// Without the offsets of the transparent flag in this kernel's BTF the classifier
     /// cannot refuse a plain socket (T5), so loading fails unless `allow_unchecked` says to
     /// accept that risk.
-    pub fn load(relayed_sockets: u32, allow_unchecked: bool) -> Result<Self, EbpfError> {
+    pub fn load(
+        relayed_sockets: u32,
+        allow_unchecked: bool,
+        table: u32,
+    ) -> Result<Self, EbpfError> {
+        // Created when the first link is pinned, so that a start that fails before leaves
+        // no directory behind.
+        let pins = PinDir::of(table)?;
         let offsets = match Btf::from_sys_fs().and_then(|btf| btf.sock_offsets()) {
             Ok(offsets) => {
                 debug!("transparent flag offsets: {offsets:?}");
@@ -177,7 +259,7 @@ impl Classifier {
             // The object has no log statements compiled in (or no ring buffer support).
             Err(e) => debug!("eBPF logs not forwarded: {e}"),
         }
-        for name in [PROG_TC_INGRESS, PROG_TC_INGRESS_L3] {
+        for name in TC_PROGRAMS {
             let prog: &mut SchedClassifier = program(&mut ebpf, name)?;
             prog.load().map_err(load_err(name))?;
         }
@@ -185,7 +267,10 @@ impl Classifier {
         prog.load().map_err(load_err(PROG_SK_LOOKUP))?;
         Ok(Classifier {
             ebpf,
+            pins,
+            table,
             tc_links: Vec::new(),
+            sk_lookup: None,
             clsact_added: Vec::new(),
             in_force: None,
             previous: None,
@@ -377,18 +462,28 @@ impl Classifier {
         Ok(KernelRelay::new(socks, targets))
     }
 
-    /// Attaches the sk_lookup program to the agent's own network namespace.
+    /// Attaches the sk_lookup program to the agent's own network namespace, and pins the
+    /// link in place of the one a crashed run left, which goes only once the new one is in.
     pub fn attach_sk_lookup(&mut self) -> Result<(), EbpfError> {
         let netns = File::open("/proc/self/ns/net").map_err(EbpfError::Netns)?;
+        self.pins.create()?;
+        let path = self.pins.sk_lookup_link();
+        let left = PinnedLink::from_pin(&path).ok();
         let prog: &mut SkLookup = program(&mut self.ebpf, PROG_SK_LOOKUP)?;
-        prog.attach(netns)
+        let link = prog
+            .attach(netns)
+            .and_then(|id| prog.take_link(id))
             .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
+        self.sk_lookup = Some(Pinned::replace(link.into(), &path)?);
+        if left.is_some() {
+            info!("sk_lookup: the link a previous run left is replaced");
+        }
         Ok(())
     }
 
     /// Attaches the classifier at ingress of `iface`, the variant for its link header: a
     /// TCX link on kernels that have them (6.6+), else cls_bpf under a clsact qdisc over
-    /// netlink.
+    /// netlink. What a crashed run left there is taken over, never doubled.
     pub fn attach(
         &mut self,
         iface: &str,
@@ -402,42 +497,109 @@ impl Classifier {
             TcAttach::Tcx => true,
             TcAttach::Netlink => false,
         };
+        self.pins.create()?;
         if !tcx {
-            match tc::qdisc_add_clsact(iface) {
-                Ok(()) => self.clsact_added.push(iface.to_owned()),
-                // Already there (ours from a crash, or someone else's): use it as it is.
-                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
-                Err(source) => {
-                    return Err(EbpfError::Clsact {
-                        iface: iface.to_owned(),
-                        source,
-                    });
+            self.add_clsact(iface)?;
+        }
+        let name = classifier_for(header);
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        let (link, how) = if tcx {
+            let (link, how) = attach_tcx(prog, iface, &self.pins.tcx_link(iface))?;
+            let iface = iface.to_owned();
+            (TcLink::Tcx { iface, link }, how)
+        } else {
+            let (link, how) = attach_filter(prog, iface, self.table)?;
+            let iface = iface.to_owned();
+            let link = ManuallyDrop::new(link);
+            (TcLink::Filter { iface, link }, how)
+        };
+        info!("classifier {name} attached to {iface} ingress ({how})");
+        self.tc_links.push(link);
+        Ok(())
+    }
+
+    /// Adds the clsact qdisc the netlink attach needs, noting (in the pin directory too)
+    /// whether the agent added it.
+    fn add_clsact(&mut self, iface: &str) -> Result<(), EbpfError> {
+        let mark = self.pins.clsact_mark(iface);
+        match tc::qdisc_add_clsact(iface) {
+            Ok(()) => {
+                if let Err(e) = std::fs::create_dir(&mark)
+                    && e.kind() != io::ErrorKind::AlreadyExists
+                {
+                    warn!("{}: {e}", mark.display());
+                }
+                self.clsact_added.push(iface.to_owned());
+            }
+            // Already there: ours if a crashed run noted so, else someone else's, used as
+            // it is.
+            Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                if mark.is_dir() {
+                    self.clsact_added.push(iface.to_owned());
+                }
+            }
+            Err(source) => {
+                return Err(EbpfError::Clsact {
+                    iface: iface.to_owned(),
+                    source,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// After attaching: removes the classifiers of this agent's table that a crashed run
+    /// left and this run did not take over (interfaces no longer listed, the other attach
+    /// mode). Errors are logged: what stays is what `proxy cleanup` removes.
+    pub fn remove_leftovers(&mut self) {
+        let ours: Vec<&str> = self
+            .tc_links
+            .iter()
+            .map(|l| match l {
+                TcLink::Tcx { link, .. } => link.path.to_str().unwrap_or_default(),
+                TcLink::Filter { .. } => "",
+            })
+            .collect();
+        if let Ok(entries) = std::fs::read_dir(self.pins.path()) {
+            for entry in entries.filter_map(Result::ok) {
+                let path = entry.path();
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let what = if let Some(iface) = name.strip_prefix("tcx-") {
+                    format!("the TCX link at {} ingress", crate::pins::iface_of(iface))
+                } else if name.starts_with("new-") {
+                    format!("the half-pinned link {name}")
+                } else {
+                    continue;
+                };
+                if ours.contains(&path.to_str().unwrap_or_default()) {
+                    continue;
+                }
+                match std::fs::remove_file(&path) {
+                    Ok(()) => info!("removed {what} a previous run left"),
+                    Err(e) => warn!("{}: {e}", path.display()),
                 }
             }
         }
-        let options = if tcx {
-            TcAttachOptions::TcxOrder(LinkOrder::default())
-        } else {
-            TcAttachOptions::Netlink(NlOptions::default())
-        };
-        let name = classifier_for(header);
-        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
-        let link = prog
-            .attach_with_options(iface, TcAttachType::Ingress, options)
-            .map_err(|source| EbpfError::Attach {
-                iface: iface.to_owned(),
-                source,
-            })?;
-        info!(
-            "classifier {name} attached to {iface} ingress ({})",
-            if tcx {
-                "tcx link"
-            } else {
-                "clsact + cls_bpf over netlink"
+        let filters: Vec<(String, u16)> = self
+            .tc_links
+            .iter()
+            .filter_map(|l| match l {
+                TcLink::Filter { iface, link } => Some((iface.clone(), link.priority().ok()?)),
+                TcLink::Tcx { .. } => None,
+            })
+            .collect();
+        for (iface, filter) in filters_of_table(self.table) {
+            if filters.contains(&(iface.clone(), filter.priority)) {
+                continue;
             }
-        );
-        self.tc_links.push((iface.to_owned(), name, link));
-        Ok(())
+            match detach_filter(&iface, &filter) {
+                Ok(()) => {
+                    info!("removed the cls_bpf filter a previous run left at {iface} ingress")
+                }
+                Err(e) => warn!("removing the cls_bpf filter at {iface} ingress: {e}"),
+            }
+        }
     }
 
     /// The interfaces where the agent added the clsact qdisc itself, for the agent to
@@ -446,16 +608,38 @@ impl Classifier {
         std::mem::take(&mut self.clsact_added)
     }
 
-    /// Detaches from every interface. Errors are logged, not returned: teardown goes on.
+    /// Detaches from every interface and the namespace and removes the pins. Errors are
+    /// logged, not returned: teardown goes on.
     pub fn detach_all(&mut self) {
-        for (iface, name, link) in std::mem::take(&mut self.tc_links) {
-            let detached = program::<SchedClassifier>(&mut self.ebpf, name)
-                .and_then(|prog| prog.detach(link).map_err(|e| EbpfError::Program(name, e)));
+        for link in self.tc_links.drain(..) {
+            let (iface, detached) = match link {
+                TcLink::Tcx { iface, link } => (iface, link.unpin()),
+                TcLink::Filter { iface, link } => (
+                    iface,
+                    ManuallyDrop::into_inner(link)
+                        .detach()
+                        .map_err(io::Error::other),
+                ),
+            };
             match detached {
                 Ok(()) => info!("classifier detached from {iface}"),
                 // The interface may be gone already, and its links with it.
-                Err(e) => warn!("detaching from {iface}: {}", crate::error_chain(&e)),
+                Err(e) => warn!("detaching from {iface}: {e}"),
             }
+        }
+        if let Some(link) = self.sk_lookup.take()
+            && let Err(e) = link.unpin()
+        {
+            warn!("detaching the sk_lookup program: {e}");
+        }
+        for iface in &self.clsact_added {
+            let _ = std::fs::remove_dir(self.pins.clsact_mark(iface));
+        }
+        if let Err(e) = self.pins.remove() {
+            warn!(
+                "{} stays (proxy cleanup removes what is in it): {e}",
+                self.pins.path().display()
+            );
         }
     }
 
@@ -516,10 +700,144 @@ impl Classifier {
     }
 }
 
-impl Drop for Classifier {
-    fn drop(&mut self) {
-        self.detach_all();
+/// The TCX link at `iface` ingress, pinned at `path`: the pinned one a crashed run left,
+/// switched to `prog` in one step (`bpf_link_update`), or else a new one, pinned in place of
+/// the old. Returns the link and how it came.
+fn attach_tcx(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    path: &Path,
+) -> Result<(Pinned, &'static str), EbpfError> {
+    let attach_err = |source| EbpfError::Attach {
+        iface: iface.to_owned(),
+        source,
+    };
+    if let Ok(left) = PinnedLink::from_pin(path) {
+        let update = || -> Result<FdLink, String> {
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(left)).map_err(|e| e.to_string())?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(|e| crate::error_chain(&e))?;
+            let link = prog.take_link(id).map_err(|e| e.to_string())?;
+            FdLink::try_from(link).map_err(|e| e.to_string())
+        };
+        match update() {
+            // The pin holds the link: the descriptor can go.
+            Ok(_) => {
+                let link = Pinned {
+                    path: path.to_owned(),
+                };
+                return Ok((link, "tcx link a previous run left, program replaced"));
+            }
+            // A link whose interface went away (ENOLINK), or not a TCX link: a new one
+            // replaces it.
+            Err(e) => {
+                warn!("{iface}: the pinned link cannot be taken over ({e}): attaching a new one")
+            }
+        }
     }
+    let link = prog
+        .attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .and_then(|id| prog.take_link(id))
+        .map_err(attach_err)?;
+    let link =
+        FdLink::try_from(link).map_err(|e| EbpfError::Pin(path.to_owned(), io::Error::other(e)))?;
+    Ok((Pinned::replace(link, path)?, "tcx link"))
+}
+
+/// The cls_bpf filter of `table` at `iface` ingress, its handle the table: the one a
+/// crashed run left, replaced in place (same priority and handle, so the kernel swaps the
+/// program in one step and no second filter appears), or else a new one.
+fn attach_filter(
+    prog: &mut SchedClassifier,
+    iface: &str,
+    table: u32,
+) -> Result<(SchedClassifierLink, &'static str), EbpfError> {
+    let attach_err = |source| EbpfError::Attach {
+        iface: iface.to_owned(),
+        source,
+    };
+    let ifindex = crate::ifaddrs::ifindex(iface).unwrap_or(0);
+    let left = tc_filter::ingress_bpf_filters(ifindex)
+        .map_err(|source| EbpfError::Filters {
+            iface: iface.to_owned(),
+            source,
+        })?
+        .into_iter()
+        .find(|f| is_ours(f, table));
+    let handle = TcHandle::from(table);
+    let (id, how) = match left {
+        Some(filter) => {
+            let link = SchedClassifierLink::attached(
+                iface,
+                TcAttachType::Ingress,
+                filter.priority,
+                handle,
+                None,
+            )
+            .map_err(|e| attach_err(tc::TcError::IoError(e).into()))?;
+            let id = prog.attach_to_link(link).map_err(attach_err)?;
+            (
+                id,
+                "clsact + cls_bpf over netlink, the filter a previous run left replaced",
+            )
+        }
+        None => {
+            let options = NlOptions {
+                handle,
+                ..NlOptions::default()
+            };
+            let id = prog
+                .attach_with_options(
+                    iface,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::Netlink(options),
+                )
+                .map_err(attach_err)?;
+            (id, "clsact + cls_bpf over netlink")
+        }
+    };
+    Ok((prog.take_link(id).map_err(attach_err)?, how))
+}
+
+/// Whether a filter is the one an agent with `table` attaches.
+pub fn is_ours(filter: &tc_filter::BpfFilter, table: u32) -> bool {
+    filter.handle == table && TC_PROGRAMS.contains(&filter.name.as_str())
+}
+
+/// The filters of `table`'s agent at the ingress of every interface of the namespace.
+pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
+    let Ok(interfaces) = nix::net::if_::if_nameindex() else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for interface in &interfaces {
+        let name = interface.name().to_string_lossy().into_owned();
+        for filter in tc_filter::ingress_bpf_filters(interface.index()).unwrap_or_default() {
+            if is_ours(&filter, table) {
+                found.push((name.clone(), filter));
+            }
+        }
+    }
+    found
+}
+
+/// Deletes a cls_bpf filter at `iface` ingress.
+pub fn detach_filter(iface: &str, filter: &tc_filter::BpfFilter) -> io::Result<()> {
+    SchedClassifierLink::attached(
+        iface,
+        TcAttachType::Ingress,
+        filter.priority,
+        TcHandle::from(filter.handle),
+        None,
+    )?
+    .detach()
+    .map_err(io::Error::other)
 }
 
 /// A verifier refusal becomes one line; the log itself goes to the debug log.

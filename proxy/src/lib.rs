@@ -9,10 +9,13 @@
 //! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
 //!   destination and [`relay`] copies both ways, or [`kernel_relay`] has the kernel move
 //!   the bytes (`--relay sockmap`).
+//! * [`pins`] keeps the classifier attached when the agent dies (T12), and [`cleanup`]
+//!   removes what a dead agent left.
 //! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
 
 pub mod agent;
 pub mod btf;
+pub mod cleanup;
 pub mod config;
 pub mod demo;
 pub mod ebpf;
@@ -20,12 +23,14 @@ pub mod generation;
 pub mod ifaddrs;
 pub mod kernel_relay;
 pub mod link_header;
+pub mod pins;
 pub mod relay;
 pub mod routing;
 pub mod rules;
 pub mod rules_file;
 pub mod src_valid_mark;
 pub mod stats;
+pub mod tc_filter;
 pub mod testbed;
 pub mod tproxy;
 pub mod upstream;

@@ -22,6 +22,11 @@ fn main() -> ExitCode {
                 })
                 .map_err(Into::into)
             }),
+        Command::Cleanup(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(proxy::cleanup::run(&args)).map_err(Into::into)),
         Command::Demo(args) => demo::run(&args).map_err(Into::into),
         Command::Stats(args) => proxy::stats::query(args.table)
             .map(|report| print!("{report}"))

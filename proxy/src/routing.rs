@@ -233,35 +233,52 @@ impl PolicyRouting {
         &self,
         version: IpVersion,
     ) -> Result<Vec<(RuleMessage, Mark)>, RoutingError> {
-        let listed: Vec<RuleMessage> = self
-            .handle
-            .rule()
-            .get(version.clone())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(request(format!("listing {} rules", family_name(&version))))?;
-        Ok(listed
+        Ok(rules_of_ours(&self.handle, version)
+            .await?
             .into_iter()
-            .filter_map(|rule| {
-                let mut ours = false;
-                let mut table = u32::from(rule.header.table);
-                let mut value = 0;
-                let mut mask = u32::MAX;
-                for a in &rule.attributes {
-                    match a {
-                        RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == RTPROT_PROXY => {
-                            ours = true
-                        }
-                        RuleAttribute::Table(t) => table = *t,
-                        RuleAttribute::FwMark(v) => value = *v,
-                        RuleAttribute::FwMask(m) => mask = *m,
-                        _ => {}
-                    }
-                }
-                (ours && table == self.table).then_some((rule, Mark { value, mask }))
-            })
+            .filter(|(_, table, _)| *table == self.table)
+            .map(|(rule, _, mark)| (rule, mark))
             .collect())
+    }
+
+    /// Removes every rule and route of ours for this table, whoever installed them (an
+    /// agent that died uncleanly: `proxy cleanup`), and says what went.
+    pub async fn remove_leftovers(&mut self) -> Result<Vec<String>, RoutingError> {
+        let mut removed = Vec::new();
+        for version in [IpVersion::V4, IpVersion::V6] {
+            let rules = match self.our_rules(version.clone()).await {
+                Ok(rules) => rules,
+                Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => continue,
+                Err(e) => return Err(e),
+            };
+            let family = family_name(&version);
+            for (rule, mark) in rules {
+                self.delete_rule(version.clone(), rule).await?;
+                removed.push(format!("{family} rule fwmark {mark} lookup {}", self.table));
+            }
+            match self
+                .handle
+                .route()
+                .del(self.local_route(version.clone()))
+                .execute()
+                .await
+            {
+                Ok(()) => removed.push(format!(
+                    "{family} route local {} dev lo table {}",
+                    if version == IpVersion::V4 {
+                        "0.0.0.0/0"
+                    } else {
+                        "::/0"
+                    },
+                    self.table
+                )),
+                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(request(format!("deleting the {family} local route"))(e));
+                }
+            }
+        }
+        Ok(removed)
     }
 
     /// `local 0.0.0.0/0 dev lo table N` (or `::/0`), tagged as ours.
@@ -291,6 +308,57 @@ impl PolicyRouting {
             .retain(|a| !matches!(a, RouteAttribute::Destination(_)));
         msg
     }
+}
+
+/// The tables that fwmark rules of ours (any agent's) point at, in this namespace.
+pub async fn tables_of_ours(handle: &Handle) -> Result<Vec<u32>, RoutingError> {
+    let mut tables = Vec::new();
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let rules = match rules_of_ours(handle, version.clone()).await {
+            Ok(rules) => rules,
+            Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => continue,
+            Err(e) => return Err(e),
+        };
+        tables.extend(rules.into_iter().map(|(_, table, _)| table));
+    }
+    tables.sort_unstable();
+    tables.dedup();
+    Ok(tables)
+}
+
+/// The fwmark rules tagged with [`RTPROT_PROXY`], with their table and mark.
+async fn rules_of_ours(
+    handle: &Handle,
+    version: IpVersion,
+) -> Result<Vec<(RuleMessage, u32, Mark)>, RoutingError> {
+    let listed: Vec<RuleMessage> = handle
+        .rule()
+        .get(version.clone())
+        .execute()
+        .try_collect()
+        .await
+        .map_err(request(format!("listing {} rules", family_name(&version))))?;
+    Ok(listed
+        .into_iter()
+        .filter_map(|rule| {
+            let mut ours = false;
+            let mut table = u32::from(rule.header.table);
+            let mut value = 0;
+            let mut mask = u32::MAX;
+            for a in &rule.attributes {
+                match a {
+                    RuleAttribute::Protocol(RouteProtocol::Other(p)) if *p == RTPROT_PROXY => {
+                        ours = true
+                    }
+                    RuleAttribute::Table(t) => table = *t,
+                    RuleAttribute::FwMark(v) => value = *v,
+                    RuleAttribute::FwMask(m) => mask = *m,
+                    _ => {}
+                }
+            }
+            ours.then_some((rule, table, Mark { value, mask }))
+        })
+        .collect())
 }
 
 fn ipv6_unavailable(e: &RoutingError) -> bool {

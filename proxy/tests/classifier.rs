@@ -329,7 +329,7 @@ fn crafted_frames_take_the_expected_path() {
             };
             let rules = args.rules().expect("rules");
             let compiled = rules::compile(&rules).expect("compiles");
-            let mut classifier = Classifier::load(0, false).expect("loading the classifier");
+            let mut classifier = Classifier::load(0, false, 100).expect("loading the classifier");
             classifier
                 .install_rules(&rules, &compiled)
                 .expect("installing rules");

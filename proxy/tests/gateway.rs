@@ -321,9 +321,9 @@ fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
         &gw.router,
         &[AGENT_ARGS, &["--tc-attach", "netlink"]].concat(),
     );
-    assert!(
-        agent.log_contains("classifier attached to r0 ingress (clsact + cls_bpf over netlink)")
-    );
+    assert!(agent.log_contains(
+        "classifier tproxy_ingress attached to r0 ingress (clsact + cls_bpf over netlink)"
+    ));
     assert!(qdiscs().contains("clsact"), "{}", qdiscs());
     assert!(filters().contains("tproxy_ingress"), "{}", filters());
     assert!(tcx_programs(&gw).is_empty(), "a TCX link as well");

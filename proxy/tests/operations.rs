@@ -6,7 +6,7 @@ mod common;
 use std::{net::TcpStream, path::Path, time::Duration};
 
 use common::{
-    AGENT_ARGS, Agent, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
+    AGENT_ARGS, Agent, Mounts, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
     require_root, server,
 };
 use nix::{sys::signal, unistd::Pid};
@@ -240,40 +240,279 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn restart_after_a_crash_replaces_what_was_left() {
-    require_root();
-    let gw = Gateway::new("crash").expect("topology");
-    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
-    let agent = Agent::start(&gw.router, AGENT_ARGS);
-    let _ = nix::sys::signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
-    let (status, _) = agent.wait_exit(Duration::from_secs(5));
-    assert!(!status.success());
-    // SIGKILL leaves the rule and the route (the TCX link died with the process).
-    let left = ip_stdout(&gw.router, &["rule", "show"]);
-    assert!(
-        left.contains("fwmark 0x1/0x1 lookup 100 proto 211"),
-        "{left}"
-    );
+/// Rules for the crash tests: port 80 with the default no-socket behaviour (drop, as the
+/// kernel does), port 8080 with `fail_open`.
+const CRASH_RULES: &str = "[defaults]\non_port = 50080\n\n\
+    [[rule]]\ndport = \"80\"\n\n\
+    [[rule]]\ndport = \"8080\"\nfail_open = true\n";
 
-    let agent = Agent::start(&gw.router, AGENT_ARGS);
-    let reply = exchange_from_client(&gw, server(80), b"again");
-    assert!(
-        reply.starts_with(&format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4)),
-        "{reply}"
+/// The classifiers attached at r0 ingress, as TCX links and as cls_bpf filters (the
+/// filters' lines from `tc filter show`).
+fn classifiers(gw: &Gateway) -> (usize, Vec<String>) {
+    let tcx = gw
+        .router
+        .run(|| {
+            aya::programs::SchedClassifier::query_tcx(
+                testbed::ROUTER_CLIENT_IFACE,
+                aya::programs::TcAttachType::Ingress,
+            )
+            .map(|(_, progs)| progs.len())
+            .unwrap_or(0)
+        })
+        .expect("entering the router namespace");
+    let out = gw
+        .router
+        .command("tc")
+        .args(["filter", "show", "dev", "r0", "ingress"])
+        .output()
+        .expect("tc");
+    let filters = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains("handle"))
+        .map(str::to_owned)
+        .collect();
+    (tcx, filters)
+}
+
+/// The sk_lookup programs attached to the router's network namespace (`BPF_PROG_QUERY` on
+/// the namespace, as `bpftool net` does).
+fn sk_lookup_programs(gw: &Gateway) -> u32 {
+    /// The `query` member of `union bpf_attr`.
+    #[repr(C)]
+    #[derive(Default)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+        prog_attach_flags: u64,
+        link_ids: u64,
+        link_attach_flags: u64,
+        revision: u64,
+    }
+    const BPF_PROG_QUERY: libc::c_long = 16;
+    const BPF_SK_LOOKUP: u32 = 36;
+    gw.router
+        .run(|| {
+            use std::os::fd::AsRawFd as _;
+            let ns = std::fs::File::open("/proc/thread-self/ns/net").expect("netns");
+            let mut query = Query {
+                target_fd: ns.as_raw_fd() as u32,
+                attach_type: BPF_SK_LOOKUP,
+                ..Query::default()
+            };
+            // SAFETY: `query` is a valid `bpf_attr` prefix of the size passed; with no
+            // prog_ids buffer the kernel only writes the count.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_bpf,
+                    BPF_PROG_QUERY,
+                    &mut query as *mut Query,
+                    std::mem::size_of::<Query>(),
+                )
+            };
+            assert_eq!(rc, 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+            query.prog_cnt
+        })
+        .expect("entering the router namespace")
+}
+
+fn qdiscs(gw: &Gateway) -> String {
+    let out = gw
+        .router
+        .command("tc")
+        .args(["qdisc", "show", "dev", "r0"])
+        .output()
+        .expect("tc");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A connection from the client to the test server's `port` that is expected to fail: the
+/// SYN is dropped (timeout) or refused. Panics if it connects.
+fn connect_fails(gw: &Gateway, port: u16) -> std::io::Error {
+    gw.client
+        .run(move || TcpStream::connect_timeout(&server(port), Duration::from_secs(2)))
+        .expect("entering the client namespace")
+        .err()
+        .unwrap_or_else(|| panic!("a connection to port {port} went through"))
+}
+
+/// Asserts that the router has none of the agent's state left: no pin, no classifier, no
+/// qdisc, the rules as they were, an empty table 100.
+fn assert_nothing_left(gw: &Gateway, mounts: &Mounts, rules_before: &str) {
+    assert_eq!(mounts.pins(), Vec::<String>::new(), "pins left");
+    assert_eq!(classifiers(gw), (0, Vec::new()), "classifiers left");
+    assert_eq!(sk_lookup_programs(gw), 0, "sk_lookup program left");
+    assert!(!qdiscs(gw).contains("clsact"), "{}", qdiscs(gw));
+    assert_eq!(ip_stdout(&gw.router, &["rule", "show"]), rules_before);
+    assert_eq!(
+        ip_stdout(&gw.router, &["route", "show", "table", "100"]),
+        ""
     );
+    assert_eq!(
+        ip_stdout(&gw.router, &["-6", "route", "show", "table", "100"]),
+        ""
+    );
+}
+
+/// T12: after `kill -9` the classifier and the routing stay, so the drop rule drops and the
+/// fail-open rule passes; a restart takes over with one classifier; SIGTERM leaves nothing.
+fn a_crash_keeps_the_rules(attach: &str) {
+    require_root();
+    let gw = Gateway::new(&format!("crash-{attach}")).expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let s80 = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
+    let dir = std::env::temp_dir().join(format!("proxy-crash-{attach}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("rules.toml");
+    write_rules(&config, CRASH_RULES);
+    let args = [
+        "run",
+        "--iface",
+        "r0",
+        "--tc-attach",
+        attach,
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ];
+    let router = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let client = format!("peer={}:", testbed::CLIENT_V4);
+    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
+    let one = |(tcx, filters): (usize, Vec<String>)| match attach {
+        "tcx" => tcx == 1 && filters.is_empty(),
+        _ => tcx == 0 && filters.len() == 1,
+    };
+
+    let agent = Agent::start_in(&mounts, &args);
+    assert!(one(classifiers(&gw)), "{:?}", classifiers(&gw));
+    assert_eq!(sk_lookup_programs(&gw), 1);
+    let reply = exchange_from_client(&gw, server(80), b"before");
+    assert!(reply.starts_with(&router), "{reply}");
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+    let (status, log) = agent.wait_exit(Duration::from_secs(5));
+    assert!(!status.success());
+
+    // The agent is gone, its rules are not: a drop rule's new connections fail, none
+    // reaches the origin; a fail-open rule's go to the origin untouched.
+    assert!(one(classifiers(&gw)), "{:?}\n{log}", classifiers(&gw));
+    let rules_left = ip_stdout(&gw.router, &["rule", "show"]);
+    assert!(
+        rules_left.contains("fwmark 0x1/0x1 lookup 100 proto 211"),
+        "{rules_left}"
+    );
+    let accepted = s80.accepted();
+    for _ in 0..3 {
+        let e = connect_fails(&gw, 80);
+        eprintln!("port 80 with the agent dead: {e}");
+    }
+    assert_eq!(
+        s80.accepted(),
+        accepted,
+        "a drop rule's connection reached the origin"
+    );
+    let direct = exchange_from_client(&gw, server(8080), b"open");
+    assert!(direct.starts_with(&client), "{direct}");
+    assert_eq!(s8080.accepted(), 1);
+
+    // A restart takes over what it finds: still one classifier, one rule, serving again.
+    let agent = Agent::start_in(&mounts, &args);
+    assert!(
+        one(classifiers(&gw)),
+        "{:?}\n{}",
+        classifiers(&gw),
+        agent.log_text()
+    );
+    assert!(
+        agent.log_contains("a previous run left"),
+        "nothing taken over:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(sk_lookup_programs(&gw), 1, "{}", agent.log_text());
+    for port in [80, 8080] {
+        let reply = exchange_from_client(&gw, server(port), b"again");
+        assert!(reply.starts_with(&router), "{port}: {reply}");
+    }
     let rules_now = ip_stdout(&gw.router, &["rule", "show"]);
     assert_eq!(
         rules_now.matches("fwmark 0x1/0x1").count(),
         1,
         "a second rule was added:\n{rules_now}"
     );
+    assert!(!mounts.pins().is_empty(), "no pins");
+
+    // A clean stop removes everything.
     agent.stop_ok();
-    let after = ip_stdout(&gw.router, &["rule", "show"]);
-    assert_eq!(after, rules_before);
-    let table = ip_stdout(&gw.router, &["route", "show", "table", "100"]);
-    assert_eq!(table, "");
+    assert_nothing_left(&gw, &mounts, &rules_before);
+    let direct = exchange_from_client(&gw, server(80), b"after");
+    assert!(direct.starts_with(&client), "{direct}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_crash_keeps_the_rules_and_a_restart_takes_over_tcx() {
+    a_crash_keeps_the_rules("tcx");
+}
+
+#[test]
+fn a_crash_keeps_the_rules_and_a_restart_takes_over_netlink() {
+    a_crash_keeps_the_rules("netlink");
+}
+
+/// `proxy cleanup` removes what a crashed agent left, and says so; with nothing left it
+/// says that and succeeds.
+fn cleanup_after_a_crash(attach: &str) {
+    require_root();
+    let gw = Gateway::new(&format!("cleanup-{attach}")).expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
+    let agent = Agent::start_in(&mounts, &[AGENT_ARGS, &["--tc-attach", attach]].concat());
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+    let (status, _) = agent.wait_exit(Duration::from_secs(5));
+    assert!(!status.success());
+    connect_fails(&gw, 80);
+
+    let cleanup = |args: &[&str]| {
+        let out = mounts
+            .command(env!("CARGO_BIN_EXE_proxy"))
+            .arg("cleanup")
+            .args(args)
+            .output()
+            .expect("proxy cleanup");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        text
+    };
+    let report = cleanup(&["--table", "100"]);
+    eprintln!("{report}");
+    assert!(report.contains("r0"), "{report}");
+    assert!(report.contains("fwmark 0x1/0x1"), "{report}");
+    assert_nothing_left(&gw, &mounts, &rules_before);
+    let direct = exchange_from_client(&gw, server(80), b"x");
+    assert!(
+        direct.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
+        "{direct}"
+    );
+    let again = cleanup(&[]);
+    assert!(again.contains("nothing to clean up"), "{again}");
+}
+
+#[test]
+fn cleanup_after_a_crash_removes_what_was_left_tcx() {
+    cleanup_after_a_crash("tcx");
+}
+
+#[test]
+fn cleanup_after_a_crash_removes_what_was_left_netlink() {
+    cleanup_after_a_crash("netlink");
 }
 
 /// Every readable sysctl under net.ipv4.conf (all, default, lo, r0, r1) in `ns`, as

@@ -10,10 +10,10 @@
 use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, ExitStatus, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread::JoinHandle,
@@ -41,7 +41,10 @@ pub struct Agent {
 impl Agent {
     /// Starts `proxy ARGS` in `ns` and returns once it logged "ready", or panics with its log.
     pub fn start(ns: &Netns, args: &[&str]) -> Agent {
-        let mut agent = Agent::spawn(ns, args);
+        Agent::wait_ready(Agent::spawn(ns, args))
+    }
+
+    fn wait_ready(mut agent: Agent) -> Agent {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if agent.log_contains(" ready: ") {
@@ -61,8 +64,21 @@ impl Agent {
 
     /// Starts `proxy ARGS` in `ns` without waiting for anything.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Agent {
-        let mut child = ns
-            .command(env!("CARGO_BIN_EXE_proxy"))
+        Agent::spawn_command(ns.command(env!("CARGO_BIN_EXE_proxy")), args)
+    }
+
+    /// [`Agent::start`] in the mount namespace `mounts` keeps, where the bpffs the agent
+    /// mounts (and its pins) outlive it.
+    pub fn start_in(mounts: &Mounts, args: &[&str]) -> Agent {
+        Agent::wait_ready(Agent::spawn_command(
+            mounts.command(env!("CARGO_BIN_EXE_proxy")),
+            args,
+        ))
+    }
+
+    /// Starts `command ARGS` (the agent binary, wrapped to enter its namespaces).
+    fn spawn_command(mut command: Command, args: &[&str]) -> Agent {
+        let mut child = command
             .args(args)
             // AGENT_LOG=debug in the test's environment, to see more when a test fails.
             .env(
@@ -228,6 +244,7 @@ pub const AGENT_ARGS: &[&str] = &[
 /// A TCP server on a thread inside a namespace; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
     thread: Option<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
 }
 
@@ -236,6 +253,8 @@ impl Server {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let flag = Arc::clone(&stop);
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&accepted);
         let thread = ns.spawn(move || {
             let listener = TcpListener::bind(addr).expect("binding the test server");
             listener.set_nonblocking(true).expect("nonblocking");
@@ -244,6 +263,7 @@ impl Server {
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
                 match listener.accept() {
                     Ok((stream, peer)) => {
+                        count.fetch_add(1, Ordering::Relaxed);
                         std::thread::spawn(move || answer(stream, peer, mode));
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(5)),
@@ -255,8 +275,14 @@ impl Server {
             .expect("test server did not start");
         Server {
             stop,
+            accepted,
             thread: Some(thread),
         }
+    }
+
+    /// Connections accepted so far: what reached the origin, proxied or not.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::Relaxed)
     }
 }
 
@@ -366,4 +392,73 @@ pub fn ask_line(addr: SocketAddr, line: &str) -> std::io::Result<String> {
     let mut answer = String::new();
     BufReader::new(stream).read_line(&mut answer)?;
     Ok(answer.trim().to_owned())
+}
+
+/// A mount namespace for the agents of a test, in the namespace `ns`, kept by a holder
+/// process: the bpffs an agent mounts at /sys/fs/bpf there (and the pins in it) outlives the
+/// agent, as the host's /sys/fs/bpf does. (`ip netns exec` gives each process tree a mount
+/// namespace of its own, which dies with the agent and takes its pins along.) /sys in it is
+/// a sysfs of `ns`, as under `ip netns exec`. Dropping it removes every pin in it and ends the
+/// holder: the namespace and its bpffs go with the last process in it, pass or fail.
+pub struct Mounts {
+    holder: Child,
+}
+
+impl Mounts {
+    pub fn new(ns: &Netns) -> Mounts {
+        let mut holder = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", ns.name))
+            .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+            .arg("umount -l /sys && mount -t sysfs sysfs /sys && echo ready && exec sleep 600")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawning the mount namespace holder (nsenter, unshare)");
+        let mut line = String::new();
+        let stdout = holder.stdout.take().expect("piped stdout");
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let mounts = Mounts { holder };
+        assert_eq!(line.trim(), "ready", "the mount namespace holder failed");
+        mounts
+    }
+
+    /// `program`, run inside the namespace's network and mount namespaces.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "--target",
+            &self.holder.id().to_string(),
+            "--mount",
+            "--net",
+            "--",
+        ])
+        .arg(program);
+        cmd
+    }
+
+    /// A shell script's output, run inside the namespaces.
+    pub fn sh(&self, script: &str) -> Output {
+        self.command("sh")
+            .args(["-c", script])
+            .output()
+            .expect("nsenter sh")
+    }
+
+    /// Every file and directory under the agents' pin root (`/sys/fs/bpf/proxy`).
+    pub fn pins(&self) -> Vec<String> {
+        let out = self.sh("find /sys/fs/bpf/proxy 2>/dev/null");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        // Unpinning detaches what the pins held; the bpffs itself goes with the namespace.
+        let _ = self.sh("rm -rf /sys/fs/bpf/proxy");
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
 }

@@ -1,0 +1,175 @@
+//! Where the agent pins what must outlive it (T12): the TCX links and the sk_lookup link,
+//! in bpffs, under a directory unique to the network namespace and the routing table.
+//!
+//! ```text
+//! /sys/fs/bpf/proxy/<dev>_<ino>/table-<N>/
+//!     tcx-<iface>       the TCX link at <iface> ingress
+//!     sk_lookup         the namespace's sk_lookup link
+//!     clsact-<iface>/   an empty directory: the agent added <iface>'s clsact qdisc itself
+//!     new-<name>        a link being pinned, renamed over <name> at once
+//! ```
+//!
+//! bpffs refuses names with a dot (`bpf_lookup`: reserved), which interface names may have
+//! (`eth0.100`): a dot is written `:`, which interface names never have (`dev_valid_name`).
+//!
+//! `<dev>_<ino>` identify the network namespace (`stat /proc/thread-self/ns/net`), as
+//! `ip netns identify` would; `<N>` keeps two agents of one namespace apart, as it does
+//! for `proxy stats`. A pinned link stays attached when the agent dies uncleanly, and the
+//! program keeps its maps: the classifier goes on with the rules, finds no socket once the
+//! agent's listeners are closed, and each rule's no-socket behaviour (drop, or fail-open)
+//! applies, as with the iptables rules of a dead proxy. A clean stop unpins, and the links
+//! go. The cls_bpf filters of `--tc-attach netlink` need no pin: the qdisc holds them.
+
+use std::{
+    io,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
+};
+
+use log::{info, warn};
+
+/// Where bpffs is mounted, as systemd and most distributions do.
+pub const BPFFS: &str = "/sys/fs/bpf";
+
+/// The agents' directory in bpffs.
+pub const ROOT: &str = "/sys/fs/bpf/proxy";
+
+/// The pin directory could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The network namespace could not be identified.
+    #[error("identifying the network namespace (stat /proc/thread-self/ns/net)")]
+    Netns(#[source] io::Error),
+    /// bpffs is not mounted and mounting it failed.
+    #[error("mounting bpffs at {BPFFS} (mount -t bpf bpf {BPFFS})")]
+    Mount(#[source] nix::Error),
+    /// A directory could not be created.
+    #[error("creating {0}")]
+    Dir(PathBuf, #[source] io::Error),
+}
+
+/// The pin directory of one agent: this network namespace, one routing table.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// The directory of `table`'s agent in the calling thread's network namespace, whether
+    /// it exists or not.
+    pub fn of(table: u32) -> Result<Self, PinError> {
+        Ok(PinDir {
+            path: netns_dir()?.join(format!("table-{table}")),
+        })
+    }
+
+    /// Creates the directory, with bpffs mounted first if it is not.
+    pub fn create(&self) -> Result<(), PinError> {
+        mount_bpffs()?;
+        std::fs::create_dir_all(&self.path).map_err(|e| PinError::Dir(self.path.clone(), e))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The TCX link at `iface` ingress.
+    pub fn tcx_link(&self, iface: &str) -> PathBuf {
+        self.path.join(format!("tcx-{}", iface.replace('.', ":")))
+    }
+
+    /// The sk_lookup link.
+    pub fn sk_lookup_link(&self) -> PathBuf {
+        self.path.join("sk_lookup")
+    }
+
+    /// The mark that the agent added `iface`'s clsact qdisc, so that the agent after a
+    /// crash knows it may remove it.
+    pub fn clsact_mark(&self, iface: &str) -> PathBuf {
+        self.path
+            .join(format!("clsact-{}", iface.replace('.', ":")))
+    }
+
+    /// Removes the (empty) directory, then its namespace's and the agents' directories if
+    /// nothing else is left in them.
+    pub fn remove(&self) -> io::Result<()> {
+        match std::fs::remove_dir(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        for parent in self.path.ancestors().skip(1) {
+            if parent == Path::new(BPFFS) || std::fs::remove_dir(parent).is_err() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The interface a `tcx-` or `clsact-` entry is about, from the rest of its name.
+pub fn iface_of(rest: &str) -> String {
+    rest.replace(':', ".")
+}
+
+/// Where a link is pinned before it is renamed over `path` (see [`PinDir`]).
+pub fn fresh(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("new-{name}"))
+}
+
+/// `/sys/fs/bpf/proxy/<dev>_<ino>` of the calling thread's network namespace.
+pub fn netns_dir() -> Result<PathBuf, PinError> {
+    let ns = std::fs::metadata("/proc/thread-self/ns/net").map_err(PinError::Netns)?;
+    Ok(Path::new(ROOT).join(format!("{}_{}", ns.dev(), ns.ino())))
+}
+
+/// The tables with a pin directory in this network namespace.
+pub fn tables() -> Result<Vec<u32>, PinError> {
+    let dir = netns_dir()?;
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(Vec::new());
+    };
+    let mut tables: Vec<u32> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("table-")?.parse().ok())
+        .collect();
+    tables.sort_unstable();
+    Ok(tables)
+}
+
+fn is_bpffs(path: &str) -> bool {
+    use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
+    statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
+}
+
+/// Mounts bpffs at [`BPFFS`] unless it is there (DESIGN section 7: it is not mounted by
+/// default on these machines).
+fn mount_bpffs() -> Result<(), PinError> {
+    if is_bpffs(BPFFS) {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(PinError::Mount)?;
+    info!("bpffs mounted at {BPFFS}");
+    // A mount made in a mount namespace of the agent's own (`ip netns exec`, a service's
+    // private mounts) goes when its last process does, and the pins with it.
+    let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+    if let (Ok(own), Ok(init)) = (ns("self"), ns("1"))
+        && own != init
+    {
+        warn!(
+            "bpffs was mounted in a mount namespace other than init's (ip netns exec?): if it \
+             ends with the agent, so do the pins, and a crash leaves no classifier behind; \
+             mount bpffs at {BPFFS} where it outlives the agent, or enter only the network \
+             namespace (nsenter --net)"
+        );
+    }
+    Ok(())
+}

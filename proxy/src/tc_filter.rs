@@ -1,0 +1,105 @@
+//! The cls_bpf filters at an interface's ingress (`tc filter show dev IF ingress`), read
+//! over a blocking netlink socket: the agent finds the filter a crashed run left, to replace
+//! it in place rather than add a second one, and `proxy cleanup` finds what to remove.
+//!
+//! An agent's filter is told apart by its handle, which is the agent's routing table (as
+//! `table-N` tells its pins apart), and by its program's name.
+
+use std::io;
+
+use rtnetlink::{
+    packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
+    packet_route::{
+        RouteNetlinkMessage,
+        tc::{TcAttribute, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
+    },
+    sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE},
+};
+
+/// A cls_bpf filter at ingress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub priority: u16,
+    pub handle: u32,
+    /// The name of the program (`TCA_BPF_NAME`).
+    pub name: String,
+}
+
+/// The cls_bpf filters at `ifindex` ingress, in dump order. None when the interface has no
+/// clsact (or ingress) qdisc.
+pub fn ingress_bpf_filters(ifindex: u32) -> io::Result<Vec<BpfFilter>> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    let mut message = TcMessage::with_index(ifindex as i32);
+    message.header.parent = TcHandle {
+        major: 0xffff,
+        minor: TcHandle::MIN_INGRESS,
+    };
+    let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(message));
+    request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    request.header.sequence_number = 1;
+    request.finalize();
+    let mut buf = vec![0; request.buffer_len()];
+    request.serialize(&mut buf);
+    socket.send(&buf, 0)?;
+
+    let mut filters = Vec::new();
+    loop {
+        let (data, _) = socket.recv_from_full()?;
+        let mut offset = 0;
+        while offset < data.len() {
+            let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&data[offset..])
+                .map_err(io::Error::other)?;
+            let length = message.header.length as usize;
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(filters),
+                NetlinkPayload::Error(e) => {
+                    let e = e.to_io();
+                    // No qdisc to hold filters: none.
+                    return match e.raw_os_error() {
+                        Some(libc::EINVAL | libc::ENOENT) => Ok(Vec::new()),
+                        _ => Err(e),
+                    };
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                    filters.extend(bpf_filter(&m));
+                }
+                _ => {}
+            }
+            if length == 0 {
+                break;
+            }
+            // Netlink messages are 4-byte aligned.
+            offset += (length + 3) & !3;
+        }
+    }
+}
+
+fn bpf_filter(message: &TcMessage) -> Option<BpfFilter> {
+    let handle = u32::from(message.header.handle);
+    if handle == 0 {
+        // The line of the filter's priority and protocol, not a filter.
+        return None;
+    }
+    let mut kind = None;
+    let mut name = None;
+    for attribute in &message.attributes {
+        match attribute {
+            TcAttribute::Kind(k) => kind = Some(k.as_str()),
+            TcAttribute::Options(options) => {
+                for option in options {
+                    if let TcOption::Bpf(TcFilterBpfOption::ProgName(n)) = option {
+                        name = Some(n.clone());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    (kind == Some(TcFilterBpf::KIND)).then(|| BpfFilter {
+        priority: (message.header.info >> 16) as u16,
+        handle,
+        name: name.unwrap_or_default(),
+    })
+}
