@@ -8,7 +8,7 @@ use std::{
     mem::MaybeUninit,
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
         mpsc,
     },
@@ -122,17 +122,19 @@ fn send_raw(gw: &Gateway, v6: bool, packets: &[Vec<u8>]) {
         .expect("entering the client namespace");
 }
 
-/// Counts, per fragment identification, the frames from the client to the server that
+/// Records, per fragment identification, the frames from the client to the server that
 /// reach the server namespace's link (before any reassembly), until dropped.
 struct Capture {
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Result<Vec<u32>, testbed::TestbedError>>>,
+    ids: Arc<Mutex<Vec<u32>>>,
+    thread: Option<std::thread::JoinHandle<Result<(), testbed::TestbedError>>>,
 }
 
 impl Capture {
     fn start(gw: &Gateway) -> Capture {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let ids = Arc::new(Mutex::new(Vec::new()));
+        let (flag, seen) = (Arc::clone(&stop), Arc::clone(&ids));
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = gw.server.spawn(move || {
             let socket = Socket::new(
@@ -145,7 +147,6 @@ impl Capture {
                 .set_read_timeout(Some(Duration::from_millis(50)))
                 .expect("timeout");
             ready_tx.send(()).expect("ready");
-            let mut ids = Vec::new();
             let mut buf = [MaybeUninit::<u8>::uninit(); 2048];
             let deadline = Instant::now() + Duration::from_secs(30);
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
@@ -158,30 +159,41 @@ impl Capture {
                     .map(|b| unsafe { b.assume_init() })
                     .collect();
                 if let Some(id) = fragment_id(&frame) {
-                    ids.push(id);
+                    seen.lock().expect("lock").push(id);
                 }
             }
-            ids
         });
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("capture did not start");
         Capture {
             stop,
+            ids,
             thread: Some(thread),
         }
     }
 
-    /// Stops after a moment for frames in flight, and returns the identifications seen.
-    fn finish(mut self) -> Vec<u32> {
-        std::thread::sleep(Duration::from_millis(500));
+    /// Waits (up to 5 s) until `last` has been seen `count` times, as the last datagram
+    /// sent; then a moment more for anything behind it, and returns the identifications.
+    fn finish(mut self, last: u16, count: usize) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            let seen = self.ids.lock().expect("lock");
+            if seen.iter().filter(|&&i| i == u32::from(last)).count() >= count {
+                break;
+            }
+            drop(seen);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        std::thread::sleep(Duration::from_millis(300));
         self.stop.store(true, Ordering::Relaxed);
         self.thread
             .take()
             .expect("running")
             .join()
             .expect("capture thread")
-            .expect("entering the server namespace")
+            .expect("entering the server namespace");
+        self.ids.lock().expect("lock").clone()
     }
 }
 
@@ -223,11 +235,13 @@ fn a_fragmenting_client_gets_no_byte_to_the_origin_on_an_intercepted_port() {
         };
         let capture = Capture::start(&gw);
         send_raw(&gw, v6, &fragments(ID_INTERCEPTED, 80));
-        send_raw(&gw, v6, &fragments(ID_CONTROL, 8080));
         if v6 {
             send_raw(&gw, v6, &fragments_v6_chain(ID_CHAIN));
         }
-        let ids = capture.finish();
+        // The control goes last: once its two fragments are in, whatever was sent before
+        // them on the same path has had its chance.
+        send_raw(&gw, v6, &fragments(ID_CONTROL, 8080));
+        let ids = capture.finish(ID_CONTROL, 2);
         let count = |id: u16| ids.iter().filter(|&&i| i == u32::from(id)).count();
         seen.push((
             v6,
