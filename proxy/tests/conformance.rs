@@ -305,6 +305,37 @@ fn cases() -> Vec<Case> {
         );
     }
 
+    // T10: a client behind an interface without a link-layer header (a tun pair, as a
+    // WireGuard or ipip ingress would be): the same outcomes as over Ethernet.
+    // T12: the agent killed (SIGKILL) before the client sends: its rules stay, like the
+    // kernel recipe's, so a listener that is still there gets the packet and no socket
+    // means a drop, never a pass.
+    for proto in [Proto::Tcp, Proto::Udp] {
+        for fam in [Fam::V4, Fam::V6] {
+            let n = |what: &str| format!("{}{}_{what}", p(proto), f(fam));
+            cases.push(Case::new(n("tun_ingress_wildcard_listener"), proto, fam).over_tun());
+            cases.push(
+                Case::new(n("tun_ingress_no_socket"), proto, fam)
+                    .over_tun()
+                    .receivers(vec![])
+                    .expect(Kind::Dropped),
+            );
+            cases.push(
+                Case::new(n("tun_ingress_non_matching_port"), proto, fam)
+                    .over_tun()
+                    .send_port(OTHER_PORT)
+                    .expect(Kind::Forwarded),
+            );
+            cases.push(Case::new(n("agent_killed_listener_stays"), proto, fam).agent_killed());
+            cases.push(
+                Case::new(n("agent_killed_no_socket"), proto, fam)
+                    .agent_killed()
+                    .receivers(vec![])
+                    .expect(Kind::Dropped),
+            );
+        }
+    }
+
     // T9: a datagram larger than the MTU, fragmented by the client. Declared difference.
     for fam in [Fam::V4, Fam::V6] {
         cases.push(
@@ -522,6 +553,26 @@ conformance_tests! {
     tcp6_hop_by_hop_options,
     udp6_destination_options,
     udp6_hop_by_hop_options,
+    tcp4_tun_ingress_wildcard_listener,
+    tcp4_tun_ingress_no_socket,
+    tcp4_tun_ingress_non_matching_port,
+    tcp4_agent_killed_listener_stays,
+    tcp4_agent_killed_no_socket,
+    tcp6_tun_ingress_wildcard_listener,
+    tcp6_tun_ingress_no_socket,
+    tcp6_tun_ingress_non_matching_port,
+    tcp6_agent_killed_listener_stays,
+    tcp6_agent_killed_no_socket,
+    udp4_tun_ingress_wildcard_listener,
+    udp4_tun_ingress_no_socket,
+    udp4_tun_ingress_non_matching_port,
+    udp4_agent_killed_listener_stays,
+    udp4_agent_killed_no_socket,
+    udp6_tun_ingress_wildcard_listener,
+    udp6_tun_ingress_no_socket,
+    udp6_tun_ingress_non_matching_port,
+    udp6_agent_killed_listener_stays,
+    udp6_agent_killed_no_socket,
     udp4_fragmented,
     udp6_fragmented,
     tcp4_socket_match_bound_to_destination_unmatched_port,

@@ -19,10 +19,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{self, Gateway};
+use proxy::testbed::{self, ClientLink, Gateway};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::common::Agent;
+use crate::common::{Agent, Mounts};
 
 /// The intercepted destination port of most cases.
 pub const DPORT: u16 = 80;
@@ -244,6 +244,12 @@ pub struct Case {
     /// The kernel's outcome, per step.
     pub kernel: Vec<Kind>,
     pub difference: Option<Difference>,
+    /// How the client reaches the router: veth (Ethernet) or a tun pair (no link-layer
+    /// header, T10).
+    pub link: ClientLink,
+    /// The agent run only: the agent is killed (SIGKILL) once ready, before the client
+    /// sends, as the kernel run's rules outlive any proxy (T12).
+    pub agent_killed: bool,
 }
 
 impl Case {
@@ -271,7 +277,19 @@ impl Case {
             extra_addr: ExtraAddr::None,
             kernel: vec![Kind::Delivered("listener")],
             difference: None,
+            link: ClientLink::Veth,
+            agent_killed: false,
         }
+    }
+
+    pub fn over_tun(mut self) -> Case {
+        self.link = ClientLink::Tun;
+        self
+    }
+
+    pub fn agent_killed(mut self) -> Case {
+        self.agent_killed = true;
+        self
     }
 
     pub fn receivers(mut self, receivers: Vec<Recv>) -> Case {
@@ -463,16 +481,35 @@ pub fn run(case: &Case, mode: Mode) -> Run {
         Mode::Kernel => "cfk",
         Mode::Agent => "cfa",
     };
-    let gw = Gateway::new(tag).expect("building the testbed");
+    let gw = Gateway::with_client_link(tag, case.link).expect("building the testbed");
     if case.fam == Fam::V6 {
         wait_for_ipv6_dad(&gw, &case.name);
     }
     if case.extra_addr == ExtraAddr::BeforeStart {
         add_extra_addr(&gw, case.fam);
     }
+    // Kept until the exchange is over: the pins of a killed agent live in its bpffs mount.
+    let mut mounts = None;
     let agent = match mode {
         Mode::Kernel => {
             install_kernel_tproxy(&gw, case);
+            None
+        }
+        Mode::Agent if case.agent_killed => {
+            let args = agent_args(case);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let held = mounts.insert(Mounts::new(&gw.router));
+            let agent = Agent::start_in(held, &args);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(agent.pid() as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            let (status, _) = agent.wait_exit(Duration::from_secs(5));
+            assert!(
+                !status.success(),
+                "{}: the agent survived SIGKILL",
+                case.name
+            );
             None
         }
         Mode::Agent => {
@@ -505,6 +542,7 @@ pub fn run(case: &Case, mode: Mode) -> Run {
             notes.push_str(&format!(" counters: {}", moved.join(" ")));
         }
     }
+    drop(mounts);
     Run { outcome, notes }
 }
 
