@@ -1,4 +1,4 @@
-//! The classifier alone, without namespaces of links: each crafted frame goes through the
+//! The classifier alone, without namespaces or links: each crafted frame goes through the
 //! TC program once with `BPF_PROG_TEST_RUN`, and the test checks the verdict and that
 //! exactly the expected counter moved. The frames cover the shapes a parser gets wrong:
 //! IPv4 options, IPv6 extension chains, every fragment shape (T9, T11), truncated headers.
@@ -10,7 +10,7 @@ mod common;
 
 use clap::Parser as _;
 use proxy::{config::Cli, ebpf::Classifier, rules, testbed::Netns};
-use proxy_common::{Counter, PROG_TC_INGRESS};
+use proxy_common::{Counter, PROG_TC_INGRESS, PROG_TC_INGRESS_L3};
 
 use common::require_root;
 
@@ -77,6 +77,21 @@ fn ipv4(
     dst: [u8; 4],
     protocol: u8,
     options: &[u8],
+    fragment: (u16, bool),
+    payload: &[u8],
+) -> Vec<u8> {
+    ethernet(
+        0x0800,
+        &ipv4_packet(CLIENT4, dst, protocol, options, fragment, payload),
+    )
+}
+
+/// The IPv4 packet alone, as an interface without a link-layer header delivers it.
+fn ipv4_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    protocol: u8,
+    options: &[u8],
     (offset, more): (u16, bool),
     payload: &[u8],
 ) -> Vec<u8> {
@@ -88,23 +103,28 @@ fn ipv4(
     ip.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
     ip.extend_from_slice(&flags.to_be_bytes());
     ip.extend_from_slice(&[64, protocol, 0, 0]);
-    ip.extend_from_slice(&CLIENT4);
+    ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
     ip.extend_from_slice(options);
     ip.extend_from_slice(payload);
-    ethernet(0x0800, &ip)
+    ip
 }
 
 /// An IPv6 packet in a frame; `chain` holds the extension headers, already linked, and
 /// `next` is the first one's type.
 fn ipv6(dst: [u8; 16], next: u8, chain_and_payload: &[u8]) -> Vec<u8> {
+    ethernet(0x86dd, &ipv6_packet(CLIENT6, dst, next, chain_and_payload))
+}
+
+/// The IPv6 packet alone.
+fn ipv6_packet(src: [u8; 16], dst: [u8; 16], next: u8, chain_and_payload: &[u8]) -> Vec<u8> {
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&(chain_and_payload.len() as u16).to_be_bytes());
     ip.extend_from_slice(&[next, 64]);
-    ip.extend_from_slice(&CLIENT6);
+    ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
     ip.extend_from_slice(chain_and_payload);
-    ethernet(0x86dd, &ip)
+    ip
 }
 
 /// An 8-byte IPv6 option header (hop-by-hop or destination options) with PadN.
@@ -123,6 +143,9 @@ fn fragment6(next: u8, offset: u16, more: bool) -> Vec<u8> {
 
 struct Case {
     name: &'static str,
+    /// The classifier program: the Ethernet one, or the one for interfaces without a
+    /// link-layer header.
+    program: &'static str,
     frame: Vec<u8>,
     verdict: i32,
     /// The one counter (besides `seen` and `matched`) this frame must move by one.
@@ -132,11 +155,31 @@ struct Case {
 fn case(name: &'static str, frame: Vec<u8>, verdict: i32, counter: Counter) -> Case {
     Case {
         name,
+        program: PROG_TC_INGRESS,
         frame,
         verdict,
         counter,
     }
 }
+
+/// A case for [`PROG_TC_INGRESS_L3`], whose frame is a bare IP packet.
+///
+/// `BPF_PROG_TEST_RUN` always treats the first 14 bytes as an Ethernet header for
+/// `skb->protocol` (`eth_type_trans`) but leaves the data from byte 0 in front of the
+/// program, as an L3 interface does. So the packets' source addresses are picked to put the
+/// right ethertype at bytes 12-13: 8.0.0.1 (0x0800) and 2001:db8:86dd::2 (0x86dd).
+fn l3_case(name: &'static str, packet: Vec<u8>, verdict: i32, counter: Counter) -> Case {
+    Case {
+        program: PROG_TC_INGRESS_L3,
+        ..case(name, packet, verdict, counter)
+    }
+}
+
+/// Sources that make `BPF_PROG_TEST_RUN` set `skb->protocol` right for a bare packet.
+const L3_SOURCE4: [u8; 4] = [8, 0, 0, 1];
+const L3_SOURCE6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0x86, 0xdd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2,
+];
 
 /// In order: a later fragment's verdict depends on the first fragments before it.
 fn cases() -> Vec<Case> {
@@ -303,6 +346,59 @@ fn cases() -> Vec<Case> {
             TC_ACT_UNSPEC,
             Counter::NotMatched,
         ),
+        // No link-layer header (T10).
+        l3_case(
+            "l3: tcp4 to the rule",
+            ipv4_packet(L3_SOURCE4, SERVER4, TCP, &[], (0, false), &syn80),
+            TC_ACT_SHOT,
+            Counter::DroppedNoSocket,
+        ),
+        case(
+            "the same bare packet through the Ethernet program: misparsed, never matched",
+            ipv4_packet(L3_SOURCE4, SERVER4, TCP, &[], (0, false), &syn80),
+            TC_ACT_UNSPEC,
+            Counter::Malformed,
+        ),
+        l3_case(
+            "l3: tcp4 with IP options to another port",
+            ipv4_packet(L3_SOURCE4, SERVER4, TCP, &nop_options, (0, false), &syn81),
+            TC_ACT_UNSPEC,
+            Counter::NotMatched,
+        ),
+        l3_case(
+            "l3: tcp6 past hop-by-hop and destination options",
+            ipv6_packet(L3_SOURCE6, SERVER6, 0, &chain_to_tcp),
+            TC_ACT_SHOT,
+            Counter::DroppedNoSocket,
+        ),
+        // IP options make these two long enough for BPF_PROG_TEST_RUN, which wants a whole
+        // IPv4 header behind the 14 bytes it takes for Ethernet.
+        l3_case(
+            "l3: tcp4 tiny first fragment with IP options, matched",
+            ipv4_packet(
+                L3_SOURCE4,
+                SERVER4,
+                TCP,
+                &nop_options,
+                (0, true),
+                &syn80[..8],
+            ),
+            TC_ACT_SHOT,
+            Counter::Fragment,
+        ),
+        l3_case(
+            "l3: tcp4 later fragment of that one",
+            ipv4_packet(
+                L3_SOURCE4,
+                SERVER4,
+                TCP,
+                &nop_options,
+                (1, false),
+                &syn80[8..],
+            ),
+            TC_ACT_SHOT,
+            Counter::DroppedLaterFragment,
+        ),
     ]
 }
 
@@ -336,7 +432,7 @@ fn crafted_frames_take_the_expected_path() {
             let mut failures = Vec::new();
             for case in cases() {
                 let before = counters(&classifier);
-                let verdict = match classifier.run_on_frame(PROG_TC_INGRESS, &case.frame) {
+                let verdict = match classifier.run_on_frame(case.program, &case.frame) {
                     Ok(verdict) => verdict,
                     Err(e) => {
                         failures.push(format!(
