@@ -161,15 +161,19 @@ fn mount_bpffs() -> Result<(), PinError> {
     // A mount made in a mount namespace of the agent's own (`ip netns exec`, a service's
     // private mounts) goes when its last process does, and the pins with it.
     let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
-    if let (Ok(own), Ok(init)) = (ns("self"), ns("1"))
-        && own != init
-    {
-        warn!(
-            "bpffs was mounted in a mount namespace other than init's (ip netns exec?): if it \
-             ends with the agent, so do the pins, and a crash leaves no classifier behind; \
-             mount bpffs at {BPFFS} where it outlives the agent, or enter only the network \
-             namespace (nsenter --net)"
-        );
+    let advice = "if it ends with the agent, so do the pins, and a crash leaves no \
+                  classifier behind; mount bpffs at /sys/fs/bpf where it outlives the agent, \
+                  or enter only the network namespace (nsenter --net)";
+    match (ns("self"), ns("1")) {
+        (Ok(own), Ok(init)) if own == init => {}
+        (Ok(_), Ok(_)) => warn!(
+            "bpffs was mounted in a mount namespace other than init's (ip netns exec?): {advice}"
+        ),
+        // /proc/1 may be out of reach (a sandbox, hidepid): say so rather than nothing.
+        _ => warn!(
+            "bpffs was mounted, and whether in init's mount namespace cannot be told \
+             (/proc/1/ns/mnt unreadable): {advice}"
+        ),
     }
     Ok(())
 }
