@@ -14,10 +14,9 @@ use std::{
     time::Duration,
 };
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use proxy_common::{Counter, GlobalConfig, IfaceAddrs, RuleCounters};
 use tokio::{
-    io::AsyncWriteExt as _,
     sync::Semaphore,
     task::{AbortHandle, JoinHandle},
 };
@@ -36,6 +35,7 @@ use crate::{
     stats,
     tproxy::{
         ListenError,
+        destination::{Destinations, OwnAddressesError},
         tcp::{self, LiveConnections, ProxyOptions},
         udp::{self, UdpOptions},
         workers::{self, Workers},
@@ -72,6 +72,9 @@ pub enum AgentError {
     /// An interface whose link type the classifier cannot parse.
     #[error(transparent)]
     LinkHeader(#[from] LinkHeaderError),
+    /// Listing this namespace's own addresses failed.
+    #[error(transparent)]
+    OwnAddresses(#[from] OwnAddressesError),
     /// Reading an interface's addresses failed.
     #[error(transparent)]
     Ifaddrs(#[from] IfaddrsError),
@@ -389,6 +392,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         0
     };
     let live = Arc::new(LiveConnections::default());
+    let destinations = Arc::new(Destinations::new(args.allow_local_destinations));
+    let stats_access = stats::Access {
+        group: args.stats_group,
+    };
     let mut listeners = Listeners {
         workers: Workers::start(worker_count)
             .map_err(|e| AgentError::Io("starting the TCP worker threads", e))?,
@@ -399,12 +406,14 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             limit: Arc::new(Semaphore::new(args.max_connections as usize)),
             live: Arc::clone(&live),
             kernel_relay: std::sync::OnceLock::new(),
+            destinations: Arc::clone(&destinations),
         }),
         udp_options: Arc::new(UdpOptions {
             idle_timeout: args.udp_idle_timeout,
             max_sessions: args.udp_max_sessions as usize,
             outbound,
             upstream,
+            destinations: Arc::clone(&destinations),
         }),
         running: HashMap::new(),
         udp_running: HashMap::new(),
@@ -442,6 +451,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     tokio::spawn(connection);
     let mut addr_changes =
         ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
+    // Before any listener serves: the proxy's own addresses are refused as destinations.
+    destinations.refresh(&handle).await?;
     let mut link_headers = Vec::new();
     for (name, index) in &ifaces {
         refresh_laddr(&handle, &mut classifier, name, *index, false).await?;
@@ -489,17 +500,27 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                     }
                 }
                 Some(index) = addr_changes.recv() => {
+                    if let Err(e) = destinations.refresh(&handle).await {
+                        error!("{}", error_chain(&e));
+                    }
                     if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index)
                         && let Err(e) = refresh_laddr(&handle, &mut classifier, name, index, true).await
                     {
                         error!("{name}: {}", error_chain(&e));
                     }
                 }
-                Ok((mut stream, _)) = stats_listener.accept() => {
-                    let report = report(&classifier, &rules);
-                    tokio::spawn(async move {
-                        let _ = stream.write_all(report.as_bytes()).await;
-                    });
+                Ok((stream, _)) = stats_listener.accept() => {
+                    let text = match stream.peer_cred() {
+                        Ok(cred) if stats_access.permits(&cred) => {
+                            report(&classifier, &rules, &destinations)
+                        }
+                        Ok(cred) => {
+                            debug!("stats: uid {} gid {} refused", cred.uid(), cred.gid());
+                            stats_access.refusal()
+                        }
+                        Err(e) => format!("refused: no peer credentials: {e}\n"),
+                    };
+                    stats::reply(stream, text);
                 }
                 _ = svm_poll.tick() => svm.recheck(),
             }
@@ -547,7 +568,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         error!("removing policy routing: {}", error_chain(&e));
     }
     svm.restore();
-    log_counters(&classifier, &rules);
+    log_counters(&classifier, &rules, &destinations);
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;
     result
@@ -703,22 +724,27 @@ fn rule_counters(classifier: &Classifier, rules: &[Rule]) -> Vec<(Rule, RuleCoun
         .collect()
 }
 
-fn report(classifier: &Classifier, rules: &[Rule]) -> String {
+fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) -> String {
     match classifier.counters() {
-        Ok(counters) => stats::format_report(&counters, &rule_counters(classifier, rules)),
+        Ok(counters) => stats::format_report(
+            &counters,
+            &[("refused_destination", destinations.refused())],
+            &rule_counters(classifier, rules),
+        ),
         Err(e) => format!("error: {}\n", error_chain(&e)),
     }
 }
 
-fn log_counters(classifier: &Classifier, rules: &[Rule]) {
+fn log_counters(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) {
     match classifier.counters() {
         Ok(counters) => info!(
-            "counters: {}",
+            "counters: {} refused_destination={}",
             counters
                 .iter()
                 .map(|(c, v)| format!("{}={v}", Counter::name(*c)))
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" "),
+            destinations.refused()
         ),
         Err(e) => error!("reading counters: {}", error_chain(&e)),
     }

@@ -176,6 +176,18 @@ pub struct RunArgs {
     /// intercepted traffic; by default the agent refuses to start instead.
     #[arg(long)]
     pub allow_unchecked_transparency: bool,
+
+    /// Relay to original destinations that are this host's own addresses, loopback,
+    /// unspecified, multicast or broadcast. By default such connections are reset and such
+    /// datagrams dropped: a client on the LAN must not reach the router's own services
+    /// through the proxy.
+    #[arg(long)]
+    pub allow_local_destinations: bool,
+
+    /// Besides root, the members of this group (a name or a number) may read the counters
+    /// with `proxy stats`.
+    #[arg(long, value_name = "GROUP", value_parser = parse_group)]
+    pub stats_group: Option<u32>,
 }
 
 impl RunArgs {
@@ -238,6 +250,18 @@ fn parse_drain(s: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     parse_seconds(s)
+}
+
+/// A group name or number, as its gid.
+fn parse_group(s: &str) -> Result<u32, String> {
+    if let Ok(gid) = s.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(s) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named '{s}'")),
+        Err(e) => Err(format!("looking up group '{s}': {e}")),
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {

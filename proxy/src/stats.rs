@@ -15,12 +15,22 @@ use proxy_common::{Counter, RuleCounters};
 
 use crate::rules::Rule;
 
+/// How long the agent waits for a stats client to take its report; one that does not read
+/// is dropped then, so it holds no task or descriptor for longer.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The first word of the agent's answer to a client it refuses.
+const REFUSED: &str = "refused:";
+
 /// The agent could not be asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StatsError {
     /// No agent with that table in this network namespace.
     #[error("no agent with routing table {0} is running in this network namespace")]
     NoAgent(u32),
+    /// The agent answers only root and its `--stats-group`.
+    #[error("the agent refused: {0}")]
+    Refused(String),
     /// The socket failed.
     #[error("talking to the agent")]
     Io(#[source] io::Error),
@@ -53,7 +63,69 @@ pub fn query(table: u32) -> Result<String, StatsError> {
         .map_err(StatsError::Io)?;
     let mut report = String::new();
     stream.read_to_string(&mut report).map_err(StatsError::Io)?;
+    if let Some(why) = report.strip_prefix(REFUSED) {
+        return Err(StatsError::Refused(why.trim().to_owned()));
+    }
     Ok(report)
+}
+
+/// Who may read the counters: root, and the members of `--stats-group`. The socket is an
+/// abstract one, which any process of the network namespace can connect to, so the agent
+/// checks the peer's credentials (`SO_PEERCRED`) on every connection.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Access {
+    pub group: Option<u32>,
+}
+
+impl Access {
+    /// Root, or a process whose primary or supplementary groups include the group.
+    pub fn permits(&self, cred: &tokio::net::unix::UCred) -> bool {
+        if cred.uid() == 0 {
+            return true;
+        }
+        let Some(group) = self.group else {
+            return false;
+        };
+        cred.gid() == group
+            || cred
+                .pid()
+                .is_some_and(|pid| supplementary_groups(pid).contains(&group))
+    }
+
+    /// What a refused client reads.
+    pub fn refusal(&self) -> String {
+        match self.group {
+            Some(gid) => format!("{REFUSED} only root and group {gid} may read the counters\n"),
+            None => format!(
+                "{REFUSED} only root may read the counters (the agent's --stats-group names a \
+                 group that may)\n"
+            ),
+        }
+    }
+}
+
+/// The `Groups:` of `/proc/PID/status` (empty if it cannot be read: the process is gone).
+fn supplementary_groups(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|l| {
+                l.strip_prefix("Groups:").map(|g| {
+                    g.split_whitespace()
+                        .filter_map(|n| n.parse().ok())
+                        .collect()
+                })
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// Sends `text` to a stats client on a task of its own, giving up after [`WRITE_TIMEOUT`].
+pub fn reply(mut stream: tokio::net::UnixStream, text: String) {
+    use tokio::io::AsyncWriteExt as _;
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(text.as_bytes())).await;
+    });
 }
 
 /// One line describing a rule, in the words of its flags.
@@ -81,11 +153,19 @@ pub fn describe_rule(rule: &Rule) -> String {
     )
 }
 
-/// The report: global counters, then one line per rule.
-pub fn format_report(counters: &[(Counter, u64)], rules: &[(Rule, RuleCounters)]) -> String {
+/// The report: global counters (the classifier's, then the proxy's own), then one line per
+/// rule.
+pub fn format_report(
+    counters: &[(Counter, u64)],
+    proxy: &[(&str, u64)],
+    rules: &[(Rule, RuleCounters)],
+) -> String {
     let mut out = String::from("counters:\n");
     for (c, v) in counters {
         out.push_str(&format!("  {:<26}{v:>14}\n", c.name()));
+    }
+    for (name, v) in proxy {
+        out.push_str(&format!("  {name:<26}{v:>14}\n"));
     }
     out.push_str(&format!(
         "rules:\n  {:>4} {:>12} {:>14} {:>12} {:>12}  rule\n",
@@ -128,7 +208,12 @@ mod tests {
             assigned: 9,
             dropped: 1,
         };
-        let report = format_report(&[(Counter::Seen, 42)], &[(rule, counters)]);
+        let report = format_report(
+            &[(Counter::Seen, 42)],
+            &[("refused_destination", 3)],
+            &[(rule, counters)],
+        );
+        assert!(report.contains("refused_destination") && report.contains(" 3\n"));
         assert!(report.contains("seen") && report.contains("42"), "{report}");
         assert!(
             report

@@ -21,7 +21,10 @@ use tokio::{
 use crate::{
     kernel_relay::{self, KernelRelay},
     relay::{self, RelayMode},
-    tproxy::{ListenError, bind_listener, canonical, is_own_listener, sockopt::transparent_socket},
+    tproxy::{
+        ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
+        sockopt::transparent_socket,
+    },
     upstream::{self, Outbound, Upstream},
 };
 
@@ -70,6 +73,8 @@ pub struct ProxyOptions {
     pub live: Arc<LiveConnections>,
     /// The in-kernel relay's maps (`--relay sockmap`), set once the programs are loaded.
     pub kernel_relay: OnceLock<KernelRelay>,
+    /// Original destinations never connected to.
+    pub destinations: Arc<Destinations>,
 }
 
 /// The number of connections being proxied, and a way to wait until there are none.
@@ -165,6 +170,11 @@ async fn handle(
         warn!(
             "{peer} -> {orig_dst}: connection straight to the proxy port refused (it would loop)"
         );
+        return;
+    }
+    if let Some(why) = options.destinations.refuse(orig_dst.ip()) {
+        debug!("{peer} -> {orig_dst}: reset, the destination is {why}");
+        relay::reset(client);
         return;
     }
     let started = Instant::now();

@@ -30,7 +30,10 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 use crate::{
-    tproxy::{ListenError, bind_listener, canonical, is_own_listener, sockopt::transparent_socket},
+    tproxy::{
+        ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
+        sockopt::transparent_socket,
+    },
     upstream::{Outbound, Upstream, socks5},
 };
 
@@ -46,6 +49,8 @@ pub struct UdpOptions {
     pub outbound: Outbound,
     /// Direct (from the router's or, spoofed, the client's address) or SOCKS5.
     pub upstream: Upstream,
+    /// Original destinations never relayed to.
+    pub destinations: Arc<Destinations>,
 }
 
 /// Where a session's datagrams go: the original destination itself, or a SOCKS5 relay
@@ -224,6 +229,10 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
             debug!(
                 "udp {client} -> {orig_dst}: straight to the proxy port, dropped (it would loop)"
             );
+            continue;
+        }
+        if let Some(why) = options.destinations.refuse(orig_dst.ip()) {
+            debug!("udp {client} -> {orig_dst}: dropped, the destination is {why}");
             continue;
         }
         let datagram = buf[..n].to_vec();
