@@ -17,31 +17,14 @@ use crate::rules::{Compiled, Rule};
 /// generation's offset, the generation bit in every prefix key, action indices at the
 /// generation's offset, and each action with its counter slot.
 pub fn place(compiled: &Compiled, generation: u32, counter_slots: &[u32]) -> Compiled {
-    let class_of = |class_be: [u8; 4]| class_key(generation, u32::from_be_bytes(class_be));
     Compiled {
         port_classes: compiled
             .port_classes
             .iter()
             .map(|(index, class)| (generation * PORT_CLASS_ENTRIES + index, *class))
             .collect(),
-        v4: compiled
-            .v4
-            .iter()
-            .map(|(len, key, index)| {
-                let mut key = *key;
-                key.class_be = class_of(key.class_be);
-                (*len, key, action_index(generation, *index))
-            })
-            .collect(),
-        v6: compiled
-            .v6
-            .iter()
-            .map(|(len, key, index)| {
-                let mut key = *key;
-                key.class_be = class_of(key.class_be);
-                (*len, key, action_index(generation, *index))
-            })
-            .collect(),
+        v4: place_prefixes(&compiled.v4, generation, |k| &mut k.class_be),
+        v6: place_prefixes(&compiled.v6, generation, |k| &mut k.class_be),
         actions: compiled
             .actions
             .iter()
@@ -53,6 +36,24 @@ pub fn place(compiled: &Compiled, generation: u32, counter_slots: &[u32]) -> Com
             })
             .collect(),
     }
+}
+
+/// LPM entries (prefix length, key, rule index) with the generation bit in each key's
+/// class and the index at the generation's offset.
+fn place_prefixes<K: Copy>(
+    entries: &[(u32, K, u32)],
+    generation: u32,
+    class_be: impl Fn(&mut K) -> &mut [u8; 4],
+) -> Vec<(u32, K, u32)> {
+    entries
+        .iter()
+        .map(|(len, key, index)| {
+            let mut key = *key;
+            let class = class_be(&mut key);
+            *class = class_key(generation, u32::from_be_bytes(*class));
+            (*len, key, action_index(generation, *index))
+        })
+        .collect()
 }
 
 /// A rule as far as its counters are concerned: everything but the listener slot, which

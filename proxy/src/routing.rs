@@ -170,24 +170,7 @@ impl PolicyRouting {
             for (rule, _) in self.our_rules(version.clone()).await? {
                 self.delete_rule(version.clone(), rule).await?;
             }
-            // Deleting with our protocol set only deletes a route of ours
-            // (`fib_table_delete` skips routes whose protocol differs).
-            match self
-                .handle
-                .route()
-                .del(self.local_route(version.clone()))
-                .execute()
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(request(format!(
-                        "deleting the {} local route",
-                        family_name(&version)
-                    ))(e));
-                }
-            }
+            self.delete_local_route(version.clone()).await?;
             info!("policy routing ({}) removed", family_name(&version));
         }
         Ok(())
@@ -256,14 +239,8 @@ impl PolicyRouting {
                 self.delete_rule(version.clone(), rule).await?;
                 removed.push(format!("{family} rule fwmark {mark} lookup {}", self.table));
             }
-            match self
-                .handle
-                .route()
-                .del(self.local_route(version.clone()))
-                .execute()
-                .await
-            {
-                Ok(()) => removed.push(format!(
+            if self.delete_local_route(version.clone()).await? {
+                removed.push(format!(
                     "{family} route local {} dev lo table {}",
                     if version == IpVersion::V4 {
                         "0.0.0.0/0"
@@ -271,14 +248,30 @@ impl PolicyRouting {
                         "::/0"
                     },
                     self.table
-                )),
-                Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => {}
-                Err(e) => {
-                    return Err(request(format!("deleting the {family} local route"))(e));
-                }
+                ));
             }
         }
         Ok(removed)
+    }
+
+    /// Deletes our local route of `version`; false when there was none. Deleting with our
+    /// protocol set only deletes a route of ours (`fib_table_delete` skips routes whose
+    /// protocol differs).
+    async fn delete_local_route(&self, version: IpVersion) -> Result<bool, RoutingError> {
+        match self
+            .handle
+            .route()
+            .del(self.local_route(version.clone()))
+            .execute()
+            .await
+        {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ESRCH) || is_errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(request(format!(
+                "deleting the {} local route",
+                family_name(&version)
+            ))(e)),
+        }
     }
 
     /// `local 0.0.0.0/0 dev lo table N` (or `::/0`), tagged as ours.

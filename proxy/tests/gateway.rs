@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use common::{
     AGENT_ARGS, Agent, Server, ServerMode, counter, exchange, exchange_from_client, ip_stdout,
-    require_root, server,
+    require_root, server, tc_stdout,
 };
 use proxy::testbed::{self, Gateway};
 
@@ -298,24 +298,8 @@ fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
     require_root();
     let gw = Gateway::new("nl").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let qdiscs = || {
-        let out = gw
-            .router
-            .command("tc")
-            .args(["qdisc", "show", "dev", "r0"])
-            .output()
-            .expect("tc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    let filters = || {
-        let out = gw
-            .router
-            .command("tc")
-            .args(["filter", "show", "dev", "r0", "ingress"])
-            .output()
-            .expect("tc");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
+    let qdiscs = || tc_stdout(&gw.router, &["qdisc", "show", "dev", "r0"]);
+    let filters = || tc_stdout(&gw.router, &["filter", "show", "dev", "r0", "ingress"]);
     assert!(!qdiscs().contains("clsact"));
     let agent = Agent::start(
         &gw.router,

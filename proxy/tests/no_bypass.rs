@@ -63,22 +63,28 @@ fn fragments_v4(id: u16, dport: u16) -> [Vec<u8>; 2] {
     [header(0, true, &tcp[..8]), header(1, false, &tcp[8..])]
 }
 
+/// An IPv6 packet from the client to the server holding a fragment header (identification
+/// `id`, offset in 8-byte units, M flag, upper header `next`) and `payload`.
+fn fragment_v6(id: u16, next: u8, (offset_units, more): (u16, bool), payload: &[u8]) -> Vec<u8> {
+    let mut ip = vec![0x60, 0, 0, 0];
+    ip.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[44, 64]);
+    ip.extend_from_slice(&testbed::CLIENT_V6.octets());
+    ip.extend_from_slice(&testbed::SERVER_V6.octets());
+    ip.extend_from_slice(&[next, 0]);
+    ip.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
+    ip.extend_from_slice(&u32::from(id).to_be_bytes());
+    ip.extend_from_slice(payload);
+    ip
+}
+
 /// The two IPv6 fragments of `segment`, split the same way.
 fn fragments_v6(id: u16, dport: u16) -> [Vec<u8>; 2] {
     let tcp = segment(dport, b"must not reach the origin");
-    let packet = |offset_units: u16, more: bool, payload: &[u8]| {
-        let mut ip = vec![0x60, 0, 0, 0];
-        ip.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[44, 64]);
-        ip.extend_from_slice(&testbed::CLIENT_V6.octets());
-        ip.extend_from_slice(&testbed::SERVER_V6.octets());
-        ip.extend_from_slice(&[6, 0]);
-        ip.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
-        ip.extend_from_slice(&u32::from(id).to_be_bytes());
-        ip.extend_from_slice(payload);
-        ip
-    };
-    [packet(0, true, &tcp[..8]), packet(1, false, &tcp[8..])]
+    [
+        fragment_v6(id, 6, (0, true), &tcp[..8]),
+        fragment_v6(id, 6, (1, false), &tcp[8..]),
+    ]
 }
 
 /// The two IPv6 fragments of a segment to port 80 behind a 16-byte destination options
@@ -86,19 +92,10 @@ fn fragments_v6(id: u16, dport: u16) -> [Vec<u8>; 2] {
 fn fragments_v6_chain(id: u16) -> [Vec<u8>; 2] {
     let mut chain = vec![6, 1, 1, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
     chain.extend(segment(80, b"must not reach the origin"));
-    let packet = |offset_units: u16, more: bool, payload: &[u8]| {
-        let mut ip = vec![0x60, 0, 0, 0];
-        ip.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-        ip.extend_from_slice(&[44, 64]);
-        ip.extend_from_slice(&testbed::CLIENT_V6.octets());
-        ip.extend_from_slice(&testbed::SERVER_V6.octets());
-        ip.extend_from_slice(&[60, 0]);
-        ip.extend_from_slice(&((offset_units << 3) | u16::from(more)).to_be_bytes());
-        ip.extend_from_slice(&u32::from(id).to_be_bytes());
-        ip.extend_from_slice(payload);
-        ip
-    };
-    [packet(0, true, &chain[..8]), packet(1, false, &chain[8..])]
+    [
+        fragment_v6(id, 60, (0, true), &chain[..8]),
+        fragment_v6(id, 60, (1, false), &chain[8..]),
+    ]
 }
 
 /// Sends ready-made IP packets (headers included) from the client namespace.

@@ -7,7 +7,7 @@ use std::{net::TcpStream, path::Path, time::Duration};
 
 use common::{
     AGENT_ARGS, Agent, Mounts, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
-    require_root, server,
+    require_root, server, tc_stdout,
 };
 use nix::{sys::signal, unistd::Pid};
 use proxy::testbed::{self, Gateway, Netns};
@@ -260,13 +260,7 @@ fn classifiers(gw: &Gateway) -> (usize, Vec<String>) {
             .unwrap_or(0)
         })
         .expect("entering the router namespace");
-    let out = gw
-        .router
-        .command("tc")
-        .args(["filter", "show", "dev", "r0", "ingress"])
-        .output()
-        .expect("tc");
-    let filters = String::from_utf8_lossy(&out.stdout)
+    let filters = tc_stdout(&gw.router, &["filter", "show", "dev", "r0", "ingress"])
         .lines()
         .filter(|l| l.contains(" bpf ") && l.contains("handle"))
         .map(str::to_owned)
@@ -321,13 +315,7 @@ fn sk_lookup_programs(gw: &Gateway) -> u32 {
 }
 
 fn qdiscs(gw: &Gateway) -> String {
-    let out = gw
-        .router
-        .command("tc")
-        .args(["qdisc", "show", "dev", "r0"])
-        .output()
-        .expect("tc");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    tc_stdout(&gw.router, &["qdisc", "show", "dev", "r0"])
 }
 
 /// A connection from the client to the test server's `port` that is expected to fail: the

@@ -341,6 +341,16 @@ pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `tc ARGS`' output in `ns` (qdiscs and filters, before and after).
+pub fn tc_stdout(ns: &Netns, args: &[&str]) -> String {
+    let out = ns
+        .command("tc")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("tc {args:?}: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// One exchange (`testbed::exchange`) from the client namespace to `addr`; panics if it
 /// fails.
 pub fn exchange_from_client(
