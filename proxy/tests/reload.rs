@@ -181,6 +181,14 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
         .iter()
         .filter(|(listener, original)| *listener != 50000 + original)
         .collect();
+    eprintln!(
+        "{done} reloads; {} connections made, {} accepted, {} misrouted, {} failed, {} slow",
+        load.connected,
+        accepted.len(),
+        misrouted.len(),
+        load.failed.len(),
+        load.slow
+    );
     assert!(
         load.connected >= 2 * RELOADS as u64,
         "too little load to test anything: {load:?}"
