@@ -27,6 +27,7 @@ use crate::{
     error_chain,
     ifaddrs::{self, IfaddrsError},
     link_header::{self, LinkHeaderError},
+    pins::PinDir,
     relay::RelayMode,
     routing::{PolicyRouting, RoutingError},
     rules::{self, Mark, Rule, RuleError},
@@ -460,7 +461,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     }
 
     // Before the first packet can be marked; restored in the teardown (or on drop).
-    let mut svm = SrcValidMark::new(args.ifaces.iter().cloned());
+    let mut svm = SrcValidMark::new(args.ifaces.iter().cloned())
+        .with_pins(PinDir::of(args.table).map_err(EbpfError::from)?);
     svm.start()?;
     let mut svm_poll = tokio::time::interval(src_valid_mark::POLL_INTERVAL);
     svm_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -554,7 +556,10 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // stopping the workers drops their tasks and closes their sockets.
     drop(listeners);
 
-    // Teardown, in reverse, whatever happened above.
+    // Teardown, in reverse, whatever happened above. The sysctls first: with the
+    // listeners closed no intercepted packet is delivered any more, and their records
+    // must leave the pin directory before it goes.
+    svm.restore();
     classifier.detach_all();
     for name in classifier.take_clsact_added() {
         if let Some((_, index)) = ifaces.iter().find(|(n, _)| *n == name) {
@@ -567,7 +572,6 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     if let Err(e) = routing.remove().await {
         error!("removing policy routing: {}", error_chain(&e));
     }
-    svm.restore();
     log_counters(&classifier, &rules, &destinations);
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;

@@ -20,6 +20,7 @@ use crate::{
     ebpf,
     pins::{self, PinDir, PinError},
     routing::{self, PolicyRouting, RoutingError},
+    src_valid_mark::SrcValidMark,
     stats, tc_filter,
 };
 
@@ -125,6 +126,10 @@ async fn clean_table(handle: &rtnetlink::Handle, table: u32) -> Result<Vec<Strin
     entries.sort();
     let mut clsact = Vec::new();
     for (name, path) in &entries {
+        if name.starts_with("sysctl-") {
+            // Put back below, with the routing.
+            continue;
+        }
         if let Some(iface) = name.strip_prefix("clsact-") {
             clsact.push((pins::iface_of(iface), path.clone()));
             continue;
@@ -167,6 +172,11 @@ async fn clean_table(handle: &rtnetlink::Handle, table: u32) -> Result<Vec<Strin
         PolicyRouting::new(handle.clone(), table)
             .remove_leftovers()
             .await?,
+    );
+    removed.extend(
+        SrcValidMark::restore_recorded(pins.clone())
+            .into_iter()
+            .map(|restored| format!("the sysctl change (put back {restored})")),
     );
     pins.remove()
         .map_err(remove_err(pins.path().display().to_string()))?;

@@ -6,6 +6,9 @@
 //!     tcx-<iface>       the TCX link at <iface> ingress
 //!     sk_lookup         the namespace's sk_lookup link
 //!     clsact-<iface>/   an empty directory: the agent added <iface>'s clsact qdisc itself
+//!     sysctl-<key>-<previous>-<value>-<iface>/
+//!                       an empty directory: the agent set net.ipv4.conf.<iface>.<key>
+//!                       (src_valid_mark), to be put back after a crash
 //!     new-<name>        a link being pinned, renamed over <name> at once
 //! ```
 //!
@@ -90,6 +93,30 @@ impl PinDir {
             .join(format!("clsact-{}", iface.replace('.', ":")))
     }
 
+    /// The mark that the agent set sysctl `key` of `iface` to `value`, from `previous`:
+    /// an agent that died uncleanly leaves it, so that the next agent's clean exit or
+    /// `proxy cleanup` can put the value back (bpffs holds no files, only names).
+    pub fn sysctl_mark(&self, mark: &SysctlMark) -> PathBuf {
+        self.path.join(format!(
+            "sysctl-{}-{}-{}-{}",
+            mark.key,
+            mark.previous,
+            mark.value,
+            mark.iface.replace('.', ":")
+        ))
+    }
+
+    /// The sysctl marks in the directory (none if it does not exist).
+    pub fn sysctl_marks(&self) -> Vec<SysctlMark> {
+        let Ok(entries) = std::fs::read_dir(&self.path) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| SysctlMark::parse(e.file_name().to_str()?))
+            .collect()
+    }
+
     /// Removes the (empty) directory, then its namespace's and the agents' directories if
     /// nothing else is left in them.
     pub fn remove(&self) -> io::Result<()> {
@@ -104,6 +131,29 @@ impl PinDir {
             }
         }
         Ok(())
+    }
+}
+
+/// A sysctl the agent changed, as its pin directory records it: `sysctl-<key>-<previous>-
+/// <value>-<iface>` (the interface last, since its name may hold a `-`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SysctlMark {
+    pub iface: String,
+    /// `accept_local` or `rp_filter`, under `net.ipv4.conf.<iface>`.
+    pub key: String,
+    pub previous: u32,
+    pub value: u32,
+}
+
+impl SysctlMark {
+    fn parse(name: &str) -> Option<SysctlMark> {
+        let mut parts = name.strip_prefix("sysctl-")?.splitn(4, '-');
+        Some(SysctlMark {
+            key: parts.next()?.to_owned(),
+            previous: parts.next()?.parse().ok()?,
+            value: parts.next()?.parse().ok()?,
+            iface: iface_of(parts.next()?),
+        })
     }
 }
 
@@ -176,4 +226,30 @@ fn mount_bpffs() -> Result<(), PinError> {
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sysctl_mark_reads_back_whatever_the_interface_name() {
+        let dir = PinDir {
+            path: PathBuf::from("/x"),
+        };
+        for iface in ["r0", "wg-home", "eth0.100"] {
+            let mark = SysctlMark {
+                iface: iface.to_owned(),
+                key: "accept_local".to_owned(),
+                previous: 0,
+                value: 1,
+            };
+            let path = dir.sysctl_mark(&mark);
+            let name = path.file_name().and_then(|n| n.to_str()).expect("name");
+            assert!(!name.contains('.'), "{name}");
+            assert_eq!(SysctlMark::parse(name), Some(mark));
+        }
+        assert_eq!(SysctlMark::parse("sysctl-rp_filter-x-2-r0"), None);
+        assert_eq!(SysctlMark::parse("tcx-r0"), None);
+    }
 }

@@ -29,7 +29,10 @@ use std::{
 
 use log::{error, info, warn};
 
-use crate::error_chain;
+use crate::{
+    error_chain,
+    pins::{PinDir, PinError, SysctlMark},
+};
 
 /// How often the sysctls are read again while the agent runs: three small files, and three
 /// per interface at most.
@@ -67,8 +70,8 @@ struct Written {
     path: PathBuf,
     /// As sysctl(8) names it: `net.ipv4.conf.r0.accept_local`.
     name: String,
-    previous: u32,
-    value: u32,
+    /// Also what the pin directory records, for an agent after a crash.
+    mark: SysctlMark,
 }
 
 /// Keeps intercepted IPv4 deliverable on the attached interfaces while `src_valid_mark` is
@@ -80,6 +83,9 @@ pub struct SrcValidMark {
     written: Vec<Written>,
     /// The last error the periodic check logged, so that a lasting one is logged once.
     last_error: Option<String>,
+    /// Where each write is recorded, so that what a crashed agent set is put back by the
+    /// next one's clean exit, or by `proxy cleanup`.
+    pins: Option<PinDir>,
 }
 
 impl SrcValidMark {
@@ -95,12 +101,41 @@ impl SrcValidMark {
             ifaces: ifaces.into_iter().collect(),
             written: Vec::new(),
             last_error: None,
+            pins: None,
+        }
+    }
+
+    /// Records each write in `pins` (see [`PinDir::sysctl_mark`]).
+    pub fn with_pins(mut self, pins: PinDir) -> Self {
+        self.pins = Some(pins);
+        self
+    }
+
+    /// Takes over what an agent that died uncleanly recorded: those sysctls are restored
+    /// on this one's exit, as if it had written them.
+    fn adopt(&mut self) {
+        let Some(pins) = &self.pins else {
+            return;
+        };
+        for mark in pins.sysctl_marks() {
+            let path = self.path(&mark.iface, &mark.key);
+            if self.written.iter().any(|w| w.path == path) {
+                continue;
+            }
+            let name = format!("net.ipv4.conf.{}.{}", sysctl_iface(&mark.iface), mark.key);
+            info!(
+                "{name}={} was set by an agent that did not stop cleanly (it was {}): it is \
+                 put back on exit",
+                mark.value, mark.previous
+            );
+            self.written.push(Written { path, name, mark });
         }
     }
 
     /// The check at start: an error here means intercepted IPv4 may be dropped, so the
     /// caller refuses to start.
     pub fn start(&mut self) -> Result<(), SysctlError> {
+        self.adopt();
         self.apply()
     }
 
@@ -185,12 +220,14 @@ impl SrcValidMark {
             }
             // Set again after someone reset it: the value to restore is still the first one.
             if !self.written.iter().any(|w| w.path == path) {
-                self.written.push(Written {
-                    path,
-                    name,
+                let mark = SysctlMark {
+                    iface: iface.to_owned(),
+                    key: key.to_owned(),
                     previous,
                     value,
-                });
+                };
+                self.record(&mark);
+                self.written.push(Written { path, name, mark });
             }
         }
         Ok(())
@@ -198,25 +235,59 @@ impl SrcValidMark {
 
     /// Writes back the previous value of every sysctl this wrote, unless someone changed it
     /// since (then it is theirs, and left as is). Logs one line.
-    pub fn restore(&mut self) {
+    pub fn restore(&mut self) -> Vec<String> {
         let mut restored = Vec::new();
-        for w in self.written.drain(..).rev() {
+        for w in std::mem::take(&mut self.written).into_iter().rev() {
+            let (previous, value) = (w.mark.previous, w.mark.value);
             match read(&w.path) {
-                Ok(now) if now == w.value => match write(&w.path, w.previous) {
-                    Ok(()) => restored.push(format!("{}={}", w.name, w.previous)),
+                Ok(now) if now == value => match write(&w.path, previous) {
+                    Ok(()) => restored.push(format!("{}={previous}", w.name)),
                     Err(e) => warn!("restoring {}: {}", w.name, error_chain(&e)),
                 },
                 Ok(now) => warn!(
-                    "{} is {now}, not the {} the agent set: someone changed it, left as is",
-                    w.name, w.value
+                    "{} is {now}, not the {value} the agent set: someone changed it, left as is",
+                    w.name
                 ),
                 Err(e) => warn!("restoring {}: {}", w.name, error_chain(&e)),
             }
+            if let Some(pins) = &self.pins {
+                let _ = std::fs::remove_dir(pins.sysctl_mark(&w.mark));
+            }
         }
+        restored.reverse();
         if !restored.is_empty() {
-            restored.reverse();
             info!("restored {}", restored.join(", "));
         }
+        restored
+    }
+
+    /// Notes a write in the pin directory; a failure only costs the restore after a crash.
+    fn record(&self, mark: &SysctlMark) {
+        let Some(pins) = &self.pins else {
+            return;
+        };
+        let path = pins.sysctl_mark(mark);
+        if let Err(e) = pins.create().and_then(|()| {
+            std::fs::create_dir(&path)
+                .or_else(|e| match e.kind() {
+                    io::ErrorKind::AlreadyExists => Ok(()),
+                    _ => Err(e),
+                })
+                .map_err(|e| PinError::Dir(path.clone(), e))
+        }) {
+            warn!(
+                "{}: after a crash this sysctl would not be put back: {}",
+                path.display(),
+                error_chain(&e)
+            );
+        }
+    }
+
+    /// `proxy cleanup`: puts back what the agent of `pins` recorded and removes the records.
+    pub fn restore_recorded(pins: PinDir) -> Vec<String> {
+        let mut guard = SrcValidMark::new([]).with_pins(pins);
+        guard.adopt();
+        guard.restore()
     }
 
     fn path(&self, dir: &str, key: &str) -> PathBuf {

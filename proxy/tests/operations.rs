@@ -611,3 +611,63 @@ fn src_valid_mark_set_before_start_or_while_running_keeps_ipv4_proxied() {
     agent.stop_ok();
     assert_eq!(ipv4_conf(&gw.router), before);
 }
+
+#[test]
+fn sysctls_a_crashed_agent_set_are_put_back_by_the_next_agent_or_by_cleanup() {
+    require_root();
+    let gw = Gateway::new("svm-crash").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    gw.router
+        .sysctl("net.ipv4.conf.all.src_valid_mark", "1")
+        .expect("sysctl in the router namespace");
+    let before = ipv4_conf(&gw.router);
+    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
+    let proxied = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let crash = || {
+        let agent = Agent::start_in(&mounts, AGENT_ARGS);
+        let reply = exchange_from_client(&gw, server(80), b"x");
+        assert!(reply.starts_with(&proxied), "{reply}");
+        let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+        let (status, _) = agent.wait_exit(Duration::from_secs(5));
+        assert!(!status.success());
+        // Left as set: the classifier the crash left needs it.
+        assert_eq!(
+            ipv4_conf(&gw.router),
+            with(before.clone(), "r0/accept_local", "1")
+        );
+    };
+
+    // A restarted agent takes the change over and puts it back on its clean exit.
+    crash();
+    let agent = Agent::start_in(&mounts, AGENT_ARGS);
+    let reply = exchange_from_client(&gw, server(80), b"x");
+    assert!(reply.starts_with(&proxied), "{reply}");
+    let log = agent.stop_ok();
+    assert!(log.contains("did not stop cleanly"), "{log}");
+    assert_eq!(
+        ipv4_conf(&gw.router),
+        before,
+        "after the restarted agent:\n{log}"
+    );
+
+    // `proxy cleanup` puts it back too.
+    crash();
+    let out = mounts
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .args(["cleanup", "--table", "100"])
+        .output()
+        .expect("proxy cleanup");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(
+        report.contains("net.ipv4.conf.r0.accept_local=0"),
+        "{report}"
+    );
+    assert_eq!(
+        ipv4_conf(&gw.router),
+        before,
+        "after proxy cleanup:\n{report}"
+    );
+    assert_nothing_left(&gw, &mounts, &rules_before);
+}
