@@ -193,8 +193,8 @@ fn is_bpffs(path: &str) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
 }
 
-/// Mounts bpffs at [`BPFFS`] unless it is there (DESIGN section 7: it is not mounted by
-/// default on these machines).
+/// Mounts bpffs at [`BPFFS`] unless it is there: some hosts, the machines this was built on
+/// among them, do not mount it by default.
 fn mount_bpffs() -> Result<(), PinError> {
     if is_bpffs(BPFFS) {
         return Ok(());

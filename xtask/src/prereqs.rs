@@ -5,7 +5,7 @@ use std::{path::Path, process::Command};
 use anyhow::{Context as _, bail};
 
 /// bpf-linker 0.10.3 is the last release that links with the Rust toolchain's own LLVM;
-/// later ones need a system LLVM these machines lack (DESIGN section 5).
+/// later ones need a system LLVM 23, which Debian 12 does not ship.
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
 /// Debian packages: iproute2 for the test topologies (and `ss`), bpftool to inspect
