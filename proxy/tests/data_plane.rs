@@ -644,6 +644,167 @@ fn udp_through_a_socks5_upstream_uses_udp_associate() {
     assert!(status.success(), "{log}");
 }
 
+/// A process's resident memory (`VmRSS` in /proc/PID/status), in KiB.
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// How many descriptors process `pid` holds.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+/// Waits up to `timeout` for `done` to hold, polling every 20 ms; tells whether it did.
+fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+/// One flood from the client namespace: a datagram to the server's port 53 from each of
+/// `count` source ports, 100 every 10 ms (paced so that the agent's listener keeps up,
+/// quick enough that no session idles out before the cap is reached). The sockets stay
+/// open, so that the echoes do not come back as port unreachables, which end sessions.
+fn udp_flood(gw: &Gateway, first_port: u16, count: u16) -> Vec<UdpSocket> {
+    gw.client
+        .run(|| -> std::io::Result<Vec<UdpSocket>> {
+            let mut sockets = Vec::with_capacity(usize::from(count));
+            for i in 0..count {
+                let socket = UdpSocket::bind(("0.0.0.0", first_port + i))?;
+                socket.send_to(format!("flood {i}").as_bytes(), server(53))?;
+                sockets.push(socket);
+                if i % 100 == 99 {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(sockets)
+        })
+        .expect("netns")
+        .expect("flood")
+}
+
+/// Floods of 5,000 client source ports, one datagram each, at a cap of 1,000 sessions:
+/// each live session costs at most 64 KiB of the agent's resident memory, and once the
+/// sessions have idled out the agent is back within 32 MiB of where it started, flood
+/// after flood. (With two 64 KiB buffers per session, the first flood left 52 MiB behind.)
+#[test]
+fn udp_flood_costs_what_the_sessions_hold_and_gives_it_back() {
+    require_root();
+    const FLOODS: usize = 2;
+    const FLOOD: u16 = 5_000;
+    const CAP: usize = 1_000;
+    const FIRST_PORT: u16 = 20_000;
+    // The flood's sockets stay open: this process needs a descriptor for each.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .expect("getrlimit");
+    let want = hard.max(u64::from(FLOOD) + 1_024);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, want, want)
+        .expect("raising RLIMIT_NOFILE for the flood's sockets");
+
+    let gw = Gateway::new("udpmem").expect("topology");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let echo_stop = std::sync::Arc::clone(&stop);
+    let echo = spawn_in(&gw.server, move || {
+        let socket = UdpSocket::bind("0.0.0.0:53").expect("bind :53");
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let mut buf = [0u8; 2048];
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !echo_stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+            if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+                let _ = socket.send_to(&buf[..n], peer);
+            }
+        }
+    });
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            UDP_AGENT_ARGS,
+            &[
+                "--udp-max-sessions",
+                &CAP.to_string(),
+                "--udp-idle-timeout",
+                "2",
+            ],
+        ]
+        .concat(),
+    );
+    let pid = agent.pid();
+    // `ip netns exec` execs the agent in place: the child's pid is the agent's own.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).expect("comm");
+    assert_eq!(comm.trim(), "proxy", "pid {pid} is not the agent");
+    std::thread::sleep(Duration::from_millis(300));
+    let (fds_before, rss_before) = (open_fds(pid), vm_rss_kib(pid));
+
+    for round in 1..=FLOODS {
+        // Per session, against what the agent held just before this flood (the memory the
+        // agent gives back can take it below its first baseline).
+        let rss_start = vm_rss_kib(pid);
+        let flood_started = Instant::now();
+        let clients = udp_flood(&gw, FIRST_PORT, FLOOD);
+        let flood_secs = flood_started.elapsed().as_secs_f64();
+        // Live: two sockets per session (upstream and reply) once the cap is reached; then
+        // a moment for the echoes to come back through the sessions.
+        let reached = wait_until(Duration::from_secs(5), || {
+            open_fds(pid) >= fds_before + 2 * CAP
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let fds_live = open_fds(pid);
+        let rss_live = vm_rss_kib(pid);
+        let sessions = fds_live.saturating_sub(fds_before) / 2;
+        // Ended: every session idles out after 2 s; then the agent has time to free.
+        let ended = wait_until(Duration::from_secs(15), || open_fds(pid) <= fds_before);
+        std::thread::sleep(Duration::from_millis(1_500));
+        let rss_after = vm_rss_kib(pid);
+        drop(clients);
+
+        let per_session = rss_live.saturating_sub(rss_start) as f64 / sessions.max(1) as f64;
+        eprintln!(
+            "udp memory, flood {round}/{FLOODS}: {FLOOD} source ports in {flood_secs:.2} s, \
+             {sessions} sessions live (cap {CAP}); agent VmRSS {rss_start} KiB before, \
+             {rss_live} KiB live ({per_session:.1} KiB per session), {rss_after} KiB after the \
+             sessions ended ({:+} KiB from the first baseline, {rss_before} KiB)",
+            rss_after as i64 - rss_before as i64
+        );
+        assert!(
+            reached && sessions <= CAP,
+            "flood {round}: {sessions} sessions ({fds_before} -> {fds_live} descriptors), \
+             expected the cap of {CAP}:\n{}",
+            agent.settled_log()
+        );
+        assert!(
+            ended,
+            "flood {round}: sessions still open after 15 s ({} descriptors, {fds_before} before)",
+            open_fds(pid)
+        );
+        assert!(
+            per_session <= 64.0,
+            "flood {round}: {per_session:.1} KiB per live session ({rss_start} -> {rss_live} \
+             KiB for {sessions})"
+        );
+        assert!(
+            rss_after <= rss_before + 32 * 1024,
+            "flood {round}: {rss_after} KiB after the flood, {rss_before} KiB before: not given \
+             back"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echo.join();
+    agent.stop_ok();
+}
+
 #[test]
 fn the_proxys_own_marked_traffic_is_never_intercepted() {
     require_root();
