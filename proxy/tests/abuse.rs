@@ -22,7 +22,9 @@ use std::{
 use proxy::testbed::{self, Gateway};
 use socket2::{Domain, Protocol, Socket, Type};
 
-use common::{Agent, Server, ServerMode, counter, exchange_from_client, require_root, server};
+use common::{
+    Agent, Server, ServerMode, counter, exchange_from_client, open_fds, require_root, server,
+};
 
 const TCP_AND_UDP_80: &[&str] = &[
     "run",
@@ -322,11 +324,6 @@ fn stats_answer_root_and_the_stats_group_only() {
     agent.stop_ok();
 }
 
-/// Descriptors the process holds.
-fn fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 #[test]
 fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     require_root();
@@ -349,7 +346,7 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     let agent = Agent::start(&gw.router, &["run", "--iface", "r0", "--config", &config]);
     // `ip netns exec` runs the agent as its child's image: the pid is the agent's.
     let pid = agent.pid();
-    let before = fds(pid);
+    let before = open_fds(pid);
     let silent = gw
         .router
         .run(|| {
@@ -359,7 +356,7 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
         .expect("router namespace")
         .expect("connecting to the stats socket");
     std::thread::sleep(Duration::from_millis(200));
-    let held = fds(pid);
+    let held = open_fds(pid);
 
     let started = Instant::now();
     let second = stats_as(&gw, 0, 0);
@@ -374,10 +371,10 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
 
     // Past the write timeout, the silent client's socket is closed by the agent.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while fds(pid) > before && Instant::now() < deadline {
+    while open_fds(pid) > before && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let after = fds(pid);
+    let after = open_fds(pid);
     drop(silent);
     agent.stop_ok();
     let _ = std::fs::remove_dir_all(&dir);

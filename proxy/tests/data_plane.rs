@@ -14,7 +14,7 @@ use std::{
 
 use common::{
     AGENT_ARGS, Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange,
-    exchange_from_client, require_root, server,
+    exchange_from_client, open_fds, require_root, server,
 };
 use proxy::testbed::{self, Gateway, Netns};
 
@@ -653,11 +653,6 @@ fn vm_rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
-}
-
-/// How many descriptors process `pid` holds.
-fn open_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
 
 /// Waits up to `timeout` for `done` to hold, polling every 20 ms; tells whether it did.

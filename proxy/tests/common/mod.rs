@@ -341,6 +341,11 @@ pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// How many descriptors process `pid` holds.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
 /// `tc ARGS`' output in `ns` (qdiscs and filters, before and after).
 pub fn tc_stdout(ns: &Netns, args: &[&str]) -> String {
     let out = ns
