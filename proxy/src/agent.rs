@@ -404,6 +404,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             upstream: upstream.clone(),
             outbound,
             relay: args.relay,
+            idle_timeout: args.tcp_idle_timeout,
             limit: Arc::new(Semaphore::new(args.max_connections as usize)),
             live: Arc::clone(&live),
             kernel_relay: std::sync::OnceLock::new(),
@@ -545,9 +546,11 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
             () = live.all_closed() => info!("drained: all connections closed"),
             () = tokio::time::sleep(args.drain_timeout) => {
                 warn!("drain timeout: {} connection(s) cut", live.count());
+                cut(&live).await;
             }
             signal = signals.recv() => {
                 warn!("{signal} again: {} connection(s) cut", live.count());
+                cut(&live).await;
             }
         }
     }
@@ -576,6 +579,13 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // Give in-flight log records a moment to be forwarded.
     tokio::time::sleep(Duration::from_millis(20)).await;
     result
+}
+
+/// Resets the connections still live at the end of the drain, giving each a moment to log
+/// its closing line (`drain`); the workers' shutdown then drops whatever is left.
+async fn cut(live: &LiveConnections) {
+    live.cut();
+    let _ = tokio::time::timeout(Duration::from_secs(1), live.all_closed()).await;
 }
 
 /// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF

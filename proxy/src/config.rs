@@ -145,6 +145,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
+    /// A TCP connection that carries no byte either way for this long is reset on both
+    /// sides and its slot freed (like HAProxy's client/server timeouts, or a cloud NAT
+    /// gateway's idle timeout); 0: never. Keepalive probes carry no byte: a connection kept
+    /// open silently needs application keepalives or a longer timeout. Both relays honour
+    /// it (sockmap through the kernel's byte counters). Dead peers are found sooner by TCP
+    /// keepalive on both legs (first probe after 60 s, dead after 6 more 10 s apart).
+    #[arg(long, value_name = "SECONDS", default_value = "300", value_parser = parse_idle)]
+    pub tcp_idle_timeout: Duration,
+
     /// On SIGTERM/SIGINT, stop accepting and let live connections finish for at most this
     /// long before exiting; a second signal exits at once.
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_drain)]
@@ -264,6 +273,17 @@ fn parse_group(s: &str) -> Result<u32, String> {
     }
 }
 
+/// 0 (off), or up to a day.
+fn parse_idle(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(0.0..=86_400.0).contains(&secs) {
+        return Err(format!("'{s}' is out of range (0 to 86400 seconds)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
 fn parse_seconds(s: &str) -> Result<Duration, String> {
     let secs: f64 = s
         .parse()
@@ -303,6 +323,23 @@ mod tests {
         assert!(!args.fail_open);
         assert!(args.dst.is_empty());
         assert_eq!(args.protocol, Protocols::TCP);
+        assert_eq!(args.tcp_idle_timeout, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn tcp_idle_timeout_zero_turns_it_off() {
+        let base = ["run", "--iface", "eth0", "--dport", "80", "--on-port", "1"];
+        let idle = |value: &str| {
+            let cli = parse(&[&base[..], &["--tcp-idle-timeout", value]].concat())?;
+            let Command::Run(args) = cli.command else {
+                panic!("not run");
+            };
+            Ok::<_, clap::Error>(args.tcp_idle_timeout)
+        };
+        assert_eq!(idle("0").expect("0"), Duration::ZERO);
+        assert_eq!(idle("2.5").expect("2.5"), Duration::from_millis(2500));
+        assert!(idle("-1").is_err());
+        assert!(idle("x").is_err());
     }
 
     #[test]

@@ -26,7 +26,10 @@ use aya::maps::{MapData, SockHash};
 use log::info;
 use tokio::net::TcpStream;
 
-use crate::relay::{self, RelayMode, RelayOutcome};
+use crate::{
+    relay::{self, Ending, RelayMode, RelayOutcome},
+    tcp_info::counters,
+};
 
 /// The relay's maps, shared by the workers.
 pub struct KernelRelay {
@@ -99,9 +102,18 @@ impl Maps {
     }
 }
 
-/// Relays until both directions are closed, or until one fails (then both are reset).
-/// Falls back to the userspace relay where the pair cannot be handed to the kernel.
-pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream) -> RelayOutcome {
+/// Relays until both directions are closed, or until one fails, the connection is idle
+/// for `idle_timeout` (zero: never) or `drain` resolves; then both are reset. The idle
+/// timeout reads the kernel's byte counters, which see the bytes this relay moves without
+/// the agent (`relay::watchdog`). Falls back to the userspace relay where the pair cannot be
+/// handed to the kernel.
+pub async fn relay(
+    kernel: &KernelRelay,
+    client: TcpStream,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+) -> RelayOutcome {
     let prepared = (|| -> io::Result<_> {
         let cookies = (cookie(&client)?, cookie(&upstream)?);
         // What the agent itself read and wrote before (the SOCKS5 handshake on the
@@ -124,14 +136,14 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
     })();
     let ((client_cookie, upstream_cookie), (up_base, down_base)) = match prepared {
         Ok(prepared) => prepared,
-        Err(e) => return copy_instead(e, client, upstream).await,
+        Err(e) => return copy_instead(e, client, upstream, idle_timeout, drain).await,
     };
     let linked = match kernel.link(
         (client_cookie, client.as_raw_fd()),
         (upstream_cookie, upstream.as_raw_fd()),
     ) {
         Ok(linked) => linked,
-        Err(e) => return copy_instead(e, client, upstream).await,
+        Err(e) => return copy_instead(e, client, upstream, idle_timeout, drain).await,
     };
     // However this ends (even cancelled), the pair's map entries go.
     let _unlink = Unlink {
@@ -139,17 +151,20 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
         cookies: (client_cookie, upstream_cookie),
     };
     // Bytes that arrived before the link are still queued: run them through the program.
-    let mut error = kick(&client).err();
-    if matches!(linked, Linked::Both)
-        && let Err(e) = kick(&upstream)
-    {
-        error = Some(e);
+    let mut kicked = kick(&client);
+    if matches!(linked, Linked::Both) {
+        kicked = kicked.and(kick(&upstream));
     }
 
     // Bytes the agent copied itself (the down direction of a half-linked pair).
     let mut copied_down = 0;
-    let mut ended = relay::Ended::default();
-    if error.is_none() {
+    let ended = if let Err(e) = kicked {
+        relay::Ended {
+            up: false,
+            down: false,
+            ending: Ending::Reset(e),
+        }
+    } else {
         let down_half = async {
             match linked {
                 Linked::Both => watch(&upstream, &client, down_base).await,
@@ -158,21 +173,31 @@ pub async fn relay(kernel: &KernelRelay, client: TcpStream, upstream: TcpStream)
                 }
             }
         };
-        ended = relay::both_directions(watch(&client, &upstream, up_base), down_half).await;
-        error = ended.error.take();
-    }
+        relay::both_directions(
+            watch(&client, &upstream, up_base),
+            down_half,
+            relay::watchdog(&client, &upstream, idle_timeout, drain),
+        )
+        .await
+    };
     let (up_eof, down_eof) = (ended.up, ended.down);
     let up = relayed(&client, up_base, up_eof);
     let down = match linked {
         Linked::Both => relayed(&upstream, down_base, down_eof),
         Linked::FirstOnly => copied_down,
     };
-    relay::finish(client, upstream, up, down, error)
+    relay::finish(client, upstream, up, down, ended.ending)
 }
 
-async fn copy_instead(why: io::Error, client: TcpStream, upstream: TcpStream) -> RelayOutcome {
+async fn copy_instead(
+    why: io::Error,
+    client: TcpStream,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+) -> RelayOutcome {
     info!("in-kernel relay unavailable ({why}): copying this connection");
-    relay::copy_both_ways(client, upstream, RelayMode::Splice).await
+    relay::copy_both_ways(client, upstream, RelayMode::Splice, idle_timeout, drain).await
 }
 
 /// Takes a pair out of the maps when dropped.
@@ -243,7 +268,8 @@ async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<(
 /// Waits until `bytes` have been written into `to` (by the kernel relay), polling with a
 /// growing pause: this runs once per direction, at its end, and is usually true at once.
 /// It can take as long as `to`'s reader takes to open its window (a paused download): no
-/// time limit, as with the userspace relay; a socket error ends it.
+/// time limit of its own, as with the userspace relay; a socket error ends it, and so does
+/// the idle timeout once no byte moves for that long.
 async fn wait_written(to: &TcpStream, bytes: u64) -> io::Result<()> {
     let mut pause = Duration::from_micros(200);
     loop {
@@ -285,49 +311,6 @@ fn kick(stream: &TcpStream) -> io::Result<()> {
         )
     };
     os_result(rc)
-}
-
-/// The start of `struct tcp_info` (linux/tcp.h) up to the byte counters.
-#[repr(C)]
-#[derive(Default)]
-struct TcpInfoHead {
-    bytes8: [u8; 8],
-    words: [u32; 24],
-    pacing_rate: u64,
-    max_pacing_rate: u64,
-    bytes_acked: u64,
-    bytes_received: u64,
-}
-
-struct Counters {
-    acked: u64,
-    received: u64,
-}
-
-fn counters(fd: RawFd) -> io::Result<Counters> {
-    let mut info = TcpInfoHead::default();
-    let mut len = std::mem::size_of::<TcpInfoHead>() as libc::socklen_t;
-    // SAFETY: a valid descriptor and an out-buffer of the size given; the kernel copies at
-    // most that much.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&raw mut info).cast(),
-            &mut len,
-        )
-    };
-    os_result(rc)?;
-    if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
-        return Err(io::Error::other(
-            "TCP_INFO without byte counters (kernel older than 4.1)",
-        ));
-    }
-    Ok(Counters {
-        acked: info.bytes_acked,
-        received: info.bytes_received,
-    })
 }
 
 /// Bytes queued with `request` (SIOCINQ: received, not read; SIOCOUTQ: written, not acked).

@@ -31,6 +31,7 @@ pub mod rules_file;
 pub mod src_valid_mark;
 pub mod stats;
 pub mod tc_filter;
+pub mod tcp_info;
 pub mod testbed;
 pub mod tproxy;
 pub mod upstream;

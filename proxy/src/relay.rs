@@ -11,14 +11,21 @@
 //!   no pipe and no buffer. Where splice is refused the direction goes on copying, without
 //!   losing the bytes already in the pipe: a refusal from socket to pipe leaves it empty,
 //!   and after a refusal from pipe to socket its bytes are read back and written out.
+//! * Idle timeout: a connection that carries no byte either way for `--tcp-idle-timeout`
+//!   is reset on both sides ([`watchdog`]), and so is each one still open when the drain on
+//!   shutdown runs out.
 
 use std::{
-    io,
-    os::fd::{AsFd as _, BorrowedFd},
+    fmt, io,
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    time::Duration,
 };
 
+use log::debug;
 use nix::fcntl::{SpliceFFlags, splice};
-use tokio::{io::Interest, net::TcpStream};
+use tokio::{io::Interest, net::TcpStream, time::Instant};
+
+use crate::tcp_info::{self, Counters};
 
 /// How bytes are moved.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -33,79 +40,180 @@ pub enum RelayMode {
     Sockmap,
 }
 
-/// Bytes relayed each way, and what ended the relay if it was not a clean close.
+/// Why a connection ended: the last words of its closing log line.
+#[derive(Debug)]
+pub enum Ending {
+    /// Both directions finished cleanly, each EOF passed on.
+    Done,
+    /// No byte either way for the idle timeout: both sides were reset.
+    Idle(Duration),
+    /// A side reset or failed (keepalive finding a dead peer included): both sides were
+    /// reset.
+    Reset(io::Error),
+    /// The upstream connection could not be made: the client was reset.
+    Refused(io::Error),
+    /// Still open when the drain on shutdown ran out (or a second signal came): both sides
+    /// were reset.
+    Drain,
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Done => f.write_str("done"),
+            Ending::Idle(timeout) => write!(
+                f,
+                "idle, no byte either way for {} s",
+                timeout.as_secs_f64()
+            ),
+            Ending::Reset(e) => write!(f, "reset, ended by {e}"),
+            Ending::Refused(e) => write!(f, "refused, upstream connect failed: {e}"),
+            Ending::Drain => f.write_str("drain, cut when the drain on shutdown ended"),
+        }
+    }
+}
+
+/// Bytes relayed each way, and what ended the relay.
 pub struct RelayOutcome {
     /// Client to upstream.
     pub up: u64,
     /// Upstream to client.
     pub down: u64,
-    pub error: Option<io::Error>,
+    pub ending: Ending,
 }
 
 /// Bytes moved per splice or read: one pipe's default capacity (16 pages).
 const CHUNK: usize = 64 * 1024;
 
-/// Relays until both directions are closed, or until one fails (then both are reset).
+/// Relays until both directions are closed, or until one fails, the connection is idle
+/// for `idle_timeout` (zero: never) or `drain` resolves; then both are reset.
 pub async fn copy_both_ways(
     client: TcpStream,
     upstream: TcpStream,
     mode: RelayMode,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
 ) -> RelayOutcome {
     let (mut up, mut down) = (0u64, 0u64);
     let ended = both_directions(
         pump(&client, &upstream, &mut up, mode),
         pump(&upstream, &client, &mut down, mode),
+        watchdog(&client, &upstream, idle_timeout, drain),
     )
     .await;
-    finish(client, upstream, up, down, ended.error)
+    finish(client, upstream, up, down, ended.ending)
 }
 
-/// The end of a relay: after a failure both connections are reset, so an upstream reset
-/// reaches the client as one.
+/// The end of a relay: unless it was done, both connections are reset, so an upstream
+/// reset reaches the client as one, and an idle or cut connection is not mistaken for a
+/// complete one (a FIN would look like the end of a close-delimited response).
 pub(crate) fn finish(
     client: TcpStream,
     upstream: TcpStream,
     up: u64,
     down: u64,
-    error: Option<io::Error>,
+    ending: Ending,
 ) -> RelayOutcome {
-    if error.is_some() {
+    if !matches!(ending, Ending::Done) {
         reset(client);
         reset(upstream);
     }
-    RelayOutcome { up, down, error }
+    RelayOutcome { up, down, ending }
 }
 
 /// How the two directions of a relay ended.
-#[derive(Default)]
 pub(crate) struct Ended {
     /// The direction finished cleanly (its EOF passed on).
     pub up: bool,
     pub down: bool,
-    /// What stopped the relay, if a direction failed.
-    pub error: Option<io::Error>,
+    pub ending: Ending,
 }
 
-/// Runs both directions until both finish, or until one fails: then the other would wait
-/// forever for a peer that is gone, so it is stopped too.
+/// Runs both directions until both finish, or until one fails (then the other would wait
+/// forever for a peer that is gone, so it is stopped too), or until `watchdog` ends the
+/// relay.
 pub(crate) async fn both_directions(
     up_half: impl Future<Output = io::Result<()>>,
     down_half: impl Future<Output = io::Result<()>>,
+    watchdog: impl Future<Output = Ending>,
 ) -> Ended {
-    let mut ended = Ended::default();
-    tokio::pin!(up_half, down_half);
+    tokio::pin!(up_half, down_half, watchdog);
     let (mut up_done, mut down_done) = (false, false);
+    let (mut up, mut down) = (false, false);
     while !(up_done && down_done) {
         let result = tokio::select! {
-            r = &mut up_half, if !up_done => { up_done = true; ended.up = r.is_ok(); r }
-            r = &mut down_half, if !down_done => { down_done = true; ended.down = r.is_ok(); r }
+            r = &mut up_half, if !up_done => { up_done = true; up = r.is_ok(); r }
+            r = &mut down_half, if !down_done => { down_done = true; down = r.is_ok(); r }
+            ending = &mut watchdog => return Ended { up, down, ending },
         };
         if let Err(e) = result {
-            ended.error = Some(e);
-            break;
+            return Ended {
+                up,
+                down,
+                ending: Ending::Reset(e),
+            };
         }
     }
-    ended
+    Ended {
+        up,
+        down,
+        ending: Ending::Done,
+    }
+}
+
+/// Ends a relay once `drain` resolves, or once its connection has been idle for
+/// `idle_timeout` (zero: never).
+pub(crate) async fn watchdog(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+) -> Ending {
+    tokio::select! {
+        () = drain => Ending::Drain,
+        () = idle(client, upstream, idle_timeout) => Ending::Idle(idle_timeout),
+    }
+}
+
+/// Checks of the counters per idle timeout: an idle connection is reaped between one and
+/// 1.25 timeouts after its last byte.
+const IDLE_CHECKS: u32 = 4;
+
+/// Resolves once neither socket has received a byte or had one acknowledged for
+/// `timeout`; never if `timeout` is zero. The kernel's counters (TCP_INFO) see every byte,
+/// whether the agent or the in-kernel relay moved it, so this costs nothing per byte: two
+/// getsockopt calls a quarter of a timeout apart. Keepalive probes and bare ACKs carry no
+/// byte and do not count; a peer that stops reading (zero window) stops the counters too.
+async fn idle(client: &TcpStream, upstream: &TcpStream, timeout: Duration) {
+    let activity = || -> io::Result<[Counters; 2]> {
+        Ok([
+            tcp_info::counters(client.as_raw_fd())?,
+            tcp_info::counters(upstream.as_raw_fd())?,
+        ])
+    };
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut last = None;
+    let mut since = Instant::now();
+    loop {
+        match activity() {
+            Ok(now) if last == Some(now) => {
+                if since.elapsed() >= timeout {
+                    return;
+                }
+            }
+            Ok(now) => {
+                last = Some(now);
+                since = Instant::now();
+            }
+            Err(e) => {
+                debug!("no idle timeout for this connection: TCP_INFO: {e}");
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(timeout / IDLE_CHECKS).await;
+    }
 }
 
 /// One direction, until EOF (then the write side is shut down) or an error.

@@ -502,10 +502,17 @@ fn refusal_and_reset_reach_the_client(relay: &str) {
     );
     resetter.join().expect("thread").expect("server");
     let log = agent.stop_ok();
+    // Each connection's closing line says why it ended.
+    let closing = |port: &str| {
+        log.lines()
+            .find(|l| l.contains(&format!("-> 198.51.100.2:{port}:")) && l.contains(" ms, "))
+            .unwrap_or_else(|| panic!("no closing line for port {port}:\n{log}"))
+    };
     assert!(
-        log.contains("-> 198.51.100.2:81: upstream connect failed"),
+        closing("81").contains("refused, upstream connect failed"),
         "{log}"
     );
+    assert!(closing("80").contains("reset, ended by"), "{log}");
 }
 
 #[test]
@@ -538,6 +545,188 @@ fn sigterm_drains_a_live_connection_then_exits() {
     assert!(status.success(), "{log}");
     assert!(log.contains("drained: all connections closed"), "{log}");
     assert!(log.contains("policy routing (IPv4) removed"), "{log}");
+}
+
+#[test]
+fn the_drain_timeout_resets_what_is_left_and_logs_it_as_drain() {
+    require_root();
+    let gw = Gateway::new("draincut").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(
+        &gw.router,
+        &[AGENT_ARGS, &["--drain-timeout", "1"]].concat(),
+    );
+    let mut live = connect_kept(&gw, 80, &|| agent.log_text());
+    assert!(ask(&mut live, "before").contains("echo=before"));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("drain timeout: 1 connection(s) cut"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("-> 198.51.100.2:80:") && l.contains(" ms, drain")),
+        "{log}"
+    );
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        live.read(&mut buf).map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionReset),
+        "the cut connection was not reset"
+    );
+}
+
+/// The client side of a second client namespace, `ghost`, joined to the router by `r2`:
+/// 203.0.113.2/24 (RFC 5737), router 203.0.113.1.
+fn ghost_client(gw: &Gateway) -> Netns {
+    let ghost = Netns::create(format!("{}-gst", gw.router.name)).expect("ghost namespace");
+    gw.router
+        .ip(&[
+            "link",
+            "add",
+            "r2",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "g0",
+            "netns",
+            &ghost.name,
+        ])
+        .expect("veth r2/g0");
+    for (ns, dev, addr) in [
+        (&gw.router, "r2", "203.0.113.1/24"),
+        (&ghost, "g0", "203.0.113.2/24"),
+    ] {
+        ns.ip(&["addr", "add", addr, "dev", dev]).expect("address");
+        ns.ip(&["link", "set", dev, "up"]).expect("link up");
+    }
+    ghost
+        .ip(&["route", "add", "default", "via", "203.0.113.1"])
+        .expect("ghost route");
+    ghost
+}
+
+/// The keepalive timers of the router's established TCP sockets (`ss -o`), waiting for
+/// `count` of them: right after an exchange a socket may still wait for an ACK.
+fn keepalive_timers(gw: &Gateway, count: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let out = gw
+            .router
+            .command("ss")
+            .args(["-tnoH", "state", "established"])
+            .output()
+            .expect("ss");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let timers: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split("timer:(keepalive,").nth(1))
+            .map(|t| t.split(',').next().unwrap_or("").to_owned())
+            .collect();
+        if timers.len() >= count || Instant::now() >= deadline {
+            assert_eq!(timers.len(), count, "keepalive timers in:\n{text}");
+            return timers;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_vanished_client_is_reaped_after_the_idle_timeout_and_its_slot_comes_back() {
+    require_root();
+    vanished_client_is_reaped("splice");
+}
+
+#[test]
+fn a_vanished_client_is_reaped_after_the_idle_timeout_and_its_slot_comes_back_with_sockmap() {
+    require_root();
+    vanished_client_is_reaped("sockmap");
+}
+
+/// A client that vanishes (its link deleted: no FIN, no RST) holds its connection until
+/// the idle timeout resets it; then its --max-connections slot serves another client.
+fn vanished_client_is_reaped(relay: &str) {
+    let gw = Gateway::new(&format!("idle{relay}")).expect("topology");
+    let ghost = ghost_client(&gw);
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            AGENT_ARGS,
+            &[
+                "--iface",
+                "r2",
+                "--relay",
+                relay,
+                "--tcp-idle-timeout",
+                "2",
+                "--max-connections",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    let mut vanishing = ghost
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("entering the ghost namespace")
+        .unwrap_or_else(|e| panic!("connect: {e}\n{}", agent.log_text()));
+    vanishing
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    assert!(ask(&mut vanishing, "hello").contains("echo=hello"));
+    let last_byte = Instant::now();
+    // Both legs probe their peer within a minute of silence (the kernel's default is two
+    // hours): the client's socket (accepted, inheriting the listener's settings) and the
+    // upstream one.
+    for timer in keepalive_timers(&gw, 2) {
+        assert!(
+            timer.ends_with("sec") || timer == "1min",
+            "keepalive timer {timer}, not within a minute"
+        );
+    }
+    // Its slot is taken: another client is reset.
+    assert_eq!(try_ask(&gw, "refused"), None, "{}", agent.log_text());
+
+    ghost
+        .ip(&["link", "del", "g0"])
+        .expect("deleting the ghost's link");
+    let vanished = Instant::now();
+    let line = agent
+        .wait_for_line(
+            &["203.0.113.2:", "-> 198.51.100.2:80:", " ms, idle"],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("the vanished client was not reaped:\n{}", agent.log_text()));
+    let waited = vanished.elapsed();
+    assert!(
+        last_byte.elapsed() >= Duration::from_secs(2),
+        "reaped {:?} after its last byte, before the idle timeout: {line}",
+        last_byte.elapsed()
+    );
+    assert!(line.contains("6 bytes up"), "{line}");
+    // Reaped between one and 1.25 timeouts after its last byte; the log line is read on a
+    // thread, so allow some slack above.
+    assert!(
+        waited < Duration::from_secs(4),
+        "reaped {waited:?} after the link went: {line}"
+    );
+
+    // The slot is free again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut answer = None;
+    while answer.is_none() && Instant::now() < deadline {
+        answer = try_ask(&gw, "after");
+        if answer.is_none() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let answer = answer.unwrap_or_else(|| panic!("no slot came back:\n{}", agent.log_text()));
+    assert!(answer.contains("echo=after"), "{answer}");
+    drop(vanishing);
+    agent.stop_ok();
 }
 
 #[test]

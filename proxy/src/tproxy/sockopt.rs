@@ -1,8 +1,8 @@
 //! Socket options of a transparent proxy, each with the reason it is needed.
 
-use std::{io, net::SocketAddr};
+use std::{io, net::SocketAddr, time::Duration};
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
 
 /// IP_TRANSPARENT or IPV6_TRANSPARENT, for a socket of `addr`'s family: what lets it bind
 /// an address that is not local (a client's, an original destination).
@@ -30,4 +30,28 @@ pub fn transparent_socket(addr: &SocketAddr, ty: Type, protocol: Protocol) -> io
     // in TIME_WAIT.
     socket.set_reuse_address(true)?;
     Ok(socket)
+}
+
+/// Silence after which a proxied connection's socket sends its first keepalive probe.
+pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Time between unanswered probes.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Unanswered probes after which the peer is taken for dead.
+pub const KEEPALIVE_PROBES: u32 = 6;
+
+/// TCP keepalive (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) on a proxied
+/// connection's socket, client or upstream leg: a peer that vanished (powered off, its link
+/// gone, forgotten by a NAT) sends neither FIN nor RST, and without probes its connection
+/// would hold two descriptors and a `--max-connections` slot for as long as the idle timeout
+/// allows, forever with `--tcp-idle-timeout 0`. With these values a dead peer is found two
+/// minutes after it went silent (60 s + 6 x 10 s): the socket fails with ETIMEDOUT and the
+/// relay resets both legs. On a listener, accepted sockets inherit it (`sk_clone_lock`
+/// copies the settings, `tcp_create_openreq_child` arms the timer).
+pub fn set_keepalive(socket: SockRef<'_>) -> io::Result<()> {
+    socket.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_PROBES),
+    )
 }

@@ -6,7 +6,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc, OnceLock,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -20,10 +20,12 @@ use tokio::{
 
 use crate::{
     kernel_relay::{self, KernelRelay},
-    relay::{self, RelayMode},
+    relay::{self, Ending, RelayMode},
     tproxy::{
-        ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
-        sockopt::transparent_socket,
+        ListenError, bind_listener, canonical,
+        destination::Destinations,
+        is_own_listener,
+        sockopt::{set_keepalive, transparent_socket},
     },
     upstream::{self, Outbound, Upstream},
 };
@@ -53,6 +55,8 @@ pub fn listen(
                 if count > 1 {
                     socket.set_reuse_port(true).map_err(fail)?;
                 }
+                // Accepted sockets inherit it: no setsockopt per connection.
+                set_keepalive(socket2::SockRef::from(&socket)).map_err(fail)?;
                 socket.bind(&addr.into()).map_err(fail)?;
                 socket.listen(1024).map_err(fail)?;
                 socket.set_nonblocking(true).map_err(fail)?;
@@ -67,6 +71,9 @@ pub struct ProxyOptions {
     pub upstream: Upstream,
     pub outbound: Outbound,
     pub relay: RelayMode,
+    /// A connection that carries no byte either way for this long is reset on both sides
+    /// (`--tcp-idle-timeout`); zero: never.
+    pub idle_timeout: Duration,
     /// Bounds the number of connections being proxied at once (`--max-connections`).
     pub limit: Arc<Semaphore>,
     /// Counts live connections, for the drain on shutdown.
@@ -77,11 +84,14 @@ pub struct ProxyOptions {
     pub destinations: Arc<Destinations>,
 }
 
-/// The number of connections being proxied, and a way to wait until there are none.
+/// The number of connections being proxied, a way to wait until there are none, and a
+/// way to cut them all (the end of the drain on shutdown).
 #[derive(Default)]
 pub struct LiveConnections {
     count: AtomicUsize,
     changed: Notify,
+    cut: AtomicBool,
+    cutting: Notify,
 }
 
 impl LiveConnections {
@@ -94,6 +104,23 @@ impl LiveConnections {
         loop {
             let notified = self.changed.notified();
             if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Ends every live connection with a reset (each logs `drain`), and any accepted later.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.cutting.notify_waiters();
+    }
+
+    /// Resolves once [`Self::cut`] was called.
+    async fn cut_off(&self) {
+        loop {
+            let notified = self.cutting.notified();
+            if self.cut.load(Ordering::SeqCst) {
                 return;
             }
             notified.await;
@@ -178,32 +205,30 @@ async fn handle(
         return;
     }
     let started = Instant::now();
-    let upstream =
-        match upstream::connect(&options.upstream, peer, orig_dst, options.outbound).await {
+    let closing = |up: u64, down: u64, ending: Ending| {
+        info!(
+            "{peer} -> {orig_dst}: {up} bytes up, {down} bytes down, {:.1} ms, {ending}",
+            started.elapsed().as_secs_f64() * 1e3
+        );
+    };
+    let connect = upstream::connect(&options.upstream, peer, orig_dst, options.outbound);
+    let upstream = tokio::select! {
+        connected = connect => match connected {
             Ok(stream) => stream,
             Err(e) => {
-                info!("{peer} -> {orig_dst}: upstream connect failed: {e}");
                 relay::reset(client);
-                return;
+                return closing(0, 0, Ending::Refused(e));
             }
-        };
-    let outcome = match options.kernel_relay.get() {
-        Some(kernel) => kernel_relay::relay(kernel, client, upstream).await,
-        None => relay::copy_both_ways(client, upstream, options.relay).await,
+        },
+        () = options.live.cut_off() => {
+            relay::reset(client);
+            return closing(0, 0, Ending::Drain);
+        }
     };
-    let elapsed = started.elapsed();
-    match outcome.error {
-        None => info!(
-            "{peer} -> {orig_dst}: {} bytes up, {} bytes down, {:.1} ms",
-            outcome.up,
-            outcome.down,
-            elapsed.as_secs_f64() * 1e3
-        ),
-        Some(e) => info!(
-            "{peer} -> {orig_dst}: {} bytes up, {} bytes down, {:.1} ms, ended by {e}",
-            outcome.up,
-            outcome.down,
-            elapsed.as_secs_f64() * 1e3
-        ),
-    }
+    let (idle, drain) = (options.idle_timeout, options.live.cut_off());
+    let outcome = match options.kernel_relay.get() {
+        Some(kernel) => kernel_relay::relay(kernel, client, upstream, idle, drain).await,
+        None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
+    };
+    closing(outcome.up, outcome.down, outcome.ending);
 }

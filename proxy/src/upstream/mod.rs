@@ -55,5 +55,6 @@ pub async fn connect(
         )
     })??;
     stream.set_nodelay(true)?;
+    crate::tproxy::sockopt::set_keepalive(socket2::SockRef::from(&stream))?;
     Ok(stream)
 }
