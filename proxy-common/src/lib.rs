@@ -310,10 +310,14 @@ pub enum Counter {
     /// `bpf_sk_assign` refused a socket on the return path (T8); the packet went on
     /// unassigned.
     DivertAssignFailed = 16,
+    /// On an interface without a link-layer header, the IP version at offset 0 disagrees
+    /// with `skb->protocol`: the packets are not laid out as the agent decided, nothing on
+    /// that interface can be classified, so they are dropped rather than passed (T10).
+    DroppedBadLinkHeader = 17,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -333,6 +337,7 @@ impl Counter {
         Counter::DroppedUnclassifiable,
         Counter::DroppedLaterFragment,
         Counter::DivertAssignFailed,
+        Counter::DroppedBadLinkHeader,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -355,6 +360,7 @@ impl Counter {
             Counter::DroppedUnclassifiable => "dropped_unclassifiable",
             Counter::DroppedLaterFragment => "dropped_later_fragment",
             Counter::DivertAssignFailed => "divert_assign_failed",
+            Counter::DroppedBadLinkHeader => "dropped_bad_link_header",
         }
     }
 }

@@ -60,6 +60,9 @@ enum RuleVerdict {
     Assigned,
     /// No usable socket (T7), or one the kernel would refuse.
     NoSocket(Counter),
+    /// A socket is there but the packet cannot be given to it (a first fragment): always
+    /// dropped, never passed by fail-open.
+    Unassignable,
 }
 
 #[inline(always)]
@@ -107,6 +110,12 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             count(Counter::Malformed);
             return TC_ACT_UNSPEC;
         }
+        Err(parse::ParseError::BadLinkHeader) => {
+            // Not laid out as the agent decided for this interface: nothing here can be
+            // classified, so nothing passes (T10).
+            count(Counter::DroppedBadLinkHeader);
+            return TC_ACT_SHOT;
+        }
     };
     let Some(Matched {
         counter_slot,
@@ -118,33 +127,32 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
     count(Counter::Matched);
     let len = ctx.len();
 
-    let verdict = if packet.fragment == Fragment::First {
-        // The kernel drops a socket assigned to a fragment when it queues it for
-        // reassembly, so a first fragment is never assigned (T9).
-        RuleVerdict::NoSocket(Counter::Fragment)
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let laddr = laddr::listener_addr(&action, ifindex, &packet);
+    let lport_be = if action.on_port == 0 {
+        packet.dport_be
     } else {
-        let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-        let laddr = laddr::listener_addr(&action, ifindex, &packet);
-        let lport_be = if action.on_port == 0 {
-            packet.dport_be
-        } else {
-            action.on_port.to_be()
-        };
-        match lookup::find_socket(ctx, &packet, &laddr, lport_be) {
-            None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
-            // T5: only a transparent socket may receive the packet.
-            Some((sk, _)) if !sk.is_transparent() => {
-                RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
+        action.on_port.to_be()
+    };
+    let verdict = match lookup::find_socket(ctx, &packet, &laddr, lport_be) {
+        None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
+        // T5: only a transparent socket may receive the packet.
+        Some((sk, _)) if !sk.is_transparent() => {
+            RuleVerdict::NoSocket(Counter::DroppedNotTransparent)
+        }
+        // The kernel drops a socket assigned to a fragment when it queues it for
+        // reassembly, so a first fragment is never assigned (T9). But a socket is there:
+        // the kernel's TPROXY would reassemble and deliver, so the fragment must not pass
+        // either, fail-open or not (T11). Only with no socket at all does fail-open apply.
+        Some(_) if packet.fragment == Fragment::First => RuleVerdict::Unassignable,
+        Some((sk, found)) => {
+            if found == Found::TimeWaitSyn && action.flags & ACTION_HAS_LISTENER_SLOT != 0 {
+                // Tell the sk_lookup program that the kernel's coming listener lookup
+                // for this tuple is ours to answer (and no other lookup is), and with
+                // which of the agent's listeners.
+                let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &action.listener_slot, 0);
             }
-            Some((sk, found)) => {
-                if found == Found::TimeWaitSyn && action.flags & ACTION_HAS_LISTENER_SLOT != 0 {
-                    // Tell the sk_lookup program that the kernel's coming listener lookup
-                    // for this tuple is ours to answer (and no other lookup is), and with
-                    // which of the agent's listeners.
-                    let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &action.listener_slot, 0);
-                }
-                assigned(ctx, &sk, found, &action)
-            }
+            assigned(ctx, &sk, found, &action)
         }
     };
 
@@ -152,6 +160,12 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
         RuleVerdict::Assigned => {
             count_rule(counter_slot, len, true);
             TC_ACT_OK
+        }
+        RuleVerdict::Unassignable => {
+            count(Counter::Fragment);
+            count_rule(counter_slot, len, false);
+            drop_later_fragments(&packet);
+            TC_ACT_SHOT
         }
         RuleVerdict::NoSocket(reason) => {
             count(reason);

@@ -109,6 +109,10 @@ pub enum ParseError {
     /// The IP header itself is cut short or inconsistent: the stack drops such a packet
     /// (`ip_rcv_core`, `ipv6_rcv`) before routing it anywhere.
     Malformed,
+    /// No link-layer header was expected, but the IP version at offset 0 is not the one
+    /// `skb->protocol` names: the headers are elsewhere, and the stack (which reads from
+    /// the network header) may well accept the packet.
+    BadLinkHeader,
 }
 
 #[inline(always)]
@@ -127,10 +131,18 @@ pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Result<Parsed, ParseError>
     } else {
         u16::from_be(load::<u16>(ctx, L2_LEN - 2)?)
     };
-    match ethertype {
-        ETH_P_IP => parse_ipv4(ctx, L2_LEN),
-        ETH_P_IPV6 => parse_ipv6(ctx, L2_LEN),
-        _ => Ok(Parsed::Other),
+    let version = match ethertype {
+        ETH_P_IP => 4,
+        ETH_P_IPV6 => 6,
+        _ => return Ok(Parsed::Other),
+    };
+    if L2_LEN == 0 && load::<u8>(ctx, 0)? >> 4 != version {
+        return Err(ParseError::BadLinkHeader);
+    }
+    if version == 4 {
+        parse_ipv4(ctx, L2_LEN)
+    } else {
+        parse_ipv6(ctx, L2_LEN)
     }
 }
 
@@ -204,7 +216,7 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
         Ok(Chain::LaterFragment) => Ok(Parsed::LaterFragment(packet)),
         // ICMPv6, ESP, and everything else: not ours.
         Ok(Chain::OtherProtocol) => Ok(Parsed::Other),
-        Ok(Chain::NoTransport) | Err(ParseError::Malformed) => Ok(Parsed::Unclassifiable(packet)),
+        Ok(Chain::NoTransport) | Err(_) => Ok(Parsed::Unclassifiable(packet)),
     }
 }
 

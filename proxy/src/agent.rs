@@ -24,7 +24,7 @@ use tokio::{
 use crate::{
     config::{ListenerMode, RunArgs},
     ebpf::{Classifier, EbpfError},
-    error_chain,
+    error_chain, generation,
     ifaddrs::{self, IfaddrsError},
     link_header::{self, LinkHeaderError},
     pins::PinDir,
@@ -658,11 +658,19 @@ async fn reload(
         }
         return Err(e);
     }
-    classifier.set_config(global_config(&rules, args.outbound_mark))?;
+    // The new rules are in force from here on: what fails now is reported, not undone.
+    if let Err(e) = classifier.set_config(global_config(&rules, args.outbound_mark)) {
+        error!(
+            "reload: the new rules are in force but the return-path mark was not updated: {}",
+            error_chain(&e)
+        );
+    }
 
-    // Retire the old generation once packets that read its number have passed (a
-    // classifier run takes microseconds).
-    tokio::time::sleep(RETIRE_AFTER).await;
+    // Retire the old generation once every classifier run that read its number is over.
+    if let Err(e) = tokio::task::spawn_blocking(generation::wait_for_readers).await {
+        warn!("reload: waiting for the classifier's readers: {e}");
+        tokio::time::sleep(generation::FALLBACK_WAIT).await;
+    }
     if let Err(e) = classifier.retire_previous() {
         warn!(
             "reload: clearing the old rule tables (retried on the next reload): {}",
@@ -680,9 +688,6 @@ async fn reload(
     info!("reloaded: {} rule(s) in force", rules.len());
     Ok(rules)
 }
-
-/// How long after a generation switch the old generation's tables are cleared.
-const RETIRE_AFTER: Duration = Duration::from_millis(10);
 
 fn log_rules(rules: &[Rule]) {
     const SHOWN: usize = 20;

@@ -9,6 +9,8 @@
 //! each rule its counter slot so that a rule that stays keeps its counts whatever its new
 //! position. `ebpf::Classifier::install_rules` writes the maps.
 
+use std::collections::{HashMap, VecDeque};
+
 use proxy_common::{MAX_RULES, PORT_CLASS_ENTRIES, action_index, class_key};
 
 use crate::rules::{Compiled, Rule};
@@ -56,34 +58,60 @@ fn place_prefixes<K: Copy>(
         .collect()
 }
 
+/// Returns once every classifier run that may have read the old generation number has
+/// ended, so that the old generation's tables can be cleared. Programs at TC ingress run
+/// inside RCU read-side sections, and `membarrier(MEMBARRIER_CMD_GLOBAL)` waits for an RCU
+/// grace period (`synchronize_rcu()` in `kernel/sched/membarrier.c`). Blocking: run it on
+/// a blocking thread. Where the call is refused (a `nohz_full` kernel answers EINVAL, a
+/// seccomp filter may answer EPERM) it waits [`FALLBACK_WAIT`] instead, and says so.
+pub fn wait_for_readers() {
+    const MEMBARRIER_CMD_GLOBAL: libc::c_long = 1;
+    // SAFETY: membarrier takes two integers and touches no memory of ours.
+    let done = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0) };
+    if done != 0 {
+        let e = std::io::Error::last_os_error();
+        log::warn!(
+            "membarrier(MEMBARRIER_CMD_GLOBAL) refused ({e}): waiting {} ms instead of a grace \
+             period before clearing the old rule tables",
+            FALLBACK_WAIT.as_millis()
+        );
+        std::thread::sleep(FALLBACK_WAIT);
+    }
+}
+
+/// How long [`wait_for_readers`] waits when it cannot wait for a grace period: far longer
+/// than a classifier run (microseconds), short enough for a reload.
+pub const FALLBACK_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// A rule as far as its counters are concerned: everything but the listener slot, which
 /// the agent may renumber.
-fn same_rule(a: &Rule, b: &Rule) -> bool {
-    Rule {
-        listener_slot: None,
-        ..a.clone()
-    } == Rule {
-        listener_slot: None,
-        ..b.clone()
-    }
+fn identity(rule: &Rule) -> String {
+    format!(
+        "{:?}",
+        Rule {
+            listener_slot: None,
+            ..rule.clone()
+        }
+    )
 }
 
 /// Counter slots for `next`: a rule equal to one in force takes that rule's slot (its
 /// counts go on); any other rule takes the lowest slot no rule in force uses, to be zeroed
 /// before the switch. `None` when the rules in force and the new ones together need more
-/// than [`MAX_RULES`] slots: both generations count at once around the switch.
+/// than [`MAX_RULES`] slots: both generations count at once around the switch. Linear in
+/// the number of rules.
 pub fn assign_counter_slots(in_force: &[(Rule, u32)], next: &[Rule]) -> Option<Vec<u32>> {
-    let mut taken = vec![false; in_force.len()];
+    // Each identity's slots in force, in rule order; a duplicate rule takes the next one.
+    let mut by_identity: HashMap<String, VecDeque<u32>> = HashMap::new();
+    for (rule, slot) in in_force {
+        by_identity
+            .entry(identity(rule))
+            .or_default()
+            .push_back(*slot);
+    }
     let mut slots: Vec<Option<u32>> = next
         .iter()
-        .map(|rule| {
-            let found = in_force
-                .iter()
-                .enumerate()
-                .find(|(i, (old, _))| !taken[*i] && same_rule(old, rule))?;
-            taken[found.0] = true;
-            Some(found.1.1)
-        })
+        .map(|rule| by_identity.get_mut(&identity(rule))?.pop_front())
         .collect();
     let mut used: Vec<bool> = vec![false; MAX_RULES as usize];
     for (_, slot) in in_force {
@@ -137,6 +165,16 @@ mod tests {
         let in_force = vec![(rule(80), 7)];
         let slots = assign_counter_slots(&in_force, &[rule(80), rule(80)]).expect("fits");
         assert_eq!(slots, vec![7, 0]);
+    }
+
+    #[test]
+    fn sixteen_thousand_changed_rules_take_little_time() {
+        let in_force: Vec<(Rule, u32)> = (0..MAX_RULES / 2).map(|i| (rule(i as u16), i)).collect();
+        let next: Vec<Rule> = (MAX_RULES / 2..MAX_RULES).map(|i| rule(i as u16)).collect();
+        let started = std::time::Instant::now();
+        let slots = assign_counter_slots(&in_force, &next).expect("fits");
+        assert_eq!(slots.len(), next.len());
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
 
     #[test]

@@ -148,17 +148,37 @@ struct Case {
     program: &'static str,
     frame: Vec<u8>,
     verdict: i32,
-    /// The one counter (besides `seen` and `matched`) this frame must move by one.
-    counter: Counter,
+    /// The counters (besides `seen`) this frame must move, each by one.
+    counters: Vec<Counter>,
 }
 
+/// A case that moves `counter`, and `matched` too when `counter` is one of a matched
+/// packet's outcomes.
 fn case(name: &'static str, frame: Vec<u8>, verdict: i32, counter: Counter) -> Case {
+    let matched = matches!(
+        counter,
+        Counter::DroppedNoSocket
+            | Counter::Fragment
+            | Counter::AssignedListener
+            | Counter::AssignedEstablished
+            | Counter::DroppedNotTransparent
+    );
+    let counters = if matched {
+        vec![Counter::Matched, counter]
+    } else {
+        vec![counter]
+    };
+    case_counting(name, frame, verdict, &counters)
+}
+
+/// A case that moves exactly `counters` (in `Counter` order).
+fn case_counting(name: &'static str, frame: Vec<u8>, verdict: i32, counters: &[Counter]) -> Case {
     Case {
         name,
         program: PROG_TC_INGRESS,
         frame,
         verdict,
-        counter,
+        counters: counters.to_vec(),
     }
 }
 
@@ -229,10 +249,10 @@ fn cases() -> Vec<Case> {
             Counter::NotMatched,
         ),
         case(
-            "tcp4 first fragment with 8 bytes of TCP (ports, no flags), matched",
+            "tcp4 first fragment with 8 bytes of TCP (ports, no flags), matched, no socket",
             ipv4(SERVER4, TCP, &[], (0, true), &syn80[..8]),
             TC_ACT_SHOT,
-            Counter::Fragment,
+            Counter::DroppedNoSocket,
         ),
         case(
             "tcp4 later fragment of that one",
@@ -251,6 +271,18 @@ fn cases() -> Vec<Case> {
             ipv4(ELSEWHERE4, TCP, &[], (0, true), &syn80[..8]),
             TC_ACT_UNSPEC,
             Counter::NotMatched,
+        ),
+        case(
+            "tcp4 first fragment with 2 bytes of TCP (no ports)",
+            ipv4(SERVER4, TCP, &[], (0, true), &syn80[..2]),
+            TC_ACT_SHOT,
+            Counter::DroppedUnclassifiable,
+        ),
+        case(
+            "tcp4 later fragment of that one",
+            ipv4(SERVER4, TCP, &[], (1, false), &syn80[8..]),
+            TC_ACT_SHOT,
+            Counter::DroppedLaterFragment,
         ),
         case(
             "tcp4 truncated segment (2 bytes of TCP) to another prefix",
@@ -317,10 +349,10 @@ fn cases() -> Vec<Case> {
             Counter::DroppedLaterFragment,
         ),
         case(
-            "tcp6 first fragment with its whole TCP header, matched",
+            "tcp6 first fragment with its whole TCP header, matched, no socket",
             ipv6(SERVER6, 44, &first6_whole_tcp),
             TC_ACT_SHOT,
-            Counter::Fragment,
+            Counter::DroppedNoSocket,
         ),
         case(
             "ipv6 no next header, under the rule",
@@ -360,6 +392,16 @@ fn cases() -> Vec<Case> {
             Counter::Malformed,
         ),
         l3_case(
+            "l3: the IP version disagrees with skb->protocol",
+            ipv4_packet(L3_SOURCE4, SERVER4, TCP, &[], (0, false), &syn80)
+                .into_iter()
+                .enumerate()
+                .map(|(i, b)| if i == 0 { 0x65 } else { b })
+                .collect(),
+            TC_ACT_SHOT,
+            Counter::DroppedBadLinkHeader,
+        ),
+        l3_case(
             "l3: tcp4 with IP options to another port",
             ipv4_packet(L3_SOURCE4, SERVER4, TCP, &nop_options, (0, false), &syn81),
             TC_ACT_UNSPEC,
@@ -374,7 +416,7 @@ fn cases() -> Vec<Case> {
         // IP options make these two long enough for BPF_PROG_TEST_RUN, which wants a whole
         // IPv4 header behind the 14 bytes it takes for Ethernet.
         l3_case(
-            "l3: tcp4 tiny first fragment with IP options, matched",
+            "l3: tcp4 tiny first fragment with IP options, matched, no socket",
             ipv4_packet(
                 L3_SOURCE4,
                 SERVER4,
@@ -384,7 +426,7 @@ fn cases() -> Vec<Case> {
                 &syn80[..8],
             ),
             TC_ACT_SHOT,
-            Counter::Fragment,
+            Counter::DroppedNoSocket,
         ),
         l3_case(
             "l3: tcp4 later fragment of that one",
@@ -406,37 +448,47 @@ fn counters(classifier: &Classifier) -> Vec<(Counter, u64)> {
     classifier.counters().expect("reading the counters")
 }
 
-#[test]
-fn crafted_frames_take_the_expected_path() {
+/// Loads the classifier with the rule `rule_args` describe, installs it `installs` times
+/// (each install a new generation: 0, 1, 0, ...) and after each install runs `cases` (made
+/// fresh each time) through it, in a fresh network namespace where `setup` ran first.
+/// Returns what went wrong, one line per case.
+fn run_cases(
+    tag: &str,
+    rule_args: &[&str],
+    installs: usize,
+    setup: impl FnOnce() -> Vec<std::net::TcpListener> + Send,
+    cases: impl Fn() -> Vec<Case> + Send + Sync,
+) -> Vec<String> {
     require_root();
-    let ns = Netns::create(format!("tp-classify-{}", std::process::id())).expect("namespace");
-    let failures = ns
-        .run(|| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            let _guard = runtime.enter();
-            let Cli {
-                command: proxy::config::Command::Run(args),
-            } = Cli::parse_from(RULE)
-            else {
-                panic!("not a run command");
-            };
-            let rules = args.rules().expect("rules");
-            let compiled = rules::compile(&rules).expect("compiles");
-            let mut classifier = Classifier::load(0, false, 100).expect("loading the classifier");
+    let ns = Netns::create(format!("tp-{tag}-{}", std::process::id())).expect("namespace");
+    ns.run(|| {
+        let _sockets = setup();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _guard = runtime.enter();
+        let Cli {
+            command: proxy::config::Command::Run(args),
+        } = Cli::parse_from(rule_args)
+        else {
+            panic!("not a run command");
+        };
+        let rules = args.rules().expect("rules");
+        let compiled = rules::compile(&rules).expect("compiles");
+        let mut classifier = Classifier::load(0, false, 100).expect("loading the classifier");
+        let mut failures = Vec::new();
+        for install in 0..installs {
             classifier
                 .install_rules(&rules, &compiled)
                 .expect("installing rules");
-            let mut failures = Vec::new();
             for case in cases() {
                 let before = counters(&classifier);
                 let verdict = match classifier.run_on_frame(case.program, &case.frame) {
                     Ok(verdict) => verdict,
                     Err(e) => {
                         failures.push(format!(
-                            "{}: BPF_PROG_TEST_RUN failed: {}",
+                            "install {install}: {}: BPF_PROG_TEST_RUN failed: {}",
                             case.name,
                             proxy::error_chain(&e)
                         ));
@@ -447,19 +499,70 @@ fn crafted_frames_take_the_expected_path() {
                 let moved: Vec<(Counter, u64)> = before
                     .iter()
                     .zip(&after)
-                    .filter(|((c, _), _)| !matches!(c, Counter::Seen | Counter::Matched))
+                    .filter(|((c, _), _)| *c != Counter::Seen)
                     .filter(|((_, b), (_, a))| a != b)
                     .map(|((c, b), (_, a))| (*c, a - b))
                     .collect();
-                if verdict != case.verdict || moved != [(case.counter, 1)] {
+                let want: Vec<(Counter, u64)> = case.counters.iter().map(|c| (*c, 1)).collect();
+                if verdict != case.verdict || moved != want {
                     failures.push(format!(
-                        "{}: verdict {verdict} (want {}), counters moved {moved:?} (want {:?} by 1)",
-                        case.name, case.verdict, case.counter
+                        "install {install}: {}: verdict {verdict} (want {}), counters moved \
+                         {moved:?} (want {want:?})",
+                        case.name, case.verdict
                     ));
                 }
             }
-            failures
-        })
-        .expect("entering the namespace");
+        }
+        failures
+    })
+    .expect("entering the namespace")
+}
+
+#[test]
+fn crafted_frames_take_the_expected_path() {
+    // Three installs: generation 0, then 1 (the other half of every table, the generation
+    // bit in every key), then 0 again after it was cleared.
+    let failures = run_cases("classify", RULE, 3, Vec::new, cases);
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn a_first_fragment_under_fail_open_passes_only_when_no_socket_is_there() {
+    let rule: Vec<&str> = [RULE, &["--fail-open"]].concat();
+    let first = || ipv4(SERVER4, TCP, &[], (0, true), &transport(TCP, 80, &[])[..8]);
+    // No listener: what fail-open is for.
+    let failures = run_cases("failopen-none", &rule, 1, Vec::new, || {
+        vec![case_counting(
+            "tcp4 first fragment, fail-open, no socket",
+            first(),
+            TC_ACT_UNSPEC,
+            &[
+                Counter::Matched,
+                Counter::DroppedNoSocket,
+                Counter::PassedFailOpen,
+            ],
+        )]
+    });
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+    // A transparent listener on the on-port: the proxy is there, the fragment must not go
+    // past it, fail-open or not.
+    let listener = || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+        socket
+            .bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 50_080)).into())
+            .expect("bind");
+        socket.listen(8).expect("listen");
+        vec![socket.into()]
+    };
+    let failures = run_cases("failopen-listener", &rule, 1, listener, || {
+        vec![case_counting(
+            "tcp4 first fragment, fail-open, listener there",
+            first(),
+            TC_ACT_SHOT,
+            &[Counter::Matched, Counter::Fragment],
+        )]
+    });
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }

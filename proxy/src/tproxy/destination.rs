@@ -91,16 +91,22 @@ impl Destinations {
             .await
             .map_err(OwnAddressesError)?;
         let mut own = HashSet::new();
-        for attribute in messages.iter().flat_map(|m| &m.attributes) {
-            match attribute {
-                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => {
-                    own.insert(*ip);
-                }
-                AddressAttribute::Broadcast(ip) => {
-                    own.insert(IpAddr::V4(*ip));
-                }
-                _ => {}
-            }
+        for message in &messages {
+            // IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's on a point-to-point
+            // link, and the address itself only where IFA_LOCAL is absent (IPv6).
+            let local = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            });
+            let address = message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            });
+            own.extend(local.or(address));
+            own.extend(message.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Broadcast(ip) => Some(IpAddr::V4(*ip)),
+                _ => None,
+            }));
         }
         *self.own.write().unwrap_or_else(|e| e.into_inner()) = own;
         Ok(())
