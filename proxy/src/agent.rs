@@ -23,9 +23,9 @@ use tokio::{
 
 use crate::{
     config::{ListenerMode, RunArgs},
-    ebpf::{Classifier, EbpfError},
+    ebpf::{Classifier, EbpfError, TcAttach},
     error_chain, generation,
-    ifaddrs::{self, IfaddrsError},
+    ifaddrs::{self, IfaddrsError, InterfaceEvent},
     link_header::{self, LinkHeaderError},
     pins::PinDir,
     relay::RelayMode,
@@ -502,16 +502,44 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                         Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
                     }
                 }
-                Some(index) = addr_changes.recv() => {
-                    if let Err(e) = destinations.refresh(&handle).await {
-                        error!("{}", error_chain(&e));
+                Some(event) = addr_changes.recv() => match event {
+                    InterfaceEvent::Addresses(index) => {
+                        if let Err(e) = destinations.refresh(&handle).await {
+                            error!("{}", error_chain(&e));
+                        }
+                        if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index)
+                            && let Err(e) =
+                                refresh_laddr(&handle, &mut classifier, name, index, true).await
+                        {
+                            error!("{name}: {}", error_chain(&e));
+                        }
                     }
-                    if let Some((name, _)) = ifaces.iter().find(|(_, i)| *i == index)
-                        && let Err(e) = refresh_laddr(&handle, &mut classifier, name, index, true).await
-                    {
-                        error!("{name}: {}", error_chain(&e));
+                    InterfaceEvent::Gone(index) => {
+                        if let Some((name, index)) = ifaces.iter_mut().find(|(_, i)| *i == index) {
+                            error!(
+                                "{name} was deleted, and its classifier with it: nothing arriving \
+                                 on a new {name} is intercepted until it exists again, when the \
+                                 classifier is attached again"
+                            );
+                            *index = 0;
+                        }
                     }
-                }
+                    InterfaceEvent::Link { index, name } => {
+                        if let Some(entry) = ifaces.iter_mut().find(|(n, i)| *n == name && *i != index) {
+                            entry.1 = index;
+                            match reattach(&handle, &mut classifier, &name, index, args.tc_attach).await {
+                                Ok(()) => warn!(
+                                    "{name} exists again (index {index}): classifier attached again"
+                                ),
+                                Err(e) => error!(
+                                    "{name} exists again but the classifier could not be attached: \
+                                     its traffic is not intercepted: {}",
+                                    error_chain(&e)
+                                ),
+                            }
+                        }
+                    }
+                },
                 Ok((stream, _)) = stats_listener.accept() => {
                     let text = match stream.peer_cred() {
                         Ok(cred) if stats_access.permits(&cred) => {
@@ -586,6 +614,21 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 async fn cut(live: &LiveConnections) {
     live.cut();
     let _ = tokio::time::timeout(Duration::from_secs(1), live.all_closed()).await;
+}
+
+/// An `--iface` deleted and made again (a VPN interface torn down and set up): its laddr,
+/// its link type (it may be another kind now) and the classifier, attached again.
+async fn reattach(
+    handle: &rtnetlink::Handle,
+    classifier: &mut Classifier,
+    name: &str,
+    index: u32,
+    how: TcAttach,
+) -> Result<(), AgentError> {
+    refresh_laddr(handle, classifier, name, index, false).await?;
+    let header = link_header::of_interface(handle, name, index).await?;
+    classifier.attach(name, header, how)?;
+    Ok(())
 }
 
 /// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF

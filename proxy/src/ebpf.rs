@@ -199,6 +199,14 @@ enum TcLink {
     },
 }
 
+impl TcLink {
+    fn iface(&self) -> &str {
+        match self {
+            TcLink::Tcx { iface, .. } | TcLink::Filter { iface, .. } => iface,
+        }
+    }
+}
+
 /// The loaded programs and the links that keep them attached. Dropping it leaves them
 /// attached, as a crash does (T12); [`Classifier::detach_all`] removes them.
 pub struct Classifier {
@@ -514,6 +522,9 @@ impl Classifier {
             (TcLink::Filter { iface, link }, how)
         };
         info!("classifier {name} attached to {iface} ingress ({how})");
+        // An interface attached again (deleted and made anew) replaces its old entry, whose
+        // link or filter went with the old interface.
+        self.tc_links.retain(|l| l.iface() != iface);
         self.tc_links.push(link);
         Ok(())
     }

@@ -87,31 +87,61 @@ pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
     out
 }
 
-/// Follows address changes (RTM_NEWADDR / RTM_DELADDR, IPv4 and IPv6): sends the index of
-/// each interface whose addresses changed. The caller re-reads that interface's addresses,
-/// so a new primary address, a deleted one or the end of IPv6 duplicate address detection
-/// reaches the classifier while the agent runs.
-pub fn watch() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<u32>> {
+/// A change to the namespace's interfaces the agent follows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum InterfaceEvent {
+    /// The addresses of interface `index` changed (RTM_NEWADDR / RTM_DELADDR, IPv4 and
+    /// IPv6): a new primary address, a deleted one, the end of IPv6 duplicate address
+    /// detection.
+    Addresses(u32),
+    /// An interface exists or changed (RTM_NEWLINK): among other things, one that was
+    /// deleted and made again under the same name, with a new index.
+    Link { index: u32, name: String },
+    /// Interface `index` was deleted (RTM_DELLINK), and whatever was attached to it.
+    Gone(u32),
+}
+
+/// Follows address and link changes, so that the classifier's view of the interfaces
+/// (their laddr, whether it is attached at all) stays right while the agent runs.
+pub fn watch() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<InterfaceEvent>> {
     use futures::StreamExt as _;
     use rtnetlink::{
-        MulticastGroup, packet_core::NetlinkPayload, packet_route::RouteNetlinkMessage,
+        MulticastGroup,
+        packet_core::NetlinkPayload,
+        packet_route::{RouteNetlinkMessage, link::LinkAttribute},
     };
 
     let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(&[
         MulticastGroup::Ipv4Ifaddr,
         MulticastGroup::Ipv6Ifaddr,
+        MulticastGroup::Link,
     ])?;
     tokio::spawn(connection);
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some((message, _)) = messages.next().await {
-            let index = match message.payload {
+            let event = match message.payload {
                 NetlinkPayload::InnerMessage(
                     RouteNetlinkMessage::NewAddress(m) | RouteNetlinkMessage::DelAddress(m),
-                ) => m.header.index,
+                ) => InterfaceEvent::Addresses(m.header.index),
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                    let Some(name) = m.attributes.iter().find_map(|a| match a {
+                        LinkAttribute::IfName(name) => Some(name.clone()),
+                        _ => None,
+                    }) else {
+                        continue;
+                    };
+                    InterfaceEvent::Link {
+                        index: m.header.index,
+                        name,
+                    }
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(m)) => {
+                    InterfaceEvent::Gone(m.header.index)
+                }
                 _ => continue,
             };
-            if tx.send(index).is_err() {
+            if tx.send(event).is_err() {
                 return;
             }
         }

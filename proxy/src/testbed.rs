@@ -222,93 +222,90 @@ impl Gateway {
             server: Netns::create(format!("{id}-srv"))?,
         };
         match link {
-            ClientLink::Veth => {
-                gw.router.ip(&[
-                    "link",
-                    "add",
-                    "r0",
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "c0",
-                    "netns",
-                    &gw.client.name,
-                ])?;
-            }
+            ClientLink::Veth => gw.router.ip(&veth_args("r0", "c0", &gw.client)).map(drop)?,
             ClientLink::Tun => {
                 gw.pump = Some(TunPump::start((&gw.client, "c0"), (&gw.router, "r0"))?);
             }
         }
-        gw.router.ip(&[
-            "link",
-            "add",
+        gw.router.ip(&veth_args("r1", "s0", &gw.server))?;
+        address(&gw.client, "c0", CLIENT_V4, CLIENT_V6)?;
+        address(
+            &gw.router,
+            "r0",
+            ROUTER_CLIENT_SIDE_V4,
+            ROUTER_CLIENT_SIDE_V6,
+        )?;
+        address(
+            &gw.router,
             "r1",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "s0",
-            "netns",
-            &gw.server.name,
-        ])?;
-        let v4 = |a: Ipv4Addr| format!("{a}/24");
-        let v6 = |a: Ipv6Addr| format!("{a}/64");
-        for (ns, dev, a4, a6) in [
-            (&gw.client, "c0", CLIENT_V4, CLIENT_V6),
-            (
-                &gw.router,
-                "r0",
-                ROUTER_CLIENT_SIDE_V4,
-                ROUTER_CLIENT_SIDE_V6,
-            ),
-            (
-                &gw.router,
-                "r1",
-                ROUTER_SERVER_SIDE_V4,
-                ROUTER_SERVER_SIDE_V6,
-            ),
-            (&gw.server, "s0", SERVER_V4, SERVER_V6),
-        ] {
-            ns.ip(&["addr", "add", &v4(a4), "dev", dev])?;
-            // nodad: usable at once, no duplicate address detection to wait for.
-            ns.ip(&["-6", "addr", "add", &v6(a6), "dev", dev, "nodad"])?;
-            ns.ip(&["link", "set", dev, "up"])?;
-        }
-        gw.client.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_CLIENT_SIDE_V4.to_string(),
-        ])?;
-        gw.client.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_CLIENT_SIDE_V6.to_string(),
-        ])?;
-        gw.server.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_SERVER_SIDE_V4.to_string(),
-        ])?;
-        gw.server.ip(&[
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &ROUTER_SERVER_SIDE_V6.to_string(),
-        ])?;
+            ROUTER_SERVER_SIDE_V4,
+            ROUTER_SERVER_SIDE_V6,
+        )?;
+        address(&gw.server, "s0", SERVER_V4, SERVER_V6)?;
+        default_routes(&gw.client, ROUTER_CLIENT_SIDE_V4, ROUTER_CLIENT_SIDE_V6)?;
+        default_routes(&gw.server, ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6)?;
         gw.router.sysctl("net.ipv4.ip_forward", "1")?;
         gw.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         Ok(gw)
     }
+}
+
+impl Gateway {
+    /// Deletes the client-side veth pair (r0 and c0 go together) and makes it again with
+    /// the same names, addresses and routes, as a VPN interface that is torn down and set
+    /// up again (`wg-quick down/up`) would be: the same name, a new interface index.
+    pub fn relink_client(&self) -> Result<(), TestbedError> {
+        self.router.ip(&["link", "del", "r0"])?;
+        self.router.ip(&veth_args("r0", "c0", &self.client))?;
+        address(&self.client, "c0", CLIENT_V4, CLIENT_V6)?;
+        address(
+            &self.router,
+            "r0",
+            ROUTER_CLIENT_SIDE_V4,
+            ROUTER_CLIENT_SIDE_V6,
+        )?;
+        default_routes(&self.client, ROUTER_CLIENT_SIDE_V4, ROUTER_CLIENT_SIDE_V6)
+    }
+}
+
+/// `ip link add NAME type veth peer name PEER netns NS`.
+fn veth_args<'a>(name: &'a str, peer: &'a str, peer_ns: &'a Netns) -> [&'a str; 10] {
+    [
+        "link",
+        "add",
+        name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "netns",
+        &peer_ns.name,
+    ]
+}
+
+/// Gives `dev` in `ns` its /24 and /64 and brings it up.
+fn address(ns: &Netns, dev: &str, v4: Ipv4Addr, v6: Ipv6Addr) -> Result<(), TestbedError> {
+    ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])?;
+    // nodad: usable at once, no duplicate address detection to wait for.
+    ns.ip(&[
+        "-6",
+        "addr",
+        "add",
+        &format!("{v6}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ])?;
+    ns.ip(&["link", "set", dev, "up"])?;
+    Ok(())
+}
+
+/// Default routes of both families via the router.
+fn default_routes(ns: &Netns, via4: Ipv4Addr, via6: Ipv6Addr) -> Result<(), TestbedError> {
+    ns.ip(&["route", "add", "default", "via", &via4.to_string()])?;
+    ns.ip(&["-6", "route", "add", "default", "via", &via6.to_string()])?;
+    Ok(())
 }
 
 /// The server address of a family, for tests that loop over both.

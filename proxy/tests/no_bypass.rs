@@ -317,3 +317,40 @@ fn interception_over_a_tun_link_equals_interception_over_veth() {
     assert_eq!(peers_through(ClientLink::Veth), expected, "over veth");
     assert_eq!(peers_through(ClientLink::Tun), expected, "over tun");
 }
+
+/// A VPN interface torn down and set up again (`wg-quick down/up`, a tailscaled restart)
+/// is a new interface under the old name: the classifier of the old one went with it.
+fn interface_made_again_is_intercepted_again(attach: &str) {
+    require_root();
+    let gw = Gateway::new(&format!("relink-{attach}")).expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--tc-attach", attach]].concat());
+    let proxied = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let reply = exchange_from_client(&gw, server(80), b"before");
+    assert!(reply.starts_with(&proxied), "{reply}");
+
+    gw.relink_client().expect("making r0 and c0 again");
+    let line = agent.wait_for_line(&["r0 exists again"], Duration::from_secs(5));
+    assert!(
+        line.as_ref().is_some_and(|l| l.contains("attached again")),
+        "no re-attach: {line:?}\n{}",
+        agent.log_text()
+    );
+    assert!(agent.log_contains("r0 was deleted"), "{}", agent.log_text());
+    let reply = exchange_from_client(&gw, server(80), b"after");
+    assert!(
+        reply.starts_with(&proxied),
+        "after r0 was made again the connection went past the proxy: {reply}"
+    );
+    agent.stop_ok();
+}
+
+#[test]
+fn an_interface_deleted_and_made_again_is_intercepted_again_tcx() {
+    interface_made_again_is_intercepted_again("tcx");
+}
+
+#[test]
+fn an_interface_deleted_and_made_again_is_intercepted_again_netlink() {
+    interface_made_again_is_intercepted_again("netlink");
+}
