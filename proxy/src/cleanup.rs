@@ -16,6 +16,7 @@ use std::{
 };
 
 use crate::{
+    agent::ClsactRemoval,
     config::CleanupArgs,
     ebpf,
     pins::{self, PinDir, PinError},
@@ -159,7 +160,11 @@ async fn clean_table(handle: &rtnetlink::Handle, table: u32) -> Result<Vec<Strin
         let what = format!("the clsact qdisc of {iface}");
         if let Some(index) = crate::ifaddrs::ifindex(&iface) {
             match crate::agent::remove_clsact(handle, index).await {
-                Ok(()) => removed.push(what),
+                Ok(ClsactRemoval::Removed) => removed.push(what),
+                Ok(ClsactRemoval::KeptInUse(n)) => println!(
+                    "table {table}: kept {what}: {n} other filter(s) under it (`tc qdisc del \
+                     dev {iface} clsact` once they are gone)"
+                ),
                 // Gone already.
                 Err(rtnetlink::Error::NetlinkError(e))
                     if matches!(-e.raw_code(), libc::ENOENT | libc::EINVAL) => {}

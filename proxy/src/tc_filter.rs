@@ -28,13 +28,39 @@ pub struct BpfFilter {
 /// The cls_bpf filters at `ifindex` ingress, in dump order. None when the interface has no
 /// clsact (or ingress) qdisc.
 pub fn ingress_bpf_filters(ifindex: u32) -> io::Result<Vec<BpfFilter>> {
+    Ok(dump(ifindex, TcHandle::MIN_INGRESS)?
+        .iter()
+        .filter_map(bpf_filter)
+        .collect())
+}
+
+/// How many filters of any kind (cls_bpf, u32, flower, ...) sit under `ifindex`'s clsact
+/// qdisc, ingress and egress: a qdisc the agent added may have been taken into use by
+/// someone else (another agent, another tool), and then it must stay.
+pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
+    let with_kind = |messages: Vec<TcMessage>| {
+        messages
+            .iter()
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, TcAttribute::Kind(_)))
+            })
+            .count()
+    };
+    Ok(with_kind(dump(ifindex, TcHandle::MIN_INGRESS)?)
+        + with_kind(dump(ifindex, TcHandle::MIN_EGRESS)?))
+}
+
+/// The filter messages under clsact's `minor` hook (ingress or egress) of `ifindex`.
+fn dump(ifindex: u32, minor: u16) -> io::Result<Vec<TcMessage>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
     socket.bind_auto()?;
     socket.connect(&SocketAddr::new(0, 0))?;
     let mut message = TcMessage::with_index(ifindex as i32);
     message.header.parent = TcHandle {
         major: 0xffff,
-        minor: TcHandle::MIN_INGRESS,
+        minor,
     };
     let mut request = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficFilter(message));
     request.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
@@ -63,7 +89,7 @@ pub fn ingress_bpf_filters(ifindex: u32) -> io::Result<Vec<BpfFilter>> {
                     };
                 }
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
-                    filters.extend(bpf_filter(&m));
+                    filters.push(m);
                 }
                 _ => {}
             }

@@ -671,3 +671,56 @@ fn sysctls_a_crashed_agent_set_are_put_back_by_the_next_agent_or_by_cleanup() {
     );
     assert_nothing_left(&gw, &mounts, &rules_before);
 }
+
+#[test]
+fn cleanup_keeps_a_clsact_qdisc_another_agent_still_uses() {
+    require_root();
+    let gw = Gateway::new("cleanup-shared").expect("topology");
+    // One mount namespace for both agents and the cleanup: the pins (and A's note that it
+    // added the qdisc) outlive A there.
+    let mounts = Mounts::new(&gw.router);
+    let _s80 = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let _s81 = Server::start(&gw.server, server(81), ServerMode::Reply);
+    // Agent A adds the clsact qdisc; agent B (another table) puts its filter under it.
+    let a = Agent::start_in(&mounts, &[AGENT_ARGS, &["--tc-attach", "netlink"]].concat());
+    let b = Agent::start_in(
+        &mounts,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "81",
+            "--on-port",
+            "50081",
+            "--table",
+            "101",
+            "--tproxy-mark",
+            "0x2/0x2",
+            "--tc-attach",
+            "netlink",
+        ],
+    );
+    let proxied = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let reply = exchange_from_client(&gw, server(81), b"x");
+    assert!(reply.starts_with(&proxied), "{reply}");
+
+    let _ = signal::kill(Pid::from_raw(a.pid() as i32), signal::Signal::SIGKILL);
+    let (status, _) = a.wait_exit(Duration::from_secs(5));
+    assert!(!status.success());
+    let out = mounts
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .args(["cleanup", "--table", "100"])
+        .output()
+        .expect("proxy cleanup");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{report}");
+    assert!(report.contains("kept the clsact qdisc of r0"), "{report}");
+    // B's classifier is still there: port 81 is still intercepted.
+    let reply = exchange_from_client(&gw, server(81), b"x");
+    assert!(
+        reply.starts_with(&proxied),
+        "after cleaning up A, B's traffic went past it: {reply}\n{report}"
+    );
+    b.stop_ok();
+}
