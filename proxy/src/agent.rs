@@ -587,6 +587,22 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // stopping the workers drops their tasks and closes their sockets.
     drop(listeners);
 
+    // A start that failed after taking over what a crashed run left: detaching now would
+    // leave no classifier where the crash had left one (T12). Leave it all as the crash
+    // did: the classifier (now with this run's program and the same rules), the routing,
+    // the sysctls.
+    if result.is_err() && classifier.took_over() {
+        error!(
+            "the start failed after taking over the classifier a previous run left: it stays \
+             attached, with the policy routing, as after a crash, so the rules keep applying \
+             (no socket: dropped, or passed with fail-open); fix the cause and start again, or \
+             remove it all with `proxy cleanup --table {}`",
+            args.table
+        );
+        svm.leave_as_is();
+        return result;
+    }
+
     // Teardown, in reverse, whatever happened above. The sysctls first: with the
     // listeners closed no intercepted packet is delivered any more, and their records
     // must leave the pin directory before it goes.

@@ -199,6 +199,21 @@ enum TcLink {
     },
 }
 
+/// How an attach went: a new link or filter, or one a previous run left, taken over.
+#[derive(Clone, Copy)]
+enum Attached {
+    New(&'static str),
+    TookOver(&'static str),
+}
+
+impl Attached {
+    fn describe(self) -> &'static str {
+        match self {
+            Attached::New(how) | Attached::TookOver(how) => how,
+        }
+    }
+}
+
 impl TcLink {
     fn iface(&self) -> &str {
         match self {
@@ -217,6 +232,9 @@ pub struct Classifier {
     sk_lookup: Option<Pinned>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
+    /// Whether this run took over a classifier a previous run left (see
+    /// [`took_over`](Self::took_over)).
+    took_over: bool,
     /// The rule generation in force.
     in_force: Option<Generation>,
     /// The tables of the generation before it, until they are cleared.
@@ -280,6 +298,7 @@ impl Classifier {
             tc_links: Vec::new(),
             sk_lookup: None,
             clsact_added: Vec::new(),
+            took_over: false,
             in_force: None,
             previous: None,
         })
@@ -332,6 +351,13 @@ impl Classifier {
         };
         self.previous = self.in_force.replace(installed).map(|old| old.tables);
         Ok(())
+    }
+
+    /// Whether this run took over a link or filter a previous run (a crashed agent) left.
+    /// If it then fails to start, detaching would leave the interfaces with no classifier
+    /// where the crash had left one: the agent leaves things as the crash did instead.
+    pub fn took_over(&self) -> bool {
+        self.took_over
     }
 
     /// Clears the tables of the generation no longer in force. Idempotent; on error the
@@ -484,6 +510,7 @@ impl Classifier {
             .map_err(|e| EbpfError::Program(PROG_SK_LOOKUP, e))?;
         self.sk_lookup = Some(Pinned::replace(link.into(), &path)?);
         if left.is_some() {
+            self.took_over = true;
             info!("sk_lookup: the link a previous run left is replaced");
         }
         Ok(())
@@ -521,7 +548,13 @@ impl Classifier {
             let link = ManuallyDrop::new(link);
             (TcLink::Filter { iface, link }, how)
         };
-        info!("classifier {name} attached to {iface} ingress ({how})");
+        if let Attached::TookOver(_) = how {
+            self.took_over = true;
+        }
+        info!(
+            "classifier {name} attached to {iface} ingress ({})",
+            how.describe()
+        );
         // An interface attached again (deleted and made anew) replaces its old entry, whose
         // link or filter went with the old interface.
         self.tc_links.retain(|l| l.iface() != iface);
@@ -718,7 +751,7 @@ fn attach_tcx(
     prog: &mut SchedClassifier,
     iface: &str,
     path: &Path,
-) -> Result<(Pinned, &'static str), EbpfError> {
+) -> Result<(Pinned, Attached), EbpfError> {
     let attach_err = |source| EbpfError::Attach {
         iface: iface.to_owned(),
         source,
@@ -739,7 +772,10 @@ fn attach_tcx(
                 let link = Pinned {
                     path: path.to_owned(),
                 };
-                return Ok((link, "tcx link a previous run left, program replaced"));
+                return Ok((
+                    link,
+                    Attached::TookOver("tcx link a previous run left, program replaced"),
+                ));
             }
             // A link whose interface went away (ENOLINK), or not a TCX link: a new one
             // replaces it.
@@ -758,7 +794,7 @@ fn attach_tcx(
         .map_err(attach_err)?;
     let link =
         FdLink::try_from(link).map_err(|e| EbpfError::Pin(path.to_owned(), io::Error::other(e)))?;
-    Ok((Pinned::replace(link, path)?, "tcx link"))
+    Ok((Pinned::replace(link, path)?, Attached::New("tcx link")))
 }
 
 /// The cls_bpf filter of `table` at `iface` ingress, its handle the table: the one a
@@ -768,7 +804,7 @@ fn attach_filter(
     prog: &mut SchedClassifier,
     iface: &str,
     table: u32,
-) -> Result<(SchedClassifierLink, &'static str), EbpfError> {
+) -> Result<(SchedClassifierLink, Attached), EbpfError> {
     let attach_err = |source| EbpfError::Attach {
         iface: iface.to_owned(),
         source,
@@ -795,7 +831,9 @@ fn attach_filter(
             let id = prog.attach_to_link(link).map_err(attach_err)?;
             (
                 id,
-                "clsact + cls_bpf over netlink, the filter a previous run left replaced",
+                Attached::TookOver(
+                    "clsact + cls_bpf over netlink, the filter a previous run left replaced",
+                ),
             )
         }
         None => {
@@ -810,7 +848,7 @@ fn attach_filter(
                     TcAttachOptions::Netlink(options),
                 )
                 .map_err(attach_err)?;
-            (id, "clsact + cls_bpf over netlink")
+            (id, Attached::New("clsact + cls_bpf over netlink"))
         }
     };
     Ok((prog.take_link(id).map_err(attach_err)?, how))

@@ -283,6 +283,12 @@ impl SrcValidMark {
         }
     }
 
+    /// Leaves what was written as it is, records included (for a classifier left attached
+    /// after a failed start that took over a crashed run's).
+    pub fn leave_as_is(&mut self) {
+        self.written.clear();
+    }
+
     /// `proxy cleanup`: puts back what the agent of `pins` recorded and removes the records.
     pub fn restore_recorded(pins: PinDir) -> Vec<String> {
         let mut guard = SrcValidMark::new([]).with_pins(pins);
