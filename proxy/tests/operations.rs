@@ -3,7 +3,16 @@
 
 mod common;
 
-use std::{net::TcpStream, path::Path, time::Duration};
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use common::{
     AGENT_ARGS, Agent, Mounts, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
@@ -406,8 +415,45 @@ fn a_crash_keeps_the_rules(attach: &str) {
     assert!(direct.starts_with(&client), "{direct}");
     assert_eq!(s8080.accepted(), 1);
 
-    // A restart takes over what it finds: still one classifier, one rule, serving again.
+    // A restart takes over what it finds: still one classifier, one rule, serving again,
+    // and at no moment in between does a connection go past to the origin: a prober
+    // connects all through the restart.
+    let probing = Arc::new(AtomicBool::new(true));
+    let prober = {
+        let probing = Arc::clone(&probing);
+        gw.client.spawn(move || {
+            let (mut probes, mut direct) = (0, Vec::new());
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while probing.load(Ordering::Relaxed) && Instant::now() < deadline {
+                probes += 1;
+                let Ok(mut stream) =
+                    TcpStream::connect_timeout(&server(80), Duration::from_millis(300))
+                else {
+                    continue;
+                };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = stream.write_all(b"probe");
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let mut reply = String::new();
+                let _ = stream.read_to_string(&mut reply);
+                if reply.starts_with(&format!("peer={}:", testbed::CLIENT_V4)) {
+                    direct.push(reply);
+                }
+            }
+            (probes, direct)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
     let agent = Agent::start_in(&mounts, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    probing.store(false, Ordering::Relaxed);
+    let (probes, direct) = prober.join().expect("prober").expect("client namespace");
+    assert!(probes >= 2, "the prober did not run across the restart");
+    assert!(
+        direct.is_empty(),
+        "{} of {probes} probes reached the origin past the proxy during the restart",
+        direct.len()
+    );
     assert!(
         one(classifiers(&gw)),
         "{:?}\n{}",
