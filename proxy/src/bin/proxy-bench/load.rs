@@ -8,6 +8,8 @@
 //! * `R` (request/response): the server answers each `REQUEST` bytes with `RESPONSE` bytes
 //!   until EOF.
 //!
+//! The server also echoes UDP datagrams on the same address and port.
+//!
 //! Every loop is bounded in count and in time, and stops early when [`crate::stopped`].
 
 use std::{
@@ -26,7 +28,7 @@ use nix::sched::{CloneFlags, unshare};
 use proxy::testbed::{Netns, SERVER_V4};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpSocket, TcpStream},
+    net::{TcpSocket, TcpStream, UdpSocket},
     runtime::Runtime,
     sync::Semaphore,
 };
@@ -186,9 +188,13 @@ pub fn serve_main(lifetime_secs: u64) -> Result<(), String> {
             .bind(server_addr())
             .map_err(|e| format!("binding {}: {e}", server_addr()))?;
         let listener = socket.listen(4096).map_err(|e| e.to_string())?;
-        println!("listening on {}", server_addr());
-        let _ = std::io::stdout().flush();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(lifetime_secs);
+        let udp = UdpSocket::bind(server_addr())
+            .await
+            .map_err(|e| format!("binding udp {}: {e}", server_addr()))?;
+        tokio::spawn(udp_echo(udp, deadline));
+        println!("listening on {} (tcp and udp)", server_addr());
+        let _ = std::io::stdout().flush();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -203,6 +209,20 @@ pub fn serve_main(lifetime_secs: u64) -> Result<(), String> {
             }
         }
     })
+}
+
+/// Sends each datagram back to where it came from, until `deadline` (the server's lifetime).
+async fn udp_echo(socket: UdpSocket, deadline: tokio::time::Instant) {
+    let mut buf = [0u8; 2048];
+    while tokio::time::Instant::now() < deadline {
+        match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
+            Ok(Ok((n, peer))) => {
+                let _ = socket.send_to(&buf[..n], peer).await;
+            }
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_) => break,
+        }
+    }
 }
 
 async fn serve(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {

@@ -2,7 +2,8 @@
 //! server topologies in network namespaces, (a) plain routing, (b) the kernel's iptables
 //! TPROXY delivering to this project's proxy, (c) this project's eBPF classifier delivering
 //! to the same proxy, measures them side by side (runs interleaved, each figure the median of
-//! several runs), and writes a markdown table and a PNG chart under `bench/results/`.
+//! several runs), measures what UDP sessions cost the agent's memory (on (c) only), and
+//! writes a markdown table and a PNG chart under `bench/results/`.
 //!
 //! All traffic stays between the namespaces it creates (the addresses of
 //! `proxy::testbed`); every loop is bounded in count and time, and a watchdog stops the whole
@@ -13,6 +14,7 @@ mod cpu;
 mod load;
 mod report;
 mod setup;
+mod udp;
 
 use std::{
     path::{Path, PathBuf},
@@ -56,9 +58,9 @@ struct Cli {
     /// several: --agent-arg=--workers=1).
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
-    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, rules), for
-    /// working on one of them; the others show as n/a in the report.
-    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "rules"])]
+    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules),
+    /// for working on one of them; the others show as n/a in the report.
+    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "udp", "rules"])]
     only: Vec<String>,
 }
 
@@ -457,6 +459,37 @@ fn run(cli: &Cli) -> Result<(), String> {
             }
             check("idle connections")?;
         }
+    }
+
+    if cli.wants("udp") {
+        let s = &mut scenarios[Kind::Ebpf.index()];
+        match udp::measure(s, nofile) {
+            Ok(sample) => {
+                progress(
+                    started,
+                    &format!(
+                        "{}: udp flood of {} source ports at a cap of {}: {} sessions live, agent VmRSS {} -> {} KiB ({:.1} KiB per session), {} KiB after they ended",
+                        s.kind.label(),
+                        sample.sent,
+                        udp::CAP,
+                        sample.live,
+                        sample.baseline_kib,
+                        sample.live_kib,
+                        sample.per_session_kib(),
+                        sample.ended_kib
+                    ),
+                );
+                for line in &sample.warnings {
+                    results.agent_warning(s.kind, line.clone());
+                }
+                results.udp = Some(sample);
+            }
+            Err(e) => {
+                progress(started, &format!("{}: udp sessions: {e}", s.kind.label()));
+                results.note(format!("{}: udp sessions: {e}", s.kind.label()));
+            }
+        }
+        check("udp sessions")?;
     }
 
     // Rule counts interleaved run by run too, so that a drift of the machine's load over

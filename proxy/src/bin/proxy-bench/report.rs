@@ -6,6 +6,7 @@ use crate::{
     Plan,
     cpu::ConnCpu,
     setup::{self, Kind},
+    udp::{self, UdpSample},
 };
 
 /// One figure's runs, per set-up; `None` is a run that failed.
@@ -78,6 +79,8 @@ pub struct Results {
     /// New connections per second with `rule_counts[i]` rules.
     pub rules: [Series; 3],
     pub rule_conn_errors: [u64; 3],
+    /// The agent's memory through a UDP flood, on (c).
+    pub udp: Option<UdpSample>,
     pub notes: Vec<String>,
     pub agent_warnings: Vec<(Kind, String)>,
 }
@@ -96,6 +99,7 @@ impl Results {
             rule_counts,
             rules: Default::default(),
             rule_conn_errors: [0; 3],
+            udp: None,
             notes: Vec::new(),
             agent_warnings: Vec::new(),
         }
@@ -488,6 +492,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     }
     let _ = writeln!(md);
     conn_cpu_section(&mut md, r);
+    udp_section(&mut md, r);
 
     let _ = writeln!(
         md,
@@ -657,6 +662,58 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     }
     let _ = writeln!(md, "\n![chart]({png})");
     md
+}
+
+/// Per-session targets from issue 10: each live session within 64 KiB of the baseline,
+/// and back within 32 MiB of it once the sessions have ended.
+const UDP_PER_SESSION_TARGET: Target = Target::AtMost(64.0);
+const UDP_ENDED_TARGET: Target = Target::AtMost(32.0 * 1024.0);
+
+fn udp_section(md: &mut String, r: &Results) {
+    let Some(u) = &r.udp else {
+        return;
+    };
+    let _ = writeln!(md, "## UDP sessions: agent memory\n");
+    let _ = writeln!(
+        md,
+        "{}, run as `proxy {}`: one datagram to 198.51.100.2:80 from each of {} client \
+         source ports (100 every 10 ms, the sockets kept open; the server echoes), then \
+         nothing until every session has idled out. Agent VmRSS on a fresh agent, with the \
+         sessions live, and 1.5 s after they ended. (c) only: this is the agent's own \
+         memory, and HAProxy does not proxy UDP, so there is nothing to compare it with.\n",
+        Kind::Ebpf.label(),
+        udp::agent_args().join(" "),
+        thousands(&udp::FLOOD.to_string()),
+    );
+    let ended_over = u.ended_kib as i64 - u.baseline_kib as i64;
+    let _ = writeln!(
+        md,
+        "| flood (source ports) | cap | sessions live | baseline (KiB) | live (KiB) | per live session (KiB) | target | after they ended (KiB) | vs baseline (KiB) | target |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---|---:|---:|---|");
+    let _ = writeln!(
+        md,
+        "| {} | {} | {} | {} | {} | {:.1} | {} **{}** | {}{} | {}{} | {} **{}** |",
+        thousands(&u.sent.to_string()),
+        thousands(&udp::CAP.to_string()),
+        thousands(&u.live.to_string()),
+        thousands(&u.baseline_kib.to_string()),
+        thousands(&u.live_kib.to_string()),
+        u.per_session_kib(),
+        UDP_PER_SESSION_TARGET.describe("", "KiB"),
+        UDP_PER_SESSION_TARGET.verdict(Some(u.per_session_kib()), None),
+        thousands(&u.ended_kib.to_string()),
+        if u.ended {
+            ""
+        } else {
+            " (sessions still open)"
+        },
+        if ended_over > 0 { "+" } else { "" },
+        thousands(&ended_over.to_string()),
+        UDP_ENDED_TARGET.describe("", "KiB"),
+        UDP_ENDED_TARGET.verdict(Some(ended_over as f64), None),
+    );
+    let _ = writeln!(md);
 }
 
 /// Where the time of a new connection goes: the whole machine's busy CPU per connection,

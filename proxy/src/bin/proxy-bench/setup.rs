@@ -423,6 +423,12 @@ impl Scenario {
         self.agent.as_ref()
     }
 
+    /// Replaces the agent's arguments for the next [`Scenario::restart_agent`], and returns
+    /// the ones it had.
+    pub fn replace_agent_args(&mut self, args: Vec<String>) -> Vec<String> {
+        std::mem::replace(&mut self.agent_args, args)
+    }
+
     /// Stops the agent (if any) and starts a fresh one, then checks the path end to end.
     pub fn restart_agent(&mut self) -> Result<(), String> {
         if let Some(mut old) = self.agent.take() {
