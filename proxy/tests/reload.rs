@@ -127,44 +127,9 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     );
 
     let load_stop = Arc::new(AtomicBool::new(false));
-    let load = {
-        let flag = Arc::clone(&load_stop);
-        gw.client.spawn(move || {
-            let mut load = Load::default();
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let mut port = 80;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let started = Instant::now();
-                match TcpStream::connect_timeout(&server(port), Duration::from_secs(3)) {
-                    Ok(_) => {
-                        load.connected += 1;
-                        if started.elapsed() > SLOW_CONNECT {
-                            load.slow += 1;
-                        }
-                    }
-                    Err(e) => load.failed.push(format!("port {port}: {e}")),
-                }
-                port = if port == 80 { 81 } else { 80 };
-            }
-            load
-        })
-    };
+    let load = start_load(&gw, &load_stop, false);
 
-    let mut done = 0;
-    let mut reload_log_ok = true;
-    for i in 1..=RELOADS {
-        std::fs::write(&path, rules_file(i % 2 == 0)).expect("rules file");
-        let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while agent.log_text().matches("reloaded: ").count() < i && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if agent.log_text().matches("reloaded: ").count() < i {
-            reload_log_ok = false;
-            break;
-        }
-        done = i;
-    }
+    let reloaded = reload(&agent, &path, |i| rules_file(i % 2 == 0));
     load_stop.store(true, Ordering::Relaxed);
     let load = load.join().expect("load thread").expect("client namespace");
     std::thread::sleep(Duration::from_millis(200));
@@ -175,7 +140,7 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     let log = agent.stop_ok();
     let _ = std::fs::remove_dir_all(&dir);
 
-    assert!(reload_log_ok, "reload {} did not finish:\n{log}", done + 1);
+    let done = reloaded.unwrap_or_else(|i| panic!("reload {i} did not finish:\n{log}"));
     let accepted = accepted.lock().expect("lock").clone();
     let misrouted: Vec<&(u16, u16)> = accepted
         .iter()
@@ -203,6 +168,111 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     assert!(
         load.failed.is_empty() && load.slow == 0,
         "connections dropped during reloads: {} failed, {} slow (a SYN lost), of {}: {:?}",
+        load.failed.len(),
+        load.slow,
+        load.connected,
+        &load.failed[..load.failed.len().min(10)]
+    );
+}
+
+/// A client in the client namespace that connects to the server's ports 80 and 81 in
+/// turn until `stop`, each connection with a 3 s limit; with `exchange`, each also sends a
+/// line and waits for the answer (through the built-in proxy, to the test servers).
+fn start_load(
+    gw: &Gateway,
+    stop: &Arc<AtomicBool>,
+    exchange: bool,
+) -> std::thread::JoinHandle<Result<Load, proxy::testbed::TestbedError>> {
+    let flag = Arc::clone(stop);
+    gw.client.spawn(move || {
+        let mut load = Load::default();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut port = 80;
+        while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let started = Instant::now();
+            let result = if exchange {
+                common::ask_line(server(port), "x").map(drop)
+            } else {
+                TcpStream::connect_timeout(&server(port), Duration::from_secs(3)).map(drop)
+            };
+            match result {
+                Ok(()) => {
+                    load.connected += 1;
+                    if started.elapsed() > SLOW_CONNECT {
+                        load.slow += 1;
+                    }
+                }
+                Err(e) => load.failed.push(format!("port {port}: {e}")),
+            }
+            port = if port == 80 { 81 } else { 80 };
+        }
+        load
+    })
+}
+
+/// [`RELOADS`] reloads of `path`, each with the text `rules(i)` (i from 1), each awaited in
+/// the agent's log. The number done, or the one that did not finish.
+fn reload(
+    agent: &Agent,
+    path: &std::path::Path,
+    rules: impl Fn(usize) -> String,
+) -> Result<usize, usize> {
+    for i in 1..=RELOADS {
+        std::fs::write(path, rules(i)).expect("rules file");
+        let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while agent.log_text().matches("reloaded: ").count() < i && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if agent.log_text().matches("reloaded: ").count() < i {
+            return Err(i);
+        }
+    }
+    Ok(RELOADS)
+}
+
+#[test]
+fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing() {
+    // The built-in listeners: rule P's on-port alternates between 50080 and 50082, so every
+    // reload opens one listener before the switch and closes the other after it. A listener
+    // closed too early, or opened too late, shows as failed or slow connections.
+    require_root();
+    let gw = Gateway::new("reload-builtin").expect("topology");
+    let _s80 = common::Server::start(&gw.server, server(80), common::ServerMode::Echo);
+    let _s81 = common::Server::start(&gw.server, server(81), common::ServerMode::Echo);
+    let dir = std::env::temp_dir().join(format!("proxy-builtin-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join("rules.toml");
+    let rules = |i: usize| {
+        let p_port = if i % 2 == 0 { 50080 } else { 50082 };
+        format!(
+            "[[rule]]\ndport = \"80\"\non_port = {p_port}\n[[rule]]\ndport = \"81\"\non_port = 50081\n"
+        )
+    };
+    std::fs::write(&path, rules(0)).expect("rules file");
+    let config = path.to_str().expect("utf-8 path").to_owned();
+    let agent = Agent::start(&gw.router, &["run", "--iface", "r0", "--config", &config]);
+    let load_stop = Arc::new(AtomicBool::new(false));
+    let load = start_load(&gw, &load_stop, true);
+    let reloaded = reload(&agent, &path, rules);
+    load_stop.store(true, Ordering::Relaxed);
+    let load = load.join().expect("load thread").expect("client namespace");
+    let log = agent.stop_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+    let done = reloaded.unwrap_or_else(|i| panic!("reload {i} did not finish:\n{log}"));
+    eprintln!(
+        "{done} reloads (built-in listeners); {} exchanges, {} failed, {} slow",
+        load.connected,
+        load.failed.len(),
+        load.slow
+    );
+    assert!(
+        load.connected >= 2 * RELOADS as u64,
+        "too little load to test anything: {load:?}"
+    );
+    assert!(
+        load.failed.is_empty() && load.slow == 0,
+        "exchanges lost during reloads: {} failed, {} slow, of {}: {:?}",
         load.failed.len(),
         load.slow,
         load.connected,
