@@ -129,7 +129,7 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     let load_stop = Arc::new(AtomicBool::new(false));
     let load = start_load(&gw, &load_stop, false);
 
-    let reloaded = reload(&agent, &path, |i| rules_file(i % 2 == 0));
+    let reloaded = reload(&agent, &path, |i| rules_file(i.is_multiple_of(2)));
     load_stop.store(true, Ordering::Relaxed);
     let load = load.join().expect("load thread").expect("client namespace");
     std::thread::sleep(Duration::from_millis(200));
@@ -244,7 +244,7 @@ fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("rules.toml");
     let rules = |i: usize| {
-        let p_port = if i % 2 == 0 { 50080 } else { 50082 };
+        let p_port = if i.is_multiple_of(2) { 50080 } else { 50082 };
         format!(
             "[[rule]]\ndport = \"80\"\non_port = {p_port}\n[[rule]]\ndport = \"81\"\non_port = 50081\n"
         )
