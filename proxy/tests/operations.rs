@@ -510,22 +510,7 @@ fn cleanup_after_a_crash(attach: &str) {
     assert!(!status.success());
     connect_fails(&gw, 80);
 
-    let cleanup = |args: &[&str]| {
-        let out = mounts
-            .command(env!("CARGO_BIN_EXE_proxy"))
-            .arg("cleanup")
-            .args(args)
-            .output()
-            .expect("proxy cleanup");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.status.success(), "{text}");
-        text
-    };
-    let report = cleanup(&["--table", "100"]);
+    let report = proxy_cleanup(&mounts, &["--table", "100"]);
     eprintln!("{report}");
     assert!(report.contains("r0"), "{report}");
     assert!(report.contains("fwmark 0x1/0x1"), "{report}");
@@ -535,7 +520,7 @@ fn cleanup_after_a_crash(attach: &str) {
         direct.starts_with(&format!("peer={}:", testbed::CLIENT_V4)),
         "{direct}"
     );
-    let again = cleanup(&[]);
+    let again = proxy_cleanup(&mounts, &[]);
     assert!(again.contains("nothing to clean up"), "{again}");
 }
 
@@ -699,13 +684,7 @@ fn sysctls_a_crashed_agent_set_are_put_back_by_the_next_agent_or_by_cleanup() {
 
     // `proxy cleanup` puts it back too.
     crash();
-    let out = mounts
-        .command(env!("CARGO_BIN_EXE_proxy"))
-        .args(["cleanup", "--table", "100"])
-        .output()
-        .expect("proxy cleanup");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}");
+    let report = proxy_cleanup(&mounts, &["--table", "100"]);
     assert!(
         report.contains("net.ipv4.conf.r0.accept_local=0"),
         "{report}"
@@ -754,13 +733,7 @@ fn cleanup_keeps_a_clsact_qdisc_another_agent_still_uses() {
     let _ = signal::kill(Pid::from_raw(a.pid() as i32), signal::Signal::SIGKILL);
     let (status, _) = a.wait_exit(Duration::from_secs(5));
     assert!(!status.success());
-    let out = mounts
-        .command(env!("CARGO_BIN_EXE_proxy"))
-        .args(["cleanup", "--table", "100"])
-        .output()
-        .expect("proxy cleanup");
-    let report = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{report}");
+    let report = proxy_cleanup(&mounts, &["--table", "100"]);
     assert!(report.contains("kept the clsact qdisc of r0"), "{report}");
     // B's classifier is still there: port 81 is still intercepted.
     let reply = exchange_from_client(&gw, server(81), b"x");
@@ -769,4 +742,22 @@ fn cleanup_keeps_a_clsact_qdisc_another_agent_still_uses() {
         "after cleaning up A, B's traffic went past it: {reply}\n{report}"
     );
     b.stop_ok();
+}
+
+/// `proxy cleanup ARGS` in the agents' namespaces; its output (stdout and stderr), after
+/// checking that it succeeded.
+fn proxy_cleanup(mounts: &Mounts, args: &[&str]) -> String {
+    let out = mounts
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .arg("cleanup")
+        .args(args)
+        .output()
+        .expect("proxy cleanup");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
 }

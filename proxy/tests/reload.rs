@@ -97,6 +97,25 @@ struct Load {
     slow: u64,
 }
 
+impl Load {
+    /// Enough load to mean something, and none of it lost: no failure, no connection that
+    /// waited for a SYN retransmission.
+    fn assert_nothing_lost(&self) {
+        assert!(
+            self.connected >= 2 * RELOADS as u64,
+            "too little load to test anything: {self:?}"
+        );
+        assert!(
+            self.failed.is_empty() && self.slow == 0,
+            "lost during reloads: {} failed, {} slow (a SYN lost), of {}: {:?}",
+            self.failed.len(),
+            self.slow,
+            self.connected,
+            &self.failed[..self.failed.len().min(10)]
+        );
+    }
+}
+
 #[test]
 fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     require_root();
@@ -154,24 +173,13 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
         load.failed.len(),
         load.slow
     );
-    assert!(
-        load.connected >= 2 * RELOADS as u64,
-        "too little load to test anything: {load:?}"
-    );
+    load.assert_nothing_lost();
     assert!(
         misrouted.is_empty(),
         "{} of {} connections went to the other rule's listener (listener, original port): {:?}",
         misrouted.len(),
         accepted.len(),
         &misrouted[..misrouted.len().min(10)]
-    );
-    assert!(
-        load.failed.is_empty() && load.slow == 0,
-        "connections dropped during reloads: {} failed, {} slow (a SYN lost), of {}: {:?}",
-        load.failed.len(),
-        load.slow,
-        load.connected,
-        &load.failed[..load.failed.len().min(10)]
     );
 }
 
@@ -266,16 +274,5 @@ fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing
         load.failed.len(),
         load.slow
     );
-    assert!(
-        load.connected >= 2 * RELOADS as u64,
-        "too little load to test anything: {load:?}"
-    );
-    assert!(
-        load.failed.is_empty() && load.slow == 0,
-        "exchanges lost during reloads: {} failed, {} slow, of {}: {:?}",
-        load.failed.len(),
-        load.slow,
-        load.connected,
-        &load.failed[..load.failed.len().min(10)]
-    );
+    load.assert_nothing_lost();
 }
