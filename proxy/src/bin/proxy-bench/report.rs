@@ -664,7 +664,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     md
 }
 
-/// Per-session targets from issue 10: each live session within 64 KiB of the baseline,
+/// Per-session targets: each live session within 64 KiB of the baseline,
 /// and back within 32 MiB of it once the sessions have ended.
 const UDP_PER_SESSION_TARGET: Target = Target::AtMost(64.0);
 const UDP_ENDED_TARGET: Target = Target::AtMost(32.0 * 1024.0);

@@ -1,4 +1,4 @@
-//! What UDP sessions cost the agent (issue 10): one datagram from each of `FLOOD` client
+//! What UDP sessions cost the agent: one datagram from each of `FLOOD` client
 //! source ports at a cap of `CAP` sessions; the agent's VmRSS before, with the cap's
 //! sessions live, and after they have idled out. Run on (c) only: the figure is the
 //! agent's own memory, and HAProxy, the usual comparison for a TCP proxy, does not proxy UDP.
