@@ -16,10 +16,7 @@ use std::{
 
 use log::{debug, error, info, warn};
 use proxy_common::{Counter, GlobalConfig, IfaceAddrs, RuleCounters};
-use tokio::{
-    sync::Semaphore,
-    task::{AbortHandle, JoinHandle},
-};
+use tokio::{sync::Semaphore, task::JoinHandle};
 
 use crate::{
     config::{ListenerMode, RunArgs},
@@ -124,6 +121,9 @@ impl ShutdownSignals {
     }
 }
 
+/// How long [`Listeners::close`] waits for a listener's sockets to be closed.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
 /// Key of a built-in listener: the rules that share on-ip and on-port share a listener.
 type ListenerKey = (Option<IpAddr>, u16);
 
@@ -133,7 +133,7 @@ struct Listeners {
     options: Arc<ProxyOptions>,
     udp_options: Arc<UdpOptions>,
     workers: Workers,
-    running: HashMap<ListenerKey, (u32, SocketAddr, Vec<AbortHandle>)>,
+    running: HashMap<ListenerKey, (u32, SocketAddr, Vec<JoinHandle<()>>)>,
     udp_running: HashMap<ListenerKey, (SocketAddr, JoinHandle<()>)>,
 }
 
@@ -261,18 +261,29 @@ impl Listeners {
         Ok(())
     }
 
-    /// Closes listeners (the ones no rule needs after a reload, or all of them).
-    fn close(&mut self, which: &Obsolete) {
+    /// Closes listeners (the ones no rule needs after a reload, or all of them), and
+    /// returns once their sockets are closed: a reload right after may bind the same port
+    /// again. Connections they accepted go on.
+    async fn close(&mut self, which: &Obsolete) {
+        let mut closing = Vec::new();
         for key in &which.tcp {
             if let Some((_, addr, tasks)) = self.running.remove(key) {
-                tasks.iter().for_each(AbortHandle::abort);
-                info!("listener on {addr} closed");
+                tasks.iter().for_each(JoinHandle::abort);
+                closing.push((format!("listener on {addr}"), tasks));
             }
         }
         for key in &which.udp {
             if let Some((addr, task)) = self.udp_running.remove(key) {
                 task.abort();
-                info!("UDP listener on {addr} closed");
+                closing.push((format!("UDP listener on {addr}"), vec![task]));
+            }
+        }
+        for (what, tasks) in closing {
+            // An aborted task ends at its next poll; its worker may be busy for a moment.
+            let closed = tokio::time::timeout(CLOSE_WAIT, futures::future::join_all(tasks)).await;
+            match closed {
+                Ok(_) => info!("{what} closed"),
+                Err(_) => warn!("{what}: still closing after {} ms", CLOSE_WAIT.as_millis()),
             }
         }
     }
@@ -563,7 +574,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // Drain: no new connections (closing a listener also takes it out of the sockmap),
     // but the classifier and the routes stay until the live ones are done.
     let all = listeners.all();
-    listeners.close(&all);
+    listeners.close(&all).await;
     if result.is_ok() && live.count() > 0 {
         info!(
             "draining {} live connection(s) for up to {:.0} s; signal again to exit now",
@@ -725,7 +736,7 @@ async fn reload(
     }
     .await;
     if let Err(e) = switched {
-        listeners.close(&added);
+        listeners.close(&added).await;
         if let Err(undo) = routing.prune(&marks(in_force)).await {
             warn!(
                 "reload: removing the new rules' routes: {}",
@@ -759,7 +770,7 @@ async fn reload(
             error_chain(&e)
         );
     }
-    listeners.close(&obsolete);
+    listeners.close(&obsolete).await;
     log_rules(&rules);
     info!("reloaded: {} rule(s) in force", rules.len());
     Ok(rules)

@@ -12,7 +12,7 @@ use std::{io, sync::Arc, thread};
 
 use aya::util::KernelVersion;
 use log::info;
-use tokio::{net::TcpListener, runtime::Handle, sync::oneshot, task::AbortHandle};
+use tokio::{net::TcpListener, runtime::Handle, sync::oneshot, task::JoinHandle};
 
 use super::tcp::{self, ProxyOptions};
 
@@ -99,12 +99,13 @@ impl Workers {
 
     /// Serves one listener socket of a group on each worker (`listeners` has one per
     /// worker). The returned handles stop them: aborting an accept task closes its
-    /// listener, which also takes it out of the sockmap.
+    /// listener (which also takes it out of the sockmap) once its worker drops the task,
+    /// which awaiting the handle waits for.
     pub fn serve(
         &self,
         listeners: Vec<std::net::TcpListener>,
         options: &Arc<ProxyOptions>,
-    ) -> io::Result<Vec<AbortHandle>> {
+    ) -> io::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::with_capacity(listeners.len());
         for (worker, listener) in self.workers.iter().zip(listeners) {
             // Registers the socket with this worker's reactor.
@@ -116,13 +117,13 @@ impl Workers {
                 Ok(listener) => listener,
                 Err(e) => {
                     // All or nothing: no accept task left that nobody could stop.
-                    tasks.iter().for_each(AbortHandle::abort);
+                    tasks.iter().for_each(JoinHandle::abort);
                     return Err(e);
                 }
             };
             let options = Arc::clone(options);
             let task = worker.handle.spawn(tcp::serve(listener, options));
-            tasks.push(task.abort_handle());
+            tasks.push(task);
         }
         Ok(tasks)
     }
