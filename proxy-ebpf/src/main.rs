@@ -36,7 +36,6 @@ use crate::{
     lookup::Found,
     maps::{CONFIG, DROPPED_FRAGMENTS, TIME_WAIT_SYNS, count, count_rule},
     parse::{Fragment, Parsed},
-    rules::Matched,
 };
 
 /// `TC_ACT_OK`: accept, ending the TC chain, for packets we assigned.
@@ -117,11 +116,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             return TC_ACT_SHOT;
         }
     };
-    let Some(Matched {
-        counter_slot,
-        action,
-    }) = rules::match_rule(&packet)
-    else {
+    let Some(action) = rules::match_rule(&packet) else {
         return divert(ctx, &packet, &config);
     };
     count(Counter::Matched);
@@ -158,18 +153,18 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
 
     match verdict {
         RuleVerdict::Assigned => {
-            count_rule(counter_slot, len, true);
+            count_rule(action.counter_slot, len, true);
             TC_ACT_OK
         }
         RuleVerdict::Unassignable => {
             count(Counter::Fragment);
-            count_rule(counter_slot, len, false);
+            count_rule(action.counter_slot, len, false);
             drop_later_fragments(&packet);
             TC_ACT_SHOT
         }
         RuleVerdict::NoSocket(reason) => {
             count(reason);
-            count_rule(counter_slot, len, false);
+            count_rule(action.counter_slot, len, false);
             if action.flags & ACTION_FAIL_OPEN != 0 {
                 count(Counter::PassedFailOpen);
                 TC_ACT_UNSPEC

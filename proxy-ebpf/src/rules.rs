@@ -17,20 +17,16 @@ use crate::{
     parse::{Family, Packet},
 };
 
-/// The rule a packet matched: its counter slot and its action.
-pub struct Matched {
-    pub counter_slot: u32,
-    pub action: RuleAction,
-}
-
 /// The generation of the rule tables in force.
 #[inline(always)]
 fn generation() -> u32 {
     GENERATION.get(0).copied().unwrap_or(0) & 1
 }
 
+/// The action of the first rule that covers the packet (its `counter_slot` names the
+/// rule's counters).
 #[inline(always)]
-pub fn match_rule(packet: &Packet) -> Option<Matched> {
+pub fn match_rule(packet: &Packet) -> Option<RuleAction> {
     let generation = generation();
     let slot = port_class_slot(generation, packet.protocol, packet.dport())?;
     let class = *PORT_CLASS.get(slot)?;
@@ -38,11 +34,7 @@ pub fn match_rule(packet: &Packet) -> Option<Matched> {
         return None;
     }
     let index = lookup_prefix(packet.family, class_key(generation, class), &packet.daddr)?;
-    let action = *ACTIONS.get(index)?;
-    Some(Matched {
-        counter_slot: action.counter_slot,
-        action,
-    })
+    ACTIONS.get(index).copied()
 }
 
 /// Does `daddr` fall under any rule's prefix, whatever the port and protocol? The agent

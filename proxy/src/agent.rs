@@ -24,7 +24,6 @@ use crate::{
     error_chain, generation,
     ifaddrs::{self, IfaddrsError, InterfaceEvent},
     link_header::{self, LinkHeaderError},
-    pins::PinDir,
     relay::RelayMode,
     routing::{PolicyRouting, RoutingError},
     rules::{self, Mark, Rule, RuleError},
@@ -473,8 +472,8 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     }
 
     // Before the first packet can be marked; restored in the teardown (or on drop).
-    let mut svm = SrcValidMark::new(args.ifaces.iter().cloned())
-        .with_pins(PinDir::of(args.table).map_err(EbpfError::from)?);
+    let mut svm =
+        SrcValidMark::new(args.ifaces.iter().cloned()).with_pins(classifier.pins().clone());
     svm.start()?;
     let mut svm_poll = tokio::time::interval(src_valid_mark::POLL_INTERVAL);
     svm_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -152,11 +152,10 @@ fn write_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfErro
 struct Generation {
     /// 0 or 1: which half of the tables.
     generation: u32,
-    /// The tables as written in that half.
+    /// The tables as written in that half; each action holds its rule's counter slot.
     tables: Compiled,
-    /// The rules, and the counter slot of each, for the next reload and the counters.
+    /// The rules, in the order of `tables.actions`, for the next reload's counter slots.
     rules: Vec<Rule>,
-    counter_slots: Vec<u32>,
 }
 
 /// A link pinned in bpffs: the pin holds it, not a descriptor of the agent's, so it stays
@@ -322,7 +321,7 @@ impl Classifier {
                 g.rules
                     .iter()
                     .cloned()
-                    .zip(g.counter_slots.iter().copied())
+                    .zip(g.tables.actions.iter().map(|a| a.counter_slot))
                     .collect()
             })
             .unwrap_or_default();
@@ -347,10 +346,14 @@ impl Classifier {
             generation: next,
             tables,
             rules: rules.to_vec(),
-            counter_slots,
         };
         self.previous = self.in_force.replace(installed).map(|old| old.tables);
         Ok(())
+    }
+
+    /// Where this agent pins what must outlive it.
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
     }
 
     /// Whether this run took over a link or filter a previous run (a crashed agent) left.
@@ -728,12 +731,13 @@ impl Classifier {
         let Some(slot) = self
             .in_force
             .as_ref()
-            .and_then(|g| g.counter_slots.get(index as usize))
+            .and_then(|g| g.tables.actions.get(index as usize))
+            .map(|action| action.counter_slot)
         else {
             return Ok(RuleCounters::default());
         };
         let map: PerCpuArray<&MapData, RuleCounters> = map_ref(&self.ebpf, MAP_RULE_COUNTERS)?;
-        let values = map.get(slot, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
+        let values = map.get(&slot, 0).map_err(map_err(MAP_RULE_COUNTERS))?;
         Ok(values.iter().fold(RuleCounters::default(), |mut sum, c| {
             sum.packets += c.packets;
             sum.bytes += c.bytes;

@@ -228,13 +228,7 @@ impl Gateway {
             }
         }
         gw.router.ip(&veth_args("r1", "s0", &gw.server))?;
-        address(&gw.client, "c0", CLIENT_V4, CLIENT_V6)?;
-        address(
-            &gw.router,
-            "r0",
-            ROUTER_CLIENT_SIDE_V4,
-            ROUTER_CLIENT_SIDE_V6,
-        )?;
+        gw.address_client_side()?;
         address(
             &gw.router,
             "r1",
@@ -242,7 +236,6 @@ impl Gateway {
             ROUTER_SERVER_SIDE_V6,
         )?;
         address(&gw.server, "s0", SERVER_V4, SERVER_V6)?;
-        default_routes(&gw.client, ROUTER_CLIENT_SIDE_V4, ROUTER_CLIENT_SIDE_V6)?;
         default_routes(&gw.server, ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6)?;
         gw.router.sysctl("net.ipv4.ip_forward", "1")?;
         gw.router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
@@ -257,6 +250,11 @@ impl Gateway {
     pub fn relink_client(&self) -> Result<(), TestbedError> {
         self.router.ip(&["link", "del", "r0"])?;
         self.router.ip(&veth_args("r0", "c0", &self.client))?;
+        self.address_client_side()
+    }
+
+    /// Addresses on c0 and r0, and the client's default routes through the router.
+    fn address_client_side(&self) -> Result<(), TestbedError> {
         address(&self.client, "c0", CLIENT_V4, CLIENT_V6)?;
         address(
             &self.router,

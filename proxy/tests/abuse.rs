@@ -334,13 +334,7 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let path = dir.join("rules.toml");
     let mut text = String::from("[defaults]\non_port = 50080\n");
-    for i in 0..4_000u32 {
-        text.push_str(&format!(
-            "[[rule]]\ndst = [\"10.{}.{}.0/24\"]\ndport = \"80\"\n",
-            i / 256,
-            i % 256
-        ));
-    }
+    text.push_str(&common::unused_prefix_rules(4_000, |_| "80".into()));
     std::fs::write(&path, text).expect("rules file");
     let config = path.to_str().expect("utf-8").to_owned();
     let agent = Agent::start(&gw.router, &["run", "--iface", "r0", "--config", &config]);

@@ -16,7 +16,7 @@ use std::{
 
 use common::{
     AGENT_ARGS, Agent, Mounts, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
-    require_root, server, tc_stdout,
+    require_root, server, tc_stdout, unused_prefix_rules,
 };
 use nix::{sys::signal, unistd::Pid};
 use proxy::testbed::{self, Gateway, Netns};
@@ -203,14 +203,7 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
     // 9,999 rules for prefixes nobody uses, then the server's: the packet must find the
     // last rule, with the same two lookups as the first.
     let mut text = String::from("[defaults]\non_port = 50080\n");
-    for i in 0..9_999u32 {
-        text.push_str(&format!(
-            "[[rule]]\ndst = [\"10.{}.{}.0/24\"]\ndport = \"{}\"\n",
-            i / 256,
-            i % 256,
-            80 + i % 3
-        ));
-    }
+    text.push_str(&unused_prefix_rules(9_999, |i| (80 + i % 3).to_string()));
     text.push_str("[[rule]]\ndst = [\"198.51.100.0/24\"]\ndport = \"80\"\n");
     write_rules(&rules, &text);
     let started = std::time::Instant::now();

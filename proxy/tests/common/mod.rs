@@ -341,6 +341,22 @@ pub fn ip_stdout(ns: &Netns, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `n` rules-file entries for /24 prefixes under 10.0.0.0/8 that no test traffic goes to,
+/// rule `i` with destination ports `dport(i)`: rules that shift the index of the ones that
+/// matter, or fill a report.
+pub fn unused_prefix_rules(n: u32, dport: impl Fn(u32) -> String) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "[[rule]]\ndst = [\"10.{}.{}.0/24\"]\ndport = \"{}\"\n",
+                i / 256,
+                i % 256,
+                dport(i)
+            )
+        })
+        .collect()
+}
+
 /// How many descriptors process `pid` holds.
 pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
