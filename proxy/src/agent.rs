@@ -736,7 +736,7 @@ async fn reload(
     .await;
     if let Err(e) = switched {
         listeners.close(&added).await;
-        if let Err(undo) = routing.prune(&marks(in_force)).await {
+        if let Err(undo) = routing.install(&marks(in_force)).await {
             warn!(
                 "reload: removing the new rules' routes: {}",
                 error_chain(&undo)
@@ -763,7 +763,7 @@ async fn reload(
             error_chain(&e)
         );
     }
-    if let Err(e) = routing.prune(&marks(&rules)).await {
+    if let Err(e) = routing.install(&marks(&rules)).await {
         warn!(
             "reload: removing the old rules' routes: {}",
             error_chain(&e)

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 
 use crate::{
     relay::{self, Ending, RelayMode, RelayOutcome},
-    tcp_info::counters,
+    tcp_info::{counters, os_result},
 };
 
 /// The relay's maps, shared by the workers.
@@ -282,13 +282,6 @@ async fn wait_written(to: &TcpStream, bytes: u64) -> io::Result<()> {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_millis(200));
     }
-}
-
-/// A libc call's return code as a result (-1: errno).
-fn os_result(rc: libc::c_int) -> io::Result<()> {
-    nix::errno::Errno::result(rc)
-        .map(drop)
-        .map_err(io::Error::from)
 }
 
 /// The socket's cookie (SO_COOKIE), its key in the relay maps.

@@ -89,15 +89,10 @@ impl PolicyRouting {
     }
 
     /// [`install`](Self::install) without removing anything: a reload adds the routes of
-    /// its new rules before the classifier can match them, and prunes the old ones only
-    /// after the switch ([`prune`](Self::prune)).
+    /// its new rules before the classifier can match them, and removes the old ones (with
+    /// `install`) only after the switch.
     pub async fn add(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
         self.ensure(marks, false).await
-    }
-
-    /// Removes our fwmark rules for marks not in `marks`.
-    pub async fn prune(&mut self, marks: &[Mark]) -> Result<(), RoutingError> {
-        self.ensure(marks, true).await
     }
 
     async fn ensure(&mut self, marks: &[Mark], remove_others: bool) -> Result<(), RoutingError> {

@@ -39,7 +39,7 @@ pub(crate) fn counters(fd: RawFd) -> std::io::Result<Counters> {
             &mut len,
         )
     };
-    nix::errno::Errno::result(rc).map_err(std::io::Error::from)?;
+    os_result(rc)?;
     if (len as usize) < std::mem::size_of::<TcpInfoHead>() {
         return Err(std::io::Error::other(
             "TCP_INFO without byte counters (kernel older than 4.1)",
@@ -49,4 +49,11 @@ pub(crate) fn counters(fd: RawFd) -> std::io::Result<Counters> {
         acked: info.bytes_acked,
         received: info.bytes_received,
     })
+}
+
+/// A libc call's return code as a result (-1: errno).
+pub(crate) fn os_result(rc: libc::c_int) -> std::io::Result<()> {
+    nix::errno::Errno::result(rc)
+        .map(drop)
+        .map_err(std::io::Error::from)
 }

@@ -101,13 +101,7 @@ impl LiveConnections {
 
     /// Resolves once no connection is live.
     pub async fn all_closed(&self) {
-        loop {
-            let notified = self.changed.notified();
-            if self.count() == 0 {
-                return;
-            }
-            notified.await;
-        }
+        until(&self.changed, || self.count() == 0).await;
     }
 
     /// Ends every live connection with a reset (each logs `drain`), and any accepted later.
@@ -118,13 +112,19 @@ impl LiveConnections {
 
     /// Resolves once [`Self::cut`] was called.
     async fn cut_off(&self) {
-        loop {
-            let notified = self.cutting.notified();
-            if self.cut.load(Ordering::SeqCst) {
-                return;
-            }
-            notified.await;
+        until(&self.cutting, || self.cut.load(Ordering::SeqCst)).await;
+    }
+}
+
+/// Returns once `done` holds, checking again each time `changed` is notified (registered
+/// before each check, so no notification is missed).
+async fn until(changed: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = changed.notified();
+        if done() {
+            return;
         }
+        notified.await;
     }
 }
 

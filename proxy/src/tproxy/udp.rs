@@ -23,7 +23,6 @@
 //! now it costs about 4 KiB a session, returned once they end ([`give_back`]).
 
 use std::{
-    cell::RefCell,
     collections::HashMap,
     io::{self, IoSliceMut},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6},
@@ -51,12 +50,6 @@ const MAX_DATAGRAM: usize = 65_535;
 /// Datagrams queued for a session that is still being set up (each a copy of its own
 /// size).
 const SESSION_QUEUE: usize = 64;
-
-thread_local! {
-    /// Where the sessions on this thread receive: one buffer per runtime thread, not two
-    /// per session. Borrowed only between a receive and its send, never across an await.
-    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; MAX_DATAGRAM].into_boxed_slice());
-}
 
 /// Settings of the UDP relay.
 pub struct UdpOptions {
@@ -183,7 +176,9 @@ fn forward(
     recv: impl FnOnce(&mut [u8]) -> io::Result<Range<usize>>,
     try_send: impl FnOnce(&[u8]) -> io::Result<()>,
 ) -> io::Result<Option<Vec<u8>>> {
-    SCRATCH.with_borrow_mut(|buf| {
+    // The relay's per-thread scratch buffer (64 KiB, room for any datagram): borrowed only
+    // between a receive and its send, never across an await, like the TCP copies.
+    crate::relay::SCRATCH.with_borrow_mut(|buf| {
         let range = recv(buf)?;
         let payload = &buf[range];
         match try_send(payload) {
