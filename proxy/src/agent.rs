@@ -559,7 +559,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
                             debug!("stats: uid {} gid {} refused", cred.uid(), cred.gid());
                             stats_access.refusal()
                         }
-                        Err(e) => format!("refused: no peer credentials: {e}\n"),
+                        Err(e) => stats::refusal(&format!("no peer credentials: {e}")),
                     };
                     stats::reply(stream, text);
                 }
@@ -833,7 +833,7 @@ fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) 
     match classifier.counters() {
         Ok(counters) => stats::format_report(
             &counters,
-            &[("refused_destination", destinations.refused())],
+            &[(stats::REFUSED_DESTINATION, destinations.refused())],
             &rule_counters(classifier, rules),
         ),
         Err(e) => format!("error: {}\n", error_chain(&e)),
@@ -843,12 +843,13 @@ fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) 
 fn log_counters(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) {
     match classifier.counters() {
         Ok(counters) => info!(
-            "counters: {} refused_destination={}",
+            "counters: {} {}={}",
             counters
                 .iter()
                 .map(|(c, v)| format!("{}={v}", Counter::name(*c)))
                 .collect::<Vec<_>>()
                 .join(" "),
+            stats::REFUSED_DESTINATION,
             destinations.refused()
         ),
         Err(e) => error!("reading counters: {}", error_chain(&e)),

@@ -274,10 +274,14 @@ fn parse_group(s: &str) -> Result<u32, String> {
 }
 
 /// 0 (off), or up to a day.
+/// A number of seconds, not yet range-checked.
+fn seconds(s: &str) -> Result<f64, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))
+}
+
 fn parse_idle(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    let secs = seconds(s)?;
     if !(0.0..=86_400.0).contains(&secs) {
         return Err(format!("'{s}' is out of range (0 to 86400 seconds)"));
     }
@@ -285,9 +289,7 @@ fn parse_idle(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    let secs = seconds(s)?;
     if !(secs > 0.0 && secs <= 3600.0) {
         return Err(format!("'{s}' is out of range (0 < seconds <= 3600)"));
     }

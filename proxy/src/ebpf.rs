@@ -695,15 +695,7 @@ impl Classifier {
     /// in the caller's network namespace; counters count as for real packets. For the
     /// classifier tests, and for diagnosing what a given frame would meet.
     pub fn run_on_frame(&self, name: &'static str, frame: &[u8]) -> Result<i32, EbpfError> {
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(EbpfError::Program(
-                name,
-                aya::programs::ProgramError::NotLoaded,
-            ))?
-            .try_into()
-            .map_err(|e| EbpfError::Program(name, e))?;
+        let prog: &SchedClassifier = program_ref(&self.ebpf, name)?;
         let result = prog
             .test_run(TestRunOptions {
                 data_in: Some(frame),
@@ -938,6 +930,18 @@ fn missing(name: &'static str) -> EbpfError {
             name: name.to_owned(),
         },
     )
+}
+
+/// [`program`], to read.
+fn program_ref<'a, P>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a P, EbpfError>
+where
+    &'a P: TryFrom<&'a aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program(name).ok_or(EbpfError::Program(
+        name,
+        aya::programs::ProgramError::NotLoaded,
+    ))?;
+    prog.try_into().map_err(|e| EbpfError::Program(name, e))
 }
 
 fn program<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>

@@ -122,7 +122,7 @@ impl SrcValidMark {
             if self.written.iter().any(|w| w.path == path) {
                 continue;
             }
-            let name = format!("net.ipv4.conf.{}.{}", sysctl_iface(&mark.iface), mark.key);
+            let name = sysctl_name(&mark.iface, &mark.key);
             info!(
                 "{name}={} was set by an agent that did not stop cleanly (it was {}): it is \
                  put back on exit",
@@ -213,7 +213,7 @@ impl SrcValidMark {
         for (key, previous, value) in wanted {
             let path = self.path(iface, key);
             write(&path, value)?;
-            let name = format!("net.ipv4.conf.{}.{key}", sysctl_iface(iface));
+            let name = sysctl_name(iface, key);
             changed.push(format!("{name}={value}"));
             if !sources.contains(&source) {
                 sources.push(source.clone());
@@ -313,6 +313,11 @@ struct All {
     src_valid_mark: bool,
     accept_local: bool,
     rp_filter: u32,
+}
+
+/// `net.ipv4.conf.<iface>.<key>`, as sysctl(8) names it.
+fn sysctl_name(iface: &str, key: &str) -> String {
+    format!("net.ipv4.conf.{}.{key}", sysctl_iface(iface))
 }
 
 /// sysctl(8) writes a dot in an interface name (`eth0.100`) as a slash.

@@ -17,10 +17,13 @@ use crate::rules::Rule;
 
 /// How long the agent waits for a stats client to take its report; one that does not read
 /// is dropped then, so it holds no task or descriptor for longer.
-pub const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The first word of the agent's answer to a client it refuses.
 const REFUSED: &str = "refused:";
+
+/// The proxy's counter of original destinations it would not relay to.
+pub const REFUSED_DESTINATION: &str = "refused_destination";
 
 /// The agent could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -94,14 +97,18 @@ impl Access {
 
     /// What a refused client reads.
     pub fn refusal(&self) -> String {
-        match self.group {
-            Some(gid) => format!("{REFUSED} only root and group {gid} may read the counters\n"),
-            None => format!(
-                "{REFUSED} only root may read the counters (the agent's --stats-group names a \
-                 group that may)\n"
-            ),
-        }
+        refusal(&match self.group {
+            Some(gid) => format!("only root and group {gid} may read the counters"),
+            None => "only root may read the counters (the agent's --stats-group names a group \
+                     that may)"
+                .to_owned(),
+        })
     }
+}
+
+/// The answer to a client that is refused, for `why`; `query` tells it from a report.
+pub fn refusal(why: &str) -> String {
+    format!("{REFUSED} {why}\n")
 }
 
 /// The `Groups:` of `/proc/PID/status` (empty if it cannot be read: the process is gone).
@@ -210,7 +217,7 @@ mod tests {
         };
         let report = format_report(
             &[(Counter::Seen, 42)],
-            &[("refused_destination", 3)],
+            &[(REFUSED_DESTINATION, 3)],
             &[(rule, counters)],
         );
         assert!(report.contains("refused_destination") && report.contains(" 3\n"));

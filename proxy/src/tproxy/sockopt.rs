@@ -33,11 +33,11 @@ pub fn transparent_socket(addr: &SocketAddr, ty: Type, protocol: Protocol) -> io
 }
 
 /// Silence after which a proxied connection's socket sends its first keepalive probe.
-pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
 /// Time between unanswered probes.
-pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 /// Unanswered probes after which the peer is taken for dead.
-pub const KEEPALIVE_PROBES: u32 = 6;
+const KEEPALIVE_PROBES: u32 = 6;
 
 /// TCP keepalive (SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) on a proxied
 /// connection's socket, client or upstream leg: a peer that vanished (powered off, its link
