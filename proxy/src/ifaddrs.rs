@@ -42,6 +42,21 @@ pub async fn laddr_candidates(handle: &Handle, ifindex: u32) -> Result<IfaceAddr
     Ok(pick(&messages))
 }
 
+/// The interface's own address in an address message: IFA_LOCAL (IFA_ADDRESS is the peer
+/// on a point-to-point link), or IFA_ADDRESS where there is no IFA_LOCAL (IPv6).
+pub fn own_address(msg: &AddressMessage) -> Option<IpAddr> {
+    let local = msg.attributes.iter().find_map(|a| match a {
+        AddressAttribute::Local(ip) => Some(*ip),
+        _ => None,
+    });
+    local.or_else(|| {
+        msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        })
+    })
+}
+
 /// Picks the addresses from a dump, in dump order.
 pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
     let mut out = IfaceAddrs::default();
@@ -57,17 +72,7 @@ pub fn pick(messages: &[AddressMessage]) -> IfaceAddrs {
             .unwrap_or_else(|| {
                 AddressFlags::from_bits_truncate(u32::from(msg.header.flags.bits()))
             });
-        // IFA_LOCAL is the interface's own address (IFA_ADDRESS is the peer on a
-        // point-to-point link); IPv6 only sends IFA_ADDRESS.
-        let local = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Local(ip) => Some(*ip),
-            _ => None,
-        });
-        let address = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        });
-        match local.or(address) {
+        match own_address(msg) {
             Some(IpAddr::V4(ip))
                 if out.flags & IFACE_HAS_IP4 == 0 && !flags.contains(AddressFlags::Secondary) =>
             {

@@ -293,22 +293,28 @@ async fn copy_step(from: &TcpStream, to: &TcpStream, total: &mut u64) -> io::Res
             *total += sent as u64;
             Ok(Some((step, buf[sent..n].to_vec())))
         })?;
-        let Some((step, mut left)) = attempt else {
+        let Some((step, left)) = attempt else {
             continue;
         };
-        while !left.is_empty() {
-            to.writable().await?;
-            match to.try_write(&left) {
-                Ok(m) => {
-                    left.drain(..m);
-                    *total += m as u64;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-        }
+        write_all(to, &left, total).await?;
         return Ok(step);
     }
+}
+
+/// Writes all of `buf` as the socket takes it, counting what went out in `total`.
+async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        to.writable().await?;
+        match to.try_write(buf) {
+            Ok(m) => {
+                buf = &buf[m..];
+                *total += m as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// How a run of splice(2) ended.
@@ -412,19 +418,7 @@ async fn write_out_pipe(
             Err(e) => return Err(e.into()),
         }
     }
-    let mut sent = 0;
-    while sent < left {
-        to.writable().await?;
-        match to.try_write(&buf[sent..]) {
-            Ok(m) => {
-                sent += m;
-                *total += m as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    write_all(to, &buf, total).await
 }
 
 /// Closes a connection with RST instead of FIN (SO_LINGER with a zero timeout).

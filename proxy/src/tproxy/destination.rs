@@ -92,17 +92,7 @@ impl Destinations {
             .map_err(OwnAddressesError)?;
         let mut own = HashSet::new();
         for message in &messages {
-            // IFA_LOCAL is the address itself; IFA_ADDRESS is the peer's on a point-to-point
-            // link, and the address itself only where IFA_LOCAL is absent (IPv6).
-            let local = message.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Local(ip) => Some(*ip),
-                _ => None,
-            });
-            let address = message.attributes.iter().find_map(|a| match a {
-                AddressAttribute::Address(ip) => Some(*ip),
-                _ => None,
-            });
-            own.extend(local.or(address));
+            own.extend(crate::ifaddrs::own_address(message));
             own.extend(message.attributes.iter().find_map(|a| match a {
                 AddressAttribute::Broadcast(ip) => Some(IpAddr::V4(*ip)),
                 _ => None,
