@@ -22,7 +22,7 @@ use crate::{
     pins::{self, PinDir, PinError},
     routing::{self, PolicyRouting, RoutingError},
     src_valid_mark::SrcValidMark,
-    stats, tc_filter,
+    stats,
 };
 
 /// `proxy cleanup` could not remove something.
@@ -95,17 +95,7 @@ fn agent_running(table: u32) -> bool {
 async fn tables(handle: &rtnetlink::Handle) -> Result<Vec<u32>, CleanupError> {
     let mut tables = pins::tables()?;
     tables.extend(routing::tables_of_ours(handle).await?);
-    if let Ok(interfaces) = nix::net::if_::if_nameindex() {
-        for interface in &interfaces {
-            let filters = tc_filter::ingress_bpf_filters(interface.index()).unwrap_or_default();
-            tables.extend(
-                filters
-                    .iter()
-                    .filter(|f| ebpf::is_ours(f, f.handle))
-                    .map(|f| f.handle),
-            );
-        }
-    }
+    tables.extend(ebpf::our_filters().iter().map(|(_, f)| f.handle));
     tables.sort_unstable();
     tables.dedup();
     Ok(tables)

@@ -855,8 +855,9 @@ pub fn is_ours(filter: &tc_filter::BpfFilter, table: u32) -> bool {
     filter.handle == table && TC_PROGRAMS.contains(&filter.name.as_str())
 }
 
-/// The filters of `table`'s agent at the ingress of every interface of the namespace.
-pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
+/// The filters of any agent (a program of ours, whatever the handle) at the ingress of
+/// every interface of the namespace.
+pub fn our_filters() -> Vec<(String, tc_filter::BpfFilter)> {
     let Ok(interfaces) = nix::net::if_::if_nameindex() else {
         return Vec::new();
     };
@@ -864,12 +865,20 @@ pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
     for interface in &interfaces {
         let name = interface.name().to_string_lossy().into_owned();
         for filter in tc_filter::ingress_bpf_filters(interface.index()).unwrap_or_default() {
-            if is_ours(&filter, table) {
+            if is_ours(&filter, filter.handle) {
                 found.push((name.clone(), filter));
             }
         }
     }
     found
+}
+
+/// The filters of `table`'s agent at the ingress of every interface of the namespace.
+pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
+    our_filters()
+        .into_iter()
+        .filter(|(_, f)| f.handle == table)
+        .collect()
 }
 
 /// Deletes a cls_bpf filter at `iface` ingress.

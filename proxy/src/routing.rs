@@ -64,6 +64,14 @@ fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
 }
 
+/// The destination of the local route, as `ip route` writes it.
+fn local_prefix(v: &IpVersion) -> &'static str {
+    match v {
+        IpVersion::V4 => "0.0.0.0/0",
+        IpVersion::V6 => "::/0",
+    }
+}
+
 fn family_name(v: &IpVersion) -> &'static str {
     match v {
         IpVersion::V4 => "IPv4",
@@ -148,11 +156,7 @@ impl PolicyRouting {
             info!(
                 "policy routing ({}): local {} dev lo table {}",
                 family_name(&version),
-                if version == IpVersion::V4 {
-                    "0.0.0.0/0"
-                } else {
-                    "::/0"
-                },
+                local_prefix(&version),
                 self.table
             );
         }
@@ -162,13 +166,28 @@ impl PolicyRouting {
     /// Removes what [`install`](Self::install) added. Safe to call more than once.
     pub async fn remove(&mut self) -> Result<(), RoutingError> {
         for version in std::mem::take(&mut self.installed) {
-            for (rule, _) in self.our_rules(version.clone()).await? {
-                self.delete_rule(version.clone(), rule).await?;
-            }
-            self.delete_local_route(version.clone()).await?;
+            self.remove_family(version.clone()).await?;
             info!("policy routing ({}) removed", family_name(&version));
         }
         Ok(())
+    }
+
+    /// Deletes our rules for this table and our local route of one family; says what went.
+    async fn remove_family(&self, version: IpVersion) -> Result<Vec<String>, RoutingError> {
+        let family = family_name(&version);
+        let mut removed = Vec::new();
+        for (rule, mark) in self.our_rules(version.clone()).await? {
+            self.delete_rule(version.clone(), rule).await?;
+            removed.push(format!("{family} rule fwmark {mark} lookup {}", self.table));
+        }
+        if self.delete_local_route(version.clone()).await? {
+            removed.push(format!(
+                "{family} route local {} dev lo table {}",
+                local_prefix(&version),
+                self.table
+            ));
+        }
+        Ok(removed)
     }
 
     async fn add_rule(&self, version: IpVersion, mark: Mark) -> Result<(), RoutingError> {
@@ -224,26 +243,10 @@ impl PolicyRouting {
     pub async fn remove_leftovers(&mut self) -> Result<Vec<String>, RoutingError> {
         let mut removed = Vec::new();
         for version in [IpVersion::V4, IpVersion::V6] {
-            let rules = match self.our_rules(version.clone()).await {
-                Ok(rules) => rules,
-                Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => continue,
+            match self.remove_family(version.clone()).await {
+                Ok(family) => removed.extend(family),
+                Err(e) if version == IpVersion::V6 && ipv6_unavailable(&e) => {}
                 Err(e) => return Err(e),
-            };
-            let family = family_name(&version);
-            for (rule, mark) in rules {
-                self.delete_rule(version.clone(), rule).await?;
-                removed.push(format!("{family} rule fwmark {mark} lookup {}", self.table));
-            }
-            if self.delete_local_route(version.clone()).await? {
-                removed.push(format!(
-                    "{family} route local {} dev lo table {}",
-                    if version == IpVersion::V4 {
-                        "0.0.0.0/0"
-                    } else {
-                        "::/0"
-                    },
-                    self.table
-                ));
             }
         }
         Ok(removed)
