@@ -161,7 +161,7 @@ async fn clean_table(handle: &rtnetlink::Handle, table: u32) -> Result<Vec<Strin
                 Err(e) => return Err(remove_err(what)(io::Error::other(e))),
             }
         }
-        let _ = std::fs::remove_dir(&mark);
+        PinDir::clear_mark(&mark);
     }
     removed.extend(
         PolicyRouting::new(handle.clone(), table)

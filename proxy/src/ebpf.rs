@@ -571,10 +571,8 @@ impl Classifier {
         let mark = self.pins.clsact_mark(iface);
         match tc::qdisc_add_clsact(iface) {
             Ok(()) => {
-                if let Err(e) = std::fs::create_dir(&mark)
-                    && e.kind() != io::ErrorKind::AlreadyExists
-                {
-                    warn!("{}: {e}", mark.display());
+                if let Err(e) = self.pins.set_mark(&mark) {
+                    warn!("{}", crate::error_chain(&e));
                 }
                 self.clsact_added.push(iface.to_owned());
             }
@@ -599,12 +597,12 @@ impl Classifier {
     /// left and this run did not take over (interfaces no longer listed, the other attach
     /// mode). Errors are logged: what stays is what `proxy cleanup` removes.
     pub fn remove_leftovers(&mut self) {
-        let ours: Vec<&str> = self
+        let ours: Vec<&Path> = self
             .tc_links
             .iter()
-            .map(|l| match l {
-                TcLink::Tcx { link, .. } => link.path.to_str().unwrap_or_default(),
-                TcLink::Filter { .. } => "",
+            .filter_map(|l| match l {
+                TcLink::Tcx { link, .. } => Some(link.path.as_path()),
+                TcLink::Filter { .. } => None,
             })
             .collect();
         if let Ok(entries) = std::fs::read_dir(self.pins.path()) {
@@ -619,7 +617,7 @@ impl Classifier {
                 } else {
                     continue;
                 };
-                if ours.contains(&path.to_str().unwrap_or_default()) {
+                if ours.contains(&path.as_path()) {
                     continue;
                 }
                 match std::fs::remove_file(&path) {
@@ -680,7 +678,7 @@ impl Classifier {
             warn!("detaching the sk_lookup program: {e}");
         }
         for iface in &self.clsact_added {
-            let _ = std::fs::remove_dir(self.pins.clsact_mark(iface));
+            PinDir::clear_mark(&self.pins.clsact_mark(iface));
         }
         if let Err(e) = self.pins.remove() {
             warn!(

@@ -117,6 +117,22 @@ impl PinDir {
             .collect()
     }
 
+    /// Sets a mark (an empty directory: [`clsact_mark`](Self::clsact_mark),
+    /// [`sysctl_mark`](Self::sysctl_mark)), creating the pin directory first if needed.
+    pub fn set_mark(&self, mark: &Path) -> Result<(), PinError> {
+        self.create()?;
+        match std::fs::create_dir(mark) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(PinError::Dir(mark.to_owned(), e)),
+        }
+    }
+
+    /// Clears a mark; one already gone is fine.
+    pub fn clear_mark(mark: &Path) {
+        let _ = std::fs::remove_dir(mark);
+    }
+
     /// Removes the (empty) directory, then its namespace's and the agents' directories if
     /// nothing else is left in them.
     pub fn remove(&self) -> io::Result<()> {

@@ -31,7 +31,7 @@ use log::{error, info, warn};
 
 use crate::{
     error_chain,
-    pins::{PinDir, PinError, SysctlMark},
+    pins::{PinDir, SysctlMark},
 };
 
 /// How often the sysctls are read again while the agent runs: three small files, and three
@@ -251,7 +251,7 @@ impl SrcValidMark {
                 Err(e) => warn!("restoring {}: {}", w.name, error_chain(&e)),
             }
             if let Some(pins) = &self.pins {
-                let _ = std::fs::remove_dir(pins.sysctl_mark(&w.mark));
+                PinDir::clear_mark(&pins.sysctl_mark(&w.mark));
             }
         }
         restored.reverse();
@@ -267,14 +267,7 @@ impl SrcValidMark {
             return;
         };
         let path = pins.sysctl_mark(mark);
-        if let Err(e) = pins.create().and_then(|()| {
-            std::fs::create_dir(&path)
-                .or_else(|e| match e.kind() {
-                    io::ErrorKind::AlreadyExists => Ok(()),
-                    _ => Err(e),
-                })
-                .map_err(|e| PinError::Dir(path.clone(), e))
-        }) {
+        if let Err(e) = pins.set_mark(&path) {
             warn!(
                 "{}: after a crash this sysctl would not be put back: {}",
                 path.display(),
