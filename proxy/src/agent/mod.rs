@@ -620,9 +620,11 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     classifier.detach_all();
     for name in classifier.take_clsact_added() {
         if let Some((_, index)) = ifaces.iter().find(|(n, _)| *n == name) {
-            match remove_clsact(&handle, *index).await {
-                Ok(ClsactRemoval::Removed) => info!("clsact qdisc removed from {name}"),
-                Ok(ClsactRemoval::KeptInUse(n)) => {
+            match crate::tc_filter::remove_clsact(&handle, *index).await {
+                Ok(crate::tc_filter::ClsactRemoval::Removed) => {
+                    info!("clsact qdisc removed from {name}")
+                }
+                Ok(crate::tc_filter::ClsactRemoval::KeptInUse(n)) => {
                     info!("clsact qdisc of {name} kept: {n} other filter(s) under it");
                 }
                 Err(e) => warn!("removing the clsact qdisc from {name}: {e}"),
@@ -658,37 +660,6 @@ async fn reattach(
     let header = link_header::of_interface(handle, name, index).await?;
     classifier.attach(name, header, how)?;
     Ok(())
-}
-
-/// What [`remove_clsact`] did.
-pub(crate) enum ClsactRemoval {
-    Removed,
-    /// Other filters are under it (another agent's, another tool's): left in place.
-    KeptInUse(usize),
-}
-
-/// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF
-/// clsact`), once its own filter is gone, unless filters of others are under it: deleting
-/// the qdisc would take them with it.
-pub(crate) async fn remove_clsact(
-    handle: &rtnetlink::Handle,
-    ifindex: u32,
-) -> Result<ClsactRemoval, rtnetlink::Error> {
-    use rtnetlink::packet_route::tc::{TcAttribute, TcHandle};
-    match crate::tc_filter::clsact_filter_count(ifindex) {
-        Ok(0) => {}
-        Ok(others) => return Ok(ClsactRemoval::KeptInUse(others)),
-        // Cannot tell: keeping an empty qdisc costs nothing, deleting a used one does.
-        Err(_) => return Ok(ClsactRemoval::KeptInUse(0)),
-    }
-    let mut request = handle.qdisc().del(ifindex as i32);
-    let message = request.message_mut();
-    message.header.parent = TcHandle::CLSACT;
-    message.header.handle = TcHandle::from(0xffff_0000);
-    message
-        .attributes
-        .push(TcAttribute::Kind("clsact".to_owned()));
-    request.execute().await.map(|()| ClsactRemoval::Removed)
 }
 
 /// SIGHUP: re-reads `--config`, and only if everything about it is usable, switches the
