@@ -618,6 +618,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     // must leave the pin directory before it goes.
     svm.restore();
     classifier.detach_all();
+    classifier.remove_pin_dir();
     for name in classifier.take_clsact_added() {
         if let Some((_, index)) = ifaces.iter().find(|(n, _)| *n == name) {
             match crate::tc_filter::remove_clsact(&handle, *index).await {
