@@ -5,7 +5,7 @@
 //! the listeners' slots and ports); load the programs and fill the maps; then change the
 //! system, in an order in which no packet is marked before its route exists (see
 //! `start`): the sysctls, the policy route, the listeners, and last the sk_lookup program
-//! and the classifier. The teardown undoes it all (`teardown`).
+//! and the classifier. The teardown runs in reverse (`teardown`).
 //!
 //! One job per module: `checks` of the settings, `slots` (which listeners the rules
 //! need, as a pure function), `listeners` (their sockets), `interfaces` (what the

@@ -1,14 +1,14 @@
-//! The way back: what a start changed outside the agent, undone on a clean stop and after
-//! a failed start alike.
+//! The way back: what a start changed outside the agent, undone in the reverse order of
+//! setup, on a clean stop and after a failed start alike.
 //!
-//! Setup changes, in order (see `super::start`): the pin directory (made by the first
+//! Setup changes, in order (see [`super::start`]): the pin directory (made by the first
 //! sysctl record or link pin), the src_valid_mark sysctls, the policy routing, the
 //! listeners in the sockmap, then the sk_lookup program and the classifier at each
 //! interface (under a clsact qdisc the agent may add, for the netlink attach). The drain
-//! closes the listeners; [`Installed::teardown`] undoes the rest: the sysctls first (with
-//! the listeners closed no intercepted packet is delivered any more, and their records
-//! must leave the pin directory before it goes), the classifier and the pin directory,
-//! each qdisc once no filter is under it, and the routing.
+//! closes the listeners; [`Installed::teardown`] undoes the rest, in reverse: the classifier
+//! first, so no packet is marked once its route is gone, then each qdisc once no filter is
+//! under it, the routing, the sysctls, and last the pin directory, once the links and
+//! sysctl records in it are gone.
 //!
 //! The routes and qdiscs go over netlink, asynchronously, which `Drop` cannot wait for:
 //! the teardown is an explicit step of every exit that reaches it. A guard dropped without
@@ -61,13 +61,11 @@ impl Installed {
         }
     }
 
-    /// Undoes everything, whatever of it was done. Errors are logged: the teardown goes
-    /// on. The classifier's counters stay readable.
+    /// Undoes everything, in reverse order of setup, whatever of it was done. Errors are
+    /// logged: the teardown goes on. The classifier's counters stay readable.
     pub async fn teardown(&mut self, interfaces: &Interfaces) {
         self.done = true;
-        self.sysctls.restore();
         self.classifier.detach_all();
-        self.classifier.remove_pin_dir();
         for name in self.classifier.take_clsact_added() {
             if let Some(index) = interfaces.index_of(&name) {
                 match tc_filter::remove_clsact(&self.handle, index).await {
@@ -82,6 +80,8 @@ impl Installed {
         if let Err(e) = self.routing.remove().await {
             error!("removing policy routing: {}", error_chain(&e));
         }
+        self.sysctls.restore();
+        self.classifier.remove_pin_dir();
     }
 
     /// The exit of a start that failed after taking over what a crashed run left
