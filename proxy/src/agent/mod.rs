@@ -206,11 +206,11 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 }
 
 /// Changes the system, in an order in which no packet is marked before its route exists
-/// (a marked packet without it is forwarded, not delivered) and nothing blackholes: the
-/// sysctls that keep marked IPv4 deliverable under `src_valid_mark=1`, the policy routes,
-/// the listeners in the sockmap, and only then the sk_lookup program and the classifier,
-/// the first things that mark a packet. Then what a crashed run left and this one did not
-/// take over goes.
+/// (without it the forwarding path drops a packet that carries a socket, T6) and nothing
+/// blackholes: the sysctls that keep marked IPv4 deliverable under `src_valid_mark=1`,
+/// the policy routes, the listeners in the sockmap, and only then the sk_lookup program
+/// and the classifier, the first things that mark a packet. Then what a crashed run left
+/// and this one did not take over goes.
 async fn start(
     agent: &mut Agent,
     pending: Pending,
