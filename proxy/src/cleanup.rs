@@ -16,13 +16,13 @@ use std::{
 };
 
 use crate::{
-    agent::ClsactRemoval,
     config::CleanupArgs,
     ebpf,
     pins::{self, PinDir, PinError},
     routing::{self, PolicyRouting, RoutingError},
     src_valid_mark::SrcValidMark,
     stats,
+    tc_filter::{self, ClsactRemoval},
 };
 
 /// `proxy cleanup` could not remove something.
@@ -149,7 +149,7 @@ async fn clean_table(handle: &rtnetlink::Handle, table: u32) -> Result<Vec<Strin
     for (iface, mark) in clsact {
         let what = format!("the clsact qdisc of {iface}");
         if let Some(index) = crate::ifaddrs::ifindex(&iface) {
-            match crate::agent::remove_clsact(handle, index).await {
+            match tc_filter::remove_clsact(handle, index).await {
                 Ok(ClsactRemoval::Removed) => removed.push(what),
                 Ok(ClsactRemoval::KeptInUse(n)) => println!(
                     "table {table}: kept {what}: {n} other filter(s) under it (`tc qdisc del \

@@ -653,8 +653,9 @@ impl Classifier {
         std::mem::take(&mut self.clsact_added)
     }
 
-    /// Detaches from every interface and the namespace and removes the pins. Errors are
-    /// logged, not returned: teardown goes on.
+    /// Detaches from every interface and the namespace (the pins of the links go; the
+    /// directory stays for [`remove_pin_dir`](Self::remove_pin_dir)). Errors are logged,
+    /// not returned: teardown goes on.
     pub fn detach_all(&mut self) {
         for link in self.tc_links.drain(..) {
             let (iface, detached) = match link {
@@ -680,6 +681,12 @@ impl Classifier {
         for iface in &self.clsact_added {
             PinDir::clear_mark(&self.pins.clsact_mark(iface));
         }
+    }
+
+    /// Removes the pin directory, the last step of a teardown: after the links (see
+    /// [`detach_all`](Self::detach_all)) and the sysctl records
+    /// ([`crate::src_valid_mark`]) that live in it are gone.
+    pub fn remove_pin_dir(&self) {
         if let Err(e) = self.pins.remove() {
             warn!(
                 "{} stays (proxy cleanup removes what is in it): {e}",

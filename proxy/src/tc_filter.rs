@@ -1,6 +1,7 @@
 //! The cls_bpf filters at an interface's ingress (`tc filter show dev IF ingress`), read
 //! over a blocking netlink socket: the agent finds the filter a crashed run left, to replace
-//! it in place rather than add a second one, and `proxy cleanup` finds what to remove.
+//! it in place rather than add a second one, and `proxy cleanup` finds what to remove. And
+//! the removal of a clsact qdisc the agent added, once no filter is left under it.
 //!
 //! An agent's filter is told apart by its handle, which is the agent's routing table (as
 //! `table-N` tells its pins apart), and by its program's name.
@@ -50,6 +51,36 @@ pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
     };
     Ok(with_kind(dump(ifindex, TcHandle::MIN_INGRESS)?)
         + with_kind(dump(ifindex, TcHandle::MIN_EGRESS)?))
+}
+
+/// What [`remove_clsact`] did.
+pub enum ClsactRemoval {
+    Removed,
+    /// Other filters are under it (another agent's, another tool's): left in place.
+    KeptInUse(usize),
+}
+
+/// Deletes the clsact qdisc the agent added for the netlink attach (`tc qdisc del dev IF
+/// clsact`), once its own filter is gone, unless filters of others are under it: deleting
+/// the qdisc would take them with it.
+pub async fn remove_clsact(
+    handle: &rtnetlink::Handle,
+    ifindex: u32,
+) -> Result<ClsactRemoval, rtnetlink::Error> {
+    match clsact_filter_count(ifindex) {
+        Ok(0) => {}
+        Ok(others) => return Ok(ClsactRemoval::KeptInUse(others)),
+        // Cannot tell: keeping an empty qdisc costs nothing, deleting a used one does.
+        Err(_) => return Ok(ClsactRemoval::KeptInUse(0)),
+    }
+    let mut request = handle.qdisc().del(ifindex as i32);
+    let message = request.message_mut();
+    message.header.parent = TcHandle::CLSACT;
+    message.header.handle = TcHandle::from(0xffff_0000);
+    message
+        .attributes
+        .push(TcAttribute::Kind("clsact".to_owned()));
+    request.execute().await.map(|()| ClsactRemoval::Removed)
 }
 
 /// The filter messages under clsact's `minor` hook (ingress or egress) of `ifindex`.

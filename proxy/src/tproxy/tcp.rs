@@ -5,7 +5,7 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -78,8 +78,9 @@ pub struct ProxyOptions {
     pub limit: Arc<Semaphore>,
     /// Counts live connections, for the drain on shutdown.
     pub live: Arc<LiveConnections>,
-    /// The in-kernel relay's maps (`--relay sockmap`), set once the programs are loaded.
-    pub kernel_relay: OnceLock<KernelRelay>,
+    /// The in-kernel relay's maps (`--relay sockmap`); without them the proxy copies the
+    /// bytes itself (`relay`).
+    pub kernel_relay: Option<KernelRelay>,
     /// Original destinations never connected to.
     pub destinations: Arc<Destinations>,
 }
@@ -226,7 +227,7 @@ async fn handle(
         }
     };
     let (idle, drain) = (options.idle_timeout, options.live.cut_off());
-    let outcome = match options.kernel_relay.get() {
+    let outcome = match options.kernel_relay.as_ref() {
         Some(kernel) => kernel_relay::relay(kernel, client, upstream, idle, drain).await,
         None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
     };

@@ -1,0 +1,315 @@
+//! `proxy run`: sets everything up in an order that never blackholes traffic, serves until
+//! SIGINT/SIGTERM, and undoes everything on the way out, whatever failed.
+//!
+//! Order: check what can be checked without touching the system (root, interfaces, rules,
+//! the listeners' slots and ports); load the programs and fill the maps; then change the
+//! system, in an order in which no packet is marked before its route exists (see
+//! `start`): the sysctls, the policy route, the listeners, and last the sk_lookup program
+//! and the classifier. The teardown runs in reverse (`teardown`).
+//!
+//! One job per module: `checks` of the settings, `slots` (which listeners the rules
+//! need, as a pure function), `listeners` (their sockets), `interfaces` (what the
+//! classifier is told about each `--iface`, and its events), `serve` (the loop:
+//! `reload` on SIGHUP, the `report` for `proxy stats`), `drain`, `teardown`.
+
+mod checks;
+mod drain;
+mod error;
+mod interfaces;
+mod listeners;
+mod reload;
+mod report;
+mod serve;
+mod signals;
+mod slots;
+mod teardown;
+
+use std::{sync::Arc, time::Duration};
+
+use log::{info, warn};
+use proxy_common::GlobalConfig;
+use tokio::sync::Semaphore;
+
+pub use self::{error::AgentError, signals::ShutdownSignals};
+use self::{
+    interfaces::Interfaces,
+    listeners::{Listeners, Pending},
+    serve::Inputs,
+    teardown::Installed,
+};
+use crate::{
+    config::{ListenerMode, RunArgs},
+    ebpf::Classifier,
+    ifaddrs,
+    link_header::LinkHeader,
+    relay::RelayMode,
+    routing::RoutingError,
+    rules::{self, Mark, Rule},
+    src_valid_mark, stats,
+    tproxy::{
+        destination::Destinations,
+        tcp::{LiveConnections, ProxyOptions},
+        udp::UdpOptions,
+        workers::{self, Workers},
+    },
+    upstream::{Outbound, Upstream},
+};
+
+/// The running agent: what the serve loop acts on, drained and torn down at the end.
+struct Agent {
+    args: RunArgs,
+    rules: Vec<Rule>,
+    destinations: Arc<Destinations>,
+    interfaces: Interfaces,
+    listeners: Listeners,
+    installed: Installed,
+}
+
+/// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
+pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
+    // Checks, before anything outside the agent changes.
+    if !nix::unistd::geteuid().is_root() {
+        return Err(AgentError::NotRoot);
+    }
+    let ifaces = Interfaces::resolve(&args.ifaces)?;
+    let mut rules = args.rules()?;
+    checks::check_supported(&rules, args.listener)?;
+    checks::check_outbound_mark(&rules, args.outbound_mark)?;
+    if args.spoof_source && args.ifaces.len() < 2 {
+        warn!(
+            "--spoof-source: the server's replies go to the client's address; unless the \
+             upstream interface is also given with --iface, they bypass the proxy"
+        );
+    }
+    raise_nofile_limit();
+    let stats_listener = stats::listen(args.table).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            AgentError::TableInUse(args.table)
+        } else {
+            AgentError::Io("binding the stats socket", e)
+        }
+    })?;
+
+    // The listeners: numbered, and bound (a port in use fails here), not serving yet. An
+    // external listener needs no workers.
+    let builtin = args.listener == ListenerMode::Builtin;
+    let worker_count = if builtin {
+        workers::count(args.workers).map_err(AgentError::Unsupported)?
+    } else {
+        0
+    };
+    let pending = if builtin {
+        let plan = slots::plan(&rules, &[], &[])?;
+        plan.assign(&mut rules);
+        Pending::open(&plan, worker_count)?
+    } else {
+        Pending::default()
+    };
+    let compiled = rules::compile(&rules)?;
+
+    // The programs, loaded and filled but attached nowhere. The kernel relay's maps come
+    // with them, before any connection can be accepted.
+    let kernel_relay = args.relay == RelayMode::Sockmap && builtin;
+    // Two sockets per connection, up to the connection limit.
+    let relayed_sockets = if kernel_relay {
+        args.max_connections
+            .saturating_mul(2)
+            .min(proxy_common::MAX_RELAYED_SOCKETS)
+    } else {
+        0
+    };
+    let mut classifier = Classifier::load(
+        relayed_sockets,
+        args.allow_unchecked_transparency,
+        args.table,
+    )?;
+    let kernel_relay = if kernel_relay {
+        let relay = classifier.kernel_relay()?;
+        info!("relay: in the kernel (sockmap), up to {relayed_sockets} sockets");
+        Some(relay)
+    } else {
+        None
+    };
+    classifier.install_rules(&rules, &compiled)?;
+    classifier.set_config(global_config(&rules, args.outbound_mark))?;
+
+    let live = Arc::new(LiveConnections::default());
+    let destinations = Arc::new(Destinations::new(args.allow_local_destinations));
+    let upstream = match (&args.upstream, args.spoof_source) {
+        (Some(server), _) => Upstream::Socks5(server.clone()),
+        (None, true) => Upstream::SpoofSource,
+        (None, false) => Upstream::Direct,
+    };
+    let outbound = Outbound {
+        connect_timeout: args.connect_timeout,
+        mark: args.outbound_mark,
+    };
+    let listeners = Listeners::new(
+        Workers::start(worker_count)
+            .map_err(|e| AgentError::Io("starting the TCP worker threads", e))?,
+        ProxyOptions {
+            upstream: upstream.clone(),
+            outbound,
+            relay: args.relay,
+            idle_timeout: args.tcp_idle_timeout,
+            limit: Arc::new(Semaphore::new(args.max_connections as usize)),
+            live: Arc::clone(&live),
+            kernel_relay,
+            destinations: Arc::clone(&destinations),
+        },
+        UdpOptions {
+            idle_timeout: args.udp_idle_timeout,
+            max_sessions: args.udp_max_sessions as usize,
+            outbound,
+            upstream,
+            destinations: Arc::clone(&destinations),
+        },
+    );
+
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|e| AgentError::Routing(RoutingError::Connect(e)))?;
+    tokio::spawn(connection);
+    let addr_changes =
+        ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
+    // Before any listener serves: the proxy's own addresses are refused as destinations.
+    destinations.refresh(&handle).await?;
+    let interfaces = Interfaces::new(handle.clone(), ifaces);
+    let headers = interfaces.prepare(&mut classifier).await?;
+
+    let mut sysctl_poll = tokio::time::interval(src_valid_mark::POLL_INTERVAL);
+    sysctl_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut inputs = Inputs {
+        addr_changes,
+        stats: stats_listener,
+        stats_access: stats::Access {
+            group: args.stats_group,
+        },
+        sysctl_poll,
+    };
+
+    // From here on the system changes: whatever fails, the teardown undoes what was done.
+    let installed = Installed::new(classifier, &args.ifaces, handle, args.table);
+    let mut agent = Agent {
+        args,
+        rules,
+        destinations,
+        interfaces,
+        listeners,
+        installed,
+    };
+    let result = async {
+        start(&mut agent, pending, &headers).await?;
+        agent.serve(&mut signals, &mut inputs).await
+    }
+    .await;
+    stop(agent, result, &live, &mut signals).await
+}
+
+/// Changes the system, in an order in which no packet is marked before its route exists
+/// (without it the forwarding path drops a packet that carries a socket, T6) and nothing
+/// blackholes: the sysctls that keep marked IPv4 deliverable under `src_valid_mark=1`,
+/// the policy routes, the listeners in the sockmap, and only then the sk_lookup program
+/// and the classifier, the first things that mark a packet. Then what a crashed run left
+/// and this one did not take over goes.
+async fn start(
+    agent: &mut Agent,
+    pending: Pending,
+    headers: &[LinkHeader],
+) -> Result<(), AgentError> {
+    let Agent {
+        args,
+        rules,
+        interfaces,
+        listeners,
+        installed,
+        ..
+    } = agent;
+    installed.sysctls.start()?;
+    installed.routing.install(&marks(rules)).await?;
+    listeners.start(&mut installed.classifier, pending)?;
+    installed.classifier.attach_sk_lookup()?;
+    for (name, header) in interfaces.names().zip(headers) {
+        installed.classifier.attach(name, *header, args.tc_attach)?;
+    }
+    installed.classifier.remove_leftovers();
+    report::log_rules(rules);
+    info!(
+        "ready: {} rule(s) on {}, {} listener (table {})",
+        rules.len(),
+        args.ifaces.join(","),
+        match args.listener {
+            ListenerMode::Builtin => "built-in",
+            ListenerMode::External => "external",
+        },
+        args.table
+    );
+    Ok(())
+}
+
+/// The way out, whatever `result` says: the drain, then the teardown (or, after a failed
+/// start that took over a crashed run's classifier, everything left as the crash left it;
+/// see [`Installed::leave_attached`]), then the counters.
+async fn stop(
+    agent: Agent,
+    result: Result<(), AgentError>,
+    live: &LiveConnections,
+    signals: &mut ShutdownSignals,
+) -> Result<(), AgentError> {
+    let Agent {
+        args,
+        rules,
+        destinations,
+        interfaces,
+        mut listeners,
+        mut installed,
+    } = agent;
+    drain::drain(
+        &mut listeners,
+        live,
+        args.drain_timeout,
+        signals,
+        result.is_err(),
+    )
+    .await;
+    // Connections still open after the drain end here, before the routes they use go:
+    // stopping the workers drops their tasks and closes their sockets.
+    drop(listeners);
+
+    if result.is_err() && installed.classifier.took_over() {
+        installed.leave_attached();
+        return result;
+    }
+    installed.teardown(&interfaces).await;
+    report::log_counters(&installed.classifier, &rules, &destinations);
+    // Give in-flight log records a moment to be forwarded.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    result
+}
+
+fn marks(rules: &[Rule]) -> Vec<Mark> {
+    rules.iter().map(|r| r.mark).collect()
+}
+
+/// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's.
+fn global_config(rules: &[Rule], outbound_mark: u32) -> GlobalConfig {
+    let mark = rules.first().map_or(Mark::default(), |r| r.mark);
+    GlobalConfig {
+        divert_mark_value: mark.value,
+        divert_mark_mask: mark.mask,
+        bypass_mark: outbound_mark,
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: every proxied connection holds
+/// two sockets and, while data flows, two pipes.
+fn raise_nofile_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => info!("open files limit raised from {soft} to {hard}"),
+            Err(e) => warn!("raising the open files limit from {soft}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!("reading the open files limit: {e}"),
+    }
+}

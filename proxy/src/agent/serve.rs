@@ -1,0 +1,81 @@
+//! The serve loop: what the agent answers while it runs, until SIGINT or SIGTERM. SIGHUP
+//! reloads `--config`, `proxy stats` gets the counters, interface events update the
+//! classifier, and the src_valid_mark sysctls are checked again now and then (Tailscale
+//! may set `src_valid_mark=1` at any time).
+
+use log::{debug, error, info};
+use tokio::{net::UnixListener, sync::mpsc::UnboundedReceiver, time::Interval};
+
+use super::{Agent, AgentError, reload::reload, report, signals};
+use crate::{error_chain, ifaddrs::InterfaceEvent, stats};
+
+/// What the loop listens to besides the shutdown signals, made before the start so that
+/// nothing is missed (an address change while the classifier is prepared, a second agent
+/// on the same table).
+pub struct Inputs {
+    pub addr_changes: UnboundedReceiver<InterfaceEvent>,
+    pub stats: UnixListener,
+    pub stats_access: stats::Access,
+    pub sysctl_poll: Interval,
+}
+
+impl Agent {
+    /// Serves until SIGINT or SIGTERM. Errors of a single event are logged and the loop
+    /// goes on; an error returned here means the loop could not run at all.
+    pub async fn serve(
+        &mut self,
+        signals: &mut signals::ShutdownSignals,
+        inputs: &mut Inputs,
+    ) -> Result<(), AgentError> {
+        let mut hangup = signals::hangup()?;
+        loop {
+            tokio::select! {
+                signal = signals.recv() => {
+                    info!("{signal}: shutting down");
+                    return Ok(());
+                }
+                _ = hangup.recv() => {
+                    let installed = &mut self.installed;
+                    let reloaded = reload(
+                        &self.args,
+                        &mut installed.classifier,
+                        &mut installed.routing,
+                        &mut self.listeners,
+                        &self.rules,
+                    )
+                    .await;
+                    match reloaded {
+                        Ok(rules) => self.rules = rules,
+                        Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
+                    }
+                }
+                Some(event) = inputs.addr_changes.recv() => {
+                    self.interfaces
+                        .on_event(
+                            event,
+                            &mut self.installed.classifier,
+                            &self.destinations,
+                            self.args.tc_attach,
+                        )
+                        .await;
+                }
+                Ok((stream, _)) = inputs.stats.accept() => {
+                    let text = match stream.peer_cred() {
+                        Ok(cred) if inputs.stats_access.permits(&cred) => report::report(
+                            &self.installed.classifier,
+                            &self.rules,
+                            &self.destinations,
+                        ),
+                        Ok(cred) => {
+                            debug!("stats: uid {} gid {} refused", cred.uid(), cred.gid());
+                            inputs.stats_access.refusal()
+                        }
+                        Err(e) => stats::refusal(&format!("no peer credentials: {e}")),
+                    };
+                    stats::reply(stream, text);
+                }
+                _ = inputs.sysctl_poll.tick() => self.installed.sysctls.recheck(),
+            }
+        }
+    }
+}
