@@ -28,6 +28,25 @@ pub const PROG_TC_INGRESS_L3: &str = "tproxy_ingress_l3";
 /// Name of the `sk_lookup` program that finishes the TIME_WAIT + SYN case (T3).
 pub const PROG_SK_LOOKUP: &str = "tproxy_sk_lookup";
 
+/// `--local`: the `cgroup/connect4` and `cgroup/connect6` programs that mark a local
+/// process's socket whose destination a rule covers, so the fwmark rule routes it to `lo`,
+/// where the classifier hands it to the proxy.
+pub const PROG_LOCAL_CONNECT4: &str = "local_connect4";
+pub const PROG_LOCAL_CONNECT6: &str = "local_connect6";
+/// `--local`: the `cgroup/sendmsg4` and `cgroup/sendmsg6` programs that apply a rule's
+/// no-socket behaviour to an unconnected datagram, which cannot be marked (see the README).
+pub const PROG_LOCAL_SENDMSG4: &str = "local_sendmsg4";
+pub const PROG_LOCAL_SENDMSG6: &str = "local_sendmsg6";
+/// The four programs of `--local`, in the order the agent attaches them.
+pub const LOCAL_PROGRAMS: [&str; 4] = [
+    PROG_LOCAL_CONNECT4,
+    PROG_LOCAL_CONNECT6,
+    PROG_LOCAL_SENDMSG4,
+    PROG_LOCAL_SENDMSG6,
+];
+/// The loopback device's index, the same in every network namespace (`LOOPBACK_IFINDEX`).
+pub const LOOPBACK_IFINDEX: u32 = 1;
+
 /// `--relay sockmap`: the sk_skb verdict program that moves a relayed connection's bytes
 /// to its peer inside the kernel.
 pub const PROG_RELAY_VERDICT: &str = "relay_verdict";
@@ -182,6 +201,11 @@ pub const ACTION_HAS_ON_IP6: u32 = 1 << 1;
 pub const ACTION_FAIL_OPEN: u32 = 1 << 2;
 /// [`RuleAction::flags`]: `listener_slot` names a socket in [`MAP_LISTENERS`].
 pub const ACTION_HAS_LISTENER_SLOT: u32 = 1 << 3;
+/// [`RuleAction::flags`]: the rule applies to the connections of local processes too
+/// (`--local`), within [`RuleAction::local_cgroup_ids`].
+pub const ACTION_LOCAL: u32 = 1 << 4;
+/// Cgroups a rule's local scope may name ([`RuleAction::local_cgroup_ids`]).
+pub const MAX_RULE_CGROUPS: usize = 4;
 
 /// The mark of an assigned packet: `(mark & ~mask) ^ value`, exactly `tproxy_tg4` in
 /// `net/netfilter/xt_TPROXY.c` (XOR, not OR). The one place the formula is written, for the
@@ -211,6 +235,15 @@ pub struct RuleAction {
     pub listener_slot: u32,
     /// The rule's slot in [`MAP_RULE_COUNTERS`].
     pub counter_slot: u32,
+    pub _pad2: u32,
+    /// With [`ACTION_LOCAL`]: the cgroups (v2 ids, the cgroup directory's inode) whose
+    /// processes, and their descendants', the rule applies to; all zero: every process the
+    /// programs run for. A process is in scope when
+    /// `bpf_get_current_ancestor_cgroup_id(local_cgroup_levels[i]) == local_cgroup_ids[i]`
+    /// for some `i`; the first zero id ends the list.
+    pub local_cgroup_ids: [u64; MAX_RULE_CGROUPS],
+    /// The depth of each of those cgroups below the root (the root is level 0).
+    pub local_cgroup_levels: [u32; MAX_RULE_CGROUPS],
 }
 
 impl RuleAction {
@@ -263,6 +296,14 @@ pub struct GlobalConfig {
     /// The agent's outbound mark: packets with all these bits set are never touched
     /// (0: none).
     pub bypass_mark: u32,
+    pub _pad: u32,
+    /// `--local`: the agent's network namespace (`SO_NETNS_COOKIE`); the cgroup programs
+    /// run for every process of their cgroups whatever its namespace, and leave the
+    /// sockets of other namespaces alone. 0: local interception is off.
+    pub netns_cookie: u64,
+    /// `--local` without `--cgroup` (the programs attached at the cgroup root): the agent's
+    /// own cgroup, whose processes are never intercepted. 0: none.
+    pub agent_cgroup_id: u64,
 }
 
 /// Global counters, one slot each in [`MAP_COUNTERS`].
@@ -314,10 +355,30 @@ pub enum Counter {
     /// with `skb->protocol`: the packets are not laid out as the agent decided, nothing on
     /// that interface can be classified, so they are dropped rather than passed (T10).
     DroppedBadLinkHeader = 17,
+    /// `--local`: connections of local processes whose socket the connect program marked
+    /// for a rule (TCP connects and UDP connects).
+    LocalMarked = 18,
+    /// `--local`: local connections a fail-open rule covers left unmarked, because no
+    /// listener was there to take them (the agent is gone): they reach the original
+    /// destination, as forwarded traffic under that rule does (T7, T12).
+    LocalNoListener = 19,
+    /// `--local`: unconnected UDP datagrams to a destination a rule covers, refused to the
+    /// sender (EPERM): a datagram cannot be routed to the proxy (see the README).
+    LocalUnconnectedRefused = 20,
+    /// `--local`: the same under a fail-open rule, sent on to the destination untouched.
+    LocalUnconnectedPassed = 21,
+    /// `--local`: local connections whose first matching rule does not apply to the
+    /// process (the rule is not local, or its cgroups do not hold the process): untouched.
+    LocalOutOfScope = 22,
+    /// `--local`: setting the mark on a local socket failed; the connection goes direct.
+    LocalMarkFailed = 23,
+    /// Packets arriving on `lo` without the mark of the rule they match (the host's own
+    /// loopback traffic, replies to local clients): left alone before any socket lookup.
+    LoopbackUnmarked = 24,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 25;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -338,6 +399,13 @@ impl Counter {
         Counter::DroppedLaterFragment,
         Counter::DivertAssignFailed,
         Counter::DroppedBadLinkHeader,
+        Counter::LocalMarked,
+        Counter::LocalNoListener,
+        Counter::LocalUnconnectedRefused,
+        Counter::LocalUnconnectedPassed,
+        Counter::LocalOutOfScope,
+        Counter::LocalMarkFailed,
+        Counter::LoopbackUnmarked,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -361,6 +429,13 @@ impl Counter {
             Counter::DroppedLaterFragment => "dropped_later_fragment",
             Counter::DivertAssignFailed => "divert_assign_failed",
             Counter::DroppedBadLinkHeader => "dropped_bad_link_header",
+            Counter::LocalMarked => "local_marked",
+            Counter::LocalNoListener => "local_no_listener",
+            Counter::LocalUnconnectedRefused => "local_unconnected_refused",
+            Counter::LocalUnconnectedPassed => "local_unconnected_passed",
+            Counter::LocalOutOfScope => "local_out_of_scope",
+            Counter::LocalMarkFailed => "local_mark_failed",
+            Counter::LoopbackUnmarked => "loopback_unmarked",
         }
     }
 }

@@ -7,15 +7,19 @@ use proxy_common::{
     ACTION_HAS_ON_IP4, ACTION_HAS_ON_IP6, IFACE_HAS_IP4, IFACE_HAS_IP6, RuleAction,
 };
 
-use crate::{
-    maps::IFACE_ADDRS,
-    parse::{Family, Packet},
-};
+use crate::{maps::IFACE_ADDRS, parse::Family};
 
+/// The listener address for a packet (or a local socket's destination) of `family` to
+/// `daddr` arriving on `ifindex` under `action`.
 #[inline(always)]
-pub fn listener_addr(action: &RuleAction, ifindex: u32, packet: &Packet) -> [u8; 16] {
+pub fn listener_addr(
+    action: &RuleAction,
+    ifindex: u32,
+    family: Family,
+    daddr: &[u8; 16],
+) -> [u8; 16] {
     let mut laddr = [0u8; 16];
-    match packet.family {
+    match family {
         Family::V4 => {
             let ip4_be = if action.flags & ACTION_HAS_ON_IP4 != 0 {
                 Some(action.on_ip4_be)
@@ -27,7 +31,7 @@ pub fn listener_addr(action: &RuleAction, ifindex: u32, packet: &Packet) -> [u8;
             };
             match ip4_be {
                 Some(ip) => laddr[..4].copy_from_slice(&ip.to_ne_bytes()),
-                None => laddr[..4].copy_from_slice(&packet.daddr[..4]),
+                None => laddr[..4].copy_from_slice(&daddr[..4]),
             }
         }
         Family::V6 => {
@@ -36,7 +40,7 @@ pub fn listener_addr(action: &RuleAction, ifindex: u32, packet: &Packet) -> [u8;
             } else {
                 match unsafe { IFACE_ADDRS.get(&ifindex) } {
                     Some(iface) if iface.flags & IFACE_HAS_IP6 != 0 => iface.ip6,
-                    _ => packet.daddr,
+                    _ => *daddr,
                 }
             };
         }

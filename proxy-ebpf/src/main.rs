@@ -1,6 +1,8 @@
 //! TC-ingress classifier that does what `iptables -t mangle ... -j TPROXY` does, and the
 //! `sk_lookup` program that completes the TIME_WAIT + SYN case, and (`--relay sockmap`) the
-//! sk_skb program that relays established connections inside the kernel ([`relay`]).
+//! sk_skb program that relays established connections inside the kernel ([`relay`]), and
+//! (`--local`) the cgroup programs that send the host's own connections to `lo`
+//! ([`local_connect`]).
 //!
 //! Two entry points share one body: [`tproxy_ingress`] for interfaces with an Ethernet
 //! header and [`tproxy_ingress_l3`] for those without (T10).
@@ -14,6 +16,7 @@
 #![no_main]
 
 mod laddr;
+mod local_connect;
 mod lookup;
 mod maps;
 mod parse;
@@ -28,8 +31,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, Counter, FlowKey, GlobalConfig, RuleAction,
-    tproxy_mark,
+    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, Counter, FlowKey, GlobalConfig, LOOPBACK_IFINDEX,
+    RuleAction, tproxy_mark,
 };
 
 use crate::{
@@ -72,6 +75,16 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
     let bypass = config.bypass_mark;
     if bypass != 0 && unsafe { (*ctx.skb.skb).mark } & bypass == bypass {
         count(Counter::Bypassed);
+        return TC_ACT_UNSPEC;
+    }
+    // `--local`: on `lo` only the local connections the connect program marked are
+    // candidates. The host's own loopback traffic and the replies to local clients carry
+    // no mark and are left alone before any parsing or socket lookup.
+    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
+    let on_loopback = ifindex == LOOPBACK_IFINDEX;
+    let mark = unsafe { (*ctx.skb.skb).mark };
+    if on_loopback && mark == 0 {
+        count(Counter::LoopbackUnmarked);
         return TC_ACT_UNSPEC;
     }
     let packet = match parse::parse::<L2_LEN>(ctx) {
@@ -117,13 +130,24 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
         }
     };
     let Some(action) = rules::match_rule(&packet) else {
+        if on_loopback {
+            // The return path (T8) is for replies arriving from outside; on `lo` the
+            // proxy's own sockets are found by the stack itself.
+            count(Counter::NotMatched);
+            return TC_ACT_UNSPEC;
+        }
         return divert(ctx, &packet, &config);
     };
+    // On `lo`, only a connection marked for this very rule (its socket carries the
+    // rule's mark) is the rule's: anything else there is the host's own business.
+    if on_loopback && mark & action.mark_mask != action.mark_value {
+        count(Counter::LoopbackUnmarked);
+        return TC_ACT_UNSPEC;
+    }
     count(Counter::Matched);
     let len = ctx.len();
 
-    let ifindex = unsafe { (*ctx.skb.skb).ingress_ifindex };
-    let laddr = laddr::listener_addr(&action, ifindex, &packet);
+    let laddr = laddr::listener_addr(&action, ifindex, packet.family, &packet.daddr);
     let lport_be = if action.on_port == 0 {
         packet.dport_be
     } else {

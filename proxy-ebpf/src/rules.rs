@@ -27,13 +27,31 @@ fn generation() -> u32 {
 /// rule's counters).
 #[inline(always)]
 pub fn match_rule(packet: &Packet) -> Option<RuleAction> {
+    match_destination(
+        packet.family,
+        packet.protocol,
+        packet.dport(),
+        &packet.daddr,
+    )
+}
+
+/// The action of the first rule that covers (protocol, destination address, destination
+/// port): what [`match_rule`] asks of a packet, and the cgroup programs of a socket's
+/// destination (`local_connect`).
+#[inline(always)]
+pub fn match_destination(
+    family: Family,
+    protocol: u8,
+    dport: u16,
+    daddr: &[u8; 16],
+) -> Option<RuleAction> {
     let generation = generation();
-    let slot = port_class_slot(generation, packet.protocol, packet.dport())?;
+    let slot = port_class_slot(generation, protocol, dport)?;
     let class = *PORT_CLASS.get(slot)?;
     if class == 0 {
         return None;
     }
-    let index = lookup_prefix(packet.family, class_key(generation, class), &packet.daddr)?;
+    let index = lookup_prefix(family, class_key(generation, class), daddr)?;
     ACTIONS.get(index).copied()
 }
 

@@ -55,8 +55,23 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// Interface whose ingress traffic is classified (`iptables -i`). Repeat for several.
-    #[arg(long = "iface", value_name = "IF", required = true)]
+    /// Required unless --local.
+    #[arg(long = "iface", value_name = "IF", required_unless_present = "local")]
     pub ifaces: Vec<String>,
+
+    /// Intercept the connections (TCP, and connected UDP) that processes of this network
+    /// namespace make, too, under the same rules: the `-t mangle -A OUTPUT ... -j MARK`
+    /// recipe. The agent's own sockets, loopback destinations and traffic no rule covers are
+    /// untouched. An unconnected UDP datagram to a destination a rule covers cannot be
+    /// routed to the proxy: it is refused (EPERM), or sent on with fail-open.
+    #[arg(long)]
+    pub local: bool,
+
+    /// With --local: only processes in this cgroup (v2; absolute under the cgroup2 mount or
+    /// relative to it, like `-m cgroup --path`) and its descendants. Repeat for several.
+    /// Without it every process of the namespace but the agent's own cgroup.
+    #[arg(long = "cgroup", value_name = "PATH", requires = "local")]
+    pub cgroups: Vec<String>,
 
     /// Destination prefix to intercept (`-d`), IPv4 or IPv6; repeat for several. Without
     /// it every destination of both families matches.
@@ -204,7 +219,7 @@ impl RunArgs {
     /// Listener slots are assigned later, by the agent.
     pub fn rules(&self) -> Result<Vec<Rule>, RulesFileError> {
         if let Some(path) = &self.config {
-            return rules_file::load(path);
+            return rules_file::load(path, self.local);
         }
         Ok(vec![Rule {
             protocols: self.protocol,
@@ -216,6 +231,8 @@ impl RunArgs {
             mark: self.tproxy_mark,
             fail_open: self.fail_open,
             listener_slot: None,
+            // The flags' rule applies to every process --cgroup attaches the programs to.
+            local: self.local.then(Vec::new),
         }])
     }
 }
@@ -342,6 +359,29 @@ mod tests {
         assert_eq!(idle("2.5").expect("2.5"), Duration::from_millis(2500));
         assert!(idle("-1").is_err());
         assert!(idle("x").is_err());
+    }
+
+    #[test]
+    fn local_needs_no_iface_and_cgroup_needs_local() {
+        let cli = parse(&["run", "--local", "--dport", "80", "--on-port", "1"]).expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        assert!(args.local && args.ifaces.is_empty());
+        assert!(
+            parse(&[
+                "run",
+                "--iface",
+                "lo",
+                "--cgroup",
+                "a",
+                "--dport",
+                "80",
+                "--on-port",
+                "1"
+            ])
+            .is_err()
+        );
     }
 
     #[test]

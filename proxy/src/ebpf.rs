@@ -23,8 +23,8 @@ use aya::{
         lpm_trie::Key,
     },
     programs::{
-        Link as _, LinkOrder, SchedClassifier, SkLookup, SkSkb, TcAttachType, TestRun as _,
-        TestRunOptions,
+        CgroupAttachMode, CgroupSockAddr, Link as _, LinkOrder, SchedClassifier, SkLookup, SkSkb,
+        TcAttachType, TestRun as _, TestRunOptions,
         links::{FdLink, PinnedLink},
         tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcHandle},
     },
@@ -32,14 +32,16 @@ use aya::{
 };
 use log::{debug, info, warn};
 use proxy_common::{
-    Counter, GlobalConfig, IfaceAddrs, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS, MAP_GENERATION,
-    MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS, MAP_RELAY_TARGETS,
-    MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, MAX_RULES, PROG_RELAY_VERDICT, PROG_SK_LOOKUP,
-    PROG_TC_INGRESS, PROG_TC_INGRESS_L3, RuleAction, RuleCounters, SockOffsets, action_index,
+    Counter, GlobalConfig, IfaceAddrs, LOCAL_PROGRAMS, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS,
+    MAP_GENERATION, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS,
+    MAP_RELAY_TARGETS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, MAX_RULES,
+    PROG_LOCAL_CONNECT4, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS, PROG_TC_INGRESS_L3,
+    RuleAction, RuleCounters, SockOffsets, action_index,
 };
 
 use crate::{
     btf::Btf,
+    cgroup::Cgroup,
     generation,
     kernel_relay::KernelRelay,
     link_header::LinkHeader,
@@ -131,6 +133,14 @@ pub enum EbpfError {
     /// A link could not be pinned.
     #[error("pinning {0}")]
     Pin(PathBuf, #[source] io::Error),
+    /// A cgroup could not be opened, or the kernel refused to attach a cgroup program.
+    #[error("attaching {program} to cgroup {cgroup}")]
+    CgroupAttach {
+        program: &'static str,
+        cgroup: String,
+        #[source]
+        source: io::Error,
+    },
     /// The filters at an interface could not be listed.
     #[error("listing the tc filters at {iface} ingress")]
     Filters {
@@ -229,6 +239,8 @@ pub struct Classifier {
     table: u32,
     tc_links: Vec<TcLink>,
     sk_lookup: Option<Pinned>,
+    /// `--local`: the cgroup programs' links, pinned, one per program and cgroup.
+    cgroup_links: Vec<Pinned>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
     /// Whether this run took over a classifier a previous run left (see
@@ -296,6 +308,7 @@ impl Classifier {
             table,
             tc_links: Vec::new(),
             sk_lookup: None,
+            cgroup_links: Vec::new(),
             clsact_added: Vec::new(),
             took_over: false,
             in_force: None,
@@ -466,6 +479,12 @@ impl Classifier {
         Ok(())
     }
 
+    /// The settings that apply to every packet, as last written (the default before).
+    pub fn config(&self) -> Result<GlobalConfig, EbpfError> {
+        let map: Array<&MapData, GlobalConfig> = map_ref(&self.ebpf, MAP_CONFIG)?;
+        map.get(&0, 0).map_err(map_err(MAP_CONFIG))
+    }
+
     /// Writes the settings that apply to every packet.
     pub fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
         let mut map: Array<&mut MapData, GlobalConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
@@ -515,6 +534,67 @@ impl Classifier {
         if left.is_some() {
             self.took_over = true;
             info!("sk_lookup: the link a previous run left is replaced");
+        }
+        Ok(())
+    }
+
+    /// `--local`: loads the cgroup programs (only then, so that an agent without it needs
+    /// nothing of the kernel they need).
+    pub fn load_local(&mut self) -> Result<(), EbpfError> {
+        for name in LOCAL_PROGRAMS {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.load().map_err(load_err(name))?;
+        }
+        Ok(())
+    }
+
+    /// `--local`: attaches the cgroup programs to each of `cgroups` (the outermost of the
+    /// `--cgroup` paths, or the root), and pins each link in place of the one a crashed
+    /// run left, which goes only once the new one is in (both mark alike meanwhile).
+    /// The fwmark rules and the IPv4 source rule must exist first: a connection marked
+    /// before its route exists would fail (ENETUNREACH) or leave unproxied.
+    pub fn attach_local(&mut self, cgroups: &[Cgroup]) -> Result<(), EbpfError> {
+        self.pins.create()?;
+        for cgroup in cgroups {
+            let dir = File::open(&cgroup.dir).map_err(|source| EbpfError::CgroupAttach {
+                program: PROG_LOCAL_CONNECT4,
+                cgroup: cgroup.dir.display().to_string(),
+                source,
+            })?;
+            for name in LOCAL_PROGRAMS {
+                let path = self.pins.cgroup_link(name, cgroup.id);
+                let took_over = path.exists();
+                let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+                // A BPF link (5.7+, which aya uses where it can) is always one among many
+                // at its cgroup, and the kernel refuses any flag with it
+                // (`cgroup_bpf_link_attach`): "Single" passes none. On older kernels aya
+                // falls back to BPF_PROG_ATTACH, where this would refuse other programs.
+                let mode =
+                    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
+                        CgroupAttachMode::Single
+                    } else {
+                        CgroupAttachMode::AllowMultiple
+                    };
+                let link = prog
+                    .attach(&dir, mode)
+                    .and_then(|id| prog.take_link(id))
+                    .map_err(|e| EbpfError::CgroupAttach {
+                        program: name,
+                        cgroup: cgroup.dir.display().to_string(),
+                        source: io::Error::other(crate::error_chain(&e)),
+                    })?;
+                let link = FdLink::try_from(link)
+                    .map_err(|e| EbpfError::Pin(path.clone(), io::Error::other(e)))?;
+                self.cgroup_links.push(Pinned::replace(link, &path)?);
+                if took_over {
+                    self.took_over = true;
+                }
+            }
+            info!(
+                "local connections: {} attached to cgroup {}",
+                LOCAL_PROGRAMS.join(", "),
+                cgroup.dir.display()
+            );
         }
         Ok(())
     }
@@ -604,6 +684,7 @@ impl Classifier {
                 TcLink::Tcx { link, .. } => Some(link.path.as_path()),
                 TcLink::Filter { .. } => None,
             })
+            .chain(self.cgroup_links.iter().map(|l| l.path.as_path()))
             .collect();
         if let Ok(entries) = std::fs::read_dir(self.pins.path()) {
             for entry in entries.filter_map(Result::ok) {
@@ -614,6 +695,8 @@ impl Classifier {
                     format!("the TCX link at {} ingress", crate::pins::iface_of(iface))
                 } else if name.starts_with("new-") {
                     format!("the half-pinned link {name}")
+                } else if name.starts_with("cgroup-") {
+                    format!("the cgroup link {name}")
                 } else {
                     continue;
                 };
@@ -657,6 +740,17 @@ impl Classifier {
     /// directory stays for [`remove_pin_dir`](Self::remove_pin_dir)). Errors are logged,
     /// not returned: teardown goes on.
     pub fn detach_all(&mut self) {
+        // The cgroup programs first: no connection is marked once the classifier that
+        // would take it on `lo` is gone.
+        let cgroup_links = self.cgroup_links.len();
+        for link in self.cgroup_links.drain(..) {
+            if let Err(e) = link.unpin() {
+                warn!("detaching a cgroup program: {e}");
+            }
+        }
+        if cgroup_links > 0 {
+            info!("local connections: {cgroup_links} cgroup link(s) detached");
+        }
         for link in self.tc_links.drain(..) {
             let (iface, detached) = match link {
                 TcLink::Tcx { iface, link } => (iface, link.unpin()),

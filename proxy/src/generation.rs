@@ -147,6 +147,7 @@ mod tests {
             mark: Mark { value: 1, mask: 1 },
             fail_open: false,
             listener_slot: Some(0),
+            local: None,
         }
     }
 

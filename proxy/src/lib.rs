@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod btf;
+pub mod cgroup;
 pub mod cleanup;
 pub mod config;
 pub mod demo;

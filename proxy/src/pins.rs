@@ -5,6 +5,8 @@
 //! /sys/fs/bpf/proxy/<dev>_<ino>/table-<N>/
 //!     tcx-<iface>       the TCX link at <iface> ingress
 //!     sk_lookup         the namespace's sk_lookup link
+//!     cgroup-<program>-<cgroup id>
+//!                       `--local`: a cgroup program's link at the cgroup with that id
 //!     clsact-<iface>/   an empty directory: the agent added <iface>'s clsact qdisc itself
 //!     sysctl-<key>-<previous>-<value>-<iface>/
 //!                       an empty directory: the agent set net.ipv4.conf.<iface>.<key>
@@ -84,6 +86,11 @@ impl PinDir {
     /// The sk_lookup link.
     pub fn sk_lookup_link(&self) -> PathBuf {
         self.path.join("sk_lookup")
+    }
+
+    /// `--local`: the link of cgroup program `program` at the cgroup whose id is `cgroup`.
+    pub fn cgroup_link(&self, program: &str, cgroup: u64) -> PathBuf {
+        self.path.join(format!("cgroup-{program}-{cgroup}"))
     }
 
     /// The mark that the agent added `iface`'s clsact qdisc, so that the agent after a

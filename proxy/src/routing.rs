@@ -9,6 +9,22 @@
 //! table whose only route says "every address is local", so the stack delivers it to the
 //! socket instead of forwarding it (T6).
 //!
+//! With `--local`, a local socket the connect program marked is routed by the same rule to
+//! `lo`. IPv4 needs one more rule, before the fwmark rule:
+//!
+//! ```text
+//! ip rule add from 0.0.0.0/32 fwmark VALUE/MASK lookup main
+//! ```
+//!
+//! `ip_route_connect` picks an unbound socket's source in a first lookup with source
+//! 0.0.0.0. In table N `local 0/0` would answer with the destination itself as the source,
+//! which the second lookup (source set) then refuses: the connect fails with ENETUNREACH.
+//! This rule sends only that first lookup (source 0.0.0.0, `fib4_rule_match` compares the
+//! whole /32) to the main table, so the source is the one the host would use without the
+//! proxy; the second lookup, source set, reaches table N and goes to `lo`. IPv6 needs none
+//! and must not get one: it routes once and picks the source afterwards
+//! (`ip6_dst_lookup_tail`), so such a rule would keep the main table's route.
+//!
 //! Both the rules and the routes carry our own routing protocol number, [`RTPROT_PROXY`], so
 //! the agent can tell them from the administrator's: a restart after a crash finds and
 //! replaces what is left, and teardown removes only what is ours.
@@ -51,6 +67,8 @@ pub enum RoutingError {
 pub struct PolicyRouting {
     handle: Handle,
     table: u32,
+    /// `--local`: the IPv4 source rules too (see the module's documentation).
+    local: bool,
     /// Families whose rules and route we installed.
     installed: Vec<IpVersion>,
 }
@@ -85,8 +103,16 @@ impl PolicyRouting {
         PolicyRouting {
             handle,
             table,
+            local: false,
             installed: Vec::new(),
         }
+    }
+
+    /// With `local`, the IPv4 source rule `from 0.0.0.0/32 fwmark M lookup main` is
+    /// installed for each mark too, before its fwmark rule.
+    pub fn with_local(mut self, local: bool) -> Self {
+        self.local = local;
+        self
     }
 
     /// Makes the fwmark rules for `marks` (one per distinct mark) and the local route exist,
@@ -142,6 +168,9 @@ impl PolicyRouting {
                     );
                 }
             }
+            if version == IpVersion::V4 {
+                self.ensure_source_rules(&wanted, remove_others).await?;
+            }
             self.handle
                 .route()
                 .add(self.local_route(version.clone()))
@@ -163,6 +192,70 @@ impl PolicyRouting {
         Ok(())
     }
 
+    /// `--local`: the IPv4 source rule of each mark, added after its fwmark rule. A rule
+    /// added without a preference goes before every rule but the local table's
+    /// (`fib_default_rule_pref`), so before the fwmark rule. Source rules of ours for marks
+    /// this table no longer uses, or for any mark without `--local`, are removed (with
+    /// `remove_others`), unless another table's fwmark rule of ours uses that mark.
+    async fn ensure_source_rules(
+        &self,
+        marks: &[Mark],
+        remove_others: bool,
+    ) -> Result<(), RoutingError> {
+        let wanted: &[Mark] = if self.local { marks } else { &[] };
+        let existing = source_rules_of_ours(&self.handle).await?;
+        for mark in wanted {
+            if existing.iter().any(|(_, m)| m == mark) {
+                continue;
+            }
+            let mut rule = self
+                .handle
+                .rule()
+                .add()
+                .action(NlRuleAction::ToTable)
+                .table_id(u32::from(libc::RT_TABLE_MAIN))
+                .fw_mark(mark.value);
+            let msg = rule.message_mut();
+            msg.attributes.push(RuleAttribute::FwMask(mark.mask));
+            msg.attributes
+                .push(RuleAttribute::Protocol(RouteProtocol::Other(RTPROT_PROXY)));
+            rule.v4()
+                .source_prefix(Ipv4Addr::UNSPECIFIED, 32)
+                .execute()
+                .await
+                .map_err(request(format!(
+                    "adding the IPv4 source rule fwmark {mark}"
+                )))?;
+            info!("policy routing (IPv4): from 0.0.0.0/32 fwmark {mark} lookup main (--local)");
+        }
+        if remove_others {
+            self.remove_source_rules(wanted).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes our IPv4 source rules whose mark is not in `keep` and that no other table's
+    /// fwmark rule of ours uses; says what went.
+    async fn remove_source_rules(&self, keep: &[Mark]) -> Result<Vec<String>, RoutingError> {
+        let others: Vec<Mark> = rules_of_ours(&self.handle, IpVersion::V4)
+            .await?
+            .into_iter()
+            .filter(|(_, table, _)| *table != self.table)
+            .map(|(_, _, mark)| mark)
+            .collect();
+        let mut removed = Vec::new();
+        for (rule, mark) in source_rules_of_ours(&self.handle).await? {
+            if keep.contains(&mark) || others.contains(&mark) {
+                continue;
+            }
+            self.delete_rule(IpVersion::V4, rule).await?;
+            removed.push(format!(
+                "IPv4 rule from 0.0.0.0/32 fwmark {mark} lookup main"
+            ));
+        }
+        Ok(removed)
+    }
+
     /// Removes what [`install`](Self::install) added. Safe to call more than once.
     pub async fn remove(&mut self) -> Result<(), RoutingError> {
         for version in std::mem::take(&mut self.installed) {
@@ -176,6 +269,9 @@ impl PolicyRouting {
     async fn remove_family(&self, version: IpVersion) -> Result<Vec<String>, RoutingError> {
         let family = family_name(&version);
         let mut removed = Vec::new();
+        if version == IpVersion::V4 {
+            removed.extend(self.remove_source_rules(&[]).await?);
+        }
         for (rule, mark) in self.our_rules(version.clone()).await? {
             self.delete_rule(version.clone(), rule).await?;
             removed.push(format!("{family} rule fwmark {mark} lookup {}", self.table));
@@ -317,8 +413,34 @@ pub async fn tables_of_ours(handle: &Handle) -> Result<Vec<u32>, RoutingError> {
     Ok(tables)
 }
 
-/// The fwmark rules tagged with [`RTPROT_PROXY`], with their table and mark.
+/// The fwmark rules tagged with [`RTPROT_PROXY`], with their table and mark (not the
+/// `--local` source rules, which have a source prefix and point at the main table).
 async fn rules_of_ours(
+    handle: &Handle,
+    version: IpVersion,
+) -> Result<Vec<(RuleMessage, u32, Mark)>, RoutingError> {
+    Ok(tagged_rules(handle, version)
+        .await?
+        .into_iter()
+        .filter(|(rule, _, _)| rule.header.src_len == 0)
+        .collect())
+}
+
+/// The `--local` IPv4 source rules (`from 0.0.0.0/32 fwmark M lookup main`) tagged with
+/// [`RTPROT_PROXY`], with their mark.
+async fn source_rules_of_ours(handle: &Handle) -> Result<Vec<(RuleMessage, Mark)>, RoutingError> {
+    Ok(tagged_rules(handle, IpVersion::V4)
+        .await?
+        .into_iter()
+        .filter(|(rule, table, _)| {
+            rule.header.src_len == 32 && *table == u32::from(libc::RT_TABLE_MAIN)
+        })
+        .map(|(rule, _, mark)| (rule, mark))
+        .collect())
+}
+
+/// Every rule tagged with [`RTPROT_PROXY`], with its table and mark.
+async fn tagged_rules(
     handle: &Handle,
     version: IpVersion,
 ) -> Result<Vec<(RuleMessage, u32, Mark)>, RoutingError> {

@@ -15,10 +15,12 @@ use std::{
 
 use ipnet::IpNet;
 use proxy_common::{
-    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, ACTION_HAS_ON_IP4, ACTION_HAS_ON_IP6,
-    CLASS_PREFIX_BITS, IPPROTO_TCP, IPPROTO_UDP, MAX_PREFIX_ENTRIES, MAX_RULES, RuleAction,
-    RuleKeyV4, RuleKeyV6, port_class_index,
+    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, ACTION_HAS_ON_IP4, ACTION_HAS_ON_IP6, ACTION_LOCAL,
+    CLASS_PREFIX_BITS, IPPROTO_TCP, IPPROTO_UDP, MAX_PREFIX_ENTRIES, MAX_RULE_CGROUPS, MAX_RULES,
+    RuleAction, RuleKeyV4, RuleKeyV6, port_class_index,
 };
+
+use crate::cgroup::Cgroup;
 
 /// An error in a rule as written.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -53,6 +55,18 @@ pub enum RuleError {
     /// A rule without an on-port.
     #[error("on_port is required")]
     MissingOnPort,
+    /// More cgroups in one rule's local scope than the classifier's action holds.
+    #[error("{0} cgroups, a rule names at most {MAX_RULE_CGROUPS}")]
+    TooManyCgroups(usize),
+    /// A rule for local traffic, but the agent runs without `--local`.
+    #[error("local interception needs `proxy run --local`")]
+    LocalWithoutFlag,
+    /// Cgroups named for a rule that does not apply to local traffic.
+    #[error("cgroup is set but local = false")]
+    CgroupNotLocal,
+    /// A cgroup path that is not a cgroup.
+    #[error("{0}")]
+    Cgroup(String),
     /// More (class, prefix) entries than the LPM trie holds.
     #[error(
         "the rules need {0} prefix entries for one address family, at most {MAX_PREFIX_ENTRIES} fit"
@@ -260,6 +274,10 @@ pub struct Rule {
     pub fail_open: bool,
     /// Slot of the agent's listener for this rule in the LISTENERS sockmap, if any.
     pub listener_slot: Option<u32>,
+    /// `--local`: the rule applies to the connections of local processes too, those in
+    /// these cgroups and below them (empty: every process the cgroup programs run for).
+    /// `None`: forwarded traffic only.
+    pub local: Option<Vec<Cgroup>>,
 }
 
 impl Rule {
@@ -284,6 +302,16 @@ impl Rule {
         if self.listener_slot.is_some() {
             flags |= ACTION_HAS_LISTENER_SLOT;
         }
+        let mut local_cgroup_ids = [0; MAX_RULE_CGROUPS];
+        let mut local_cgroup_levels = [0; MAX_RULE_CGROUPS];
+        if let Some(cgroups) = &self.local {
+            flags |= ACTION_LOCAL;
+            // At most MAX_RULE_CGROUPS: the rules file refuses more.
+            for (i, c) in cgroups.iter().take(MAX_RULE_CGROUPS).enumerate() {
+                local_cgroup_ids[i] = c.id;
+                local_cgroup_levels[i] = c.level;
+            }
+        }
         RuleAction {
             on_ip4_be,
             on_ip6,
@@ -295,6 +323,9 @@ impl Rule {
             listener_slot: self.listener_slot.unwrap_or(0),
             // Given when the rule is installed (`generation::assign_counter_slots`).
             counter_slot: 0,
+            _pad2: 0,
+            local_cgroup_ids,
+            local_cgroup_levels,
         }
     }
 
@@ -489,6 +520,7 @@ mod tests {
             mark: Mark::default(),
             fail_open: false,
             listener_slot: None,
+            local: None,
         }
     }
 

@@ -13,6 +13,10 @@
 //! on_port = 50080
 //! on_ip = "127.0.0.1"                     # optional
 //! protocol = "tcp,udp"                    # optional
+//! local = true                            # optional: with `proxy run --local`, whether
+//!                                         # the rule applies to local processes (default)
+//! cgroup = ["app.slice"]                  # optional: only local processes in these
+//!                                         # cgroups (v2, like `-m cgroup --path`)
 //! ```
 
 use std::{net::IpAddr, path::Path};
@@ -57,6 +61,8 @@ struct Defaults {
     fail_open: Option<bool>,
     on_ip: Option<IpAddr>,
     on_port: Option<u16>,
+    local: Option<bool>,
+    cgroup: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -70,6 +76,8 @@ struct RawRule {
     on_ip: Option<IpAddr>,
     tproxy_mark: Option<String>,
     fail_open: Option<bool>,
+    local: Option<bool>,
+    cgroup: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -81,18 +89,27 @@ struct RawFile {
     rule: Vec<RawRule>,
 }
 
-/// Reads and validates a rules file. Listener slots are not assigned here.
-pub fn load(path: &Path) -> Result<Vec<Rule>, RulesFileError> {
+/// Reads and validates a rules file. Listener slots are not assigned here. `local`: the
+/// agent runs with `--local`, and rules apply to local processes unless they say not to.
+pub fn load(path: &Path, local: bool) -> Result<Vec<Rule>, RulesFileError> {
     let shown = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| RulesFileError::Read {
         path: shown.clone(),
         source,
     })?;
-    parse(&text, &shown)
+    parse_with(&text, &shown, local)
 }
 
-/// Parses the text of a rules file; `path` is only used in messages.
+/// Parses the text of a rules file for an agent without `--local`; `path` is only used in
+/// messages.
+#[cfg(test)]
 pub fn parse(text: &str, path: &str) -> Result<Vec<Rule>, RulesFileError> {
+    parse_with(text, path, false)
+}
+
+/// Parses the text of a rules file; `path` is only used in messages, `local` as in
+/// [`load`].
+pub fn parse_with(text: &str, path: &str, local: bool) -> Result<Vec<Rule>, RulesFileError> {
     let raw: RawFile = toml::from_str(text).map_err(|e| RulesFileError::Syntax {
         path: path.to_owned(),
         message: e.message().to_owned(),
@@ -136,6 +153,28 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<Rule>, RulesFileError> {
                 .or(d.on_port)
                 .ok_or(RuleError::MissingOnPort)
                 .map_err(err("on_port"))?;
+            let cgroups = r.cgroup.as_ref().or(d.cgroup.as_ref());
+            let is_local = r.local.or(d.local).unwrap_or(local || cgroups.is_some());
+            let scope = match (is_local, cgroups) {
+                (false, Some(_)) => return Err(err("cgroup")(RuleError::CgroupNotLocal)),
+                (false, None) => None,
+                (true, _) if !local => return Err(err("local")(RuleError::LocalWithoutFlag)),
+                (true, None) => Some(Vec::new()),
+                (true, Some(paths)) => {
+                    if paths.len() > proxy_common::MAX_RULE_CGROUPS {
+                        return Err(err("cgroup")(RuleError::TooManyCgroups(paths.len())));
+                    }
+                    let resolved = paths
+                        .iter()
+                        .map(|p| {
+                            crate::cgroup::Cgroup::resolve(p)
+                                .map_err(|e| RuleError::Cgroup(crate::error_chain(&e)))
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(err("cgroup"))?;
+                    Some(resolved)
+                }
+            };
             Ok(Rule {
                 protocols,
                 dst,
@@ -145,6 +184,7 @@ pub fn parse(text: &str, path: &str) -> Result<Vec<Rule>, RulesFileError> {
                 mark,
                 fail_open: r.fail_open.or(d.fail_open).unwrap_or(false),
                 listener_slot: None,
+                local: scope,
             })
         })
         .collect()
@@ -187,6 +227,24 @@ mod tests {
     }
 
     #[test]
+    fn rules_are_local_with_the_flag_unless_they_say_not() {
+        let text = "[[rule]]\ndport = \"80\"\non_port = 1\n\
+                    [[rule]]\ndport = \"81\"\non_port = 1\nlocal = false\n";
+        let rules = parse_with(text, "f.toml", true).expect("valid");
+        assert_eq!(rules[0].local, Some(Vec::new()));
+        assert_eq!(rules[1].local, None);
+        let rules = parse_with(text, "f.toml", false).expect("valid");
+        assert!(rules.iter().all(|r| r.local.is_none()));
+        let e = parse_with(
+            "[[rule]]\ndport = \"80\"\non_port = 1\nlocal = false\ncgroup = [\"a\"]\n",
+            "f.toml",
+            true,
+        )
+        .expect_err("cgroup without local");
+        assert!(e.to_string().contains("rule 1: cgroup"), "{e}");
+    }
+
+    #[test]
     fn bad_files_name_the_rule_and_the_field() {
         let e = parse(
             "[[rule]]\ndport = \"80\"\non_port = 1\n[[rule]]\ndport = \"8o\"\non_port = 1\n",
@@ -206,6 +264,12 @@ mod tests {
         .expect_err("unknown key");
         assert!(e.to_string().contains("colour"), "{e}");
         assert!(matches!(parse("", "f.toml"), Err(RulesFileError::Empty(_))));
+        let e = parse(
+            "[[rule]]\ndport = \"80\"\non_port = 1\nlocal = true\n",
+            "f.toml",
+        )
+        .expect_err("local without --local");
+        assert!(e.to_string().contains("rule 1: local"), "{e}");
         assert!(matches!(
             parse("[[rule]", "f.toml"),
             Err(RulesFileError::Syntax { .. })

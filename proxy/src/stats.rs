@@ -208,6 +208,7 @@ mod tests {
             mark: Mark::default(),
             fail_open: false,
             listener_slot: None,
+            local: None,
         };
         let counters = RuleCounters {
             packets: 10,

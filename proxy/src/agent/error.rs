@@ -2,6 +2,7 @@
 
 use super::slots::TooManyListeners;
 use crate::{
+    cgroup::CgroupError,
     ebpf::EbpfError,
     ifaddrs::IfaddrsError,
     link_header::LinkHeaderError,
@@ -56,6 +57,9 @@ pub enum AgentError {
     /// Another agent already uses this routing table in this network namespace.
     #[error("another agent with routing table {0} is running in this network namespace")]
     TableInUse(u32),
+    /// A `--cgroup` path (or the cgroup2 mount) that cannot be used.
+    #[error("--local")]
+    Cgroup(#[from] CgroupError),
     /// A socket or runtime operation failed.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),

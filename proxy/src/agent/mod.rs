@@ -38,6 +38,7 @@ use self::{
     teardown::Installed,
 };
 use crate::{
+    cgroup::{self, Cgroup},
     config::{ListenerMode, RunArgs},
     ebpf::Classifier,
     ifaddrs,
@@ -66,11 +67,20 @@ struct Agent {
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
-pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
+pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
     // Checks, before anything outside the agent changes.
     if !nix::unistd::geteuid().is_root() {
         return Err(AgentError::NotRoot);
     }
+    // `--local`: marked local connections arrive on `lo`, where the classifier takes them.
+    if args.local && !args.ifaces.iter().any(|i| i == "lo") {
+        args.ifaces.push("lo".to_owned());
+    }
+    let local = if args.local {
+        Some(LocalScope::resolve(&args.cgroups)?)
+    } else {
+        None
+    };
     let ifaces = Interfaces::resolve(&args.ifaces)?;
     let mut rules = args.rules()?;
     checks::check_supported(&rules, args.listener)?;
@@ -130,8 +140,11 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     } else {
         None
     };
+    if local.is_some() {
+        classifier.load_local()?;
+    }
     classifier.install_rules(&rules, &compiled)?;
-    classifier.set_config(global_config(&rules, args.outbound_mark))?;
+    classifier.set_config(global_config(&rules, args.outbound_mark, local.as_ref()))?;
 
     let live = Arc::new(LiveConnections::default());
     let destinations = Arc::new(Destinations::new(args.allow_local_destinations));
@@ -188,7 +201,13 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
     };
 
     // From here on the system changes: whatever fails, the teardown undoes what was done.
-    let installed = Installed::new(classifier, &args.ifaces, handle, args.table);
+    let installed = Installed::new(
+        classifier,
+        &args.ifaces,
+        handle,
+        args.table,
+        local.is_some(),
+    );
     let mut agent = Agent {
         args,
         rules,
@@ -198,7 +217,7 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
         installed,
     };
     let result = async {
-        start(&mut agent, pending, &headers).await?;
+        start(&mut agent, pending, &headers, local.as_ref()).await?;
         agent.serve(&mut signals, &mut inputs).await
     }
     .await;
@@ -209,12 +228,15 @@ pub async fn run(args: RunArgs, mut signals: ShutdownSignals) -> Result<(), Agen
 /// (without it the forwarding path drops a packet that carries a socket, T6) and nothing
 /// blackholes: the sysctls that keep marked IPv4 deliverable under `src_valid_mark=1`,
 /// the policy routes, the listeners in the sockmap, and only then the sk_lookup program
-/// and the classifier, the first things that mark a packet. Then what a crashed run left
-/// and this one did not take over goes.
+/// and the classifier, the first things that mark a packet, and (`--local`) last the cgroup
+/// programs, which mark local sockets: by then their route (the fwmark rule and the IPv4
+/// source rule) and the classifier on `lo` that takes them are there. Then what a crashed
+/// run left and this one did not take over goes.
 async fn start(
     agent: &mut Agent,
     pending: Pending,
     headers: &[LinkHeader],
+    local: Option<&LocalScope>,
 ) -> Result<(), AgentError> {
     let Agent {
         args,
@@ -230,6 +252,9 @@ async fn start(
     installed.classifier.attach_sk_lookup()?;
     for (name, header) in interfaces.names().zip(headers) {
         installed.classifier.attach(name, *header, args.tc_attach)?;
+    }
+    if let Some(local) = local {
+        installed.classifier.attach_local(&local.attach_to)?;
     }
     installed.classifier.remove_leftovers();
     report::log_rules(rules);
@@ -291,12 +316,48 @@ fn marks(rules: &[Rule]) -> Vec<Mark> {
 }
 
 /// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's.
-fn global_config(rules: &[Rule], outbound_mark: u32) -> GlobalConfig {
+/// With `--local`, what the cgroup programs need to know of the agent.
+fn global_config(rules: &[Rule], outbound_mark: u32, local: Option<&LocalScope>) -> GlobalConfig {
     let mark = rules.first().map_or(Mark::default(), |r| r.mark);
     GlobalConfig {
         divert_mark_value: mark.value,
         divert_mark_mask: mark.mask,
         bypass_mark: outbound_mark,
+        _pad: 0,
+        netns_cookie: local.map_or(0, |l| l.netns_cookie),
+        agent_cgroup_id: local.map_or(0, |l| l.agent_cgroup_id),
+    }
+}
+
+/// `--local`: where the cgroup programs are attached, and what tells the agent's own
+/// sockets and other namespaces' apart.
+pub struct LocalScope {
+    /// The outermost `--cgroup` paths, or the cgroup2 root.
+    attach_to: Vec<Cgroup>,
+    /// This network namespace's cookie.
+    netns_cookie: u64,
+    /// Attached at the root: the agent's own cgroup, left alone; else 0.
+    agent_cgroup_id: u64,
+}
+
+impl LocalScope {
+    fn resolve(paths: &[String]) -> Result<Self, AgentError> {
+        let netns_cookie = cgroup::netns_cookie()
+            .map_err(|e| AgentError::Io("reading this network namespace's cookie", e))?;
+        let (attach_to, agent_cgroup_id) = if paths.is_empty() {
+            (vec![Cgroup::root()?], Cgroup::own()?.id)
+        } else {
+            let cgroups = paths
+                .iter()
+                .map(|p| Cgroup::resolve(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            (cgroup::outermost(&cgroups), 0)
+        };
+        Ok(LocalScope {
+            attach_to,
+            netns_cookie,
+            agent_cgroup_id,
+        })
     }
 }
 

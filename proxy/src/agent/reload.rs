@@ -17,6 +17,8 @@ use super::{
     marks, report,
     slots::{self, Keys},
 };
+use proxy_common::GlobalConfig;
+
 use crate::{
     config::{ListenerMode, RunArgs},
     ebpf::Classifier,
@@ -102,7 +104,13 @@ async fn apply(
         return Err(e);
     }
     // The new rules are in force from here on: what fails now is reported, not undone.
-    if let Err(e) = classifier.set_config(global_config(&rules, args.outbound_mark)) {
+    // The local scope (`--local`) is the agent's for its whole run: kept as it is.
+    let config = classifier.config().map(|current| GlobalConfig {
+        netns_cookie: current.netns_cookie,
+        agent_cgroup_id: current.agent_cgroup_id,
+        ..global_config(&rules, args.outbound_mark, None)
+    });
+    if let Err(e) = config.and_then(|config| classifier.set_config(config)) {
         error!(
             "reload: the new rules are in force but the return-path mark was not updated: {}",
             error_chain(&e)

@@ -145,6 +145,7 @@ mod tests {
             mark: Mark { value: 1, mask: 1 },
             fail_open: false,
             listener_slot: None,
+            local: None,
         }
     }
 

@@ -50,10 +50,11 @@ impl Installed {
         ifaces: &[String],
         handle: rtnetlink::Handle,
         table: u32,
+        local: bool,
     ) -> Self {
         Installed {
             sysctls: SrcValidMark::new(ifaces.iter().cloned()).with_pins(classifier.pins().clone()),
-            routing: PolicyRouting::new(handle.clone(), table),
+            routing: PolicyRouting::new(handle.clone(), table).with_local(local),
             classifier,
             handle,
             table,

@@ -405,7 +405,9 @@ async fn session(
 ) -> io::Result<()> {
     let started = Instant::now();
     let upstream = UdpUpstream::open(client, orig_dst, options).await?;
-    let reply = connected_socket(Some(orig_dst), client, None)?;
+    // The outbound mark on the reply socket too: with `--local` its connect to a local
+    // client must not be taken for a local connection to intercept.
+    let reply = connected_socket(Some(orig_dst), client, Some(options.outbound.mark))?;
     let (mut up, mut down) = (0u64, 0u64);
     loop {
         tokio::select! {
