@@ -3,8 +3,11 @@
 //!
 //! A path is absolute under the cgroup2 mount (`/sys/fs/cgroup/app.slice`) or relative to it
 //! (`app.slice`, `/app.slice`), like xt_cgroup's. The mount is read from `/proc/mounts`
-//! (`/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified` on hybrid ones). A cgroup's
-//! id, which `bpf_get_current_ancestor_cgroup_id` returns, is its directory's inode.
+//! (`/sys/fs/cgroup` on most hosts, `/sys/fs/cgroup/unified` on hybrid ones). Under
+//! `ip netns exec`, whose mount namespace has a fresh /sys without the cgroup mounts, the
+//! agent mounts the (one) cgroup2 hierarchy at that /sys's empty `/sys/fs/cgroup`, which
+//! only its own mount namespace sees. A cgroup's id, which
+//! `bpf_get_current_ancestor_cgroup_id` returns, is its directory's inode.
 
 use std::{
     io,
@@ -29,6 +32,9 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    /// Mounting the cgroup2 hierarchy failed.
+    #[error("mounting cgroup2 at {0}")]
+    Mount(&'static str, #[source] nix::Error),
     /// The path leaves the hierarchy (`..`).
     #[error("{0}: '..' is not allowed in a cgroup path")]
     Parent(String),
@@ -50,9 +56,13 @@ pub struct Cgroup {
 impl Cgroup {
     /// Resolves `path` (absolute under the cgroup2 mount, or relative to it).
     pub fn resolve(path: &str) -> Result<Self, CgroupError> {
-        let mount = mount()?;
+        let Mount {
+            usable: mount,
+            named,
+        } = find_mount()?;
         let relative = Path::new(path)
-            .strip_prefix(&mount)
+            .strip_prefix(&named)
+            .or_else(|_| Path::new(path).strip_prefix(&mount))
             .unwrap_or(Path::new(path));
         let mut dir = mount.clone();
         let mut level = 0;
@@ -122,17 +132,70 @@ pub fn outermost(cgroups: &[Cgroup]) -> Vec<Cgroup> {
     out
 }
 
-/// Where the cgroup2 file system is mounted, from `/proc/mounts`.
+/// Where the cgroup2 file system is mounted, from `/proc/mounts`: the path to use in
+/// this mount namespace (see [`find_mount`]).
 pub fn mount() -> Result<PathBuf, CgroupError> {
-    let text = std::fs::read_to_string("/proc/mounts")
-        .map_err(|e| CgroupError::Read("/proc/mounts", e))?;
-    text.lines()
-        .find_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-            (fstype == "cgroup2").then(|| PathBuf::from(unescape(dir)))
-        })
-        .ok_or(CgroupError::NoMount)
+    find_mount().map(|m| m.usable)
+}
+
+/// The cgroup2 mount.
+struct Mount {
+    /// Where to reach it from here.
+    usable: PathBuf,
+    /// Where its mount namespace has it (what absolute `--cgroup` paths start with).
+    named: PathBuf,
+}
+
+/// This mount namespace's cgroup2 mount. None, and `/sys/fs/cgroup` is no mount point (a
+/// fresh /sys, as `ip netns exec` makes): the hierarchy is mounted there. On a host
+/// without cgroup2 (`/sys/fs/cgroup` a tmpfs of v1 hierarchies) nothing is mounted.
+fn find_mount() -> Result<Mount, CgroupError> {
+    const DEFAULT: &str = "/sys/fs/cgroup";
+    if let Some(dir) = cgroup2_in("/proc/self/mounts")? {
+        return Ok(Mount {
+            usable: dir.clone(),
+            named: dir,
+        });
+    }
+    let text = std::fs::read_to_string("/proc/self/mounts")
+        .map_err(|e| CgroupError::Read("/proc/self/mounts", e))?;
+    let default_is_mounted = text
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(DEFAULT));
+    if default_is_mounted || !Path::new(DEFAULT).is_dir() {
+        return Err(CgroupError::NoMount);
+    }
+    nix::mount::mount(
+        Some("cgroup2"),
+        DEFAULT,
+        Some("cgroup2"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| CgroupError::Mount(DEFAULT, e))?;
+    log::info!(
+        "cgroup2 mounted at {DEFAULT}: this mount namespace had none (a fresh /sys, as under \
+         ip netns exec)"
+    );
+    // Absolute `--cgroup` paths name the host's mount point; they are taken relative.
+    let named = cgroup2_in("/proc/1/mounts")
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT));
+    Ok(Mount {
+        usable: PathBuf::from(DEFAULT),
+        named,
+    })
+}
+
+/// The first cgroup2 mount point listed in `mounts`.
+fn cgroup2_in(mounts: &'static str) -> Result<Option<PathBuf>, CgroupError> {
+    let text = std::fs::read_to_string(mounts).map_err(|e| CgroupError::Read(mounts, e))?;
+    Ok(text.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
+        (fstype == "cgroup2").then(|| PathBuf::from(unescape(dir)))
+    }))
 }
 
 /// `/proc/mounts` writes spaces and a few other bytes as octal escapes (`\040`).

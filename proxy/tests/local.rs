@@ -1,0 +1,438 @@
+//! `proxy run --local`: the connections of the router's own processes, scoped by cgroup.
+//!
+//! The agent runs in the router namespace with `--local --cgroup <test cgroup>` and
+//! `--iface r0`. Client processes (this test binary re-executed in a helper mode, see
+//! [`helper_client_process`]) join a cgroup the test creates under the cgroup2 mount,
+//! then enter a namespace and connect. The server answers with the peer address it sees:
+//! a source port other than the client socket's own means the connection went through the
+//! proxy. Each client also reports its socket's mark after connect (`SO_MARK`), which only
+//! the connect program sets.
+
+mod common;
+
+use std::{
+    ffi::CString,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use common::{Agent, Server, ServerMode, counter, require_root};
+use proxy::testbed::{
+    Gateway, Netns, ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6, SERVER_V4, SERVER_V6,
+};
+
+/// The environment variable that makes this binary a client process.
+const CLIENT_ENV: &str = "PROXY_LOCAL_TEST_CLIENT";
+/// The prefix of the client's result lines.
+const CLIENT_LINE: &str = "CLIENT ";
+
+/// Not a test: the client process the tests start (`PROXY_LOCAL_TEST_CLIENT="OP ADDR N"`),
+/// already in its cgroup and namespace. Without the variable it does nothing. OP is `tcp`
+/// (N request/response exchanges), `udp` (N connected sockets, one datagram each) or
+/// `unconnected` (one `sendto`). One line per exchange:
+/// `CLIENT local=ADDR mark=N reply=TEXT`, or `CLIENT error=ERRNO`.
+#[test]
+fn helper_client_process() {
+    let Ok(spec) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split_whitespace().collect();
+    let (op, addr, n): (&str, SocketAddr, usize) = (
+        parts[0],
+        parts[1].parse().expect("client address"),
+        parts.get(2).map_or(1, |n| n.parse().expect("count")),
+    );
+    for _ in 0..n {
+        let line = match op {
+            "tcp" => tcp_client(addr),
+            "udp" => udp_client(addr),
+            "unconnected" => unconnected_client(addr),
+            other => panic!("unknown client op {other}"),
+        };
+        println!("{CLIENT_LINE}{line}");
+    }
+}
+
+fn mark_of(fd: &impl std::os::fd::AsFd) -> u32 {
+    socket2::SockRef::from(fd).mark().unwrap_or(u32::MAX)
+}
+
+fn tcp_client(addr: SocketAddr) -> String {
+    let result = (|| -> std::io::Result<String> {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let local = stream.local_addr()?;
+        let mark = mark_of(&stream);
+        stream.write_all(b"x")?;
+        stream.shutdown(Shutdown::Write)?;
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply)?;
+        Ok(format!("local={local} mark={mark} reply={reply}"))
+    })();
+    result.unwrap_or_else(|e| format!("error={}", e.raw_os_error().unwrap_or(-1)))
+}
+
+fn udp_client(addr: SocketAddr) -> String {
+    let result = (|| -> std::io::Result<String> {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0".parse().expect("v4")
+        } else {
+            "[::]:0".parse().expect("v6")
+        };
+        let socket = UdpSocket::bind(bind)?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(3)))?;
+        let local = socket.local_addr()?;
+        let mark = mark_of(&socket);
+        socket.send(b"x")?;
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf)?;
+        let reply = String::from_utf8_lossy(&buf[..n]).into_owned();
+        Ok(format!("local={local} mark={mark} reply={reply}"))
+    })();
+    result.unwrap_or_else(|e| format!("error={}", e.raw_os_error().unwrap_or(-1)))
+}
+
+fn unconnected_client(addr: SocketAddr) -> String {
+    let bind = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let result = UdpSocket::bind(bind).and_then(|s| s.send_to(b"x", addr));
+    match result {
+        Ok(_) => "sent".to_owned(),
+        Err(e) => format!("error={}", e.raw_os_error().unwrap_or(-1)),
+    }
+}
+
+/// One client's result.
+#[derive(Debug)]
+struct Exchange {
+    local: SocketAddr,
+    mark: u32,
+    /// The address the server saw (its `peer=` answer).
+    peer: SocketAddr,
+}
+
+impl Exchange {
+    fn parse(line: &str) -> Exchange {
+        let field = |name: &str| {
+            line.split_whitespace()
+                .find_map(|kv| kv.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in client line {line}"))
+        };
+        Exchange {
+            local: field("local=").parse().expect("local address"),
+            mark: field("mark=").parse().expect("mark"),
+            // Inside the server's answer: `reply=peer=ADDR ...`.
+            peer: line
+                .split("peer=")
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .unwrap_or_else(|| panic!("no peer= in client line {line}"))
+                .parse()
+                .expect("peer address"),
+        }
+    }
+
+    /// Through the proxy: the server's peer is another socket than the client's.
+    fn proxied(&self) -> bool {
+        self.peer.port() != self.local.port()
+    }
+}
+
+/// A cgroup made for one test under the cgroup2 mount, removed on drop (once its
+/// processes, which exit on their own, are gone).
+struct TestCgroup {
+    dir: PathBuf,
+}
+
+static NEXT_CGROUP: AtomicU32 = AtomicU32::new(0);
+
+impl TestCgroup {
+    fn create(tag: &str) -> TestCgroup {
+        let mount = proxy::cgroup::mount().expect("a cgroup2 mount");
+        let dir = mount.join(format!(
+            "proxy-test-{tag}-{}-{}",
+            std::process::id(),
+            NEXT_CGROUP.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        TestCgroup { dir }
+    }
+
+    /// The path relative to the mount, as `--cgroup` takes it.
+    fn name(&self) -> String {
+        self.dir
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Runs this binary as a client (`spec`, see [`helper_client_process`]) in this cgroup
+    /// and `ns`; returns its result lines.
+    fn client(&self, ns: &Netns, spec: &str) -> Vec<String> {
+        let procs =
+            CString::new(self.dir.join("cgroup.procs").to_string_lossy().as_bytes()).expect("path");
+        let exe = std::env::current_exe().expect("test binary");
+        let mut cmd = ns.command(exe);
+        cmd.args([
+            "--exact",
+            "helper_client_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CLIENT_ENV, spec)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        join_cgroup_before_exec(&mut cmd, procs);
+        run_client(cmd)
+    }
+}
+
+/// Moves the child into the cgroup whose `cgroup.procs` is `procs` before it executes:
+/// writing "0" moves the writer itself. Only async-signal-safe calls after fork.
+fn join_cgroup_before_exec(cmd: &mut Command, procs: CString) {
+    // SAFETY: open, write and close are async-signal-safe; nothing is allocated.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let written = libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+            if written != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Runs a client command (bounded: each exchange has its own timeouts) and returns its
+/// result lines.
+fn run_client(mut cmd: Command) -> Vec<String> {
+    let out = cmd.output().expect("running the client process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client failed: {}\n{stdout}",
+        out.status
+    );
+    stdout
+        .lines()
+        // libtest may print "test helper_client_process ... " on the same line first.
+        .filter_map(|l| l.split_once(CLIENT_LINE).map(|(_, result)| result))
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A UDP server on both families' server addresses at `port`, answering each datagram
+/// with `peer=ADDR` from the address it was sent to; stops when dropped.
+struct UdpServer {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
+}
+
+impl UdpServer {
+    fn start(ns: &Netns, port: u16) -> UdpServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for ip in [IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)] {
+            let flag = Arc::clone(&stop);
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            threads.push(ns.spawn(move || {
+                let socket = UdpSocket::bind((ip, port)).expect("binding the UDP server");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(50)))
+                    .expect("timeout");
+                ready_tx.send(()).expect("ready");
+                let deadline = Instant::now() + Duration::from_secs(120);
+                let mut buf = [0u8; 512];
+                while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Ok((_, peer)) = socket.recv_from(&mut buf) {
+                        let _ = socket.send_to(format!("peer={peer}").as_bytes(), peer);
+                    }
+                }
+            }));
+            ready_rx
+                .recv_timeout(Duration::from_secs(5))
+                .expect("UDP server did not start");
+        }
+        UdpServer { stop, threads }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn exchanges(lines: &[String], what: &str) -> Vec<Exchange> {
+    lines
+        .iter()
+        .map(|l| {
+            assert!(!l.starts_with("error="), "{what}: {l}");
+            Exchange::parse(l)
+        })
+        .collect()
+}
+
+fn bpftool_cgroup_show(dir: &std::path::Path) -> String {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(dir)
+        .output()
+        .expect("bpftool");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn local_connections_in_the_cgroup_are_proxied_and_nothing_else_is() {
+    require_root();
+    let gw = Gateway::new("local").expect("topology");
+    let app = TestCgroup::create("local-app");
+    let sibling = TestCgroup::create("local-sibling");
+    let _tcp4 = Server::start(
+        &gw.server,
+        SocketAddr::from((SERVER_V4, 80)),
+        ServerMode::Reply,
+    );
+    let _tcp6 = Server::start(
+        &gw.server,
+        SocketAddr::from((SERVER_V6, 80)),
+        ServerMode::Reply,
+    );
+    let _tcp4_other = Server::start(
+        &gw.server,
+        SocketAddr::from((SERVER_V4, 81)),
+        ServerMode::Reply,
+    );
+    let _udp = UdpServer::start(&gw.server, 80);
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--local",
+            "--cgroup",
+            &app.name(),
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+            "--protocol",
+            "tcp,udp",
+        ],
+    );
+    let rules = common::ip_stdout(&gw.router, &["rule"]);
+    assert!(
+        rules.contains("from 0.0.0.0 fwmark 0x1/0x1 lookup main"),
+        "no IPv4 source rule:\n{rules}"
+    );
+    assert!(
+        !common::ip_stdout(&gw.router, &["-6", "rule"]).contains("from ::"),
+        "IPv6 must not get a source rule"
+    );
+    assert!(bpftool_cgroup_show(&app.dir).contains("local_connect4"));
+
+    // In the cgroup and the agent's namespace: proxied, TCP over both families and
+    // connected UDP, the socket marked with the rule's mark.
+    let v4 = SocketAddr::from((SERVER_V4, 80));
+    let v6 = SocketAddr::from((SERVER_V6, 80));
+    for (addr, op, n) in [(v4, "tcp", 10), (v6, "tcp", 10), (v4, "udp", 5)] {
+        let got = exchanges(&app.client(&gw.router, &format!("{op} {addr} {n}")), op);
+        assert_eq!(got.len(), n, "{op} {addr}: {got:?}");
+        for e in &got {
+            assert!(
+                e.proxied(),
+                "{op} {addr} not proxied: {e:?}\n{}",
+                agent.log_text()
+            );
+            assert_eq!(e.mark, 1, "{op} {addr}: {e:?}");
+            // The source is the one the host picks without the proxy (the IPv4 source
+            // rule: the main table's), and the server sees the router's address.
+            let router = if addr.is_ipv4() {
+                IpAddr::V4(ROUTER_SERVER_SIDE_V4)
+            } else {
+                IpAddr::V6(ROUTER_SERVER_SIDE_V6)
+            };
+            assert_eq!(e.peer.ip(), router, "{op} {addr}: {e:?}");
+            if addr.is_ipv4() {
+                assert_eq!(e.local.ip(), router, "{op} {addr}: {e:?}");
+            }
+        }
+    }
+
+    // A sibling cgroup, and a port no rule covers: direct, unmarked.
+    let sibling_got = exchanges(
+        &sibling.client(&gw.router, &format!("tcp {v4} 1")),
+        "sibling",
+    );
+    let other_port = SocketAddr::from((SERVER_V4, 81));
+    let other_got = exchanges(
+        &app.client(&gw.router, &format!("tcp {other_port} 1")),
+        "port 81",
+    );
+    for e in sibling_got.iter().chain(&other_got) {
+        assert!(!e.proxied() && e.mark == 0, "went through the proxy: {e:?}");
+    }
+
+    // The same cgroup in another namespace (the client's): the programs run for it, and
+    // leave it alone (its connection is then forwarded through the router, as always).
+    let elsewhere = exchanges(&app.client(&gw.client, &format!("tcp {v4} 1")), "client ns");
+    assert_eq!(elsewhere[0].mark, 0, "{elsewhere:?}");
+
+    // Forwarded clients are still proxied: the server sees the router, not 192.0.2.2.
+    let reply = common::exchange_from_client(&gw, v4, b"x");
+    assert!(
+        reply.contains(&format!("peer={ROUTER_SERVER_SIDE_V4}:")),
+        "forwarded client not proxied: {reply}"
+    );
+
+    // An unconnected datagram to a destination the (fail-closed) rule covers cannot be
+    // routed to the proxy: refused, EPERM, never sent around it.
+    let unconnected = app.client(&gw.router, &format!("unconnected {v4}"));
+    assert_eq!(unconnected, [format!("error={}", libc::EPERM)]);
+
+    let log = agent.stop_ok();
+    // Exactly the clients' own connections were marked: never the proxy's upstream ones,
+    // the sibling's, the other port's or the other namespace's.
+    assert_eq!(counter(&log, "local_marked"), 25, "{log}");
+    assert_eq!(counter(&log, "local_unconnected_refused"), 1, "{log}");
+    assert!(
+        !bpftool_cgroup_show(&app.dir).contains("local_"),
+        "a cgroup program stays attached after SIGTERM"
+    );
+    let rules = common::ip_stdout(&gw.router, &["rule"]);
+    assert!(
+        !rules.contains("proto 211"),
+        "rules stay after SIGTERM:\n{rules}"
+    );
+}
