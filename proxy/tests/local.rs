@@ -351,6 +351,10 @@ fn local_connections_in_the_cgroup_are_proxied_and_nothing_else_is() {
             "tcp,udp",
         ],
     );
+    // The agent itself joins the cgroup: the programs then run for its own upstream
+    // sockets too, which carry the outbound mark before connect and must be left alone.
+    std::fs::write(app.dir.join("cgroup.procs"), agent.pid().to_string())
+        .expect("moving the agent into the cgroup");
     let rules = common::ip_stdout(&gw.router, &["rule"]);
     assert!(
         rules.contains("from 0.0.0.0 fwmark 0x1/0x1 lookup main"),
