@@ -41,9 +41,9 @@ use proxy_common::{
 use crate::{
     btf::Btf,
     generation,
-    kernel_relay::KernelRelay,
     link_header::LinkHeader,
     pins::{PinDir, PinError},
+    relay::sockmap::KernelRelay,
     rules::{Compiled, Rule},
     tc_filter,
 };
