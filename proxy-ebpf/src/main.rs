@@ -1,8 +1,8 @@
 //! TC-ingress classifier that does what `iptables -t mangle ... -j TPROXY` does, and the
-//! `sk_lookup` program that completes the TIME_WAIT + SYN case, and (`--relay sockmap`) the
-//! sk_skb program that relays established connections inside the kernel ([`relay`]), and
-//! (`--local`) the cgroup programs that send the host's own connections to `lo`
-//! ([`local_connect`]).
+//! `sk_lookup` program that completes the TIME_WAIT + SYN case ([`time_wait_handoff`]),
+//! (`--relay sockmap`) the sk_skb program that relays established connections inside the
+//! kernel ([`sockmap_verdict`]), and (`--local`) the cgroup programs that send the host's
+//! own connections to `lo` ([`local_connect`]).
 //!
 //! Two entry points share one body: [`tproxy_ingress`] for interfaces with an Ethernet
 //! header and [`tproxy_ingress_l3`] for those without (T10).
@@ -10,19 +10,19 @@
 //! Packet path: [`parse`] the headers (a packet whose ports cannot be read is dropped when
 //! a rule covers its destination, and so are the later fragments of a dropped first
 //! fragment: T11), [`rules`] find the first matching rule, [`laddr`]
-//! picks the listener address, [`lookup`] finds the socket (established, TIME_WAIT SYN,
-//! listener), then the packet is assigned and marked here.
+//! picks the listener address, [`socket_search`] finds the socket (established, TIME_WAIT
+//! SYN, listener), then the packet is assigned and marked here.
 #![no_std]
 #![no_main]
 
 mod laddr;
 mod local_connect;
-mod lookup;
 mod maps;
 mod parse;
-mod relay;
 mod rules;
-mod sk_lookup;
+mod socket_search;
+mod sockmap_verdict;
+mod time_wait_handoff;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC},
@@ -31,14 +31,14 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use proxy_common::{
-    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, Counter, FlowKey, GlobalConfig, LOOPBACK_IFINDEX,
+    ACTION_FAIL_OPEN, ACTION_HAS_LISTENER_SLOT, Counter, GlobalConfig, LOOPBACK_IFINDEX,
     RuleAction, tproxy_mark,
 };
 
 use crate::{
-    lookup::Found,
-    maps::{CONFIG, DROPPED_FRAGMENTS, TIME_WAIT_SYNS, count, count_rule},
+    maps::{CONFIG, DROPPED_FRAGMENTS, count, count_rule},
     parse::{Fragment, Parsed},
+    socket_search::Found,
 };
 
 /// `TC_ACT_OK`: accept, ending the TC chain, for packets we assigned.
@@ -153,7 +153,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
     } else {
         action.on_port.to_be()
     };
-    let verdict = match lookup::find_socket(ctx, &packet, &laddr, lport_be) {
+    let verdict = match socket_search::find_socket(ctx, &packet, &laddr, lport_be) {
         None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
         // T5: only a transparent socket may receive the packet.
         Some((sk, _)) if !sk.is_transparent() => {
@@ -166,10 +166,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
         Some(_) if packet.fragment == Fragment::First => RuleVerdict::Unassignable,
         Some((sk, found)) => {
             if found == Found::TimeWaitSyn && action.flags & ACTION_HAS_LISTENER_SLOT != 0 {
-                // Tell the sk_lookup program that the kernel's coming listener lookup
-                // for this tuple is ours to answer (and no other lookup is), and with
-                // which of the agent's listeners.
-                let _ = TIME_WAIT_SYNS.insert(&flow_key(&packet), &action.listener_slot, 0);
+                time_wait_handoff::expect_listener_lookup(&packet, action.listener_slot);
             }
             assigned(ctx, &sk, found, &action)
         }
@@ -216,11 +213,11 @@ fn drop_later_fragments(packet: &parse::Packet) {
 #[inline(always)]
 fn assigned(
     ctx: &TcContext,
-    sk: &lookup::SockRef,
+    sk: &socket_search::SockRef,
     found: Found,
     action: &RuleAction,
 ) -> RuleVerdict {
-    if let Err(err) = lookup::assign(ctx, sk) {
+    if let Err(err) = socket_search::assign(ctx, sk) {
         warn!(ctx, "bpf_sk_assign failed: {}", err);
         return RuleVerdict::NoSocket(Counter::AssignFailed);
     }
@@ -234,28 +231,17 @@ fn assigned(
     RuleVerdict::Assigned
 }
 
-/// The packet's tuple, remote (source) first, as the sk_lookup program will see it.
-#[inline(always)]
-fn flow_key(packet: &parse::Packet) -> FlowKey {
-    FlowKey {
-        remote: packet.saddr,
-        local: packet.daddr,
-        remote_port_be: packet.sport_be,
-        local_port_be: packet.dport_be,
-    }
-}
-
 /// A packet no rule matched: left alone, unless it belongs to one of the transparent
 /// sockets with its own tuple (a proxy's upstream socket bound to the client's address, or
 /// a connection accepted under a rule that a reload removed). Those are assigned and marked
 /// like the recipe's `-m socket --transparent -j DIVERT` (T8).
 #[inline(always)]
 fn divert(ctx: &TcContext, packet: &parse::Packet, config: &GlobalConfig) -> i32 {
-    let Some(sk) = lookup::find_divert_socket(ctx, packet) else {
+    let Some(sk) = socket_search::find_divert_socket(ctx, packet) else {
         count(Counter::NotMatched);
         return TC_ACT_UNSPEC;
     };
-    if let Err(err) = lookup::assign(ctx, &sk) {
+    if let Err(err) = socket_search::assign(ctx, &sk) {
         // Not silent: the packet goes on unassigned, and this says so.
         warn!(ctx, "bpf_sk_assign failed on the return path: {}", err);
         count(Counter::DivertAssignFailed);

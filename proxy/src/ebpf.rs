@@ -43,9 +43,9 @@ use crate::{
     btf::Btf,
     cgroup::Cgroup,
     generation,
-    kernel_relay::KernelRelay,
     link_header::LinkHeader,
     pins::{PinDir, PinError},
+    relay::sockmap::KernelRelay,
     rules::{Compiled, Rule},
     tc_filter,
 };

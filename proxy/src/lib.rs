@@ -7,8 +7,8 @@
 //! * [`routing`] installs the fwmark rule and local route that deliver marked packets;
 //!   [`src_valid_mark`] keeps them delivering when `src_valid_mark=1` (Tailscale) is set.
 //! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
-//!   destination and [`relay`] copies both ways, or [`kernel_relay`] has the kernel move
-//!   the bytes (`--relay sockmap`).
+//!   destination and [`relay`] copies both ways, or has the kernel move the bytes
+//!   ([`relay::sockmap`], `--relay sockmap`).
 //! * [`pins`] keeps the classifier attached when the agent dies (T12), and [`cleanup`]
 //!   removes what a dead agent left.
 //! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
@@ -22,7 +22,6 @@ pub mod demo;
 pub mod ebpf;
 pub mod generation;
 pub mod ifaddrs;
-pub mod kernel_relay;
 pub mod link_header;
 pub mod pins;
 pub mod relay;

@@ -19,8 +19,10 @@ use tokio::{
 };
 
 use crate::{
-    kernel_relay::{self, KernelRelay},
-    relay::{self, Ending, RelayMode},
+    relay::{
+        self, Ending, RelayMode,
+        sockmap::{self, KernelRelay},
+    },
     tproxy::{
         ListenError, bind_listener, canonical,
         destination::Destinations,
@@ -228,7 +230,7 @@ async fn handle(
     };
     let (idle, drain) = (options.idle_timeout, options.live.cut_off());
     let outcome = match options.kernel_relay.as_ref() {
-        Some(kernel) => kernel_relay::relay(kernel, client, upstream, idle, drain).await,
+        Some(kernel) => sockmap::relay(kernel, client, upstream, idle, drain).await,
         None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
     };
     closing(outcome.up, outcome.down, outcome.ending);

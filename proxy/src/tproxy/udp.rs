@@ -178,7 +178,7 @@ fn forward(
 ) -> io::Result<Option<Vec<u8>>> {
     // The relay's per-thread scratch buffer (64 KiB, room for any datagram): borrowed only
     // between a receive and its send, never across an await, like the TCP copies.
-    crate::relay::SCRATCH.with_borrow_mut(|buf| {
+    crate::relay::copy::SCRATCH.with_borrow_mut(|buf| {
         let range = recv(buf)?;
         let payload = &buf[range];
         match try_send(payload) {

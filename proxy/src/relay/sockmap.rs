@@ -1,5 +1,5 @@
 //! `--relay sockmap`: an established connection's bytes move between its two sockets inside
-//! the kernel (the sk_skb program in `proxy-ebpf/src/relay.rs`), and the agent only watches
+//! the kernel (the sk_skb program in `proxy-ebpf/src/sockmap_verdict.rs`), and the agent only watches
 //! for the end of each direction.
 //!
 //! Order of the bytes, which is the whole difficulty:

@@ -1,24 +1,56 @@
-//! `sk_lookup` program: the second half of the TIME_WAIT + pure SYN case (T3).
+//! The TIME_WAIT + pure SYN case (T3): a client reconnects from the same port while the
+//! proxy's side of its previous connection is in TIME_WAIT, and a listener exists at
+//! (laddr, lport).
 //!
-//! The classifier hands such a SYN to the TIME_WAIT socket. `tcp_v4_rcv` /
-//! `tcp_v6_rcv` then see TCP_TW_SYN and look up a listener for the packet's own
-//! (daddr, dport), which is the original destination, where nothing listens. This program
-//! answers that lookup with the agent's listener for the matching rule, so the kernel
-//! retires the TIME_WAIT socket and the new connection reaches the proxy at once.
+//! The kernel's TPROXY (`nf_tproxy_handle_time_wait4/6`) kills the TIME_WAIT socket and
+//! hands the SYN to the listener. At TC the classifier cannot kill it, and a SYN given to
+//! the listener while the TIME_WAIT socket is hashed collides with it and is dropped. So the
+//! handoff goes through the kernel's own TIME_WAIT path, in three steps:
+//! 1. The socket search (`socket_search.rs`) finds the TIME_WAIT socket and the classifier
+//!    gives it the SYN, after recording the tuple in `TIME_WAIT_SYNS` with the listener
+//!    slot of the rule it matched ([`expect_listener_lookup`]).
+//! 2. `tcp_timewait_state_process` answers TCP_TW_SYN, and `tcp_v4_rcv` / `tcp_v6_rcv`
+//!    look up a listener for the packet's own (daddr, dport): the original destination,
+//!    where nothing listens.
+//! 3. The `sk_lookup` program here ([`tproxy_sk_lookup`]) answers that lookup with the
+//!    agent's listener, so the kernel retires the TIME_WAIT socket itself and the new
+//!    connection reaches the proxy at once.
 //!
-//! It only answers the lookup that follows a SYN the classifier handed to a TIME_WAIT socket:
-//! the classifier records the tuple in `TIME_WAIT_SYNS` just before, with the listener slot
-//! of the rule it matched, so no other traffic is ever steered and no rule is matched twice.
+//! Only the lookup that follows a SYN recorded in step 1 is answered: no other traffic is
+//! ever steered and no rule is matched twice.
 
 use aya_ebpf::{macros::sk_lookup, programs::SkLookupContext};
 use proxy_common::{FlowKey, IPPROTO_TCP};
 
-use crate::maps::{LISTENERS, TIME_WAIT_SYNS};
+use crate::{
+    maps::{LISTENERS, TIME_WAIT_SYNS},
+    parse::Packet,
+};
 
 const SK_PASS: u32 = 1;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
+/// Step 1, in the classifier: tells [`tproxy_sk_lookup`] that the kernel's coming listener
+/// lookup for this packet's tuple is ours to answer (and no other lookup is), and with
+/// which of the agent's listeners.
+#[inline(always)]
+pub fn expect_listener_lookup(packet: &Packet, listener_slot: u32) {
+    let _ = TIME_WAIT_SYNS.insert(&flow_key(packet), &listener_slot, 0);
+}
+
+/// The packet's tuple, remote (source) first, as the sk_lookup program will see it.
+#[inline(always)]
+fn flow_key(packet: &Packet) -> FlowKey {
+    FlowKey {
+        remote: packet.saddr,
+        local: packet.daddr,
+        remote_port_be: packet.sport_be,
+        local_port_be: packet.dport_be,
+    }
+}
+
+/// Step 3: answers the kernel's listener lookup for a tuple recorded in step 1.
 #[sk_lookup]
 pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;

@@ -1,6 +1,7 @@
 //! The socket search of `tproxy_tg4` / `tproxy_tg6` (net/netfilter/xt_TPROXY.c):
-//! established first with the packet's real tuple, then the TIME_WAIT + SYN case, then the
-//! listener at (laddr, lport); and the transparency check of `nf_tproxy_sk_is_transparent`.
+//! established first with the packet's real tuple, then the TIME_WAIT + SYN case (whose
+//! handoff to the listener is in `time_wait_handoff.rs`), then the listener at
+//! (laddr, lport); and the transparency check of `nf_tproxy_sk_is_transparent`.
 //!
 //! Every socket reference taken here is held by a [`SockRef`], which releases it when it
 //! goes out of scope: the verifier rejects any path that returns while holding one.
@@ -96,7 +97,8 @@ pub enum Found {
     /// An established, request or TIME_WAIT socket with the packet's own tuple.
     Established,
     /// A pure SYN that met a TIME_WAIT socket while a listener exists at (laddr, lport).
-    /// See [`find_socket`] for why it goes to the TIME_WAIT socket.
+    /// It goes to the TIME_WAIT socket, which the kernel then retires for the listener
+    /// (`time_wait_handoff.rs`).
     TimeWaitSyn,
     /// The listener at (laddr, lport).
     Listener,
@@ -225,12 +227,9 @@ pub fn find_socket(
         if packet.protocol == IPPROTO_TCP {
             if sk.state == BPF_TCP_TIME_WAIT {
                 // T3. The kernel (`nf_tproxy_handle_time_wait4`) kills the TIME_WAIT socket
-                // and hands a pure SYN to the listener. At TC we cannot kill it, and a SYN
-                // given to the listener while it is hashed collides with it and is dropped.
-                // So the SYN goes to the TIME_WAIT socket: `tcp_timewait_state_process`
-                // answers TCP_TW_SYN, `tcp_v4_rcv` looks up a listener for (daddr, dport),
-                // our sk_lookup program answers with the agent's listener, and the kernel
-                // retires the TIME_WAIT socket itself.
+                // and hands a pure SYN to the listener. Here the SYN goes to the TIME_WAIT
+                // socket, and the kernel's TIME_WAIT path hands it on to the listener
+                // (`time_wait_handoff.rs`).
                 if packet.is_pure_syn() && lookup_listener(ctx, packet, laddr, lport_be).is_some() {
                     return Some((sk, Found::TimeWaitSyn));
                 }

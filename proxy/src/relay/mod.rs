@@ -1,0 +1,262 @@
+//! Relaying an accepted connection: bytes moved both ways between the client and the
+//! upstream connection, by one of three means ([`RelayMode`]), each in its own file:
+//! * `copy.rs`: read(2)/write(2) through a per-thread scratch buffer;
+//! * `splice.rs`: splice(2) through a pipe, once a direction turns out to be bulk;
+//! * `sockmap.rs` (`--relay sockmap`): inside the kernel, the agent only watching for the
+//!   end of each direction.
+//!
+//! This file holds what they share:
+//! * Half-close: when one side finishes sending, the other side's write half is shut down
+//!   and the opposite direction goes on until it finishes too.
+//! * Reset: if either side resets or fails, both are closed with RST, so an upstream reset
+//!   reaches the client as a reset.
+//! * Copy first, splice for bulk: each direction starts by copying; in splice mode, once a
+//!   read fills the scratch buffer, the rest goes through a pipe, and where splice is
+//!   refused the direction goes back to copying ([`pump`]). An idle connection holds no
+//!   pipe and no buffer.
+//! * Idle timeout: a connection that carries no byte either way for `--tcp-idle-timeout`
+//!   is reset on both sides ([`watchdog`]), and so is each one still open when the drain on
+//!   shutdown runs out.
+
+pub(crate) mod copy;
+pub mod sockmap;
+mod splice;
+
+use std::{fmt, io, os::fd::AsRawFd as _, time::Duration};
+
+use log::debug;
+use tokio::{net::TcpStream, time::Instant};
+
+use crate::tcp_info::{self, Counters};
+
+/// How bytes are moved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum RelayMode {
+    /// splice(2) through a pipe per direction; buffered copy where splice is refused.
+    Splice,
+    /// read(2)/write(2) through a userspace buffer.
+    Copy,
+    /// Inside the kernel: both sockets in a sockmap whose sk_skb program redirects each
+    /// one's bytes to the other (`sockmap.rs`). Where a connection cannot be linked, it
+    /// is relayed as with `Splice`.
+    Sockmap,
+}
+
+/// Why a connection ended: the last words of its closing log line.
+#[derive(Debug)]
+pub enum Ending {
+    /// Both directions finished cleanly, each EOF passed on.
+    Done,
+    /// No byte either way for the idle timeout: both sides were reset.
+    Idle(Duration),
+    /// A side reset or failed (keepalive finding a dead peer included): both sides were
+    /// reset.
+    Reset(io::Error),
+    /// The upstream connection could not be made: the client was reset.
+    Refused(io::Error),
+    /// Still open when the drain on shutdown ran out (or a second signal came): both sides
+    /// were reset.
+    Drain,
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Done => f.write_str("done"),
+            Ending::Idle(timeout) => write!(
+                f,
+                "idle, no byte either way for {} s",
+                timeout.as_secs_f64()
+            ),
+            Ending::Reset(e) => write!(f, "reset, ended by {e}"),
+            Ending::Refused(e) => write!(f, "refused, upstream connect failed: {e}"),
+            Ending::Drain => f.write_str("drain, cut when the drain on shutdown ended"),
+        }
+    }
+}
+
+/// Bytes relayed each way, and what ended the relay.
+pub struct RelayOutcome {
+    /// Client to upstream.
+    pub up: u64,
+    /// Upstream to client.
+    pub down: u64,
+    pub ending: Ending,
+}
+
+/// Bytes moved per splice or read: one pipe's default capacity (16 pages).
+const CHUNK: usize = 64 * 1024;
+
+/// Relays until both directions are closed, or until one fails, the connection is idle
+/// for `idle_timeout` (zero: never) or `drain` resolves; then both are reset.
+pub async fn copy_both_ways(
+    client: TcpStream,
+    upstream: TcpStream,
+    mode: RelayMode,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+) -> RelayOutcome {
+    let (mut up, mut down) = (0u64, 0u64);
+    let ended = both_directions(
+        pump(&client, &upstream, &mut up, mode),
+        pump(&upstream, &client, &mut down, mode),
+        watchdog(&client, &upstream, idle_timeout, drain),
+    )
+    .await;
+    finish(client, upstream, up, down, ended.ending)
+}
+
+/// The end of a relay: unless it was done, both connections are reset, so an upstream
+/// reset reaches the client as one, and an idle or cut connection is not mistaken for a
+/// complete one (a FIN would look like the end of a close-delimited response).
+fn finish(
+    client: TcpStream,
+    upstream: TcpStream,
+    up: u64,
+    down: u64,
+    ending: Ending,
+) -> RelayOutcome {
+    if !matches!(ending, Ending::Done) {
+        reset(client);
+        reset(upstream);
+    }
+    RelayOutcome { up, down, ending }
+}
+
+/// How the two directions of a relay ended.
+struct Ended {
+    /// The direction finished cleanly (its EOF passed on).
+    up: bool,
+    down: bool,
+    ending: Ending,
+}
+
+/// Runs both directions until both finish, or until one fails (then the other would wait
+/// forever for a peer that is gone, so it is stopped too), or until `watchdog` ends the
+/// relay.
+async fn both_directions(
+    up_half: impl Future<Output = io::Result<()>>,
+    down_half: impl Future<Output = io::Result<()>>,
+    watchdog: impl Future<Output = Ending>,
+) -> Ended {
+    tokio::pin!(up_half, down_half, watchdog);
+    let (mut up_done, mut down_done) = (false, false);
+    let (mut up, mut down) = (false, false);
+    while !(up_done && down_done) {
+        let result = tokio::select! {
+            r = &mut up_half, if !up_done => { up_done = true; up = r.is_ok(); r }
+            r = &mut down_half, if !down_done => { down_done = true; down = r.is_ok(); r }
+            ending = &mut watchdog => return Ended { up, down, ending },
+        };
+        if let Err(e) = result {
+            return Ended {
+                up,
+                down,
+                ending: Ending::Reset(e),
+            };
+        }
+    }
+    Ended {
+        up,
+        down,
+        ending: Ending::Done,
+    }
+}
+
+/// Ends a relay once `drain` resolves, or once its connection has been idle for
+/// `idle_timeout` (zero: never).
+async fn watchdog(
+    client: &TcpStream,
+    upstream: &TcpStream,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+) -> Ending {
+    tokio::select! {
+        () = drain => Ending::Drain,
+        () = idle(client, upstream, idle_timeout) => Ending::Idle(idle_timeout),
+    }
+}
+
+/// Checks of the counters per idle timeout: an idle connection is reaped between one and
+/// 1.25 timeouts after its last byte.
+const IDLE_CHECKS: u32 = 4;
+
+/// Resolves once neither socket has received a byte or had one acknowledged for
+/// `timeout`; never if `timeout` is zero. The kernel's counters (TCP_INFO) see every byte,
+/// whether the agent or the in-kernel relay moved it, so this costs nothing per byte: two
+/// getsockopt calls a quarter of a timeout apart. Keepalive probes and bare ACKs carry no
+/// byte and do not count; a peer that stops reading (zero window) stops the counters too.
+async fn idle(client: &TcpStream, upstream: &TcpStream, timeout: Duration) {
+    let activity = || -> io::Result<[Counters; 2]> {
+        Ok([
+            tcp_info::counters(client.as_raw_fd())?,
+            tcp_info::counters(upstream.as_raw_fd())?,
+        ])
+    };
+    if timeout.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut last = None;
+    let mut since = Instant::now();
+    loop {
+        match activity() {
+            Ok(now) if last == Some(now) => {
+                if since.elapsed() >= timeout {
+                    return;
+                }
+            }
+            Ok(now) => {
+                last = Some(now);
+                since = Instant::now();
+            }
+            Err(e) => {
+                debug!("no idle timeout for this connection: TCP_INFO: {e}");
+                return std::future::pending().await;
+            }
+        }
+        tokio::time::sleep(timeout / IDLE_CHECKS).await;
+    }
+}
+
+/// One direction, until EOF (then the write side is shut down) or an error.
+///
+/// Both modes start by copying through a per-thread scratch buffer: small exchanges cost no
+/// pipe and no per-connection buffer. In splice mode a read that fills the whole buffer
+/// marks the direction as bulk, and it moves on to splice(2) for the rest.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &mut u64,
+    mut mode: RelayMode,
+) -> io::Result<()> {
+    loop {
+        match copy::copy_step(from, to, total).await? {
+            copy::Step::Eof => {
+                half_close(to);
+                return Ok(());
+            }
+            copy::Step::Full if mode != RelayMode::Copy => {
+                match splice::splice_pump(from, to, total).await? {
+                    splice::Spliced::Eof => return Ok(()),
+                    // This pair of sockets does not splice, and the pipe is empty: copy the
+                    // rest.
+                    splice::Spliced::Refused => mode = RelayMode::Copy,
+                }
+            }
+            copy::Step::Full | copy::Step::Partial => {}
+        }
+    }
+}
+
+/// Passes a FIN on. A failure here means the peer is already gone, which the other
+/// direction reports.
+fn half_close(to: &TcpStream) {
+    let _ = socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write);
+}
+
+/// Closes a connection with RST instead of FIN (SO_LINGER with a zero timeout).
+pub fn reset(stream: TcpStream) {
+    let socket = socket2::SockRef::from(&stream);
+    let _ = socket.set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
