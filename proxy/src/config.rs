@@ -101,7 +101,7 @@ pub struct RunArgs {
     pub tproxy_mark: Mark,
 
     /// Routing table for the local route (`ip route add local 0/0 dev lo table N`).
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
     pub table: u32,
 
     /// When no usable socket is found, pass the packet on untouched instead of dropping it
@@ -223,7 +223,7 @@ impl RunArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StatsArgs {
     /// The routing table of the agent to ask (agents in one namespace differ by table).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE)]
     pub table: u32,
 }
 

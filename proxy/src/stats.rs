@@ -41,7 +41,7 @@ pub enum StatsError {
 
 /// The abstract socket address of the agent using `table`.
 pub fn socket_addr(table: u32) -> io::Result<SocketAddr> {
-    SocketAddr::from_abstract_name(format!("proxy-stats-{table}").as_bytes())
+    SocketAddr::from_abstract_name(proxy_common::stats_socket_name(table).as_bytes())
 }
 
 /// Binds the agent's stats socket.
