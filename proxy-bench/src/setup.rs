@@ -375,14 +375,14 @@ impl Scenario {
         workdir: &Path,
         server_lifetime: Duration,
     ) -> Result<Scenario, String> {
-        let gw =
-            Gateway::new(&format!("bench{}", kind.letter())).map_err(|e| proxy::error_chain(&e))?;
+        let gw = Gateway::new(&format!("bench{}", kind.letter()))
+            .map_err(|e| proxy_common::error_chain(&e))?;
         // Many short connections: let the clients (the client, and the proxy towards the
         // server) reuse ports in TIME_WAIT, from a wide range.
         for ns in [&gw.client, &gw.router] {
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
                 .and_then(|()| ns.sysctl("net.ipv4.ip_local_port_range", "10000 60999"))
-                .map_err(|e| proxy::error_chain(&e))?;
+                .map_err(|e| proxy_common::error_chain(&e))?;
         }
         let server = Server::start(&gw.server, server_lifetime)?;
         let client = NsRuntime::new(&gw.client.name, 2).map_err(|e| format!("client: {e}"))?;
@@ -408,7 +408,7 @@ impl Scenario {
                     .gw
                     .router
                     .ip(cmd)
-                    .map_err(|e| proxy::error_chain(&e))?;
+                    .map_err(|e| proxy_common::error_chain(&e))?;
             }
         }
         scenario.restart_agent()?;

@@ -35,6 +35,22 @@ pub fn stats_socket_name(table: u32) -> std::string::String {
     std::format!("proxy-stats-{table}")
 }
 
+/// Formats an error with its sources on one line: `a: b: c`.
+#[cfg(feature = "std")]
+pub fn error_chain(error: &dyn core::error::Error) -> std::string::String {
+    let mut out = std::string::ToString::to_string(error);
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = std::string::ToString::to_string(e);
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// Name of the TC ingress classifier program in the object, for interfaces whose packets
 /// start with an Ethernet header at TC ingress (Ethernet, veth, bridge, loopback).
 pub const PROG_TC_INGRESS: &str = "tproxy_ingress";

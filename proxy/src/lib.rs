@@ -36,17 +36,4 @@ pub mod testbed;
 pub mod tproxy;
 pub mod upstream;
 
-/// Formats an error with its sources on one line: `a: b: c`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
-}
+pub use proxy_common::error_chain;
