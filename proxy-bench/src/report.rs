@@ -539,7 +539,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     let _ = writeln!(md, "\n## How each set-up is made\n");
     let _ = writeln!(
         md,
-        "Three client / router / server topologies in network namespaces (`proxy::testbed`: \
+        "Three client / router / server topologies in network namespaces (`proxy-testbed`: \
          client 192.0.2.2 - r0 192.0.2.1 | router | r1 198.51.100.1 - server 198.51.100.2), \
          all present at once; the runs of the three are interleaved. The client connects to \
          198.51.100.2:80. In the client and router namespaces `net.ipv4.tcp_tw_reuse = 1` and \

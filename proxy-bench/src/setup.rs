@@ -19,7 +19,7 @@ use std::{
 };
 
 use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::{self, Gateway, Netns};
+use proxy_testbed::{self as testbed, Gateway, Netns};
 
 use crate::load::{self, NsRuntime, Server};
 

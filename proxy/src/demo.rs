@@ -1,4 +1,4 @@
-//! `proxy demo`: the whole path on a throwaway topology (see [`crate::testbed`]).
+//! `proxy demo`: the whole path on a throwaway topology (see `proxy_testbed`).
 //!
 //! A server in its own namespace answers on ports 80 and 8080 with the address it sees the
 //! connection from. The agent runs on the router and intercepts port 80 only. The client
@@ -16,10 +16,9 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
-use crate::{
-    config::DemoArgs,
-    testbed::{self, Gateway, TestbedError, exchange},
-};
+use proxy_testbed::{self as testbed, Gateway, TestbedError, exchange};
+
+use crate::config::DemoArgs;
 
 /// The demo failed.
 #[derive(Debug, thiserror::Error)]

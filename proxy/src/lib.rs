@@ -11,7 +11,7 @@
 //!   the bytes (`--relay sockmap`).
 //! * [`pins`] keeps the classifier attached when the agent dies (T12), and [`cleanup`]
 //!   removes what a dead agent left.
-//! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
+//! * [`agent`] puts it together; [`demo`] shows it on namespaces from `proxy-testbed`.
 
 pub mod agent;
 pub mod btf;
@@ -32,7 +32,6 @@ pub mod src_valid_mark;
 pub mod stats;
 pub mod tc_filter;
 pub mod tcp_info;
-pub mod testbed;
 pub mod tproxy;
 pub mod upstream;
 

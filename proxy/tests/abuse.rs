@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{self, Gateway};
+use proxy_testbed::{self as testbed, Gateway};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use common::{

@@ -21,7 +21,7 @@ use std::{
 };
 
 use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::Netns;
+use proxy_testbed::Netns;
 
 /// Kernel tests need root; without it they fail, loudly, instead of passing by skipping.
 pub fn require_root() {
@@ -245,7 +245,7 @@ pub const AGENT_ARGS: &[&str] = &[
 pub struct Server {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
+    thread: Option<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
 }
 
 impl Server {
@@ -328,11 +328,11 @@ impl Drop for Server {
     }
 }
 
-pub use proxy::testbed::exchange;
+pub use proxy_testbed::exchange;
 
 /// The test server's IPv4 address and `port`.
 pub fn server(port: u16) -> SocketAddr {
-    SocketAddr::from((proxy::testbed::SERVER_V4, port))
+    SocketAddr::from((proxy_testbed::SERVER_V4, port))
 }
 
 /// `ip -n NS ARGS`' output, for comparing rules and routes before and after.
@@ -375,7 +375,7 @@ pub fn tc_stdout(ns: &Netns, args: &[&str]) -> String {
 /// One exchange (`testbed::exchange`) from the client namespace to `addr`; panics if it
 /// fails.
 pub fn exchange_from_client(
-    gw: &proxy::testbed::Gateway,
+    gw: &proxy_testbed::Gateway,
     addr: SocketAddr,
     payload: &[u8],
 ) -> String {
@@ -389,7 +389,7 @@ pub fn exchange_from_client(
 /// proxy when a rule covers it), with a 5 s read timeout; panics with `context` if the
 /// connect fails.
 pub fn connect_kept(
-    gw: &proxy::testbed::Gateway,
+    gw: &proxy_testbed::Gateway,
     port: u16,
     context: &dyn Fn() -> String,
 ) -> TcpStream {
