@@ -47,9 +47,6 @@ pub enum Command {
     /// links, its cls_bpf filters and the clsact qdiscs it added, its fwmark rules and
     /// routes), for when it will not be restarted. A restarted agent takes it over instead.
     Cleanup(CleanupArgs),
-    /// Build a throwaway client / router / server topology in network namespaces, run the
-    /// agent on the router, send a few connections through it and remove everything.
-    Demo(DemoArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -240,13 +237,6 @@ pub struct CleanupArgs {
 pub enum ListenerMode {
     Builtin,
     External,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Number of connections the demo client makes through the proxy.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub connections: u32,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {

@@ -11,13 +11,12 @@
 //!   the bytes (`--relay sockmap`).
 //! * [`pins`] keeps the classifier attached when the agent dies (T12), and [`cleanup`]
 //!   removes what a dead agent left.
-//! * [`agent`] puts it together; [`demo`] shows it on namespaces from `proxy-testbed`.
+//! * [`agent`] puts it together.
 
 pub mod agent;
 pub mod btf;
 pub mod cleanup;
 pub mod config;
-pub mod demo;
 pub mod ebpf;
 pub mod generation;
 pub mod ifaddrs;

@@ -1,4 +1,5 @@
-//! `cargo xtask run -- ARGS` and `cargo xtask demo`: build the agent (release) and run it.
+//! `cargo xtask run -- ARGS`: build the agent (release) and run it; `cargo xtask demo`: build
+//! the agent and `proxy-demo` (release) and run the demo with that agent.
 
 use std::{os::unix::process::CommandExt as _, process::Command};
 
@@ -16,7 +17,7 @@ pub struct Options {
 
 #[derive(Args)]
 pub struct DemoOptions {
-    /// Arguments for `proxy demo`.
+    /// Arguments for `proxy-demo` (for example `--connections 5`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -60,7 +61,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 pub fn demo(opts: &DemoOptions) -> anyhow::Result<()> {
     prereqs::require_root("the demo")?;
     prereqs::ensure_system_tools()?;
-    let binary = build_release(&["proxy"])?.join("proxy");
-    let err = Command::new(&binary).arg("demo").args(&opts.args).exec();
+    let release = build_release(&["proxy", "proxy-testbed"])?;
+    let binary = release.join("proxy-demo");
+    let err = Command::new(&binary)
+        .arg("--agent")
+        .arg(release.join("proxy"))
+        .args(&opts.args)
+        .exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }

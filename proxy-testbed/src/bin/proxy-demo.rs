@@ -1,4 +1,5 @@
-//! `proxy demo`: the whole path on a throwaway topology (see `proxy_testbed`).
+//! `proxy-demo --agent PATH` (run by `cargo xtask demo`): the whole path on a throwaway
+//! topology (see `proxy_testbed`).
 //!
 //! A server in its own namespace answers on ports 80 and 8080 with the address it sees the
 //! connection from. The agent runs on the router and intercepts port 80 only. The client
@@ -9,20 +10,44 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener},
-    process::{Child, Stdio},
+    path::PathBuf,
+    process::{Child, ExitCode, Stdio},
     sync::mpsc,
     time::{Duration, Instant},
 };
 
+use clap::Parser as _;
 use nix::{sys::signal, unistd::Pid};
-
 use proxy_testbed::{self as testbed, Gateway, TestbedError, exchange};
 
-use crate::config::DemoArgs;
+#[derive(clap::Parser)]
+#[command(
+    name = "proxy-demo",
+    about = "Build a throwaway client / router / server topology in network namespaces, run \
+             the agent on the router, send a few connections through it and remove everything"
+)]
+struct DemoArgs {
+    /// The agent binary (target/release/proxy).
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    /// Number of connections the demo client makes through the proxy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    connections: u32,
+}
+
+fn main() -> ExitCode {
+    match run(&DemoArgs::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy-demo: error: {}", proxy_common::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The demo failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+enum DemoError {
     #[error(transparent)]
     Testbed(#[from] TestbedError),
     #[error("{0}")]
@@ -37,15 +62,13 @@ const INTERCEPTED_PORT: u16 = 80;
 const DIRECT_PORT: u16 = 8080;
 const ON_PORT: u16 = 50080;
 
-pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
+fn run(args: &DemoArgs) -> Result<(), DemoError> {
     println!(
         "== building namespaces: client {} -- router -- server {}",
         testbed::CLIENT_V4,
         testbed::SERVER_V4
     );
     let gw = Gateway::new("demo")?;
-    let exe =
-        std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
 
     let server_ready = mpsc::channel();
     let expected = args.connections as usize + 1;
@@ -69,7 +92,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     );
     let mut agent = gw
         .router
-        .command(&exe)
+        .command(&args.agent)
         .args(command)
         .env(
             "RUST_LOG",
