@@ -11,14 +11,13 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    process::{Child, ExitCode, Stdio},
+    process::ExitCode,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
 use clap::Parser as _;
-use nix::{sys::signal, unistd::Pid};
-use proxy_testbed::{self as testbed, Gateway, TestbedError, exchange};
+use proxy_testbed::{self as testbed, AgentError, AgentProcess, Gateway, TestbedError, exchange};
 
 #[derive(clap::Parser)]
 #[command(
@@ -50,10 +49,9 @@ fn main() -> ExitCode {
 enum DemoError {
     #[error(transparent)]
     Testbed(#[from] TestbedError),
-    #[error("{0}")]
-    Io(String, #[source] std::io::Error),
-    #[error("the agent did not become ready (within 20 s); its log is above")]
-    AgentNotReady,
+    /// Starting, waiting for or stopping the agent failed; its log was printed as it came.
+    #[error("the agent (its log is above)")]
+    Agent(#[from] AgentError),
     #[error("the agent exited with {0}")]
     AgentFailed(std::process::ExitStatus),
 }
@@ -90,26 +88,13 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         "== starting the agent in the router namespace: proxy {}",
         command.join(" ")
     );
-    let mut agent = gw
-        .router
-        .command(&args.agent)
-        .args(command)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| DemoError::Io("starting the agent".into(), e))?;
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let log = forward_log(&mut agent, ready_tx);
-    if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = agent.kill();
-        let _ = agent.wait();
-        let _ = log.map(|h| h.join());
-        return Err(DemoError::AgentNotReady);
-    }
+    let mut agent_command = gw.router.command(&args.agent);
+    agent_command.args(command).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut agent = AgentProcess::spawn_echoing(agent_command, &gw.router.name, "    agent | ")?;
+    agent.wait_ready(Duration::from_secs(20))?;
 
     println!(
         "== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)",
@@ -145,13 +130,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     println!(
         "== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters"
     );
-    let _ = signal::kill(Pid::from_raw(agent.id() as i32), signal::Signal::SIGTERM);
-    let status = agent
-        .wait()
-        .map_err(|e| DemoError::Io("waiting for the agent".into(), e))?;
-    if let Some(log) = log {
-        let _ = log.join();
-    }
+    let status = agent.stop(Duration::from_secs(10))?;
     let _ = server.join();
 
     println!("== after the agent: policy rules left in the router namespace:");
@@ -169,19 +148,6 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("   {l}\n")).collect()
-}
-
-/// Prints the agent's log lines as they come and reports the "ready" line.
-fn forward_log(agent: &mut Child, ready: mpsc::Sender<()>) -> Option<std::thread::JoinHandle<()>> {
-    let stderr = agent.stderr.take()?;
-    Some(std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            println!("    agent | {line}");
-            if line.contains(" ready: ") {
-                let _ = ready.send(());
-            }
-        }
-    }))
 }
 
 /// The demo server: answers `expected` connections over ports 80 and 8080, or stops after
