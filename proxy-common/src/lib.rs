@@ -19,6 +19,38 @@
 //!    on-ip, on-port, the mark and whether to fail open.
 #![no_std]
 
+#[cfg(feature = "std")]
+extern crate std;
+
+/// The routing table of an agent started without `--table` (and the one `proxy stats` asks
+/// without it). Agents in one network namespace differ by table.
+pub const DEFAULT_TABLE: u32 = 100;
+
+/// The name of the abstract Unix socket (`@proxy-stats-<table>`) on which the agent using
+/// routing table `table` answers `proxy stats`. Abstract sockets belong to a network
+/// namespace, so each namespace has its own. The agent binds it during setup but answers only
+/// from its serve loop: an answer on it also says the agent is ready.
+#[cfg(feature = "std")]
+pub fn stats_socket_name(table: u32) -> std::string::String {
+    std::format!("proxy-stats-{table}")
+}
+
+/// Formats an error with its sources on one line: `a: b: c`.
+#[cfg(feature = "std")]
+pub fn error_chain(error: &dyn core::error::Error) -> std::string::String {
+    let mut out = std::string::ToString::to_string(error);
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = std::string::ToString::to_string(e);
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
 /// Name of the TC ingress classifier program in the object, for interfaces whose packets
 /// start with an Ethernet header at TC ingress (Ethernet, veth, bridge, loopback).
 pub const PROG_TC_INGRESS: &str = "tproxy_ingress";

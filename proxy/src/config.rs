@@ -47,9 +47,6 @@ pub enum Command {
     /// links, its cls_bpf filters and the clsact qdiscs it added, its fwmark rules and
     /// routes), for when it will not be restarted. A restarted agent takes it over instead.
     Cleanup(CleanupArgs),
-    /// Build a throwaway client / router / server topology in network namespaces, run the
-    /// agent on the router, send a few connections through it and remove everything.
-    Demo(DemoArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,7 +113,7 @@ pub struct RunArgs {
     pub tproxy_mark: Mark,
 
     /// Routing table for the local route (`ip route add local 0/0 dev lo table N`).
-    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
+    #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE, value_parser = clap::value_parser!(u32).range(1..=0xffff_fffe))]
     pub table: u32,
 
     /// When no usable socket is found, pass the packet on untouched instead of dropping it
@@ -240,7 +237,7 @@ impl RunArgs {
 #[derive(Debug, Clone, Args)]
 pub struct StatsArgs {
     /// The routing table of the agent to ask (agents in one namespace differ by table).
-    #[arg(long, value_name = "N", default_value_t = 100)]
+    #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE)]
     pub table: u32,
 }
 
@@ -257,13 +254,6 @@ pub struct CleanupArgs {
 pub enum ListenerMode {
     Builtin,
     External,
-}
-
-#[derive(Debug, Clone, Args)]
-pub struct DemoArgs {
-    /// Number of connections the demo client makes through the proxy.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
-    pub connections: u32,
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {

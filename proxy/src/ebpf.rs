@@ -52,10 +52,10 @@ use crate::{
 
 /// The TC programs of the object: a cls_bpf filter at ingress whose program has one of
 /// these names, and whose handle is an agent's table, is that agent's.
-pub const TC_PROGRAMS: &[&str] = &[PROG_TC_INGRESS, PROG_TC_INGRESS_L3];
+pub(crate) const TC_PROGRAMS: &[&str] = &[PROG_TC_INGRESS, PROG_TC_INGRESS_L3];
 
 /// The classifier program for an interface's link header (T10).
-pub fn classifier_for(header: LinkHeader) -> &'static str {
+pub(crate) fn classifier_for(header: LinkHeader) -> &'static str {
     match header {
         LinkHeader::Ethernet => PROG_TC_INGRESS,
         LinkHeader::None => PROG_TC_INGRESS_L3,
@@ -365,20 +365,20 @@ impl Classifier {
     }
 
     /// Where this agent pins what must outlive it.
-    pub fn pins(&self) -> &PinDir {
+    pub(crate) fn pins(&self) -> &PinDir {
         &self.pins
     }
 
     /// Whether this run took over a link or filter a previous run (a crashed agent) left.
     /// If it then fails to start, detaching would leave the interfaces with no classifier
     /// where the crash had left one: the agent leaves things as the crash did instead.
-    pub fn took_over(&self) -> bool {
+    pub(crate) fn took_over(&self) -> bool {
         self.took_over
     }
 
     /// Clears the tables of the generation no longer in force. Idempotent; on error the
     /// leftovers are kept and cleared by the next call (or the next install).
-    pub fn retire_previous(&mut self) -> Result<(), EbpfError> {
+    pub(crate) fn retire_previous(&mut self) -> Result<(), EbpfError> {
         let Some(tables) = self.previous.take() else {
             return Ok(());
         };
@@ -486,14 +486,18 @@ impl Classifier {
     }
 
     /// Writes the settings that apply to every packet.
-    pub fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
+    pub(crate) fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
         let mut map: Array<&mut MapData, GlobalConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
         map.set(0, config, 0).map_err(write_err(MAP_CONFIG))
     }
 
     /// Records the address `nf_tproxy_laddr4/6` would use for an interface (an empty entry:
     /// the packet's own destination).
-    pub fn set_iface_addrs(&mut self, ifindex: u32, addrs: IfaceAddrs) -> Result<(), EbpfError> {
+    pub(crate) fn set_iface_addrs(
+        &mut self,
+        ifindex: u32,
+        addrs: IfaceAddrs,
+    ) -> Result<(), EbpfError> {
         let mut map: HashMap<&mut MapData, u32, IfaceAddrs> =
             map_mut(&mut self.ebpf, MAP_IFACE_ADDRS)?;
         map.insert(ifindex, addrs, 0)
@@ -501,14 +505,18 @@ impl Classifier {
     }
 
     /// Puts one of the agent's listeners in the sockmap the sk_lookup program picks from.
-    pub fn set_listener(&mut self, slot: u32, socket: &impl AsRawFd) -> Result<(), EbpfError> {
+    pub(crate) fn set_listener(
+        &mut self,
+        slot: u32,
+        socket: &impl AsRawFd,
+    ) -> Result<(), EbpfError> {
         let mut map: SockMap<&mut MapData> = map_mut(&mut self.ebpf, MAP_LISTENERS)?;
         map.set(slot, socket, 0).map_err(write_err(MAP_LISTENERS))
     }
 
     /// Loads the relay's verdict program, attaches it to its sockmap and hands the relay's
     /// maps over (`--relay sockmap`).
-    pub fn kernel_relay(&mut self) -> Result<KernelRelay, EbpfError> {
+    pub(crate) fn kernel_relay(&mut self) -> Result<KernelRelay, EbpfError> {
         let socks: SockHash<MapData, u64> = take_map(&mut self.ebpf, MAP_RELAY_SOCKS)?;
         let targets: SockHash<MapData, u64> = take_map(&mut self.ebpf, MAP_RELAY_TARGETS)?;
         let prog: &mut SkSkb = program(&mut self.ebpf, PROG_RELAY_VERDICT)?;
@@ -520,7 +528,7 @@ impl Classifier {
 
     /// Attaches the sk_lookup program to the agent's own network namespace, and pins the
     /// link in place of the one a crashed run left, which goes only once the new one is in.
-    pub fn attach_sk_lookup(&mut self) -> Result<(), EbpfError> {
+    pub(crate) fn attach_sk_lookup(&mut self) -> Result<(), EbpfError> {
         let netns = File::open("/proc/self/ns/net").map_err(EbpfError::Netns)?;
         self.pins.create()?;
         let path = self.pins.sk_lookup_link();
@@ -602,7 +610,7 @@ impl Classifier {
     /// Attaches the classifier at ingress of `iface`, the variant for its link header: a
     /// TCX link on kernels that have them (6.6+), else cls_bpf under a clsact qdisc over
     /// netlink. What a crashed run left there is taken over, never doubled.
-    pub fn attach(
+    pub(crate) fn attach(
         &mut self,
         iface: &str,
         header: LinkHeader,
@@ -676,7 +684,7 @@ impl Classifier {
     /// After attaching: removes the classifiers of this agent's table that a crashed run
     /// left and this run did not take over (interfaces no longer listed, the other attach
     /// mode). Errors are logged: what stays is what `proxy cleanup` removes.
-    pub fn remove_leftovers(&mut self) {
+    pub(crate) fn remove_leftovers(&mut self) {
         let ours: Vec<&Path> = self
             .tc_links
             .iter()
@@ -732,14 +740,14 @@ impl Classifier {
 
     /// The interfaces where the agent added the clsact qdisc itself, for the agent to
     /// remove it again after [`detach_all`](Self::detach_all).
-    pub fn take_clsact_added(&mut self) -> Vec<String> {
+    pub(crate) fn take_clsact_added(&mut self) -> Vec<String> {
         std::mem::take(&mut self.clsact_added)
     }
 
     /// Detaches from every interface and the namespace (the pins of the links go; the
     /// directory stays for [`remove_pin_dir`](Self::remove_pin_dir)). Errors are logged,
     /// not returned: teardown goes on.
-    pub fn detach_all(&mut self) {
+    pub(crate) fn detach_all(&mut self) {
         // The cgroup programs first: no connection is marked once the classifier that
         // would take it on `lo` is gone.
         let cgroup_links = self.cgroup_links.len();
@@ -818,7 +826,7 @@ impl Classifier {
 
     /// Sums the counters of the rule at `index` in the rules in force over CPUs (zero for
     /// an index past them).
-    pub fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
+    pub(crate) fn rule_counters(&self, index: u32) -> Result<RuleCounters, EbpfError> {
         let Some(slot) = self
             .in_force
             .as_ref()
@@ -950,13 +958,13 @@ fn attach_filter(
 }
 
 /// Whether a filter is the one an agent with `table` attaches.
-pub fn is_ours(filter: &tc_filter::BpfFilter, table: u32) -> bool {
+pub(crate) fn is_ours(filter: &tc_filter::BpfFilter, table: u32) -> bool {
     filter.handle == table && TC_PROGRAMS.contains(&filter.name.as_str())
 }
 
 /// The filters of any agent (a program of ours, whatever the handle) at the ingress of
 /// every interface of the namespace.
-pub fn our_filters() -> Vec<(String, tc_filter::BpfFilter)> {
+pub(crate) fn our_filters() -> Vec<(String, tc_filter::BpfFilter)> {
     let Ok(interfaces) = nix::net::if_::if_nameindex() else {
         return Vec::new();
     };
@@ -973,7 +981,7 @@ pub fn our_filters() -> Vec<(String, tc_filter::BpfFilter)> {
 }
 
 /// The filters of `table`'s agent at the ingress of every interface of the namespace.
-pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
+pub(crate) fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
     our_filters()
         .into_iter()
         .filter(|(_, f)| f.handle == table)
@@ -981,7 +989,7 @@ pub fn filters_of_table(table: u32) -> Vec<(String, tc_filter::BpfFilter)> {
 }
 
 /// Deletes a cls_bpf filter at `iface` ingress.
-pub fn detach_filter(iface: &str, filter: &tc_filter::BpfFilter) -> io::Result<()> {
+pub(crate) fn detach_filter(iface: &str, filter: &tc_filter::BpfFilter) -> io::Result<()> {
     SchedClassifierLink::attached(
         iface,
         TcAttachType::Ingress,

@@ -2,51 +2,41 @@
 //!
 //! Packet path, file by file:
 //! * `proxy-ebpf` (classifier at TC ingress) assigns intercepted packets to sockets and marks
-//!   them; [`ebpf`] loads and attaches it (the variant [`link_header`] picks per interface)
-//!   and fills its maps from [`rules`] and [`ifaddrs`].
-//! * [`routing`] installs the fwmark rule and local route that deliver marked packets;
+//!   them; [`ebpf`] loads and attaches it (the variant `link_header` picks per interface)
+//!   and fills its maps from [`rules`] and `ifaddrs`.
+//! * `routing` installs the fwmark rule and local route that deliver marked packets;
 //!   [`src_valid_mark`] keeps them delivering when `src_valid_mark=1` (Tailscale) is set.
-//! * [`tproxy`] holds the transparent listeners; [`upstream`] connects to the original
-//!   destination and [`relay`] copies both ways, or has the kernel move the bytes
-//!   ([`relay::sockmap`], `--relay sockmap`).
-//! * [`pins`] keeps the classifier attached when the agent dies (T12), and [`cleanup`]
+//! * `tproxy` holds the transparent listeners; `upstream` connects to the original
+//!   destination and `relay` copies both ways, or has the kernel move the bytes
+//!   (`relay::sockmap`, `--relay sockmap`).
+//! * `pins` keeps the classifier attached when the agent dies (T12), and [`cleanup`]
 //!   removes what a dead agent left.
-//! * [`agent`] puts it together; [`testbed`] and [`demo`] build namespaces to show and test it.
+//! * [`agent`] puts it together.
+//!
+//! The library exports what the `proxy` binary and the kernel tests use: the agent, its
+//! command line ([`config`]), `proxy cleanup`, the [`stats`] client, and the classifier and
+//! rule compiler the `BPF_PROG_TEST_RUN` tests drive. The namespaces the tests, the demo and
+//! the benchmark build are in the `proxy-testbed` crate.
 
 pub mod agent;
-pub mod btf;
+mod btf;
 pub mod cgroup;
 pub mod cleanup;
 pub mod config;
-pub mod demo;
 pub mod ebpf;
-pub mod generation;
-pub mod ifaddrs;
-pub mod link_header;
-pub mod pins;
-pub mod relay;
-pub mod routing;
+mod generation;
+mod ifaddrs;
+mod link_header;
+mod pins;
+mod relay;
+mod routing;
 pub mod rules;
-pub mod rules_file;
+mod rules_file;
 pub mod src_valid_mark;
 pub mod stats;
-pub mod tc_filter;
-pub mod tcp_info;
-pub mod testbed;
-pub mod tproxy;
-pub mod upstream;
+mod tc_filter;
+mod tcp_info;
+mod tproxy;
+mod upstream;
 
-/// Formats an error with its sources on one line: `a: b: c`.
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let text = e.to_string();
-        if !out.ends_with(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = e.source();
-    }
-    out
-}
+pub use proxy_common::error_chain;

@@ -4,7 +4,7 @@ use clap::Parser as _;
 use proxy::{
     agent,
     config::{Cli, Command},
-    demo, error_chain,
+    error_chain,
 };
 
 fn main() -> ExitCode {
@@ -27,7 +27,6 @@ fn main() -> ExitCode {
             .build()
             .map_err(Into::into)
             .and_then(|rt| rt.block_on(proxy::cleanup::run(&args)).map_err(Into::into)),
-        Command::Demo(args) => demo::run(&args).map_err(Into::into),
         Command::Stats(args) => proxy::stats::query(args.table)
             .map(|report| print!("{report}"))
             .map_err(Into::into),

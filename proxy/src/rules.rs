@@ -86,7 +86,7 @@ pub struct PortRange {
 pub struct PortSet(pub Vec<PortRange>);
 
 impl PortSet {
-    pub fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         self.0.iter().any(|r| (r.start..=r.end).contains(&port))
     }
 }
@@ -146,7 +146,7 @@ impl fmt::Display for PortSet {
 
 /// Parses an address or prefix; a bare address is a host prefix (/32 or /128). Host bits
 /// are cleared, as iptables does (`10.1.2.3/8` is `10.0.0.0/8`).
-pub fn parse_prefix(s: &str) -> Result<IpNet, RuleError> {
+pub(crate) fn parse_prefix(s: &str) -> Result<IpNet, RuleError> {
     let s = s.trim();
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net.trunc());
@@ -179,7 +179,7 @@ impl Default for Mark {
 }
 
 /// A 32-bit number in decimal or 0x-hex, as iptables takes marks.
-pub fn parse_u32(s: &str) -> Option<u32> {
+pub(crate) fn parse_u32(s: &str) -> Option<u32> {
     match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16).ok(),
         None => s.parse().ok(),
@@ -224,7 +224,7 @@ impl Protocols {
         udp: false,
     };
 
-    pub fn numbers(self) -> impl Iterator<Item = u8> {
+    pub(crate) fn numbers(self) -> impl Iterator<Item = u8> {
         [(self.tcp, IPPROTO_TCP), (self.udp, IPPROTO_UDP)]
             .into_iter()
             .filter_map(|(on, n)| on.then_some(n))
@@ -281,7 +281,7 @@ pub struct Rule {
 }
 
 impl Rule {
-    pub fn action(&self) -> RuleAction {
+    pub(crate) fn action(&self) -> RuleAction {
         let mut flags = 0;
         let mut on_ip4_be = 0;
         let mut on_ip6 = [0; 16];

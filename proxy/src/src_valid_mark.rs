@@ -77,7 +77,7 @@ struct Written {
 /// Keeps intercepted IPv4 deliverable on the attached interfaces while `src_valid_mark` is
 /// in effect, and restores what it wrote on [`restore`](Self::restore) or drop.
 #[derive(Debug)]
-pub struct SrcValidMark {
+pub(crate) struct SrcValidMark {
     conf: PathBuf,
     ifaces: Vec<String>,
     written: Vec<Written>,
@@ -91,7 +91,7 @@ pub struct SrcValidMark {
 impl SrcValidMark {
     /// For `ifaces` (the agent's `--iface`s) in the agent's network namespace. Touches
     /// nothing yet.
-    pub fn new(ifaces: impl IntoIterator<Item = String>) -> Self {
+    pub(crate) fn new(ifaces: impl IntoIterator<Item = String>) -> Self {
         Self::with_conf(CONF, ifaces)
     }
 
@@ -106,7 +106,7 @@ impl SrcValidMark {
     }
 
     /// Records each write in `pins` (see [`PinDir::sysctl_mark`]).
-    pub fn with_pins(mut self, pins: PinDir) -> Self {
+    pub(crate) fn with_pins(mut self, pins: PinDir) -> Self {
         self.pins = Some(pins);
         self
     }
@@ -134,14 +134,14 @@ impl SrcValidMark {
 
     /// The check at start: an error here means intercepted IPv4 may be dropped, so the
     /// caller refuses to start.
-    pub fn start(&mut self) -> Result<(), SysctlError> {
+    pub(crate) fn start(&mut self) -> Result<(), SysctlError> {
         self.adopt();
         self.apply()
     }
 
     /// The periodic check while running: an error is logged (once while it lasts), and
     /// the agent goes on.
-    pub fn recheck(&mut self) {
+    pub(crate) fn recheck(&mut self) {
         match self.apply() {
             Ok(()) => self.last_error = None,
             Err(e) => {
@@ -235,7 +235,7 @@ impl SrcValidMark {
 
     /// Writes back the previous value of every sysctl this wrote, unless someone changed it
     /// since (then it is theirs, and left as is). Logs one line.
-    pub fn restore(&mut self) -> Vec<String> {
+    pub(crate) fn restore(&mut self) -> Vec<String> {
         let mut restored = Vec::new();
         for w in std::mem::take(&mut self.written).into_iter().rev() {
             let (previous, value) = (w.mark.previous, w.mark.value);
@@ -278,12 +278,12 @@ impl SrcValidMark {
 
     /// Leaves what was written as it is, records included (for a classifier left attached
     /// after a failed start that took over a crashed run's).
-    pub fn leave_as_is(&mut self) {
+    pub(crate) fn leave_as_is(&mut self) {
         self.written.clear();
     }
 
     /// `proxy cleanup`: puts back what the agent of `pins` recorded and removes the records.
-    pub fn restore_recorded(pins: PinDir) -> Vec<String> {
+    pub(crate) fn restore_recorded(pins: PinDir) -> Vec<String> {
         let mut guard = SrcValidMark::new([]).with_pins(pins);
         guard.adopt();
         guard.restore()

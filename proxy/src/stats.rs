@@ -23,7 +23,7 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 const REFUSED: &str = "refused:";
 
 /// The proxy's counter of original destinations it would not relay to.
-pub const REFUSED_DESTINATION: &str = "refused_destination";
+pub(crate) const REFUSED_DESTINATION: &str = "refused_destination";
 
 /// The agent could not be asked.
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +40,12 @@ pub enum StatsError {
 }
 
 /// The abstract socket address of the agent using `table`.
-pub fn socket_addr(table: u32) -> io::Result<SocketAddr> {
-    SocketAddr::from_abstract_name(format!("proxy-stats-{table}").as_bytes())
+pub(crate) fn socket_addr(table: u32) -> io::Result<SocketAddr> {
+    SocketAddr::from_abstract_name(proxy_common::stats_socket_name(table).as_bytes())
 }
 
 /// Binds the agent's stats socket.
-pub fn listen(table: u32) -> io::Result<tokio::net::UnixListener> {
+pub(crate) fn listen(table: u32) -> io::Result<tokio::net::UnixListener> {
     let listener = std::os::unix::net::UnixListener::bind_addr(&socket_addr(table)?)?;
     listener.set_nonblocking(true)?;
     tokio::net::UnixListener::from_std(listener)
@@ -76,13 +76,13 @@ pub fn query(table: u32) -> Result<String, StatsError> {
 /// abstract one, which any process of the network namespace can connect to, so the agent
 /// checks the peer's credentials (`SO_PEERCRED`) on every connection.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct Access {
+pub(crate) struct Access {
     pub group: Option<u32>,
 }
 
 impl Access {
     /// Root, or a process whose primary or supplementary groups include the group.
-    pub fn permits(&self, cred: &tokio::net::unix::UCred) -> bool {
+    pub(crate) fn permits(&self, cred: &tokio::net::unix::UCred) -> bool {
         if cred.uid() == 0 {
             return true;
         }
@@ -96,7 +96,7 @@ impl Access {
     }
 
     /// What a refused client reads.
-    pub fn refusal(&self) -> String {
+    pub(crate) fn refusal(&self) -> String {
         refusal(&match self.group {
             Some(gid) => format!("only root and group {gid} may read the counters"),
             None => "only root may read the counters (the agent's --stats-group names a group \
@@ -107,7 +107,7 @@ impl Access {
 }
 
 /// The answer to a client that is refused, for `why`; `query` tells it from a report.
-pub fn refusal(why: &str) -> String {
+pub(crate) fn refusal(why: &str) -> String {
     format!("{REFUSED} {why}\n")
 }
 
@@ -128,7 +128,7 @@ fn supplementary_groups(pid: i32) -> Vec<u32> {
 }
 
 /// Sends `text` to a stats client on a task of its own, giving up after [`WRITE_TIMEOUT`].
-pub fn reply(mut stream: tokio::net::UnixStream, text: String) {
+pub(crate) fn reply(mut stream: tokio::net::UnixStream, text: String) {
     use tokio::io::AsyncWriteExt as _;
     tokio::spawn(async move {
         let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(text.as_bytes())).await;
@@ -136,7 +136,7 @@ pub fn reply(mut stream: tokio::net::UnixStream, text: String) {
 }
 
 /// One line describing a rule, in the words of its flags.
-pub fn describe_rule(rule: &Rule) -> String {
+pub(crate) fn describe_rule(rule: &Rule) -> String {
     let dst = if rule.dst.is_empty() {
         "any".to_owned()
     } else {
@@ -162,7 +162,7 @@ pub fn describe_rule(rule: &Rule) -> String {
 
 /// The report: global counters (the classifier's, then the proxy's own), then one line per
 /// rule.
-pub fn format_report(
+pub(crate) fn format_report(
     counters: &[(Counter, u64)],
     proxy: &[(&str, u64)],
     rules: &[(Rule, RuleCounters)],

@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{self, Gateway};
+use proxy_testbed::{self as testbed, Gateway};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use common::{
@@ -344,7 +344,8 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     let silent = gw
         .router
         .run(|| {
-            let addr = UnixAddr::from_abstract_name(b"proxy-stats-100").expect("address");
+            let name = proxy_common::stats_socket_name(proxy_common::DEFAULT_TABLE);
+            let addr = UnixAddr::from_abstract_name(name.as_bytes()).expect("address");
             UnixStream::connect_addr(&addr)
         })
         .expect("router namespace")

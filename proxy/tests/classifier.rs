@@ -9,8 +9,9 @@
 mod common;
 
 use clap::Parser as _;
-use proxy::{config::Cli, ebpf::Classifier, rules, testbed::Netns};
+use proxy::{config::Cli, ebpf::Classifier, rules};
 use proxy_common::{Counter, PROG_TC_INGRESS, PROG_TC_INGRESS_L3};
+use proxy_testbed::Netns;
 
 use common::require_root;
 

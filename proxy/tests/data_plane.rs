@@ -16,7 +16,7 @@ use common::{
     AGENT_ARGS, Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange,
     exchange_from_client, open_fds, require_root, server,
 };
-use proxy::testbed::{self, Gateway, Netns};
+use proxy_testbed::{self as testbed, Gateway, Netns};
 
 /// `proxy run` intercepting UDP port 53 for the built-in UDP listener on port 5353.
 const UDP_AGENT_ARGS: &[&str] = &[

@@ -14,7 +14,7 @@ use common::{
     AGENT_ARGS, Agent, Server, ServerMode, counter, exchange, exchange_from_client, ip_stdout,
     require_root, server, tc_stdout,
 };
-use proxy::testbed::{self, Gateway};
+use proxy_testbed::{self as testbed, Gateway};
 
 /// Programs attached at TCX ingress of the router's client-side interface.
 fn tcx_programs(gw: &Gateway) -> Vec<String> {

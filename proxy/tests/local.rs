@@ -26,7 +26,7 @@ use std::{
 };
 
 use common::{Agent, Server, ServerMode, counter, require_root};
-use proxy::testbed::{
+use proxy_testbed::{
     Gateway, Netns, ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6, SERVER_V4, SERVER_V6,
 };
 
@@ -252,7 +252,7 @@ impl Drop for TestCgroup {
 /// with `peer=ADDR` from the address it was sent to; stops when dropped.
 struct UdpServer {
     stop: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
+    threads: Vec<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
 }
 
 impl UdpServer {

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::{self, ClientLink, Gateway};
+use proxy_testbed::{self as testbed, ClientLink, Gateway};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use common::{

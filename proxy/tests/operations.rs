@@ -19,7 +19,7 @@ use common::{
     require_root, server, tc_stdout, unused_prefix_rules,
 };
 use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::{self, Gateway, Netns};
+use proxy_testbed::{self as testbed, Gateway, Netns};
 
 fn write_rules(path: &Path, text: &str) {
     std::fs::write(path, text).expect("writing the rules file");

@@ -15,7 +15,7 @@ use std::{
 };
 
 use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::Gateway;
+use proxy_testbed::Gateway;
 use socket2::{Domain, Socket, Type};
 
 use common::{Agent, require_root, server};
@@ -51,7 +51,7 @@ fn transparent_listener(
     port: u16,
     accepted: &Accepted,
     stop: &Arc<AtomicBool>,
-) -> std::thread::JoinHandle<Result<(), proxy::testbed::TestbedError>> {
+) -> std::thread::JoinHandle<Result<(), proxy_testbed::TestbedError>> {
     let socket = gw
         .router
         .run(|| {
@@ -188,7 +188,7 @@ fn start_load(
     gw: &Gateway,
     stop: &Arc<AtomicBool>,
     exchange: bool,
-) -> std::thread::JoinHandle<Result<Load, proxy::testbed::TestbedError>> {
+) -> std::thread::JoinHandle<Result<Load, proxy_testbed::TestbedError>> {
     let flag = Arc::clone(stop);
     gw.client.spawn(move || {
         let mut load = Load::default();

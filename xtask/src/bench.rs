@@ -1,8 +1,8 @@
-//! `cargo xtask bench [--quick]`: build the agent and the benchmark in release mode, then
-//! run `proxy-bench`, which compares plain routing, the kernel's iptables TPROXY with this
-//! project's proxy, and this project's eBPF classifier with the same proxy, in throwaway
-//! network namespaces. Results go to `bench/results/` (latest.md, latest.png and a
-//! timestamped copy of each).
+//! `cargo xtask bench [--quick]`: build the agent and the benchmark (the `proxy-bench`
+//! crate) in release mode, then run `proxy-bench`, which compares plain routing, the kernel's
+//! iptables TPROXY with this project's proxy, and this project's eBPF classifier with the same
+//! proxy, in throwaway network namespaces. Results go to `bench/results/` (latest.md,
+//! latest.png and a timestamped copy of each).
 
 use std::process::Command;
 
@@ -20,7 +20,7 @@ pub struct Options {
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
     prereqs::require_root("the benchmarks")?;
     prereqs::ensure_system_tools()?;
-    let release = run::build_release()?;
+    let release = run::build_release(&["proxy", "proxy-bench"])?;
     let root = run::workspace_root()?;
     let mut cmd = Command::new(release.join("proxy-bench"));
     cmd.current_dir(&root)

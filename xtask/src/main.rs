@@ -28,7 +28,7 @@ enum Task {
     BuildEbpf(build_ebpf::Options),
     /// Build the agent in release mode and run it: `cargo xtask run -- run --iface eth0 ...`.
     Run(run::Options),
-    /// Build the agent and run `proxy demo` on a throwaway namespace topology.
+    /// Build the agent and `proxy-demo` and run the demo on a throwaway namespace topology.
     Demo(run::DemoOptions),
     /// Install test prerequisites and run every test (unit and kernel tests; needs root).
     Test(test::Options),

@@ -1,4 +1,5 @@
-//! `cargo xtask run -- ARGS` and `cargo xtask demo`: build the agent (release) and run it.
+//! `cargo xtask run -- ARGS`: build the agent (release) and run it; `cargo xtask demo`: build
+//! the agent and `proxy-demo` (release) and run the demo with that agent.
 
 use std::{os::unix::process::CommandExt as _, process::Command};
 
@@ -16,7 +17,7 @@ pub struct Options {
 
 #[derive(Args)]
 pub struct DemoOptions {
-    /// Arguments for `proxy demo`.
+    /// Arguments for `proxy-demo` (for example `--connections 5`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     args: Vec<String>,
 }
@@ -29,19 +30,22 @@ pub fn workspace_root() -> anyhow::Result<std::path::PathBuf> {
         .to_path_buf())
 }
 
-/// Builds the `proxy` package in release mode (the agent with its eBPF object embedded, and
-/// the benchmark) and returns the directory the binaries are in: under CARGO_TARGET_DIR
-/// when set (relative to the workspace, where cargo runs), else under target/.
-pub fn build_release() -> anyhow::Result<std::path::PathBuf> {
+/// Builds `packages` in release mode (`proxy` is the agent, with its eBPF object embedded)
+/// and returns the directory the binaries are in: under CARGO_TARGET_DIR when set (relative
+/// to the workspace, where cargo runs), else under target/.
+pub fn build_release(packages: &[&str]) -> anyhow::Result<std::path::PathBuf> {
     prereqs::ensure_build()?;
     let root = workspace_root()?;
-    eprintln!("xtask: building the agent and the benchmark (release, eBPF object embedded)");
-    prereqs::status(Command::new(env!("CARGO")).current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "proxy",
-    ]))?;
+    eprintln!(
+        "xtask: building {} (release, eBPF object embedded)",
+        packages.join(", ")
+    );
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.current_dir(&root).args(["build", "--release"]);
+    for package in packages {
+        cmd.args(["--package", package]);
+    }
+    prereqs::status(&mut cmd)?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .map_or_else(|| root.join("target"), |dir| root.join(dir));
@@ -49,7 +53,7 @@ pub fn build_release() -> anyhow::Result<std::path::PathBuf> {
 }
 
 pub fn run(opts: &Options) -> anyhow::Result<()> {
-    let binary = build_release()?.join("proxy");
+    let binary = build_release(&["proxy"])?.join("proxy");
     let err = Command::new(&binary).args(&opts.args).exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }
@@ -57,7 +61,12 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
 pub fn demo(opts: &DemoOptions) -> anyhow::Result<()> {
     prereqs::require_root("the demo")?;
     prereqs::ensure_system_tools()?;
-    let binary = build_release()?.join("proxy");
-    let err = Command::new(&binary).arg("demo").args(&opts.args).exec();
+    let release = build_release(&["proxy", "proxy-testbed"])?;
+    let binary = release.join("proxy-demo");
+    let err = Command::new(&binary)
+        .arg("--agent")
+        .arg(release.join("proxy"))
+        .args(&opts.args)
+        .exec();
     Err(err).with_context(|| format!("running {}", binary.display()))
 }

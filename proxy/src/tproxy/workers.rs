@@ -93,10 +93,6 @@ impl Workers {
         self.workers.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.workers.is_empty()
-    }
-
     /// Serves one listener socket of a group on each worker (`listeners` has one per
     /// worker). The returned handles stop them: aborting an accept task closes its
     /// listener (which also takes it out of the sockmap) once its worker drops the task,

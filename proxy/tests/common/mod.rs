@@ -12,7 +12,7 @@ use std::{
     net::{SocketAddr, TcpListener, TcpStream},
     process::{Child, Command, ExitStatus, Output, Stdio},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
@@ -20,8 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::Netns;
+use proxy_testbed::{AgentProcess, Netns};
 
 /// Kernel tests need root; without it they fail, loudly, instead of passing by skipping.
 pub fn require_root() {
@@ -31,106 +30,64 @@ pub fn require_root() {
     );
 }
 
-/// The agent binary, running in a namespace, with its log collected.
-pub struct Agent {
-    child: Option<Child>,
-    log: Arc<Mutex<Vec<String>>>,
-    reader: Option<JoinHandle<()>>,
-}
+/// The agent binary, running in a namespace, with its log collected: the testbed's
+/// [`AgentProcess`], failing the test (with the agent's log) where it returns an error.
+pub struct Agent(AgentProcess);
 
 impl Agent {
-    /// Starts `proxy ARGS` in `ns` and returns once it logged "ready", or panics with its log.
+    /// Starts `proxy ARGS` in `ns` and returns once it is ready (it answers on its stats
+    /// socket), or panics with its log.
     pub fn start(ns: &Netns, args: &[&str]) -> Agent {
-        Agent::wait_ready(Agent::spawn(ns, args))
+        Agent::spawn(ns, args).ready()
     }
 
-    fn wait_ready(mut agent: Agent) -> Agent {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if agent.log_contains(" ready: ") {
-                return agent;
-            }
-            if let Some(status) = agent.try_status() {
-                agent.join_reader();
-                panic!(
-                    "agent exited with {status} before ready:\n{}",
-                    agent.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+    fn ready(mut self) -> Agent {
+        if let Err(e) = self.0.wait_ready(Duration::from_secs(20)) {
+            panic!("{e}:\n{}", self.0.log_text());
         }
-        panic!("agent not ready within 20 s:\n{}", agent.log_text());
+        self
     }
 
     /// Starts `proxy ARGS` in `ns` without waiting for anything.
     pub fn spawn(ns: &Netns, args: &[&str]) -> Agent {
-        Agent::spawn_command(ns.command(env!("CARGO_BIN_EXE_proxy")), args)
+        Agent::spawn_command(ns.command(env!("CARGO_BIN_EXE_proxy")), &ns.name, args)
     }
 
     /// [`Agent::start`] in the mount namespace `mounts` keeps, where the bpffs the agent
     /// mounts (and its pins) outlive it.
     pub fn start_in(mounts: &Mounts, args: &[&str]) -> Agent {
-        Agent::wait_ready(Agent::spawn_command(
+        Agent::spawn_command(
             mounts.command(env!("CARGO_BIN_EXE_proxy")),
+            &mounts.netns,
             args,
-        ))
+        )
+        .ready()
     }
 
-    /// Starts `command ARGS` (the agent binary, wrapped to enter its namespaces).
-    fn spawn_command(mut command: Command, args: &[&str]) -> Agent {
-        let mut child = command
+    /// Starts `command ARGS` (the agent binary, wrapped to enter the network namespace
+    /// `netns`).
+    fn spawn_command(mut command: Command, netns: &str, args: &[&str]) -> Agent {
+        command
             .args(args)
             // AGENT_LOG=debug in the test's environment, to see more when a test fails.
             .env(
                 "RUST_LOG",
                 std::env::var("AGENT_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning the agent");
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = Arc::clone(&log);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().expect("log lock").push(line);
-            }
-        });
-        Agent {
-            child: Some(child),
-            log,
-            reader: Some(reader),
-        }
+            );
+        Agent(AgentProcess::spawn(command, netns).expect("spawning the agent"))
     }
 
-    /// The agent's process id (for signals).
+    /// The agent's process id (for signals), 0 once it has exited.
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().map_or(0, Child::id)
-    }
-
-    fn try_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
-    }
-
-    fn join_reader(&mut self) {
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        self.0.pid().unwrap_or(0)
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log
-            .lock()
-            .expect("log lock")
-            .iter()
-            .any(|l| l.contains(needle))
+        self.0.log_contains(needle)
     }
 
     pub fn log_text(&self) -> String {
-        self.log.lock().expect("log lock").join("\n")
+        self.0.log_text()
     }
 
     /// The log after a pause that lets the agent's last lines through (its stderr is read
@@ -142,44 +99,17 @@ impl Agent {
 
     /// Waits up to `timeout` for a log line containing every needle.
     pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> Option<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(line) = self
-                .log
-                .lock()
-                .expect("log lock")
-                .iter()
-                .find(|l| needles.iter().all(|n| l.contains(n)))
-            {
-                return Some(line.clone());
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.0.wait_for_line(needles, timeout)
     }
 
     /// Waits for the process to exit on its own (bounded), returning its status and log.
     pub fn wait_exit(mut self, timeout: Duration) -> (ExitStatus, String) {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.try_status() {
-                self.child = None;
-                self.join_reader();
-                return (status, self.log_text());
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "agent still running after {timeout:?}:\n{}",
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        match self.0.wait_exit(timeout) {
+            Ok(status) => (status, self.log_text()),
+            Err(e) => panic!("{e}:\n{}", self.log_text()),
         }
     }
 
-    /// SIGTERM, then waits (bounded) for the exit status and the full log.
     /// Stops the agent, checks that it exited cleanly, and returns its log.
     pub fn stop_ok(self) -> String {
         let (status, log) = self.stop();
@@ -187,19 +117,12 @@ impl Agent {
         log
     }
 
-    pub fn stop(self) -> (ExitStatus, String) {
-        if let Some(child) = &self.child {
-            let _ = signal::kill(Pid::from_raw(child.id() as i32), signal::Signal::SIGTERM);
-        }
-        self.wait_exit(Duration::from_secs(10))
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+    /// SIGTERM (a second one after 5 s, SIGKILL after 10 s), then the exit status and the
+    /// full log.
+    pub fn stop(mut self) -> (ExitStatus, String) {
+        match self.0.stop(Duration::from_secs(5)) {
+            Ok(status) => (status, self.log_text()),
+            Err(e) => panic!("stopping the agent: {e}:\n{}", self.log_text()),
         }
     }
 }
@@ -245,7 +168,7 @@ pub const AGENT_ARGS: &[&str] = &[
 pub struct Server {
     stop: Arc<AtomicBool>,
     accepted: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<Result<(), proxy::testbed::TestbedError>>>,
+    thread: Option<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
 }
 
 impl Server {
@@ -328,11 +251,11 @@ impl Drop for Server {
     }
 }
 
-pub use proxy::testbed::exchange;
+pub use proxy_testbed::exchange;
 
 /// The test server's IPv4 address and `port`.
 pub fn server(port: u16) -> SocketAddr {
-    SocketAddr::from((proxy::testbed::SERVER_V4, port))
+    SocketAddr::from((proxy_testbed::SERVER_V4, port))
 }
 
 /// `ip -n NS ARGS`' output, for comparing rules and routes before and after.
@@ -375,7 +298,7 @@ pub fn tc_stdout(ns: &Netns, args: &[&str]) -> String {
 /// One exchange (`testbed::exchange`) from the client namespace to `addr`; panics if it
 /// fails.
 pub fn exchange_from_client(
-    gw: &proxy::testbed::Gateway,
+    gw: &proxy_testbed::Gateway,
     addr: SocketAddr,
     payload: &[u8],
 ) -> String {
@@ -389,7 +312,7 @@ pub fn exchange_from_client(
 /// proxy when a rule covers it), with a 5 s read timeout; panics with `context` if the
 /// connect fails.
 pub fn connect_kept(
-    gw: &proxy::testbed::Gateway,
+    gw: &proxy_testbed::Gateway,
     port: u16,
     context: &dyn Fn() -> String,
 ) -> TcpStream {
@@ -433,6 +356,8 @@ pub fn ask_line(addr: SocketAddr, line: &str) -> std::io::Result<String> {
 /// holder: the namespace and its bpffs go with the last process in it, pass or fail.
 pub struct Mounts {
     holder: Child,
+    /// The network namespace's name.
+    netns: String,
 }
 
 impl Mounts {
@@ -448,7 +373,10 @@ impl Mounts {
         let mut line = String::new();
         let stdout = holder.stdout.take().expect("piped stdout");
         let _ = BufReader::new(stdout).read_line(&mut line);
-        let mounts = Mounts { holder };
+        let mounts = Mounts {
+            holder,
+            netns: ns.name.clone(),
+        };
         assert_eq!(line.trim(), "ready", "the mount namespace holder failed");
         mounts
     }

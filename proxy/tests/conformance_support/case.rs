@@ -4,7 +4,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use proxy::testbed::{self, ClientLink};
+use proxy_testbed::{self as testbed, ClientLink};
 
 /// The intercepted destination port of most cases.
 pub const DPORT: u16 = 80;

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use proxy::testbed::Gateway;
+use proxy_testbed::Gateway;
 use socket2::{Protocol, Socket, Type};
 
 use super::{

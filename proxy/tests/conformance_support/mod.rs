@@ -25,7 +25,7 @@ pub use case::{
     At, Case, ClientOpts, DPORT, ExtraAddr, Fam, Kind, Net, ON_PORT, OTHER_PORT, Proto, Recv,
 };
 use observe::Outcome;
-use proxy::testbed::{self, Gateway};
+use proxy_testbed::{self as testbed, Gateway};
 use socket2::{Domain, Socket};
 
 use crate::common::{Agent, Mounts};

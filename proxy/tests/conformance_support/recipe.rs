@@ -4,7 +4,7 @@
 
 use std::process::Command;
 
-use proxy::testbed::{self, Gateway};
+use proxy_testbed::{self as testbed, Gateway};
 
 use super::case::{Case, Fam};
 

@@ -539,7 +539,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     let _ = writeln!(md, "\n## How each set-up is made\n");
     let _ = writeln!(
         md,
-        "Three client / router / server topologies in network namespaces (`proxy::testbed`: \
+        "Three client / router / server topologies in network namespaces (`proxy-testbed`: \
          client 192.0.2.2 - r0 192.0.2.1 | router | r1 198.51.100.1 - server 198.51.100.2), \
          all present at once; the runs of the three are interleaved. The client connects to \
          198.51.100.2:80. In the client and router namespaces `net.ipv4.tcp_tw_reuse = 1` and \
@@ -559,7 +559,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
          - **(c)** this project's classifier: `proxy {}`; for N rules, `proxy run --iface r0 \
          --config FILE` with the same N-1 never-matching rules before `dport = \"80\"`.\n\
          - The agent runs with `RUST_LOG={}`: its per-connection log line (info) is off, the \
-         rest of its log (ready, warnings) on. Its open-files limit: {} (inherited from the \
+         rest of its log (set-up, warnings) on. Its open-files limit: {} (inherited from the \
          bench, which raised its own to {}; the agent raises its soft limit to the hard one, which \
          nothing here may raise further).\n\
          - Both (b) and (c) run the agent with `{}`.\n",

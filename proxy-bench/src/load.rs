@@ -25,7 +25,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, unshare};
-use proxy::testbed::{Netns, SERVER_V4};
+use proxy_testbed::{Netns, SERVER_V4};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpSocket, TcpStream, UdpSocket},
@@ -50,7 +50,7 @@ pub fn server_addr() -> SocketAddr {
 
 /// Moves the calling thread into the named network namespace.
 pub fn enter_ns(name: &str) -> io::Result<()> {
-    proxy::testbed::enter(name).map_err(io::Error::other)
+    proxy_testbed::enter(name).map_err(io::Error::other)
 }
 
 /// A tokio runtime whose every thread lives in one network namespace.

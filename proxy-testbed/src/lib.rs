@@ -10,6 +10,9 @@
 //! veths: traffic never leaves the namespaces. Each [`Gateway`] has unique namespace names and
 //! removes them when dropped, pass or fail. Building the topology shells out to `ip`
 //! (iproute2): that is test scaffolding; the agent itself only speaks netlink.
+//!
+//! [`AgentProcess`] runs the agent binary in one of these namespaces and knows when it is
+//! ready; `proxy-demo` (src/bin) shows the whole path on a topology of its own.
 
 use std::{
     fs::File,
@@ -22,7 +25,9 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 
+mod agent;
 mod tun_pump;
+pub use agent::{AgentError, AgentProcess};
 pub use tun_pump::TunPump;
 
 pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
@@ -121,15 +126,7 @@ impl Netns {
 
     /// Runs `f` on a thread that has entered the namespace: sockets it creates live there.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T, TestbedError> {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    self.enter()?;
-                    Ok(f())
-                })
-                .join()
-                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-        })
+        run_in(&self.name, f)
     }
 
     /// Moves the calling thread into the namespace, for threads that live on.
@@ -159,6 +156,19 @@ impl Netns {
                 source,
             })
     }
+}
+
+/// Runs `f` on a thread that has entered the namespace named `name`.
+fn run_in<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T, TestbedError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                enter(name)?;
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 /// Moves the calling thread into the named namespace.

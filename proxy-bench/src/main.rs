@@ -6,7 +6,7 @@
 //! writes a markdown table and a PNG chart under `bench/results/`.
 //!
 //! All traffic stays between the namespaces it creates (the addresses of
-//! `proxy::testbed`); every loop is bounded in count and time, and a watchdog stops the whole
+//! `proxy-testbed`); every loop is bounded in count and time, and a watchdog stops the whole
 //! run if it overruns. Needs root. Not a test: run it with `cargo xtask bench [--quick]`.
 
 mod chart;
@@ -556,7 +556,7 @@ fn run(cli: &Cli) -> Result<(), String> {
 }
 
 fn leaked_namespaces(names: &[String]) -> Vec<String> {
-    let listed = proxy::testbed::ip(&["netns", "list"])
+    let listed = proxy_testbed::ip(&["netns", "list"])
         .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
         .unwrap_or_default();
     listed

@@ -75,7 +75,7 @@ fn flood_and_read(s: &Scenario, nofile: u64) -> Result<UdpSample, String> {
     let sockets =
         s.gw.client
             .run(|| flood(FLOOD.min(room)))
-            .map_err(|e| proxy::error_chain(&e))?
+            .map_err(|e| proxy_common::error_chain(&e))?
             .map_err(|e| format!("flood: {e}"))?;
     // Live: two sockets per session once the cap is reached; then a moment for the echoes
     // to come back through the sessions.

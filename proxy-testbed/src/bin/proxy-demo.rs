@@ -1,4 +1,5 @@
-//! `proxy demo`: the whole path on a throwaway topology (see [`crate::testbed`]).
+//! `proxy-demo --agent PATH` (run by `cargo xtask demo`): the whole path on a throwaway
+//! topology (see `proxy_testbed`).
 //!
 //! A server in its own namespace answers on ports 80 and 8080 with the address it sees the
 //! connection from. The agent runs on the router and intercepts port 80 only. The client
@@ -9,27 +10,48 @@
 use std::{
     io::{BufRead as _, BufReader, Write as _},
     net::{SocketAddr, TcpListener},
-    process::{Child, Stdio},
+    path::PathBuf,
+    process::ExitCode,
     sync::mpsc,
     time::{Duration, Instant},
 };
 
-use nix::{sys::signal, unistd::Pid};
+use clap::Parser as _;
+use proxy_testbed::{self as testbed, AgentError, AgentProcess, Gateway, TestbedError, exchange};
 
-use crate::{
-    config::DemoArgs,
-    testbed::{self, Gateway, TestbedError, exchange},
-};
+#[derive(clap::Parser)]
+#[command(
+    name = "proxy-demo",
+    about = "Build a throwaway client / router / server topology in network namespaces, run \
+             the agent on the router, send a few connections through it and remove everything"
+)]
+struct DemoArgs {
+    /// The agent binary (target/release/proxy).
+    #[arg(long, value_name = "PATH")]
+    agent: PathBuf,
+    /// Number of connections the demo client makes through the proxy.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    connections: u32,
+}
+
+fn main() -> ExitCode {
+    match run(&DemoArgs::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxy-demo: error: {}", proxy_common::error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The demo failed.
 #[derive(Debug, thiserror::Error)]
-pub enum DemoError {
+enum DemoError {
     #[error(transparent)]
     Testbed(#[from] TestbedError),
-    #[error("{0}")]
-    Io(String, #[source] std::io::Error),
-    #[error("the agent did not become ready (within 20 s); its log is above")]
-    AgentNotReady,
+    /// Starting, waiting for or stopping the agent failed; its log was printed as it came.
+    #[error("the agent (its log is above)")]
+    Agent(#[from] AgentError),
     #[error("the agent exited with {0}")]
     AgentFailed(std::process::ExitStatus),
 }
@@ -38,15 +60,13 @@ const INTERCEPTED_PORT: u16 = 80;
 const DIRECT_PORT: u16 = 8080;
 const ON_PORT: u16 = 50080;
 
-pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
+fn run(args: &DemoArgs) -> Result<(), DemoError> {
     println!(
         "== building namespaces: client {} -- router -- server {}",
         testbed::CLIENT_V4,
         testbed::SERVER_V4
     );
     let gw = Gateway::new("demo")?;
-    let exe =
-        std::env::current_exe().map_err(|e| DemoError::Io("finding the proxy binary".into(), e))?;
 
     let server_ready = mpsc::channel();
     let expected = args.connections as usize + 1;
@@ -68,26 +88,13 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
         "== starting the agent in the router namespace: proxy {}",
         command.join(" ")
     );
-    let mut agent = gw
-        .router
-        .command(&exe)
-        .args(command)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .map_err(|e| DemoError::Io("starting the agent".into(), e))?;
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let log = forward_log(&mut agent, ready_tx);
-    if ready_rx.recv_timeout(Duration::from_secs(20)).is_err() {
-        let _ = agent.kill();
-        let _ = agent.wait();
-        let _ = log.map(|h| h.join());
-        return Err(DemoError::AgentNotReady);
-    }
+    let mut agent_command = gw.router.command(&args.agent);
+    agent_command.args(command).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut agent = AgentProcess::spawn_echoing(agent_command, &gw.router.name, "    agent | ")?;
+    agent.wait_ready(Duration::from_secs(20))?;
 
     println!(
         "== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)",
@@ -123,13 +130,7 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
     println!(
         "== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters"
     );
-    let _ = signal::kill(Pid::from_raw(agent.id() as i32), signal::Signal::SIGTERM);
-    let status = agent
-        .wait()
-        .map_err(|e| DemoError::Io("waiting for the agent".into(), e))?;
-    if let Some(log) = log {
-        let _ = log.join();
-    }
+    let status = agent.stop(Duration::from_secs(10))?;
     let _ = server.join();
 
     println!("== after the agent: policy rules left in the router namespace:");
@@ -147,19 +148,6 @@ pub fn run(args: &DemoArgs) -> Result<(), DemoError> {
 
 fn indent(text: &str) -> String {
     text.lines().map(|l| format!("   {l}\n")).collect()
-}
-
-/// Prints the agent's log lines as they come and reports the "ready" line.
-fn forward_log(agent: &mut Child, ready: mpsc::Sender<()>) -> Option<std::thread::JoinHandle<()>> {
-    let stderr = agent.stderr.take()?;
-    Some(std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            println!("    agent | {line}");
-            if line.contains(" ready: ") {
-                let _ = ready.send(());
-            }
-        }
-    }))
 }
 
 /// The demo server: answers `expected` connections over ports 80 and 8080, or stops after

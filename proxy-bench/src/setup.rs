@@ -8,26 +8,24 @@
 //! SIGKILL), the load threads, and last the namespaces (by the [`Gateway`]).
 
 use std::{
-    collections::VecDeque,
-    io::{BufRead as _, BufReader, Write as _},
+    io::Write as _,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    sync::{Arc, Mutex},
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    process::Stdio,
+    time::Duration,
 };
 
-use nix::{sys::signal, unistd::Pid};
-use proxy::testbed::{self, Gateway, Netns};
+use proxy_testbed::{self as testbed, AgentProcess, Gateway, Netns};
 
 use crate::load::{self, NsRuntime, Server};
 
 /// The built-in listener's port, as in the recipe.
 pub const ON_PORT: &str = "50080";
 /// Per-connection log lines (`proxy::tproxy::tcp`, info) are off while measuring; the rest of
-/// the agent's log stays at info so that its "ready:" line and warnings are seen.
+/// the agent's log stays at info so that its warnings are seen.
 pub const AGENT_LOG: &str = "info,proxy::tproxy::tcp=warn";
+/// How much of the agent's log an error shows.
+const TAIL_LINES: usize = 200;
 /// How (b) runs the agent: its classifier is attached to `lo`, which no benchmark packet
 /// crosses, with a rule for port 1, its own mark and table: only its listener on 50080 serves.
 pub const IPTABLES_AGENT_ARGS: &[&str] = &[
@@ -142,13 +140,6 @@ fn decoy(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 0, 0)) + 1 + i as u32)
 }
 
-#[derive(Default)]
-struct AgentLog {
-    tail: VecDeque<String>,
-    notable: Vec<String>,
-    ready: bool,
-}
-
 /// Flags every agent of this run gets (`--relay MODE` and the bench's `--agent-arg`s), set
 /// once from the command line.
 static AGENT_FLAGS: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -162,94 +153,47 @@ pub fn agent_flags() -> &'static [String] {
     AGENT_FLAGS.get().map_or(&[], Vec::as_slice)
 }
 
-/// The agent binary running in the router namespace, its stderr collected.
+/// The agent binary running in the router namespace (the testbed's [`AgentProcess`]), with
+/// what the bench reads of it; stopped (SIGTERM) when dropped.
 pub struct Agent {
-    child: Option<Child>,
-    log: Arc<Mutex<AgentLog>>,
-    reader: Option<JoinHandle<()>>,
+    process: AgentProcess,
 }
 
 impl Agent {
     pub fn start(router: &Netns, binary: &Path, args: &[String]) -> Result<Agent, String> {
-        let mut child = router
-            .command(binary)
+        let mut command = router.command(binary);
+        command
             .args(args)
             .args(agent_flags())
-            .env("RUST_LOG", AGENT_LOG)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting {}: {e}", binary.display()))?;
-        let stderr = child.stderr.take().ok_or("no stderr pipe")?;
-        let log = Arc::new(Mutex::new(AgentLog::default()));
-        let sink = Arc::clone(&log);
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
-                if line.contains(" ready: ") {
-                    log.ready = true;
-                }
-                if (line.contains("WARN") || line.contains("ERROR")) && log.notable.len() < 20 {
-                    log.notable.push(line.clone());
-                }
-                if log.tail.len() >= 200 {
-                    log.tail.pop_front();
-                }
-                log.tail.push_back(line);
-            }
-        });
-        let mut agent = Agent {
-            child: Some(child),
-            log,
-            reader: Some(reader),
-        };
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while Instant::now() < deadline && !crate::stopped() {
-            if agent.lock().ready {
-                return Ok(agent);
-            }
-            if let Some(Ok(Some(status))) = agent.child.as_mut().map(Child::try_wait) {
-                agent.child = None;
-                if let Some(r) = agent.reader.take() {
-                    let _ = r.join();
-                }
-                return Err(format!(
-                    "agent exited with {status} before ready:\n{}",
-                    agent.tail()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!("agent not ready in time:\n{}", agent.tail()))
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, AgentLog> {
-        self.log.lock().unwrap_or_else(|p| p.into_inner())
+            .env("RUST_LOG", AGENT_LOG);
+        let mut process = AgentProcess::spawn(command, &router.name)
+            .map_err(|e| proxy_common::error_chain(&e))?;
+        process
+            .wait_ready_or(Duration::from_secs(90), crate::stopped)
+            .map_err(|e| {
+                format!(
+                    "{}:\n{}",
+                    proxy_common::error_chain(&e),
+                    process.log_tail(TAIL_LINES)
+                )
+            })?;
+        Ok(Agent { process })
     }
 
     pub fn tail(&self) -> String {
-        self.lock()
-            .tail
-            .iter()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n")
+        self.process.log_tail(TAIL_LINES)
     }
 
     /// Warnings and errors the agent logged (the first 20).
     pub fn notable(&self) -> Vec<String> {
-        self.lock().notable.clone()
+        self.process
+            .log_lines_matching(|l| l.contains("WARN") || l.contains("ERROR"), 20)
     }
 
     /// The agent's resident set size, KiB (`VmRSS` in /proc/PID/status). `ip netns exec`
     /// execs the agent, so the child's pid is the agent's.
     pub fn vm_rss_kib(&self) -> Result<u64, String> {
-        let pid = self
-            .child
-            .as_ref()
-            .map(Child::id)
-            .ok_or("agent not running")?;
+        let pid = self.pid().ok_or("agent not running")?;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
         if !status
@@ -267,20 +211,20 @@ impl Agent {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// How many descriptors the agent has open.
     pub fn open_fds(&self) -> usize {
-        self.child.as_ref().map_or(0, |c| {
-            std::fs::read_dir(format!("/proc/{}/fd", c.id())).map_or(0, Iterator::count)
+        self.pid().map_or(0, |pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
         })
     }
 
     /// The agent's descriptors by kind: sockets, pipes, anything else.
     pub fn fd_kinds(&self) -> [usize; 3] {
         let mut kinds = [0; 3];
-        let Some(pid) = self.child.as_ref().map(Child::id) else {
+        let Some(pid) = self.pid() else {
             return kinds;
         };
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
@@ -303,7 +247,7 @@ impl Agent {
 
     /// The agent's "Max open files" (soft limit) from /proc/PID/limits.
     pub fn nofile_limit(&self) -> Option<String> {
-        let pid = self.child.as_ref().map(Child::id)?;
+        let pid = self.pid()?;
         let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
         limits
             .lines()
@@ -315,33 +259,7 @@ impl Agent {
     /// SIGTERM (the agent drains, then undoes its set-up), a second SIGTERM after 5 s (exit
     /// at once), SIGKILL after 10 s.
     pub fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = Pid::from_raw(child.id() as i32);
-        let _ = signal::kill(pid, signal::Signal::SIGTERM);
-        let start = Instant::now();
-        let mut second_sent = false;
-        loop {
-            match child.try_wait() {
-                Ok(Some(_)) | Err(_) => break,
-                Ok(None) if start.elapsed() >= Duration::from_secs(10) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                Ok(None) => {
-                    if !second_sent && start.elapsed() >= Duration::from_secs(5) {
-                        let _ = signal::kill(pid, signal::Signal::SIGTERM);
-                        second_sent = true;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-        }
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
-        }
+        let _ = self.process.stop(Duration::from_secs(5));
     }
 }
 
@@ -375,14 +293,14 @@ impl Scenario {
         workdir: &Path,
         server_lifetime: Duration,
     ) -> Result<Scenario, String> {
-        let gw =
-            Gateway::new(&format!("bench{}", kind.letter())).map_err(|e| proxy::error_chain(&e))?;
+        let gw = Gateway::new(&format!("bench{}", kind.letter()))
+            .map_err(|e| proxy_common::error_chain(&e))?;
         // Many short connections: let the clients (the client, and the proxy towards the
         // server) reuse ports in TIME_WAIT, from a wide range.
         for ns in [&gw.client, &gw.router] {
             ns.sysctl("net.ipv4.tcp_tw_reuse", "1")
                 .and_then(|()| ns.sysctl("net.ipv4.ip_local_port_range", "10000 60999"))
-                .map_err(|e| proxy::error_chain(&e))?;
+                .map_err(|e| proxy_common::error_chain(&e))?;
         }
         let server = Server::start(&gw.server, server_lifetime)?;
         let client = NsRuntime::new(&gw.client.name, 2).map_err(|e| format!("client: {e}"))?;
@@ -408,7 +326,7 @@ impl Scenario {
                     .gw
                     .router
                     .ip(cmd)
-                    .map_err(|e| proxy::error_chain(&e))?;
+                    .map_err(|e| proxy_common::error_chain(&e))?;
             }
         }
         scenario.restart_agent()?;
