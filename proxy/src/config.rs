@@ -134,7 +134,7 @@ pub struct RunArgs {
     pub spoof_source: bool,
 
     /// Reach the original destination through a SOCKS5 proxy instead of directly:
-    /// socks5://[user:pass@]host:port (RFC 1928 CONNECT for TCP, UDP ASSOCIATE for UDP;
+    /// `socks5://[user:pass@]host:port` (RFC 1928 CONNECT for TCP, UDP ASSOCIATE for UDP;
     /// RFC 1929 authentication).
     #[arg(long, value_name = "URL")]
     pub upstream: Option<Socks5Server>,

@@ -18,6 +18,10 @@
 //! rule compiler the `BPF_PROG_TEST_RUN` tests drive. The namespaces the tests, the demo and
 //! the benchmark build are in the `proxy-testbed` crate.
 
+// These docs are for the people who work on the agent: they link to private modules
+// (`cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
+
 pub mod agent;
 mod btf;
 pub mod cgroup;
