@@ -112,6 +112,12 @@ pub const MAP_IFACE_ADDRS: &str = "IFACE_ADDRS";
 pub const MAP_LISTENERS: &str = "LISTENERS";
 /// Array<[`GlobalConfig`]>, one entry.
 pub const MAP_CONFIG: &str = "CONFIG";
+/// HashMap<[`OwnAddr`], u8>: `--local`, this network namespace's own addresses (and
+/// directed broadcasts), the destinations the proxy refuses as local: a local connection
+/// to one never leaves the host, so the cgroup programs leave it alone.
+pub const MAP_OWN_ADDRS: &str = "OWN_ADDRS";
+/// Entries of [`MAP_OWN_ADDRS`]; the agent says so in its log when a namespace has more.
+pub const MAX_OWN_ADDRS: u32 = 4096;
 /// LruHashMap<[`FlowKey`], u32>: the SYNs the classifier handed to a TIME_WAIT socket
 /// (T3), the only lookups the sk_lookup program may answer, with the listener slot to answer
 /// with.
@@ -206,6 +212,41 @@ pub struct FlowKey {
     pub local: [u8; 16],
     pub remote_port_be: u16,
     pub local_port_be: u16,
+}
+
+/// One of the namespace's own addresses, in [`MAP_OWN_ADDRS`]: [`OWN_ADDR_V4`] with the
+/// address in the first 4 bytes of `addr` (the rest zero), or [`OWN_ADDR_V6`]. IPv4-mapped
+/// IPv6 addresses are keyed as IPv4.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct OwnAddr {
+    pub family: u32,
+    pub addr: [u8; 16],
+}
+
+/// [`OwnAddr::family`] of an IPv4 address.
+pub const OWN_ADDR_V4: u32 = 4;
+/// [`OwnAddr::family`] of an IPv6 address.
+pub const OWN_ADDR_V6: u32 = 6;
+
+#[cfg(feature = "std")]
+impl From<core::net::IpAddr> for OwnAddr {
+    fn from(ip: core::net::IpAddr) -> Self {
+        let mut addr = [0u8; 16];
+        match ip.to_canonical() {
+            core::net::IpAddr::V4(v4) => {
+                addr[..4].copy_from_slice(&v4.octets());
+                OwnAddr {
+                    family: OWN_ADDR_V4,
+                    addr,
+                }
+            }
+            core::net::IpAddr::V6(v6) => OwnAddr {
+                family: OWN_ADDR_V6,
+                addr: v6.octets(),
+            },
+        }
+    }
 }
 
 /// A fragmented datagram, as the receiver's reassembly tells its fragments apart
@@ -407,10 +448,14 @@ pub enum Counter {
     /// Packets arriving on `lo` without the mark of the rule they match (the host's own
     /// loopback traffic, replies to local clients): left alone before any socket lookup.
     LoopbackUnmarked = 24,
+    /// `--local`: local connections (and unconnected datagrams) to one of the host's own
+    /// addresses ([`MAP_OWN_ADDRS`]), left alone: they never leave the host, and the proxy
+    /// would refuse them as local destinations.
+    LocalOwnAddress = 25,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 25;
+    pub const COUNT: u32 = 26;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -438,6 +483,7 @@ impl Counter {
         Counter::LocalOutOfScope,
         Counter::LocalMarkFailed,
         Counter::LoopbackUnmarked,
+        Counter::LocalOwnAddress,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -468,6 +514,7 @@ impl Counter {
             Counter::LocalOutOfScope => "local_out_of_scope",
             Counter::LocalMarkFailed => "local_mark_failed",
             Counter::LoopbackUnmarked => "loopback_unmarked",
+            Counter::LocalOwnAddress => "local_own_address",
         }
     }
 }
@@ -514,4 +561,5 @@ mod pod {
     unsafe impl aya::Pod for super::GlobalConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FragmentKey {}
+    unsafe impl aya::Pod for super::OwnAddr {}
 }

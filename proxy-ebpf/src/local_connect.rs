@@ -20,6 +20,11 @@
 //! refused (the sender gets EPERM) by default, sent on untouched with fail-open; counted
 //! either way.
 //!
+//! A destination that is one of the namespace's own addresses (`OWN_ADDRS`, which the agent
+//! keeps in step with the addresses, as it keeps the proxy's own list of destinations it
+//! refuses) is left alone like loopback: such a connection never leaves the host, and the
+//! proxy would refuse it as a local destination (a reset).
+//!
 //! The programs run for every process of the cgroups they are attached to, whatever its
 //! network namespace: the namespace is checked first (`bpf_get_netns_cookie`). They always
 //! allow the connect.
@@ -36,12 +41,12 @@ use aya_ebpf::{
 };
 use proxy_common::{
     ACTION_FAIL_OPEN, ACTION_LOCAL, Counter, GlobalConfig, IPPROTO_TCP, IPPROTO_UDP,
-    LOOPBACK_IFINDEX, MAX_RULE_CGROUPS, RuleAction,
+    LOOPBACK_IFINDEX, MAX_RULE_CGROUPS, OWN_ADDR_V4, OWN_ADDR_V6, OwnAddr, RuleAction,
 };
 
 use crate::{
     laddr,
-    maps::{CONFIG, count},
+    maps::{CONFIG, OWN_ADDRS, count},
     parse::Family,
     rules,
 };
@@ -207,6 +212,24 @@ fn in_rule_cgroups(action: &RuleAction) -> bool {
     false
 }
 
+/// Whether a destination a rule covers is one of the namespace's own addresses (counted):
+/// checked after the rule, so that the counter tells what would have been intercepted.
+#[inline(always)]
+fn own_address(dst: &Destination) -> bool {
+    let key = OwnAddr {
+        family: match dst.family {
+            Family::V4 => OWN_ADDR_V4,
+            Family::V6 => OWN_ADDR_V6,
+        },
+        addr: dst.daddr,
+    };
+    if unsafe { OWN_ADDRS.get(&key) }.is_some() {
+        count(Counter::LocalOwnAddress);
+        return true;
+    }
+    false
+}
+
 #[inline(always)]
 fn connect(ctx: &SockAddrContext, v6: bool) {
     let config = CONFIG.get(0).copied().unwrap_or_default();
@@ -222,6 +245,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
     let Some(action) = local_rule(&dst) else {
         return;
     };
+    if own_address(&dst) {
+        return;
+    }
     // A connection to the proxy's own listener port is the proxy's, not one to intercept.
     if action.on_port != 0 && action.on_port == u16::from_be(dst.dport_be) {
         return;
@@ -266,6 +292,9 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(action) = local_rule(&dst) else {
         return ALLOW;
     };
+    if own_address(&dst) {
+        return ALLOW;
+    }
     if action.flags & ACTION_FAIL_OPEN != 0 {
         count(Counter::LocalUnconnectedPassed);
         ALLOW

@@ -6,8 +6,9 @@ use aya_ebpf::{
 };
 use proxy_common::{
     Counter, FlowKey, FragmentKey, GENERATIONS, GlobalConfig, IfaceAddrs, MAX_DROPPED_FRAGMENTS,
-    MAX_IFACES, MAX_LISTENERS, MAX_PREFIX_ENTRIES, MAX_RELAYED_SOCKETS, MAX_RULES,
-    MAX_TIME_WAIT_SYNS, PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4, RuleKeyV6,
+    MAX_IFACES, MAX_LISTENERS, MAX_OWN_ADDRS, MAX_PREFIX_ENTRIES, MAX_RELAYED_SOCKETS, MAX_RULES,
+    MAX_TIME_WAIT_SYNS, OwnAddr, PORT_CLASS_ENTRIES, RuleAction, RuleCounters, RuleKeyV4,
+    RuleKeyV6,
 };
 
 #[map]
@@ -49,6 +50,9 @@ pub static RELAY_TARGETS: SockHash<u64> = SockHash::with_max_entries(MAX_RELAYED
 
 #[map]
 pub static CONFIG: Array<GlobalConfig> = Array::with_max_entries(1, 0);
+
+#[map]
+pub static OWN_ADDRS: HashMap<OwnAddr, u8> = HashMap::with_max_entries(MAX_OWN_ADDRS, 0);
 
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

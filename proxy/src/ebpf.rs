@@ -9,9 +9,11 @@
 //! handle), the new sk_lookup link is attached before the old one goes.
 
 use std::{
+    collections::HashSet,
     fs::File,
     io,
     mem::ManuallyDrop,
+    net::IpAddr,
     os::fd::AsRawFd,
     path::{Path, PathBuf},
 };
@@ -33,10 +35,10 @@ use aya::{
 use log::{debug, info, warn};
 use proxy_common::{
     Counter, GlobalConfig, IfaceAddrs, LOCAL_PROGRAMS, MAP_ACTIONS, MAP_CONFIG, MAP_COUNTERS,
-    MAP_GENERATION, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_PORT_CLASS, MAP_RELAY_SOCKS,
-    MAP_RELAY_TARGETS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, MAX_RULES,
-    PROG_LOCAL_CONNECT4, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS, PROG_TC_INGRESS_L3,
-    RuleAction, RuleCounters, SockOffsets, action_index,
+    MAP_GENERATION, MAP_IFACE_ADDRS, MAP_LISTENERS, MAP_OWN_ADDRS, MAP_PORT_CLASS, MAP_RELAY_SOCKS,
+    MAP_RELAY_TARGETS, MAP_RULE_COUNTERS, MAP_RULES_V4, MAP_RULES_V6, MAX_OWN_ADDRS, MAX_RULES,
+    OwnAddr, PROG_LOCAL_CONNECT4, PROG_RELAY_VERDICT, PROG_SK_LOOKUP, PROG_TC_INGRESS,
+    PROG_TC_INGRESS_L3, RuleAction, RuleCounters, SockOffsets, action_index,
 };
 
 use crate::{
@@ -241,6 +243,10 @@ pub struct Classifier {
     sk_lookup: Option<Pinned>,
     /// `--local`: the cgroup programs' links, pinned, one per program and cgroup.
     cgroup_links: Vec<Pinned>,
+    /// `--local`: the cgroup programs are loaded.
+    local: bool,
+    /// `--local`: what [`MAP_OWN_ADDRS`] holds.
+    own_addrs: HashSet<OwnAddr>,
     /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
     clsact_added: Vec<String>,
     /// Whether this run took over a classifier a previous run left (see
@@ -309,6 +315,8 @@ impl Classifier {
             tc_links: Vec::new(),
             sk_lookup: None,
             cgroup_links: Vec::new(),
+            local: false,
+            own_addrs: HashSet::new(),
             clsact_added: Vec::new(),
             took_over: false,
             in_force: None,
@@ -553,6 +561,44 @@ impl Classifier {
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             prog.load().map_err(load_err(name))?;
         }
+        self.local = true;
+        Ok(())
+    }
+
+    /// `--local`: makes `own` (the namespace's own addresses and directed broadcasts) what
+    /// [`MAP_OWN_ADDRS`] holds, for the cgroup programs to leave connections to them alone.
+    /// Must run before [`attach_local`](Self::attach_local), and again on every address
+    /// change. Beyond [`MAX_OWN_ADDRS`] the rest are left out, and said so: local
+    /// connections to them are intercepted, and the proxy refuses them. Without `--local`,
+    /// nothing.
+    pub(crate) fn set_own_addresses(&mut self, own: &[IpAddr]) -> Result<(), EbpfError> {
+        if !self.local {
+            return Ok(());
+        }
+        let mut wanted: Vec<OwnAddr> = own.iter().map(|&ip| OwnAddr::from(ip)).collect();
+        wanted.sort_unstable_by_key(|a| (a.family, a.addr));
+        wanted.dedup();
+        if wanted.len() > MAX_OWN_ADDRS as usize {
+            warn!(
+                "--local: this namespace has {} addresses, the cgroup programs know the first \
+                 {MAX_OWN_ADDRS}: local connections a rule covers to the others are \
+                 intercepted, and the proxy refuses them (a reset) instead of letting them \
+                 go direct",
+                wanted.len()
+            );
+            wanted.truncate(MAX_OWN_ADDRS as usize);
+        }
+        let wanted: HashSet<OwnAddr> = wanted.into_iter().collect();
+        let mut map: HashMap<&mut MapData, OwnAddr, u8> = map_mut(&mut self.ebpf, MAP_OWN_ADDRS)?;
+        // Removals first: the map never needs more than its size.
+        for gone in self.own_addrs.difference(&wanted) {
+            map.remove(gone).map_err(write_err(MAP_OWN_ADDRS))?;
+        }
+        for new in wanted.difference(&self.own_addrs) {
+            map.insert(new, 1, 0).map_err(write_err(MAP_OWN_ADDRS))?;
+        }
+        debug!("--local: {} own address(es) left alone", wanted.len());
+        self.own_addrs = wanted;
         Ok(())
     }
 

@@ -257,9 +257,14 @@ struct UdpServer {
 
 impl UdpServer {
     fn start(ns: &Netns, port: u16) -> UdpServer {
+        UdpServer::start_on(ns, &[IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)], port)
+    }
+
+    /// The same on each of `ips`.
+    fn start_on(ns: &Netns, ips: &[IpAddr], port: u16) -> UdpServer {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
-        for ip in [IpAddr::V4(SERVER_V4), IpAddr::V6(SERVER_V6)] {
+        for &ip in ips {
             let flag = Arc::clone(&stop);
             let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             threads.push(ns.spawn(move || {
@@ -438,5 +443,119 @@ fn local_connections_in_the_cgroup_are_proxied_and_nothing_else_is() {
     assert!(
         !rules.contains("proto 211"),
         "rules stay after SIGTERM:\n{rules}"
+    );
+}
+
+/// A local connection to one of the host's own addresses never leaves the host: the
+/// connect program leaves it alone, whatever the rules say (the proxy would refuse it as a
+/// local destination and reset it). Addresses added while the agent runs are followed.
+#[test]
+fn connections_to_the_hosts_own_addresses_go_direct() {
+    require_root();
+    let gw = Gateway::new("own").expect("topology");
+    let app = TestCgroup::create("own-app");
+    // Servers on the router's own (non-loopback) addresses, at the rule's port.
+    let own_v4 = SocketAddr::from((ROUTER_SERVER_SIDE_V4, 80));
+    let own_v6 = SocketAddr::from((ROUTER_SERVER_SIDE_V6, 80));
+    let _tcp4 = Server::start(&gw.router, own_v4, ServerMode::Reply);
+    let _tcp6 = Server::start(&gw.router, own_v6, ServerMode::Reply);
+    let _udp = UdpServer::start_on(&gw.router, &[own_v4.ip()], 80);
+    // And the origin, still proxied.
+    let _origin = Server::start(
+        &gw.server,
+        SocketAddr::from((SERVER_V4, 80)),
+        ServerMode::Reply,
+    );
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--local",
+            "--cgroup",
+            &app.name(),
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+            "--protocol",
+            "tcp,udp",
+        ],
+    );
+
+    let direct = |addr: SocketAddr, op: &str, what: &str| {
+        let got = exchanges(&app.client(&gw.router, &format!("{op} {addr} 2")), what);
+        assert_eq!(got.len(), 2, "{what}: {got:?}");
+        for e in &got {
+            assert!(
+                !e.proxied() && e.mark == 0,
+                "{what} went through the proxy: {e:?}\n{}",
+                agent.log_text()
+            );
+            // The server sees the client socket itself (an IPv4-mapped one as IPv4).
+            assert_eq!(
+                (e.peer.ip().to_canonical(), e.peer.port()),
+                (e.local.ip().to_canonical(), e.local.port()),
+                "{what}: {e:?}"
+            );
+        }
+    };
+    direct(own_v4, "tcp", "tcp to the router's own IPv4 address");
+    direct(own_v6, "tcp", "tcp to the router's own IPv6 address");
+    direct(own_v4, "udp", "udp to the router's own IPv4 address");
+    // IPv4-mapped over an IPv6 socket is the same address.
+    let mapped = SocketAddr::from((ROUTER_SERVER_SIDE_V4.to_ipv6_mapped(), 80));
+    direct(
+        mapped,
+        "tcp",
+        "tcp to the router's own address, IPv4-mapped",
+    );
+    // An unconnected datagram to it is not refused (as one to the origin is, fail-closed).
+    let unconnected = app.client(&gw.router, &format!("unconnected {own_v4}"));
+    assert_eq!(unconnected, ["sent"]);
+
+    // An address added while the agent runs: followed (the agent's address events).
+    let added = std::net::Ipv4Addr::new(203, 0, 113, 9);
+    common::ip_stdout(&gw.router, &["addr", "add", "203.0.113.9/32", "dev", "r1"]);
+    let added_addr = SocketAddr::from((added, 80));
+    let _tcp_added = Server::start(&gw.router, added_addr, ServerMode::Reply);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut intercepted_before_the_event = 0;
+    loop {
+        let line = app.client(&gw.router, &format!("tcp {added_addr} 1"));
+        let ok = line.len() == 1 && !line[0].starts_with("error=") && {
+            let e = Exchange::parse(&line[0]);
+            !e.proxied() && e.mark == 0
+        };
+        if ok {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "an address added while the agent runs is intercepted: {line:?}\n{}",
+            agent.log_text()
+        );
+        intercepted_before_the_event += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Elsewhere, the rule still applies.
+    let proxied = exchanges(
+        &app.client(
+            &gw.router,
+            &format!("tcp {} 1", SocketAddr::from((SERVER_V4, 80))),
+        ),
+        "origin",
+    );
+    assert!(proxied[0].proxied(), "{proxied:?}");
+
+    let log = agent.stop_ok();
+    // 2 x (tcp4, tcp6, udp4, mapped), the unconnected datagram, the added address.
+    assert_eq!(counter(&log, "local_own_address"), 10, "{log}");
+    assert_eq!(
+        counter(&log, "local_marked"),
+        1 + intercepted_before_the_event,
+        "{log}"
     );
 }

@@ -62,7 +62,7 @@ impl Interfaces {
     }
 
     /// Follows one address or link event: the proxy's own addresses (refused as
-    /// destinations), an interface's laddr, an interface deleted or made again. Errors are
+    /// destinations, and with `--local` left alone by the cgroup programs), an interface's laddr, an interface deleted or made again. Errors are
     /// logged: the agent goes on with the other interfaces.
     pub async fn on_event(
         &mut self,
@@ -73,8 +73,13 @@ impl Interfaces {
     ) {
         match event {
             InterfaceEvent::Addresses(index) => {
-                if let Err(e) = destinations.refresh(&self.handle).await {
-                    error!("{}", error_chain(&e));
+                match destinations.refresh(&self.handle).await {
+                    Ok(()) => {
+                        if let Err(e) = classifier.set_own_addresses(&destinations.own()) {
+                            error!("--local: {}", error_chain(&e));
+                        }
+                    }
+                    Err(e) => error!("{}", error_chain(&e)),
                 }
                 if let Some((name, _)) = self.list.iter().find(|(_, i)| *i == index)
                     && let Err(e) = refresh_laddr(&self.handle, classifier, name, index, true).await

@@ -185,7 +185,9 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let addr_changes =
         ifaddrs::watch().map_err(|e| AgentError::Io("watching interface addresses", e))?;
     // Before any listener serves: the proxy's own addresses are refused as destinations.
+    // Before the cgroup programs are attached: they leave local connections to them alone.
     destinations.refresh(&handle).await?;
+    classifier.set_own_addresses(&destinations.own())?;
     let interfaces = Interfaces::new(handle.clone(), ifaces);
     let headers = interfaces.prepare(&mut classifier).await?;
 

@@ -81,6 +81,14 @@ impl Destinations {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// This namespace's addresses and directed broadcasts, as last read.
+    pub fn own(&self) -> Vec<IpAddr> {
+        let own = self.own.read().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<IpAddr> = own.iter().copied().collect();
+        list.sort_unstable();
+        list
+    }
+
     /// Re-reads this namespace's addresses (and directed broadcasts) over netlink.
     pub async fn refresh(&self, handle: &Handle) -> Result<(), OwnAddressesError> {
         let messages: Vec<_> = handle
