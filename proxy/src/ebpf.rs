@@ -615,6 +615,7 @@ impl Classifier {
                 cgroup: cgroup.dir.display().to_string(),
                 source,
             })?;
+            let mut replaced = 0;
             for name in LOCAL_PROGRAMS {
                 let path = self.pins.cgroup_link(name, cgroup.id);
                 let took_over = path.exists();
@@ -642,12 +643,18 @@ impl Classifier {
                 self.cgroup_links.push(Pinned::replace(link, &path)?);
                 if took_over {
                     self.took_over = true;
+                    replaced += 1;
                 }
             }
             info!(
-                "local connections: {} attached to cgroup {}",
+                "local connections: {} attached to cgroup {}{}",
                 LOCAL_PROGRAMS.join(", "),
-                cgroup.dir.display()
+                cgroup.dir.display(),
+                if replaced > 0 {
+                    format!(" ({replaced} link(s) a previous run left replaced)")
+                } else {
+                    String::new()
+                }
             );
         }
         Ok(())

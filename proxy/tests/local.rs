@@ -25,7 +25,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Server, ServerMode, counter, require_root};
+use common::{Agent, Mounts, Server, ServerMode, counter, proxy_cleanup, require_root};
+use nix::{sys::signal, unistd::Pid};
 use proxy_testbed::{
     Gateway, Netns, ROUTER_SERVER_SIDE_V4, ROUTER_SERVER_SIDE_V6, SERVER_V4, SERVER_V6,
 };
@@ -308,6 +309,20 @@ fn exchanges(lines: &[String], what: &str) -> Vec<Exchange> {
         .collect()
 }
 
+/// How many of each of the four cgroup programs are attached at `dir` (`bpftool cgroup
+/// show`: one line per program, with its name).
+fn local_programs_at(dir: &std::path::Path) -> [usize; 4] {
+    let text = bpftool_cgroup_show(dir);
+    proxy_common::LOCAL_PROGRAMS.map(|name| text.lines().filter(|l| l.contains(name)).count())
+}
+
+fn kill9(agent: Agent) -> String {
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+    let (status, log) = agent.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "{log}");
+    log
+}
+
 fn bpftool_cgroup_show(dir: &std::path::Path) -> String {
     let out = Command::new("bpftool")
         .args(["cgroup", "show"])
@@ -558,4 +573,120 @@ fn connections_to_the_hosts_own_addresses_go_direct() {
         1 + intercepted_before_the_event,
         "{log}"
     );
+}
+
+/// T12 with `--local`: after `kill -9` the pinned cgroup links, the classifier on `lo` and
+/// the routing stay, so a fail-closed rule's local connection is marked and dropped on `lo`
+/// and never reaches the origin; a restart takes the links over (one program of each kind
+/// at the cgroup, not two) and proxies again; `proxy cleanup` after a second crash leaves
+/// nothing: no program at the cgroup, no pin, no rule, no route.
+#[test]
+fn a_crash_with_local_keeps_it_fail_closed_a_restart_takes_over_and_cleanup_removes_it() {
+    require_root();
+    let gw = Gateway::new("lcrash").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let app = TestCgroup::create("crash-app");
+    let s80 = Server::start(
+        &gw.server,
+        SocketAddr::from((SERVER_V4, 80)),
+        ServerMode::Reply,
+    );
+    let name = app.name();
+    let args = [
+        "run",
+        "--local",
+        "--cgroup",
+        &name,
+        "--iface",
+        "r0",
+        "--dport",
+        "80",
+        "--on-port",
+        "50080",
+    ];
+    let v4 = SocketAddr::from((SERVER_V4, 80));
+    let rules_before = common::ip_stdout(&gw.router, &["rule", "show"]);
+    let proxied = |what: &str, agent: &Agent| {
+        let got = exchanges(&app.client(&gw.router, &format!("tcp {v4} 1")), what);
+        assert!(got[0].proxied(), "{what}: {got:?}\n{}", agent.log_text());
+    };
+
+    let agent = Agent::start_in(&mounts, &args);
+    assert_eq!(
+        local_programs_at(&app.dir),
+        [1; 4],
+        "{}",
+        bpftool_cgroup_show(&app.dir)
+    );
+    proxied("before the crash", &agent);
+    let log = kill9(agent);
+
+    // No agent: the connection is marked, routed to `lo` and dropped there; the origin sees
+    // nothing.
+    assert_eq!(local_programs_at(&app.dir), [1; 4], "{log}");
+    let accepted = s80.accepted();
+    let got = app.client(&gw.router, &format!("tcp {v4} 2"));
+    assert!(
+        got.iter().all(|l| l.starts_with("error=")),
+        "a local connection went somewhere with the agent dead: {got:?}"
+    );
+    assert_eq!(
+        s80.accepted(),
+        accepted,
+        "a local connection reached the origin"
+    );
+
+    // A restart takes over: one program of each kind, proxied again.
+    let agent = Agent::start_in(&mounts, &args);
+    assert_eq!(
+        local_programs_at(&app.dir),
+        [1; 4],
+        "{}\n{}",
+        bpftool_cgroup_show(&app.dir),
+        agent.log_text()
+    );
+    proxied("after the restart", &agent);
+    assert!(
+        agent.log_contains("4 link(s) a previous run left replaced"),
+        "{}",
+        agent.log_text()
+    );
+    let rules = common::ip_stdout(&gw.router, &["rule", "show"]);
+    assert_eq!(
+        rules.matches("fwmark 0x1/0x1 lookup 100").count(),
+        1,
+        "{rules}"
+    );
+    assert_eq!(rules.matches("from 0.0.0.0 fwmark").count(), 1, "{rules}");
+
+    // Crash again; `proxy cleanup` removes the cgroup links with the rest.
+    kill9(agent);
+    assert_eq!(local_programs_at(&app.dir), [1; 4]);
+    let report = proxy_cleanup(&mounts, &["--table", "100"]);
+    assert!(report.contains("cgroup-local_connect4"), "{report}");
+    assert_eq!(
+        local_programs_at(&app.dir),
+        [0; 4],
+        "{}\n{report}",
+        bpftool_cgroup_show(&app.dir)
+    );
+    assert_eq!(mounts.pins(), Vec::<String>::new(), "pins left:\n{report}");
+    assert_eq!(
+        common::ip_stdout(&gw.router, &["rule", "show"]),
+        rules_before,
+        "{report}"
+    );
+    for family in ["-4", "-6"] {
+        assert_eq!(
+            common::ip_stdout(&gw.router, &[family, "route", "show", "table", "100"]),
+            "",
+            "{report}"
+        );
+    }
+    // And the connection goes direct, unmarked.
+    let got = exchanges(
+        &app.client(&gw.router, &format!("tcp {v4} 1")),
+        "after cleanup",
+    );
+    assert!(!got[0].proxied() && got[0].mark == 0, "{got:?}");
 }

@@ -16,7 +16,7 @@ use std::{
 
 use common::{
     AGENT_ARGS, Agent, Mounts, Server, ServerMode, ask, exchange, exchange_from_client, ip_stdout,
-    require_root, server, tc_stdout, unused_prefix_rules,
+    proxy_cleanup, require_root, server, tc_stdout, unused_prefix_rules,
 };
 use nix::{sys::signal, unistd::Pid};
 use proxy_testbed::{self as testbed, Gateway, Netns};
@@ -735,22 +735,4 @@ fn cleanup_keeps_a_clsact_qdisc_another_agent_still_uses() {
         "after cleaning up A, B's traffic went past it: {reply}\n{report}"
     );
     b.stop_ok();
-}
-
-/// `proxy cleanup ARGS` in the agents' namespaces; its output (stdout and stderr), after
-/// checking that it succeeded.
-fn proxy_cleanup(mounts: &Mounts, args: &[&str]) -> String {
-    let out = mounts
-        .command(env!("CARGO_BIN_EXE_proxy"))
-        .arg("cleanup")
-        .args(args)
-        .output()
-        .expect("proxy cleanup");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
-    text
 }

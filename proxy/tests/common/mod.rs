@@ -413,6 +413,24 @@ impl Mounts {
     }
 }
 
+/// `proxy cleanup ARGS` in the agents' namespaces; its output (stdout and stderr), after
+/// checking that it succeeded.
+pub fn proxy_cleanup(mounts: &Mounts, args: &[&str]) -> String {
+    let out = mounts
+        .command(env!("CARGO_BIN_EXE_proxy"))
+        .arg("cleanup")
+        .args(args)
+        .output()
+        .expect("proxy cleanup");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    text
+}
+
 impl Drop for Mounts {
     fn drop(&mut self) {
         // Unpinning detaches what the pins held; the bpffs itself goes with the namespace.
