@@ -690,3 +690,79 @@ fn a_crash_with_local_keeps_it_fail_closed_a_restart_takes_over_and_cleanup_remo
     );
     assert!(!got[0].proxied() && got[0].mark == 0, "{got:?}");
 }
+
+/// A rules file for the two rules: port 80 for processes of `first`, port 81 for those of
+/// `second`.
+fn per_cgroup_rules(first: &TestCgroup, second: &TestCgroup) -> String {
+    format!(
+        "[[rule]]\ndport = \"80\"\non_port = 50080\ncgroup = [\"{}\"]\n\n\
+         [[rule]]\ndport = \"81\"\non_port = 50081\ncgroup = [\"{}\"]\n",
+        first.name(),
+        second.name()
+    )
+}
+
+/// Rules from a file, each scoped to its own cgroup: a process of A is intercepted on the
+/// first rule's port and not on the second's, a process of B the other way round; a SIGHUP
+/// reload that swaps the scopes applies to the next connections.
+#[test]
+fn per_rule_cgroups_from_a_rules_file_and_a_reload_that_swaps_them() {
+    require_root();
+    let gw = Gateway::new("lrules").expect("topology");
+    let a = TestCgroup::create("rules-a");
+    let b = TestCgroup::create("rules-b");
+    let port80 = SocketAddr::from((SERVER_V4, 80));
+    let port81 = SocketAddr::from((SERVER_V4, 81));
+    let _s80 = Server::start(&gw.server, port80, ServerMode::Reply);
+    let _s81 = Server::start(&gw.server, port81, ServerMode::Reply);
+    let dir = std::env::temp_dir().join(format!("proxy-local-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("rules.toml");
+    std::fs::write(&file, per_cgroup_rules(&a, &b)).expect("writing the rules file");
+    let (a_name, b_name) = (a.name(), b.name());
+    let agent = Agent::start(
+        &gw.router,
+        &[
+            "run",
+            "--local",
+            "--cgroup",
+            &a_name,
+            "--cgroup",
+            &b_name,
+            "--iface",
+            "r0",
+            "--config",
+            file.to_str().expect("utf-8 path"),
+        ],
+    );
+    let check = |cgroup: &TestCgroup, addr: SocketAddr, want_proxied: bool, when: &str| {
+        let what = format!("{} to {addr} {when}", cgroup.name());
+        let got = exchanges(&cgroup.client(&gw.router, &format!("tcp {addr} 1")), &what);
+        assert_eq!(
+            got[0].proxied(),
+            want_proxied,
+            "{what}: {got:?}\n{}",
+            agent.log_text()
+        );
+        assert_eq!(got[0].mark, u32::from(want_proxied), "{what}: {got:?}");
+    };
+    check(&a, port80, true, "(rule 1 is A's)");
+    check(&a, port81, false, "(rule 2 is B's)");
+    check(&b, port80, false, "(rule 1 is A's)");
+    check(&b, port81, true, "(rule 2 is B's)");
+
+    std::fs::write(&file, per_cgroup_rules(&b, &a)).expect("writing the rules file");
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+    agent
+        .wait_for_line(&["reloaded: 2 rule(s) in force"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no reload:\n{}", agent.log_text()));
+    check(&a, port80, false, "after the swap");
+    check(&a, port81, true, "after the swap");
+    check(&b, port80, true, "after the swap");
+    check(&b, port81, false, "after the swap");
+
+    let log = agent.stop_ok();
+    assert_eq!(counter(&log, "local_marked"), 4, "{log}");
+    assert_eq!(counter(&log, "local_out_of_scope"), 4, "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
