@@ -766,3 +766,63 @@ fn per_rule_cgroups_from_a_rules_file_and_a_reload_that_swaps_them() {
     assert_eq!(counter(&log, "local_out_of_scope"), 4, "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A rule scoped to a cgroup outside the `--cgroup` paths would never apply (the programs do
+/// not run there) and its traffic would pass unseen: refused at start, and a reload that
+/// brings one in is refused with the rules in force kept.
+#[test]
+fn a_rule_cgroup_outside_the_cgroup_paths_is_refused() {
+    require_root();
+    let gw = Gateway::new("lscope").expect("topology");
+    let inside = TestCgroup::create("scope-in");
+    let outside = TestCgroup::create("scope-out");
+    let dir = std::env::temp_dir().join(format!("proxy-local-scope-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("rules.toml");
+    let rules_for = |cgroup: &TestCgroup| {
+        format!(
+            "[[rule]]\ndport = \"80\"\non_port = 50080\ncgroup = [\"{}\"]\n",
+            cgroup.name()
+        )
+    };
+    let inside_name = inside.name();
+    let args = [
+        "run",
+        "--local",
+        "--cgroup",
+        &inside_name,
+        "--config",
+        file.to_str().expect("utf-8 path"),
+    ];
+
+    std::fs::write(&file, rules_for(&outside)).expect("writing the rules file");
+    let (status, log) = Agent::spawn(&gw.router, &args).wait_exit(Duration::from_secs(20));
+    assert!(
+        !status.success(),
+        "started with a rule it cannot apply:\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "rule 1: cgroup {} lies outside the --cgroup paths",
+            outside.name()
+        )),
+        "{log}"
+    );
+
+    std::fs::write(&file, rules_for(&inside)).expect("writing the rules file");
+    let agent = Agent::start(&gw.router, &args);
+    std::fs::write(&file, rules_for(&outside)).expect("writing the rules file");
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+    agent
+        .wait_for_line(&["reload refused"], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("the reload was not refused:\n{}", agent.log_text()));
+    let port80 = SocketAddr::from((SERVER_V4, 80));
+    let _s80 = Server::start(&gw.server, port80, ServerMode::Reply);
+    let got = exchanges(
+        &inside.client(&gw.router, &format!("tcp {port80} 1")),
+        "in force",
+    );
+    assert!(got[0].proxied(), "the rules in force went: {got:?}");
+    agent.stop_ok();
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,8 +1,8 @@
 //! Checks of the rules against the other settings, made before anything is touched. A
-//! reload runs [`check_supported`] again on its new rules.
+//! reload runs them again on its new rules.
 
 use super::AgentError;
-use crate::{config::ListenerMode, rules::Rule};
+use crate::{cgroup::Cgroup, config::ListenerMode, rules::Rule};
 
 /// Checks that this version can serve `rules` with the chosen listener mode.
 pub fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError> {
@@ -35,6 +35,34 @@ pub fn check_outbound_mark(rules: &[Rule], outbound_mark: u32) -> Result<(), Age
                 i + 1,
                 rule.mark
             )));
+        }
+    }
+    Ok(())
+}
+
+/// A rule's own cgroups (`cgroup = [...]` in a rules file) must lie inside the `--cgroup`
+/// paths: the cgroup programs run only where those attach them, so a rule scoped to a
+/// cgroup elsewhere would never apply and its traffic would go past the proxy unseen.
+/// Without `--cgroup` the programs are attached at the root and every cgroup is inside.
+pub fn check_local_scope(rules: &[Rule], attach_paths: &[String]) -> Result<(), AgentError> {
+    if attach_paths.is_empty() {
+        return Ok(());
+    }
+    let attached = attach_paths
+        .iter()
+        .map(|p| Cgroup::resolve(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    for (i, rule) in rules.iter().enumerate() {
+        for cgroup in rule.local.iter().flatten() {
+            if !attached.iter().any(|a| cgroup.is_within(a)) {
+                return Err(AgentError::Unsupported(format!(
+                    "rule {}: cgroup {} lies outside the --cgroup paths ({}), where the \
+                     programs that would apply it do not run",
+                    i + 1,
+                    cgroup.name,
+                    attach_paths.join(", ")
+                )));
+            }
         }
     }
     Ok(())

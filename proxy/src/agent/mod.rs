@@ -85,6 +85,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let mut rules = args.rules()?;
     checks::check_supported(&rules, args.listener)?;
     checks::check_outbound_mark(&rules, args.outbound_mark)?;
+    checks::check_local_scope(&rules, &args.cgroups)?;
     if args.spoof_source && args.ifaces.len() < 2 {
         warn!(
             "--spoof-source: the server's replies go to the client's address; unless the \

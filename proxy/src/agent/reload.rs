@@ -58,6 +58,8 @@ fn plan(args: &RunArgs, listeners: &Listeners) -> Result<Plan, AgentError> {
     info!("SIGHUP: reloading {}", path.display());
     let mut rules = args.rules()?;
     super::checks::check_supported(&rules, args.listener)?;
+    super::checks::check_outbound_mark(&rules, args.outbound_mark)?;
+    super::checks::check_local_scope(&rules, &args.cgroups)?;
     let (pending, obsolete) = if args.listener == ListenerMode::Builtin {
         let (running_tcp, running_udp) = listeners.running();
         let slots = slots::plan(&rules, &running_tcp, &running_udp)?;
