@@ -87,7 +87,8 @@ pub struct Plan {
     pub idle_conns: usize,
     pub rss_runs: usize,
     pub rule_counts: [usize; 3],
-    /// The `--local` figure: rounds of its four cases, and each client's load.
+    /// The `--local` figure: rounds of its four cases (a multiple of 4: the order rotates,
+    /// so each case takes each place equally often), and each client's load.
     pub local_runs: usize,
     pub local_duration: Duration,
     pub local_concurrency: usize,
@@ -108,8 +109,8 @@ impl Plan {
                 idle_conns: 10_000,
                 rss_runs: 1,
                 rule_counts: [1, 1_000, 10_000],
-                local_runs: 3,
-                local_duration: Duration::from_millis(500),
+                local_runs: 4,
+                local_duration: Duration::from_millis(400),
                 local_concurrency: 1,
                 hard_limit: Duration::from_secs(240),
             }
@@ -124,8 +125,8 @@ impl Plan {
                 idle_conns: 10_000,
                 rss_runs: 3,
                 rule_counts: [1, 1_000, 10_000],
-                local_runs: 5,
-                local_duration: Duration::from_secs(1),
+                local_runs: 8,
+                local_duration: Duration::from_millis(600),
                 local_concurrency: 1,
                 hard_limit: Duration::from_secs(900),
             }
@@ -557,7 +558,9 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     }
 
-    progress(started, "tearing down the three set-ups");
+    if !scenarios.is_empty() {
+        progress(started, "tearing down");
+    }
     let mut names: Vec<String> = scenarios
         .iter()
         .flat_map(|s| [&s.gw.client.name, &s.gw.router.name, &s.gw.server.name])
