@@ -1,8 +1,9 @@
 //! Load generators: one server in the server namespace (a child process), clients in the
 //! client namespace (threads of the bench).
 //!
-//! Every connection goes to `SERVER_V4:80` (the port the proxy intercepts). The first byte a
-//! client sends says what it wants:
+//! Every connection goes to `SERVER_V4:80` (the port the proxy intercepts), except those of
+//! the `--local` figure to a port no rule covers, `SERVER_V4:81`. The first byte a client
+//! sends says what it wants:
 //! * `S` (sink): the server reads to EOF and answers with the byte count (8 bytes, LE);
 //! * `P` (probe): the server answers with the peer address it sees, and closes;
 //! * `R` (request/response): the server answers each `REQUEST` bytes with `RESPONSE` bytes
@@ -37,6 +38,9 @@ use crate::stopped;
 
 /// The intercepted port.
 pub const PORT: u16 = 80;
+/// A port the server also listens on (TCP) and no rule of the bench covers: the `--local`
+/// figure's connections that the connect program sees and leaves alone.
+pub const OTHER_PORT: u16 = 81;
 pub const REQUEST: usize = 64;
 pub const RESPONSE: usize = 64;
 /// No server connection lives longer than this, whatever the client does.
@@ -182,33 +186,46 @@ pub fn serve_main(lifetime_secs: u64) -> Result<(), String> {
         .build()
         .map_err(|e| format!("server runtime: {e}"))?;
     rt.block_on(async move {
-        let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
-        socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
-        socket
-            .bind(server_addr())
-            .map_err(|e| format!("binding {}: {e}", server_addr()))?;
-        let listener = socket.listen(4096).map_err(|e| e.to_string())?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(lifetime_secs);
+        for port in [PORT, OTHER_PORT] {
+            let addr = SocketAddr::from((SERVER_V4, port));
+            let socket = TcpSocket::new_v4().map_err(|e| e.to_string())?;
+            socket.set_reuseaddr(true).map_err(|e| e.to_string())?;
+            socket
+                .bind(addr)
+                .map_err(|e| format!("binding {addr}: {e}"))?;
+            let listener = socket.listen(4096).map_err(|e| e.to_string())?;
+            tokio::spawn(accept_loop(listener, deadline));
+        }
         let udp = UdpSocket::bind(server_addr())
             .await
             .map_err(|e| format!("binding udp {}: {e}", server_addr()))?;
         tokio::spawn(udp_echo(udp, deadline));
-        println!("listening on {} (tcp and udp)", server_addr());
+        println!(
+            "listening on {} (tcp and udp) and tcp port {OTHER_PORT}",
+            server_addr()
+        );
         let _ = std::io::stdout().flush();
-        loop {
-            tokio::select! {
-                accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        tokio::spawn(async move {
-                            let _ = tokio::time::timeout(SERVER_CONN_LIFETIME, serve(stream, peer)).await;
-                        });
-                    }
-                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                },
-                () = tokio::time::sleep_until(deadline) => return Err("server lifetime reached".to_owned()),
-            }
-        }
+        tokio::time::sleep_until(deadline).await;
+        Err("server lifetime reached".to_owned())
     })
+}
+
+/// Serves each connection `listener` accepts, until `deadline` (the server's lifetime).
+async fn accept_loop(listener: tokio::net::TcpListener, deadline: tokio::time::Instant) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    tokio::spawn(async move {
+                        let _ = tokio::time::timeout(SERVER_CONN_LIFETIME, serve(stream, peer)).await;
+                    });
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            () = tokio::time::sleep_until(deadline) => return,
+        }
+    }
 }
 
 /// Sends each datagram back to where it came from, until `deadline` (the server's lifetime).
@@ -315,15 +332,47 @@ pub struct ConnRate {
     /// Connections completed.
     pub completed: u64,
     pub errors: u64,
+    /// Time from connect to the response of each completed connection, microseconds.
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// What [`conn_rate_with`] does.
+pub struct ConnLoad {
+    pub addr: SocketAddr,
+    pub concurrency: usize,
+    pub duration: Duration,
+    /// Close with a reset (`SO_LINGER` 0) instead of a FIN: the client leaves no TIME_WAIT
+    /// socket behind to weigh on the runs that follow.
+    pub reset_close: bool,
 }
 
 /// New connections per second: `concurrency` loops each connect, send one request, read
 /// the response and close, for `duration`.
 pub fn conn_rate(client: &NsRuntime, concurrency: usize, duration: Duration) -> ConnRate {
+    conn_rate_with(
+        client,
+        ConnLoad {
+            addr: server_addr(),
+            concurrency,
+            duration,
+            reset_close: false,
+        },
+    )
+}
+
+/// [`conn_rate`] to any address of the server, closing either way.
+pub fn conn_rate_with(client: &NsRuntime, load: ConnLoad) -> ConnRate {
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let (ok2, errors2) = (Arc::clone(&ok), Arc::clone(&errors));
-    let elapsed = client.run(async move {
+    let ConnLoad {
+        addr,
+        concurrency,
+        duration,
+        reset_close,
+    } = load;
+    let (elapsed, mut times) = client.run(async move {
         let start = Instant::now();
         let deadline = start + duration;
         let tasks: Vec<_> = (0..concurrency)
@@ -332,40 +381,54 @@ pub fn conn_rate(client: &NsRuntime, concurrency: usize, duration: Duration) -> 
                 tokio::spawn(async move {
                     let mut request = [b'q'; REQUEST + 1];
                     request[0] = b'R';
+                    let mut times = Vec::new();
                     // Bounded by time, and by count as a backstop.
                     for _ in 0..10_000_000u32 {
-                        if Instant::now() >= deadline || stopped() {
+                        let t = Instant::now();
+                        if t >= deadline || stopped() {
                             break;
                         }
-                        match tokio::time::timeout(IO_TIMEOUT, exchange_once(&request)).await {
-                            Ok(Ok(())) => ok.fetch_add(1, Ordering::Relaxed),
+                        let once = exchange_once(addr, &request, reset_close);
+                        match tokio::time::timeout(IO_TIMEOUT, once).await {
+                            Ok(Ok(())) => {
+                                times.push(t.elapsed().as_secs_f64() * 1e6);
+                                ok.fetch_add(1, Ordering::Relaxed)
+                            }
                             _ => {
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                                 errors.fetch_add(1, Ordering::Relaxed)
                             }
                         };
                     }
+                    times
                 })
             })
             .collect();
+        let mut times = Vec::new();
         for t in tasks {
-            let _ = t.await;
+            times.extend(t.await.unwrap_or_default());
         }
-        start.elapsed()
+        (start.elapsed(), times)
     });
+    times.sort_by(f64::total_cmp);
     ConnRate {
         per_sec: ok.load(Ordering::Relaxed) as f64 / elapsed.as_secs_f64(),
         completed: ok.load(Ordering::Relaxed),
         errors: errors.load(Ordering::Relaxed),
+        p50_us: percentile(&times, 0.50),
+        p99_us: percentile(&times, 0.99),
     }
 }
 
-async fn exchange_once(request: &[u8]) -> io::Result<()> {
-    let mut stream = TcpStream::connect(server_addr()).await?;
+async fn exchange_once(addr: SocketAddr, request: &[u8], reset_close: bool) -> io::Result<()> {
+    let mut stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     stream.write_all(request).await?;
     let mut response = [0u8; RESPONSE];
     stream.read_exact(&mut response).await?;
+    if reset_close {
+        stream.set_zero_linger()?;
+    }
     Ok(())
 }
 

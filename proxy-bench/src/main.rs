@@ -2,8 +2,9 @@
 //! server topologies in network namespaces, (a) plain routing, (b) the kernel's iptables
 //! TPROXY delivering to this project's proxy, (c) this project's eBPF classifier delivering
 //! to the same proxy, measures them side by side (runs interleaved, each figure the median of
-//! several runs), measures what UDP sessions cost the agent's memory (on (c) only), and
-//! writes a markdown table and a PNG chart under `bench/results/`.
+//! several runs), measures what UDP sessions cost the agent's memory (on (c) only) and what
+//! `--local`'s connect programs cost the host's own connections (`local.rs`), and writes a
+//! markdown table and a PNG chart under `bench/results/`.
 //!
 //! All traffic stays between the namespaces it creates (the addresses of
 //! `proxy-testbed`); every loop is bounded in count and time, and a watchdog stops the whole
@@ -12,6 +13,7 @@
 mod chart;
 mod cpu;
 mod load;
+mod local;
 mod report;
 mod setup;
 mod udp;
@@ -38,12 +40,16 @@ use setup::{Kind, Scenario};
 )]
 struct Cli {
     /// The agent binary (release build: target/release/proxy).
-    #[arg(long, value_name = "PATH", required_unless_present = "serve")]
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["serve", "local_client"])]
     agent: Option<PathBuf>,
     /// Internal: be the load server for SECONDS at most (started by the bench itself, in
     /// the server namespace).
     #[arg(long, value_name = "SECONDS", hide = true)]
     serve: Option<u64>,
+    /// Internal: be a `--local` client process, "NS ADDR CONCURRENCY MILLIS" (started by
+    /// the bench itself, in its cgroup and namespace).
+    #[arg(long, value_name = "SPEC", hide = true)]
+    local_client: Option<String>,
     /// Fewer and shorter runs (under 2 minutes instead of under 10).
     #[arg(long)]
     quick: bool,
@@ -58,9 +64,9 @@ struct Cli {
     /// several: --agent-arg=--workers=1).
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
-    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules),
-    /// for working on one of them; the others show as n/a in the report.
-    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "udp", "rules"])]
+    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
+    /// local), for working on one of them; the others show as n/a in the report.
+    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "udp", "rules", "local"])]
     only: Vec<String>,
 }
 
@@ -81,6 +87,11 @@ pub struct Plan {
     pub idle_conns: usize,
     pub rss_runs: usize,
     pub rule_counts: [usize; 3],
+    /// The `--local` figure: rounds of its four cases (a multiple of 4: the order rotates,
+    /// so each case takes each place equally often), and each client's load.
+    pub local_runs: usize,
+    pub local_duration: Duration,
+    pub local_concurrency: usize,
     /// The watchdog stops the run past this.
     pub hard_limit: Duration,
 }
@@ -98,6 +109,9 @@ impl Plan {
                 idle_conns: 10_000,
                 rss_runs: 1,
                 rule_counts: [1, 1_000, 10_000],
+                local_runs: 4,
+                local_duration: Duration::from_millis(400),
+                local_concurrency: 1,
                 hard_limit: Duration::from_secs(240),
             }
         } else {
@@ -111,6 +125,9 @@ impl Plan {
                 idle_conns: 10_000,
                 rss_runs: 3,
                 rule_counts: [1, 1_000, 10_000],
+                local_runs: 8,
+                local_duration: Duration::from_millis(600),
+                local_concurrency: 1,
                 hard_limit: Duration::from_secs(900),
             }
         }
@@ -325,7 +342,11 @@ fn run(cli: &Cli) -> Result<(), String> {
     );
 
     let mut scenarios = Vec::new();
-    for kind in Kind::ALL {
+    // The three set-ups serve every figure but the `--local` one, which makes its own.
+    let wants_setups = ["bulk", "conn", "latency", "rss", "udp", "rules"]
+        .iter()
+        .any(|f| cli.wants(f));
+    for kind in Kind::ALL.into_iter().filter(|_| wants_setups) {
         progress(started, &format!("setting up {}", kind.label()));
         scenarios.push(Scenario::new(
             kind,
@@ -334,7 +355,7 @@ fn run(cli: &Cli) -> Result<(), String> {
             plan.hard_limit + Duration::from_secs(60),
         )?);
     }
-    if let Some(agent) = scenarios[Kind::Ebpf.index()].agent() {
+    if let Some(agent) = scenarios.get(Kind::Ebpf.index()).and_then(Scenario::agent) {
         meta.agent_nofile = agent.nofile_limit();
     }
     let kinds: Vec<Kind> = scenarios.iter().map(|s| s.kind).collect();
@@ -461,8 +482,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     }
 
-    if cli.wants("udp") {
-        let s = &mut scenarios[Kind::Ebpf.index()];
+    if let Some(s) = scenarios
+        .get_mut(Kind::Ebpf.index())
+        .filter(|_| cli.wants("udp"))
+    {
         match udp::measure(s, nofile) {
             Ok(sample) => {
                 progress(
@@ -535,13 +558,38 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     }
 
-    progress(started, "tearing down");
-    let names: Vec<String> = scenarios
+    if !scenarios.is_empty() {
+        progress(started, "tearing down");
+    }
+    let mut names: Vec<String> = scenarios
         .iter()
         .flat_map(|s| [&s.gw.client.name, &s.gw.router.name, &s.gw.server.name])
         .cloned()
         .collect();
     drop(scenarios);
+
+    // After the other figures' set-ups are gone: the `--local` figure's clients have the
+    // machine to themselves, as the other figures' have.
+    if cli.wants("local") {
+        progress(
+            started,
+            "--local: setting up (cgroups, two topologies, the agent)",
+        );
+        let (local_names, local) = local::measure(
+            &agent_binary,
+            &plan,
+            plan.hard_limit + Duration::from_secs(60),
+            &|text| progress(started, text),
+        );
+        names.extend(local_names);
+        match local {
+            Ok(r) => results.local = Some(r),
+            Err(e) => {
+                progress(started, &format!("--local: {e}"));
+                results.note(format!("--local: {e}"));
+            }
+        }
+    }
     let leaked = leaked_namespaces(&names);
     if !leaked.is_empty() {
         results.note(format!("namespaces left behind: {}", leaked.join(", ")));
@@ -595,9 +643,10 @@ fn write_outputs(dir: &Path, meta: &Meta, results: &Results) -> Result<(), Strin
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.serve {
-        Some(secs) => load::serve_main(secs),
-        None => run(&cli),
+    let result = match (cli.serve, &cli.local_client) {
+        (Some(secs), _) => load::serve_main(secs),
+        (None, Some(spec)) => local::client_main(spec),
+        (None, None) => run(&cli),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -5,6 +5,7 @@ use std::{fmt::Write as _, time::Duration};
 use crate::{
     Plan,
     cpu::ConnCpu,
+    local::{Case, LocalResults},
     setup::{self, Kind},
     udp::{self, UdpSample},
 };
@@ -81,6 +82,8 @@ pub struct Results {
     pub rule_conn_errors: [u64; 3],
     /// The agent's memory through a UDP flood, on (c).
     pub udp: Option<UdpSample>,
+    /// What `--local`'s connect programs cost.
+    pub local: Option<LocalResults>,
     pub notes: Vec<String>,
     pub agent_warnings: Vec<(Kind, String)>,
 }
@@ -100,6 +103,7 @@ impl Results {
             rules: Default::default(),
             rule_conn_errors: [0; 3],
             udp: None,
+            local: None,
             notes: Vec::new(),
             agent_warnings: Vec::new(),
         }
@@ -376,6 +380,10 @@ fn fmt_ratio(r: Option<f64>) -> String {
     r.map_or_else(|| "n/a".into(), |r| format!("{r:.2}"))
 }
 
+fn fmt_ratio3(r: Option<f64>) -> String {
+    r.map_or_else(|| "n/a".into(), |r| format!("{r:.3}"))
+}
+
 fn runs_text(runs: &[Option<f64>], decimals: usize) -> String {
     runs.iter()
         .map(|v| v.map_or_else(|| "failed".into(), |v| format!("{v:.decimals$}")))
@@ -493,6 +501,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     let _ = writeln!(md);
     conn_cpu_section(&mut md, r);
     udp_section(&mut md, r);
+    local_section(&mut md, r);
 
     let _ = writeln!(
         md,
@@ -651,13 +660,17 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
             );
         }
     }
-    if !r.notes.is_empty() || !r.agent_warnings.is_empty() {
+    let local_warnings = r.local.as_ref().map_or(&[][..], |l| &l.agent_warnings[..]);
+    if !r.notes.is_empty() || !r.agent_warnings.is_empty() || !local_warnings.is_empty() {
         let _ = writeln!(md, "\n## Notes\n");
         for n in &r.notes {
             let _ = writeln!(md, "- {n}");
         }
         for (k, line) in &r.agent_warnings {
             let _ = writeln!(md, "- agent of {}: `{line}`", k.label());
+        }
+        for line in local_warnings {
+            let _ = writeln!(md, "- agent of the `--local` figure: `{line}`");
         }
     }
     let _ = writeln!(md, "\n![chart]({png})");
@@ -752,6 +765,88 @@ fn conn_cpu_section(md: &mut String, r: &Results) {
                 .map_or("n/a".into(), |b| format!("{:.0}%", b * 100.0)),
             machine / routing_us,
         );
+    }
+    let _ = writeln!(md);
+}
+
+/// The `--local` figure: the four cases, and the two ratios that say what the connect
+/// program costs.
+fn local_section(md: &mut String, r: &Results) {
+    let Some(l) = &r.local else {
+        return;
+    };
+    let _ = writeln!(md, "## `--local`: the host's own connections\n");
+    let _ = writeln!(
+        md,
+        "Clients in the router namespace, each a process of its own that joined its cgroup \
+         before it executed: {} connection(s) at a time for {:.1} s, each connect, 64 B \
+         request, 64 B response, close with a reset (`SO_LINGER` 0, so no run leaves TIME_WAIT \
+         sockets to the next); the four cases in an order rotated run by run. The agent runs \
+         as `proxy {}`; case (4) is in a second, identical topology with no agent. Per-run \
+         ratios are of clients that ran one after the other; the table gives their median.\n",
+        l.concurrency,
+        l.duration.as_secs_f64(),
+        l.agent_args.join(" "),
+    );
+    let _ = writeln!(
+        md,
+        "| case | conn/s | us per connection | p50 (us) | p99 (us) | failed |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    for case in Case::ALL {
+        let failed: u64 = l.runs[case.index()]
+            .iter()
+            .flatten()
+            .map(|x| x.errors)
+            .sum();
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {failed} |",
+            case.label(),
+            fmt_value(l.median(case, |x| x.per_sec), 0),
+            fmt_value(l.median(case, |x| 1e6 / x.per_sec), 1),
+            fmt_value(l.median(case, |x| x.p50_us), 1),
+            fmt_value(l.median(case, |x| x.p99_us), 1),
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n| ratio (median of per-run ratios) | conn/s | p50 | p99 |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|");
+    for (name, a, b) in [
+        (
+            "(2)/(1): the connect program's own cost",
+            Case::Hook,
+            Case::Baseline,
+        ),
+        (
+            "(3)/(4): proxied against direct",
+            Case::Proxied,
+            Case::Direct,
+        ),
+    ] {
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} |",
+            fmt_ratio3(l.ratio(a, b, |x| x.per_sec)),
+            fmt_ratio3(l.ratio(a, b, |x| x.p50_us)),
+            fmt_ratio3(l.ratio(a, b, |x| x.p99_us)),
+        );
+    }
+    let _ = writeln!(md, "\nAll runs (conn/s; p50 us):\n");
+    for case in Case::ALL {
+        let runs = l.runs[case.index()]
+            .iter()
+            .map(|x| {
+                x.map_or_else(
+                    || "failed".into(),
+                    |x| format!("{:.0}; {:.1}", x.per_sec, x.p50_us),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(md, "- {}: {runs}", case.short());
     }
     let _ = writeln!(md);
 }

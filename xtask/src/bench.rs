@@ -1,7 +1,8 @@
-//! `cargo xtask bench [--quick]`: build the agent and the benchmark (the `proxy-bench`
+//! `cargo xtask bench [--quick] [--only FIGURES]`: build the agent and the benchmark (the `proxy-bench`
 //! crate) in release mode, then run `proxy-bench`, which compares plain routing, the kernel's
 //! iptables TPROXY with this project's proxy, and this project's eBPF classifier with the same
-//! proxy, in throwaway network namespaces. Results go to `bench/results/` (latest.md,
+//! proxy, in throwaway network namespaces, and what `--local`'s connect programs cost the
+//! host's own connections. Results go to `bench/results/` (latest.md,
 //! latest.png and a timestamped copy of each).
 
 use std::process::Command;
@@ -15,6 +16,10 @@ pub struct Options {
     /// Fewer and shorter runs: under 2 minutes instead of under 10.
     #[arg(long)]
     quick: bool,
+    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
+    /// local); passed on to proxy-bench.
+    #[arg(long, value_name = "FIGURES")]
+    only: Option<String>,
 }
 
 pub fn bench(opts: &Options) -> anyhow::Result<()> {
@@ -30,6 +35,9 @@ pub fn bench(opts: &Options) -> anyhow::Result<()> {
         .arg(root.join("bench/results"));
     if opts.quick {
         cmd.arg("--quick");
+    }
+    if let Some(only) = &opts.only {
+        cmd.arg("--only").arg(only);
     }
     prereqs::status(&mut cmd)
 }
