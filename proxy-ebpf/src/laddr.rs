@@ -24,7 +24,7 @@ pub fn listener_addr(
             let ip4_be = if action.flags & ACTION_HAS_ON_IP4 != 0 {
                 Some(action.on_ip4_be)
             } else {
-                match unsafe { IFACE_ADDRS.get(&ifindex) } {
+                match unsafe { IFACE_ADDRS.get(ifindex) } {
                     Some(iface) if iface.flags & IFACE_HAS_IP4 != 0 => Some(iface.ip4_be),
                     _ => None,
                 }
@@ -38,7 +38,7 @@ pub fn listener_addr(
             laddr = if action.flags & ACTION_HAS_ON_IP6 != 0 {
                 action.on_ip6
             } else {
-                match unsafe { IFACE_ADDRS.get(&ifindex) } {
+                match unsafe { IFACE_ADDRS.get(ifindex) } {
                     Some(iface) if iface.flags & IFACE_HAS_IP6 != 0 => iface.ip6,
                     _ => *daddr,
                 }

@@ -49,6 +49,7 @@ use crate::{
     maps::{CONFIG, OWN_ADDRS, count},
     parse::Family,
     rules,
+    socket_search::{CURRENT_NETNS, TUPLE_V4_LEN, TUPLE_V6_LEN},
 };
 
 /// A cgroup sock_addr program's verdict: go on with the connect or send.
@@ -58,10 +59,6 @@ const REFUSE: i32 = 0;
 
 const SOL_SOCKET: i32 = 1;
 const SO_MARK: i32 = 36;
-/// `BPF_F_CURRENT_NETNS`: the socket's own namespace.
-const CURRENT_NETNS: u64 = u64::MAX;
-const TUPLE_V4_LEN: u32 = 12;
-const TUPLE_V6_LEN: u32 = 36;
 
 #[cgroup_sock_addr(connect4)]
 pub fn local_connect4(ctx: SockAddrContext) -> i32 {
@@ -223,7 +220,7 @@ fn own_address(dst: &Destination) -> bool {
         },
         addr: dst.daddr,
     };
-    if unsafe { OWN_ADDRS.get(&key) }.is_some() {
+    if unsafe { OWN_ADDRS.get(key) }.is_some() {
         count(Counter::LocalOwnAddress);
         return true;
     }

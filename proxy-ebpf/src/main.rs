@@ -97,7 +97,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             // A later fragment has no ports, so no rule can be checked; it follows its
             // first fragment (T11): dropped if that was dropped, else left alone. It is
             // never assigned (T9).
-            if unsafe { DROPPED_FRAGMENTS.get(&packet.fragment_key()) }.is_some() {
+            if unsafe { DROPPED_FRAGMENTS.get(packet.fragment_key()) }.is_some() {
                 count(Counter::DroppedLaterFragment);
                 return TC_ACT_SHOT;
             }
@@ -203,7 +203,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn drop_later_fragments(packet: &parse::Packet) {
     if packet.fragment == Fragment::First {
-        let _ = DROPPED_FRAGMENTS.insert(&packet.fragment_key(), &1, 0);
+        let _ = DROPPED_FRAGMENTS.insert(packet.fragment_key(), 1, 0);
     }
 }
 

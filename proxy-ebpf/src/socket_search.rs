@@ -26,11 +26,13 @@ const BPF_TCP_NEW_SYN_RECV: u32 = 12;
 /// State recorded for UDP sockets, which have no TCP state worth reading here.
 const UDP_SOCKET: u32 = 0;
 
-/// `BPF_F_CURRENT_NETNS`: the helpers read the netns id as s32 and -1 means "the packet's".
-const CURRENT_NETNS: u64 = u64::MAX;
+/// `BPF_F_CURRENT_NETNS`: the helpers read the netns id as s32 and -1 means "the packet's"
+/// (the socket's, in the cgroup programs).
+pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
 
-const TUPLE_V4_LEN: u32 = 12;
-const TUPLE_V6_LEN: u32 = 36;
+/// The lengths of the IPv4 and IPv6 halves of `bpf_sock_tuple`, as the lookup helpers take.
+pub(crate) const TUPLE_V4_LEN: u32 = 12;
+pub(crate) const TUPLE_V6_LEN: u32 = 36;
 
 /// Where the transparent flag lives in each kind of socket, computed by the agent from the
 /// kernel's BTF (`proxy::btf`) and set before load. `u32::MAX` offsets: unknown.

@@ -36,7 +36,7 @@ const AF_INET6: u32 = 10;
 /// which of the agent's listeners.
 #[inline(always)]
 pub fn expect_listener_lookup(packet: &Packet, listener_slot: u32) {
-    let _ = TIME_WAIT_SYNS.insert(&flow_key(packet), &listener_slot, 0);
+    let _ = TIME_WAIT_SYNS.insert(flow_key(packet), listener_slot, 0);
 }
 
 /// The packet's tuple, remote (source) first, as the sk_lookup program will see it.
@@ -93,10 +93,10 @@ pub fn tproxy_sk_lookup(ctx: SkLookupContext) -> u32 {
         local_port_be: local_port.to_be(),
     };
     // SAFETY: a plain hash-map read of a u32.
-    let Some(&slot) = (unsafe { TIME_WAIT_SYNS.get(&key) }) else {
+    let Some(&slot) = (unsafe { TIME_WAIT_SYNS.get(key) }) else {
         return SK_PASS;
     };
-    let _ = TIME_WAIT_SYNS.remove(&key);
+    let _ = TIME_WAIT_SYNS.remove(key);
     // No listener in the slot (none yet, or closed by a reload): the kernel's own lookup
     // goes on as if we were not here.
     let _ = LISTENERS.redirect_sk_lookup(&ctx, slot, 0);
