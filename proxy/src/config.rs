@@ -47,6 +47,10 @@ pub enum Command {
     /// links, its cls_bpf filters and the clsact qdiscs it added, its fwmark rules and
     /// routes), for when it will not be restarted. A restarted agent takes it over instead.
     Cleanup(CleanupArgs),
+    /// Inspect this network namespace for what would stop interception under these flags
+    /// (the same as `run`): one line per check, OK, warning or problem with its fix. Exits
+    /// non-zero when a problem blocks. Changes nothing.
+    Doctor(Box<RunArgs>),
 }
 
 #[derive(Debug, Clone, Args)]

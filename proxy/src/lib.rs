@@ -27,6 +27,7 @@ mod btf;
 pub mod cgroup;
 pub mod cleanup;
 pub mod config;
+pub mod doctor;
 pub mod ebpf;
 mod generation;
 mod ifaddrs;

@@ -27,6 +27,19 @@ fn main() -> ExitCode {
             .build()
             .map_err(Into::into)
             .and_then(|rt| rt.block_on(proxy::cleanup::run(&args)).map_err(Into::into)),
+        Command::Doctor(args) => {
+            return match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) if rt.block_on(proxy::doctor::run(&args)) => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("proxy: error: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Stats(args) => proxy::stats::query(args.table)
             .map(|report| print!("{report}"))
             .map_err(Into::into),

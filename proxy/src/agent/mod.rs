@@ -86,6 +86,8 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     checks::check_supported(&rules, args.listener)?;
     checks::check_outbound_mark(&rules, args.outbound_mark)?;
     checks::check_local_scope(&rules, &args.cgroups)?;
+    // What would stop interception, logged; the refusals stay the ones below.
+    crate::doctor::log_at_start(&args).await;
     if args.spoof_source && args.ifaces.len() < 2 {
         warn!(
             "--spoof-source: the server's replies go to the client's address; unless the \

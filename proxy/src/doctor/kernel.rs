@@ -1,0 +1,201 @@
+//! The kernel features the agent needs: BTF with the transparent flag's place (T5),
+//! TCX links (6.6+, else the netlink fallback), `bpf_sk_assign` at TC (5.7+) and `sk_lookup`
+//! programs (5.9+), and cgroup v2 for `--local`. `proxy doctor` loads the programs as the
+//! agent does: the verifier then says whether this kernel has every helper they call.
+
+use aya::util::KernelVersion;
+
+use super::{Finding, Settings};
+use crate::{cgroup, config::RunArgs, ebpf::TcAttach};
+
+/// What was learnt of the kernel.
+pub struct Facts {
+    pub version: Option<KernelVersion>,
+    /// The BTF check: `Err` with why the transparent flag cannot be found.
+    pub btf: Result<(), String>,
+    /// The programs loaded: `None` when not tried.
+    pub load: Option<Result<(), String>>,
+    /// `--local` only: where cgroup v2 is mounted, or why not.
+    pub cgroup2: Option<Result<String, String>>,
+}
+
+fn at_least(version: Option<KernelVersion>, major: u8, minor: u8) -> Option<bool> {
+    version.map(|v| v >= KernelVersion::new(major, minor, 0))
+}
+
+/// The findings for `facts` under `args`' flags.
+pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
+    let mut findings = Vec::new();
+    findings.push(match &facts.btf {
+        Ok(()) => Finding::ok(
+            "btf",
+            "/sys/kernel/btf/vmlinux says where sockets keep their transparent flag",
+        ),
+        Err(e) if args.allow_unchecked_transparency => Finding::warning(
+            "btf",
+            format!(
+                "{e}: with --allow-unchecked-transparency a plain socket at a rule's on-ip and \
+                 on-port would receive intercepted traffic"
+            ),
+            "a kernel built with CONFIG_DEBUG_INFO_BTF",
+        ),
+        Err(e) => Finding::problem(
+            "btf",
+            format!("{e}: proxy run refuses to start"),
+            "a kernel built with CONFIG_DEBUG_INFO_BTF (or --allow-unchecked-transparency, \
+             accepting that plain sockets are not refused)",
+        ),
+    });
+    let version = facts
+        .version
+        .map_or_else(|| "unknown".to_owned(), |v| v.to_string());
+    findings.push(match (at_least(facts.version, 6, 6), args.tc_attach) {
+        (Some(true), TcAttach::Netlink) => Finding::ok(
+            "tcx",
+            format!("kernel {version} has TCX; --tc-attach netlink uses clsact + cls_bpf"),
+        ),
+        (Some(true), _) => Finding::ok("tcx", format!("kernel {version} has TCX links")),
+        (Some(false) | None, TcAttach::Tcx) => Finding::problem(
+            "tcx",
+            format!("kernel {version}: TCX links need 6.6 or later"),
+            "--tc-attach auto (clsact + cls_bpf on this kernel)",
+        ),
+        (_, _) => Finding::info(
+            "tcx",
+            format!("kernel {version} without TCX: the classifier goes under clsact + cls_bpf"),
+        ),
+    });
+    match &facts.load {
+        Some(Ok(())) => findings.push(Finding::ok(
+            "programs",
+            "the classifier (bpf_skc_lookup_tcp, bpf_sk_assign) and the sk_lookup program \
+             load",
+        )),
+        Some(Err(e)) => findings.push(Finding::problem(
+            "programs",
+            format!("the programs do not load: {e}"),
+            "a kernel with bpf_sk_assign at TC (5.7+) and sk_lookup programs (5.9+); \
+             RUST_LOG=debug shows the verifier log",
+        )),
+        None => {
+            for (check, major, minor, what) in [
+                ("sk_assign", 5, 7, "bpf_sk_assign at TC"),
+                ("sk_lookup", 5, 9, "sk_lookup programs"),
+            ] {
+                findings.push(match at_least(facts.version, major, minor) {
+                    Some(true) => Finding::ok(check, format!("kernel {version} has {what}")),
+                    Some(false) => Finding::problem(
+                        check,
+                        format!("kernel {version}: {what} needs {major}.{minor} or later"),
+                        format!("a {major}.{minor} or later kernel"),
+                    ),
+                    None => Finding::info(check, "kernel version unknown"),
+                });
+            }
+        }
+    }
+    if let Some(cgroup2) = &facts.cgroup2 {
+        findings.push(match cgroup2 {
+            Ok(at) => Finding::ok("cgroup2", format!("cgroup v2 at {at}")),
+            Err(e) => Finding::problem(
+                "cgroup2",
+                format!("--local needs cgroup v2: {e}"),
+                "mount cgroup2 (mount -t cgroup2 none /sys/fs/cgroup)",
+            ),
+        });
+    }
+    findings
+}
+
+pub(super) fn check(settings: &Settings<'_>, probe_load: bool) -> Vec<Finding> {
+    let args = settings.args;
+    let facts = Facts {
+        version: KernelVersion::current().ok(),
+        btf: crate::btf::Btf::from_sys_fs()
+            .and_then(|btf| btf.sock_offsets())
+            .map(drop)
+            .map_err(|e| crate::error_chain(&e)),
+        load: probe_load.then(|| {
+            crate::ebpf::Classifier::load(0, true, args.table)
+                .map(drop)
+                .map_err(|e| crate::error_chain(&e))
+        }),
+        cgroup2: args.local.then(|| {
+            cgroup::mount()
+                .map(|p| p.display().to_string())
+                .map_err(|e| crate::error_chain(&e))
+        }),
+    };
+    features(&facts, args)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::{
+        config::{Cli, Command},
+        doctor::Severity,
+    };
+
+    fn args(extra: &[&str]) -> RunArgs {
+        let base = [
+            "proxy",
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "1",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(extra)).expect("valid");
+        let Command::Run(args) = cli.command else {
+            panic!("not run");
+        };
+        *args
+    }
+
+    fn find(findings: &[Finding], check: &str) -> Severity {
+        findings
+            .iter()
+            .find(|f| f.check == check)
+            .unwrap_or_else(|| panic!("no {check} finding"))
+            .severity
+    }
+
+    #[test]
+    fn missing_features_are_problems_where_the_agent_needs_them() {
+        let good = Facts {
+            version: Some(KernelVersion::new(6, 18, 0)),
+            btf: Ok(()),
+            load: None,
+            cgroup2: None,
+        };
+        let f = features(&good, &args(&[]));
+        assert!(f.iter().all(|f| f.severity == Severity::Ok), "{f:?}");
+        let old = Facts {
+            version: Some(KernelVersion::new(5, 8, 0)),
+            btf: Err("no BTF".into()),
+            load: None,
+            cgroup2: Some(Err("not mounted".into())),
+        };
+        let f = features(&old, &args(&["--tc-attach", "tcx"]));
+        assert_eq!(find(&f, "btf"), Severity::Problem);
+        assert_eq!(find(&f, "tcx"), Severity::Problem);
+        assert_eq!(find(&f, "sk_assign"), Severity::Ok);
+        assert_eq!(find(&f, "sk_lookup"), Severity::Problem);
+        assert_eq!(find(&f, "cgroup2"), Severity::Problem);
+        let f = features(&old, &args(&["--allow-unchecked-transparency"]));
+        assert_eq!(find(&f, "btf"), Severity::Warning);
+        assert_eq!(find(&f, "tcx"), Severity::Info);
+        let refused = Facts {
+            load: Some(Err("verifier".into())),
+            ..good
+        };
+        let f = features(&refused, &args(&[]));
+        assert_eq!(find(&f, "programs"), Severity::Problem);
+        assert!(f.iter().all(|f| f.check != "sk_lookup"));
+    }
+}
