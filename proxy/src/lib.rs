@@ -33,6 +33,7 @@ mod generation;
 mod ifaddrs;
 mod link_header;
 mod pins;
+pub mod privileges;
 mod relay;
 mod routing;
 pub mod rules;

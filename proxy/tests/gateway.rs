@@ -267,33 +267,6 @@ fn ipv6_connection_is_intercepted_and_proxied_over_ipv6() {
 }
 
 #[test]
-fn without_root_the_agent_says_so_and_changes_nothing() {
-    require_root();
-    let gw = Gateway::new("noroot").expect("topology");
-    let before = router_rules(&gw);
-    let out = gw
-        .router
-        .command("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "--inh-caps=-all",
-        ])
-        .arg(env!("CARGO_BIN_EXE_proxy"))
-        .args(AGENT_ARGS)
-        .output()
-        .expect("setpriv (util-linux)");
-    assert_eq!(out.status.code(), Some(1));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "proxy: error: must run as root: attaching eBPF programs and changing routing need CAP_BPF and CAP_NET_ADMIN"
-    );
-    assert_eq!(router_rules(&gw), before);
-    assert!(tcx_programs(&gw).is_empty());
-}
-
-#[test]
 fn clsact_netlink_fallback_works_and_leaves_no_qdisc() {
     require_root();
     let gw = Gateway::new("nl").expect("topology");

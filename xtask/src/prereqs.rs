@@ -10,7 +10,8 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 
 /// Debian packages: iproute2 for the test topologies (and `ss`), bpftool to inspect
 /// links, iptables and nftables for the kernel-TPROXY comparisons, microsocks and Dante as
-/// real SOCKS5 upstreams (Dante for UDP ASSOCIATE).
+/// real SOCKS5 upstreams (Dante for UDP ASSOCIATE), systemd for `systemd-analyze verify`
+/// of `dist/systemd/proxy.service`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
@@ -19,7 +20,16 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("microsocks", "microsocks"),
     ("danted", "dante-server"),
+    ("systemd-analyze", "systemd"),
 ];
+
+/// The Kubernetes schema validator for `dist/kubernetes/`, from PyPI, with the API's
+/// schemas inside (no network when it runs), into a virtual environment of its own.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Where [`ensure_dist_validators`] puts it, under the workspace's `target/`; its `bin` is
+/// where `proxy/tests/dist.rs` looks.
+pub const DIST_VALIDATORS: &str = "target/dist-validators";
 
 pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
@@ -145,6 +155,39 @@ pub fn ensure_system_tools() -> anyhow::Result<()> {
         bail!("still missing after apt-get: {still_missing:?}");
     }
     Ok(())
+}
+
+/// `kubernetes-validate` in [`DIST_VALIDATORS`] (a Python virtual environment), when it is
+/// not there yet. `systemd-analyze` comes with the Debian packages.
+pub fn ensure_dist_validators(workspace: &Path) -> anyhow::Result<()> {
+    let venv = workspace.join(DIST_VALIDATORS);
+    if venv.join("bin/kubernetes-validate").exists() {
+        return Ok(());
+    }
+    eprintln!(
+        "xtask: installing {KUBERNETES_VALIDATE} into {}",
+        venv.display()
+    );
+    if !succeeds(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
+        // Debian's python3 has venv in a package of its own.
+        status(
+            Command::new("apt-get")
+                .args([
+                    "install",
+                    "-y",
+                    "-q",
+                    "--no-install-recommends",
+                    "python3-venv",
+                ])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    status(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", "--disable-pip-version-check"])
+            .arg(KUBERNETES_VALIDATE),
+    )
 }
 
 /// The demo and the kernel tests create namespaces and load eBPF programs.

@@ -51,6 +51,11 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
     prereqs::require_root("the kernel tests")?;
     prereqs::ensure_build()?;
     prereqs::ensure_system_tools()?;
+    // xtask's manifest directory is one below the workspace's.
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("the workspace directory")?;
+    prereqs::ensure_dist_validators(workspace)?;
     let mut cmd = Command::new(env!("CARGO"));
     // The default members: everything but the eBPF crate, which only builds for BPF.
     cmd.arg("test");

@@ -6,6 +6,7 @@ use crate::{
     ebpf::EbpfError,
     ifaddrs::IfaddrsError,
     link_header::LinkHeaderError,
+    privileges::PrivilegeError,
     routing::RoutingError,
     rules::RuleError,
     rules_file::RulesFileError,
@@ -16,11 +17,9 @@ use crate::{
 /// Why the agent could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The agent needs root (CAP_NET_ADMIN, CAP_BPF).
-    #[error(
-        "must run as root: attaching eBPF programs and changing routing need CAP_BPF and CAP_NET_ADMIN"
-    )]
-    NotRoot,
+    /// Capabilities the agent needs are missing, or the others could not be dropped.
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
     /// An `--iface` that does not exist in this network namespace.
     #[error("interface '{0}' not found")]
     NoSuchInterface(String),

@@ -43,6 +43,7 @@ use crate::{
     ebpf::Classifier,
     ifaddrs,
     link_header::LinkHeader,
+    privileges,
     relay::RelayMode,
     routing::RoutingError,
     rules::{self, Mark, Rule},
@@ -69,9 +70,7 @@ struct Agent {
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
 pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), AgentError> {
     // Checks, before anything outside the agent changes.
-    if !nix::unistd::geteuid().is_root() {
-        return Err(AgentError::NotRoot);
-    }
+    privileges::check_required()?;
     // `--local`: marked local connections arrive on `lo`, where the classifier takes them.
     if args.local && !args.ifaces.iter().any(|i| i == "lo") {
         args.ifaces.push("lo".to_owned());
@@ -262,6 +261,8 @@ async fn start(
         installed.classifier.attach_local(&local.attach_to)?;
     }
     installed.classifier.remove_leftovers();
+    // Set up: from here on only what reloads, interface events and the teardown need.
+    info!("{}", privileges::drop_to_kept()?);
     report::log_rules(rules);
     info!(
         "ready: {} rule(s) on {}, {} listener (table {})",

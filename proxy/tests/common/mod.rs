@@ -64,6 +64,15 @@ impl Agent {
         .ready()
     }
 
+    /// [`Agent::start_in`], the agent binary run by `wrapper` (a program and its
+    /// arguments, which must exec it: `setpriv ... --`), for another user or capabilities.
+    pub fn start_in_wrapped(mounts: &Mounts, wrapper: &[&str], args: &[&str]) -> Agent {
+        let (program, wrapper_args) = wrapper.split_first().expect("a wrapper program");
+        let mut command = mounts.command(program);
+        command.args(wrapper_args).arg(env!("CARGO_BIN_EXE_proxy"));
+        Agent::spawn_command(command, &mounts.netns, args).ready()
+    }
+
     /// Starts `command ARGS` (the agent binary, wrapped to enter the network namespace
     /// `netns`).
     fn spawn_command(mut command: Command, netns: &str, args: &[&str]) -> Agent {
