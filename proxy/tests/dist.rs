@@ -2,7 +2,7 @@
 //! what `proxy run` accepts (the agent's own parsers), the systemd unit passes
 //! `systemd-analyze verify`, the Kubernetes manifests pass `kubernetes-validate` (the
 //! API's schemas, strict). `cargo xtask test` installs both validators; where one is missing
-//! the test says so and passes, except in CI (`CI=true`), where it fails.
+//! the test fails and says how to get it (it never passes without having validated).
 
 use std::{
     path::{Path, PathBuf},
@@ -58,18 +58,15 @@ fn the_sample_rules_file_is_what_the_unit_runs_and_it_parses() {
     assert_eq!(parse_run(&args), 2);
 }
 
-/// A validator's path, or `None` (after saying why) where it is missing outside CI.
-fn validator(program: &str, also_in: &[PathBuf]) -> Option<PathBuf> {
+/// A validator's path; a missing one fails the test, naming what installs it.
+fn validator(program: &str, also_in: &[PathBuf]) -> PathBuf {
     if let Ok(path) = which(program) {
-        return Some(path);
+        return path;
     }
     if let Some(path) = also_in.iter().map(|d| d.join(program)).find(|p| p.exists()) {
-        return Some(path);
+        return path;
     }
-    let message = format!("{program} not found: `cargo xtask test` installs it");
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "{message}");
-    eprintln!("skipped: {message}");
-    None
+    panic!("{program} not found: `cargo xtask test` installs it");
 }
 
 fn which(program: &str) -> Result<PathBuf, ()> {
@@ -98,9 +95,7 @@ fn assert_validates(mut cmd: Command) {
 
 #[test]
 fn the_systemd_unit_verifies() {
-    let Some(analyze) = validator("systemd-analyze", &[]) else {
-        return;
-    };
+    let analyze = validator("systemd-analyze", &[]);
     // verify checks that ExecStart='s program exists: the unit as installed, with the
     // built agent where it would be installed.
     let unit = std::fs::read_to_string(dist("systemd/proxy.service")).expect("the unit");
@@ -122,9 +117,7 @@ fn the_systemd_unit_verifies() {
 #[test]
 fn the_kubernetes_manifests_validate() {
     let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/dist-validators/bin");
-    let Some(validate) = validator("kubernetes-validate", &[venv]) else {
-        return;
-    };
+    let validate = validator("kubernetes-validate", &[venv]);
     let mut cmd = Command::new(validate);
     cmd.args(["--strict", "--quiet"])
         .arg(dist("kubernetes/daemonset.yaml"));
