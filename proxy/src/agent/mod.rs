@@ -100,6 +100,8 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             AgentError::Io("binding the stats socket", e)
         }
     })?;
+    let metrics = crate::metrics::server::start(args.metrics)?;
+    crate::access_log::set_format(args.access_log);
 
     // The listeners: numbered, and bound (a port in use fails here), not serving yet. An
     // external listener needs no workers.
@@ -201,6 +203,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             group: args.stats_group,
         },
         sysctl_poll,
+        metrics,
     };
 
     // From here on the system changes: whatever fails, the teardown undoes what was done.
@@ -261,6 +264,7 @@ async fn start(
     }
     installed.classifier.remove_leftovers();
     report::log_rules(rules);
+    crate::access_log::rules_in_force(rules);
     info!(
         "ready: {} rule(s) on {}, {} listener (table {})",
         rules.len(),
