@@ -17,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::{
+    access_log::AccessLog,
     ebpf::TcAttach,
     relay::RelayMode,
     rules::{self, Mark, PortSet, Protocols, Rule},
@@ -213,6 +214,16 @@ pub struct RunArgs {
     /// with `proxy stats`.
     #[arg(long, value_name = "GROUP", value_parser = parse_group)]
     pub stats_group: Option<u32>,
+
+    /// Serve the counters in the Prometheus exposition format at
+    /// http://ADDR:PORT/metrics (classifier, per rule, connections, UDP sessions).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
+
+    /// How each ended connection and UDP session is logged: `text`, a line in the log
+    /// (stderr), or `json`, one JSON object per line on stdout.
+    #[arg(long, value_enum, value_name = "FORMAT", default_value_t = AccessLog::Text)]
+    pub access_log: AccessLog,
 }
 
 impl RunArgs {

@@ -22,6 +22,7 @@
 // (`cargo doc --document-private-items`).
 #![allow(rustdoc::private_intra_doc_links)]
 
+pub mod access_log;
 pub mod agent;
 mod btf;
 pub mod cgroup;
@@ -32,6 +33,7 @@ pub mod ebpf;
 mod generation;
 mod ifaddrs;
 mod link_header;
+pub mod metrics;
 mod pins;
 pub mod privileges;
 mod relay;

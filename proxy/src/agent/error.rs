@@ -59,6 +59,9 @@ pub enum AgentError {
     /// A `--cgroup` path (or the cgroup2 mount) that cannot be used.
     #[error("--local")]
     Cgroup(#[from] CgroupError),
+    /// `--metrics` cannot listen.
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     /// A socket or runtime operation failed.
     #[error("{0}")]
     Io(&'static str, #[source] std::io::Error),

@@ -101,6 +101,8 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             AgentError::Io("binding the stats socket", e)
         }
     })?;
+    let metrics = crate::metrics::server::start(args.metrics)?;
+    crate::access_log::set_format(args.access_log);
 
     // The listeners: numbered, and bound (a port in use fails here), not serving yet. An
     // external listener needs no workers.
@@ -202,6 +204,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             group: args.stats_group,
         },
         sysctl_poll,
+        metrics,
     };
 
     // From here on the system changes: whatever fails, the teardown undoes what was done.
@@ -264,6 +267,7 @@ async fn start(
     // Set up: from here on only what reloads, interface events and the teardown need.
     info!("{}", privileges::drop_to_kept()?);
     report::log_rules(rules);
+    crate::access_log::rules_in_force(rules);
     info!(
         "ready: {} rule(s) on {}, {} listener (table {})",
         rules.len(),

@@ -32,6 +32,22 @@ pub fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinatio
     }
 }
 
+/// The classifier's counters for a `--metrics` scrape (none where a map cannot be read).
+pub fn snapshot(
+    classifier: &Classifier,
+    rules: &[Rule],
+    destinations: &Destinations,
+) -> crate::metrics::ClassifierSnapshot {
+    crate::metrics::ClassifierSnapshot {
+        counters: classifier.counters().unwrap_or_default(),
+        rules: rule_counters(classifier, rules)
+            .into_iter()
+            .map(|(rule, c)| (stats::describe_rule(&rule), c))
+            .collect(),
+        refused_destinations: destinations.refused(),
+    }
+}
+
 /// Logs the global and per-rule counters, once the classifier is detached (on exit).
 pub fn log_counters(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) {
     match classifier.counters() {

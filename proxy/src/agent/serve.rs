@@ -7,7 +7,7 @@ use log::{debug, error, info};
 use tokio::{net::UnixListener, sync::mpsc::UnboundedReceiver, time::Interval};
 
 use super::{Agent, AgentError, reload::reload, report, signals};
-use crate::{error_chain, ifaddrs::InterfaceEvent, stats};
+use crate::{access_log, error_chain, ifaddrs::InterfaceEvent, metrics, stats};
 
 /// What the loop listens to besides the shutdown signals, made before the start so that
 /// nothing is missed (an address change while the classifier is prepared, a second agent
@@ -17,6 +17,8 @@ pub struct Inputs {
     pub stats: UnixListener,
     pub stats_access: stats::Access,
     pub sysctl_poll: Interval,
+    /// Scrapes of `--metrics` asking for the classifier's counters.
+    pub metrics: metrics::Requests,
 }
 
 impl Agent {
@@ -45,7 +47,10 @@ impl Agent {
                     )
                     .await;
                     match reloaded {
-                        Ok(rules) => self.rules = rules,
+                        Ok(rules) => {
+                            access_log::rules_in_force(&rules);
+                            self.rules = rules;
+                        }
                         Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
                     }
                 }
@@ -73,6 +78,14 @@ impl Agent {
                         Err(e) => stats::refusal(&format!("no peer credentials: {e}")),
                     };
                     stats::reply(stream, text);
+                }
+                reply = inputs.metrics.next() => {
+                    // Never waits: a scrape that gave up has dropped its receiver.
+                    let _ = reply.send(report::snapshot(
+                        &self.installed.classifier,
+                        &self.rules,
+                        &self.destinations,
+                    ));
                 }
                 _ = inputs.sysctl_poll.tick() => self.installed.sysctls.recheck(),
             }

@@ -19,6 +19,8 @@ use tokio::{
 };
 
 use crate::{
+    access_log,
+    metrics::{self, EndReason},
     relay::{
         self, Ending, RelayMode,
         sockmap::{self, KernelRelay},
@@ -155,7 +157,9 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
+                let mut connection = metrics::Connection::accepted();
                 let Ok(permit) = Arc::clone(&options.limit).try_acquire_owned() else {
+                    connection.ends(EndReason::MaxConnections);
                     if last_refusal_log.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
                         warn!("{peer}: refused, --max-connections reached");
                         last_refusal_log = Some(Instant::now());
@@ -166,7 +170,8 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
                 let options = Arc::clone(&options);
                 let guard = LiveGuard::new(&options.live);
                 tokio::spawn(async move {
-                    handle(client, peer, listen_addr, &options).await;
+                    handle(client, peer, listen_addr, &options, &mut connection).await;
+                    drop(connection);
                     drop(permit);
                     drop(guard);
                 });
@@ -185,6 +190,7 @@ async fn handle(
     peer: SocketAddr,
     listen_addr: Option<SocketAddr>,
     options: &ProxyOptions,
+    connection: &mut metrics::Connection,
 ) {
     let peer = canonical(peer);
     // Relayed bytes go out as they come: no Nagle delay on the client side either.
@@ -193,22 +199,40 @@ async fn handle(
         Ok(addr) => canonical(addr),
         Err(e) => {
             debug!("{peer}: no local address: {e}");
-            return;
+            return connection.ends(EndReason::Error);
         }
     };
     if is_own_listener(orig_dst, listen_addr) {
         warn!(
             "{peer} -> {orig_dst}: connection straight to the proxy port refused (it would loop)"
         );
-        return;
+        return connection.ends(EndReason::Loop);
     }
     if let Some(why) = options.destinations.refuse(orig_dst.ip()) {
         debug!("{peer} -> {orig_dst}: reset, the destination is {why}");
         relay::reset(client);
-        return;
+        return connection.ends(EndReason::RefusedDestination);
     }
     let started = Instant::now();
-    let closing = |up: u64, down: u64, ending: Ending| {
+    let closing = |connection: &mut metrics::Connection, up: u64, down: u64, ending: Ending| {
+        connection.relayed(up, down);
+        connection.ends(EndReason::of(&ending));
+        if access_log::json() {
+            access_log::Record {
+                udp: false,
+                client: peer,
+                orig_dst,
+                upstream: &options.upstream,
+                bytes_up: up,
+                bytes_down: down,
+                datagrams: None,
+                duration: started.elapsed(),
+                end: EndReason::of(&ending).name(),
+                detail: ending.to_string(),
+            }
+            .write();
+            return;
+        }
         info!(
             "{peer} -> {orig_dst}: {up} bytes up, {down} bytes down, {:.1} ms, {ending}",
             started.elapsed().as_secs_f64() * 1e3
@@ -217,15 +241,19 @@ async fn handle(
     let connect = upstream::connect(&options.upstream, peer, orig_dst, options.outbound);
     let upstream = tokio::select! {
         connected = connect => match connected {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                connection.connected(started.elapsed());
+                stream
+            }
             Err(e) => {
+                connection.connect_failed(&e);
                 relay::reset(client);
-                return closing(0, 0, Ending::Refused(e));
+                return closing(connection, 0, 0, Ending::Refused(e));
             }
         },
         () = options.live.cut_off() => {
             relay::reset(client);
-            return closing(0, 0, Ending::Drain);
+            return closing(connection, 0, 0, Ending::Drain);
         }
     };
     let (idle, drain) = (options.idle_timeout, options.live.cut_off());
@@ -233,5 +261,5 @@ async fn handle(
         Some(kernel) => sockmap::relay(kernel, client, upstream, idle, drain).await,
         None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
     };
-    closing(outcome.up, outcome.down, outcome.ending);
+    closing(connection, outcome.up, outcome.down, outcome.ending);
 }

@@ -38,6 +38,8 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::{io::Interest, net::UdpSocket, sync::mpsc};
 
 use crate::{
+    access_log,
+    metrics::{self, UdpTally},
     tproxy::{
         ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
         sockopt::transparent_socket,
@@ -315,10 +317,14 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
         }
         let sessions = Arc::clone(&sessions);
         let options = Arc::clone(&options);
+        let counted = metrics::UdpSession::created();
         tokio::spawn(async move {
-            if let Err(e) = session(client, orig_dst, rx, &options).await {
-                info!("udp {client} -> {orig_dst}: {e}");
-            }
+            let started = Instant::now();
+            let mut tally = UdpTally::default();
+            let result = session(client, orig_dst, rx, &options, &mut tally).await;
+            counted.relayed(&tally);
+            drop(counted);
+            closing(client, orig_dst, &options, started, &tally, result);
             if let Ok(mut s) = sessions.lock() {
                 s.remove(&key);
             }
@@ -397,35 +403,86 @@ fn connected_socket(
     UdpSocket::from_std(socket.into())
 }
 
+/// The session's closing line, or its access log record.
+fn closing(
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    options: &UdpOptions,
+    started: Instant,
+    tally: &UdpTally,
+    result: io::Result<()>,
+) {
+    if access_log::json() {
+        let (end, detail) = match &result {
+            Ok(()) => ("idle", "idle".to_owned()),
+            Err(e) => ("error", e.to_string()),
+        };
+        access_log::Record {
+            udp: true,
+            client,
+            orig_dst,
+            upstream: &options.upstream,
+            bytes_up: tally.bytes_up,
+            bytes_down: tally.bytes_down,
+            datagrams: Some((tally.datagrams_up, tally.datagrams_down)),
+            duration: started.elapsed(),
+            end,
+            detail,
+        }
+        .write();
+        return;
+    }
+    match result {
+        Ok(()) => info!(
+            "udp {client} -> {orig_dst}: {} datagrams up, {} down, {:.1} s",
+            tally.datagrams_up,
+            tally.datagrams_down,
+            started.elapsed().as_secs_f64()
+        ),
+        Err(e) => info!("udp {client} -> {orig_dst}: {e}"),
+    }
+}
+
 async fn session(
     client: SocketAddr,
     orig_dst: SocketAddr,
     mut queued: mpsc::Receiver<Vec<u8>>,
     options: &UdpOptions,
+    tally: &mut UdpTally,
 ) -> io::Result<()> {
-    let started = Instant::now();
     let upstream = UdpUpstream::open(client, orig_dst, options).await?;
     // The outbound mark on the reply socket too: with `--local` its connect to a local
     // client must not be taken for a local connection to intercept.
     let reply = connected_socket(Some(orig_dst), client, Some(options.outbound.mark))?;
-    let (mut up, mut down) = (0u64, 0u64);
+    let up = |tally: &mut UdpTally, n: usize| {
+        tally.datagrams_up += 1;
+        tally.bytes_up += n as u64;
+    };
+    let down = |tally: &mut UdpTally, n: usize| {
+        tally.datagrams_down += 1;
+        tally.bytes_down += n as u64;
+    };
     loop {
         tokio::select! {
             Some(datagram) = queued.recv() => {
                 upstream.send(&datagram).await?;
-                up += 1;
+                up(tally, datagram.len());
             }
             r = reply.readable() => {
                 r?;
+                let mut n = 0;
                 let forwarded = forward(
-                    |buf| reply.try_recv(buf).map(|n| 0..n),
-                    |payload| upstream.try_send(payload),
+                    |buf| reply.try_recv(buf).map(|len| 0..len),
+                    |payload| {
+                        n = payload.len();
+                        upstream.try_send(payload)
+                    },
                 );
                 match forwarded {
-                    Ok(None) => up += 1,
+                    Ok(None) => up(tally, n),
                     Ok(Some(blocked)) => {
                         upstream.send(&blocked).await?;
-                        up += 1;
+                        up(tally, n);
                     }
                     // Readiness without a datagram (already taken, or a bad checksum).
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -434,15 +491,19 @@ async fn session(
             }
             r = upstream.readable() => {
                 r?;
+                let mut n = 0;
                 let forwarded = forward(
                     |buf| upstream.try_recv(buf),
-                    |payload| reply.try_send(payload).map(drop),
+                    |payload| {
+                        n = payload.len();
+                        reply.try_send(payload).map(drop)
+                    },
                 );
                 match forwarded {
-                    Ok(None) => down += 1,
+                    Ok(None) => down(tally, n),
                     Ok(Some(blocked)) => {
                         reply.send(&blocked).await?;
-                        down += 1;
+                        down(tally, n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // ICMP port unreachable from the server: nothing listens there.
@@ -452,12 +513,7 @@ async fn session(
                     Err(e) => return Err(e),
                 }
             }
-            () = tokio::time::sleep(options.idle_timeout) => break,
+            () = tokio::time::sleep(options.idle_timeout) => return Ok(()),
         }
     }
-    info!(
-        "udp {client} -> {orig_dst}: {up} datagrams up, {down} down, {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
 }

@@ -73,6 +73,18 @@ impl Agent {
         Agent::spawn_command(command, &mounts.netns, args).ready()
     }
 
+    /// [`Agent::start`] with the agent's stdout (where `--access-log json` writes) sent
+    /// to the file `stdout`.
+    pub fn start_with_stdout(ns: &Netns, args: &[&str], stdout: &std::path::Path) -> Agent {
+        let mut command = ns.command("sh");
+        // The shell execs the agent: the child's pid stays the agent's.
+        command
+            .arg("-c")
+            .arg(format!("exec \"$0\" \"$@\" > '{}'", stdout.display()))
+            .arg(env!("CARGO_BIN_EXE_proxy"));
+        Agent::spawn_command(command, &ns.name, args).ready()
+    }
+
     /// Starts `command ARGS` (the agent binary, wrapped to enter the network namespace
     /// `netns`).
     fn spawn_command(mut command: Command, netns: &str, args: &[&str]) -> Agent {
