@@ -114,28 +114,15 @@ pub struct LocalResults {
     pub agent_warnings: Vec<String>,
 }
 
-pub fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.retain(|x| x.is_finite());
-    if v.is_empty() {
-        return None;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    Some(if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    })
-}
-
 impl LocalResults {
     /// The median over a case's runs of one value of each run.
     pub fn median(&self, case: Case, value: impl Fn(&LocalRun) -> f64) -> Option<f64> {
-        median(
+        report::median(
             self.runs[case.index()]
                 .iter()
                 .flatten()
                 .map(value)
+                .filter(|v| v.is_finite())
                 .collect(),
         )
     }
@@ -151,8 +138,9 @@ impl LocalResults {
                 (Some(x), Some(y)) if value(y) > 0.0 => Some(value(x) / value(y)),
                 _ => None,
             })
+            .filter(|r: &f64| r.is_finite())
             .collect();
-        median(ratios)
+        report::median(ratios)
     }
 }
 

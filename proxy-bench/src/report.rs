@@ -26,18 +26,22 @@ impl Series {
     }
 
     pub fn median(&self, kind: Kind) -> Option<f64> {
-        let mut v: Vec<f64> = self.runs[kind.index()].iter().flatten().copied().collect();
-        if v.is_empty() {
-            return None;
-        }
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        Some(if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        })
+        median(self.runs[kind.index()].iter().flatten().copied().collect())
     }
+}
+
+/// The median of `values` (the mean of the middle two for an even count); `None` if empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    Some(if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    })
 }
 
 /// One measurement of the agent's memory with idle connections open through it.

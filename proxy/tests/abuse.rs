@@ -330,8 +330,7 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     let gw = Gateway::new("statsslow").expect("topology");
     // Enough rules for a report larger than a Unix socket's buffer (about 200 KiB), so a
     // client that does not read leaves the agent's write pending.
-    let dir = std::env::temp_dir().join(format!("proxy-stats-slow-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-stats-slow");
     let path = dir.join("rules.toml");
     let mut text = String::from("[defaults]\non_port = 50080\n");
     text.push_str(&common::unused_prefix_rules(4_000, |_| "80".into()));
@@ -372,7 +371,6 @@ fn a_stats_client_that_never_reads_is_dropped_and_blocks_no_one() {
     let after = open_fds(pid);
     drop(silent);
     agent.stop_ok();
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(
         held > before,
         "the silent client was not accepted ({before} -> {held})"

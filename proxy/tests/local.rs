@@ -65,6 +65,25 @@ fn helper_client_process() {
     }
 }
 
+/// `proxy run --local --cgroup CGROUP`, also on the router's client side, intercepting port
+/// 80 (`protocols`: `tcp` or `tcp,udp`) for the built-in listener on port 50080.
+fn local_agent_args<'a>(cgroup: &'a str, protocols: &'a str) -> [&'a str; 12] {
+    [
+        "run",
+        "--local",
+        "--cgroup",
+        cgroup,
+        "--iface",
+        "r0",
+        "--dport",
+        "80",
+        "--on-port",
+        "50080",
+        "--protocol",
+        protocols,
+    ]
+}
+
 fn mark_of(fd: &impl std::os::fd::AsFd) -> u32 {
     socket2::SockRef::from(fd).mark().unwrap_or(u32::MAX)
 }
@@ -357,23 +376,7 @@ fn local_connections_in_the_cgroup_are_proxied_and_nothing_else_is() {
         ServerMode::Reply,
     );
     let _udp = UdpServer::start(&gw.server, 80);
-    let agent = Agent::start(
-        &gw.router,
-        &[
-            "run",
-            "--local",
-            "--cgroup",
-            &app.name(),
-            "--iface",
-            "r0",
-            "--dport",
-            "80",
-            "--on-port",
-            "50080",
-            "--protocol",
-            "tcp,udp",
-        ],
-    );
+    let agent = Agent::start(&gw.router, &local_agent_args(&app.name(), "tcp,udp"));
     // The agent itself joins the cgroup: the programs then run for its own upstream
     // sockets too, which carry the outbound mark before connect and must be left alone.
     std::fs::write(app.dir.join("cgroup.procs"), agent.pid().to_string())
@@ -484,23 +487,7 @@ fn connections_to_the_hosts_own_addresses_go_direct() {
         SocketAddr::from((SERVER_V4, 80)),
         ServerMode::Reply,
     );
-    let agent = Agent::start(
-        &gw.router,
-        &[
-            "run",
-            "--local",
-            "--cgroup",
-            &app.name(),
-            "--iface",
-            "r0",
-            "--dport",
-            "80",
-            "--on-port",
-            "50080",
-            "--protocol",
-            "tcp,udp",
-        ],
-    );
+    let agent = Agent::start(&gw.router, &local_agent_args(&app.name(), "tcp,udp"));
 
     let direct = |addr: SocketAddr, op: &str, what: &str| {
         let got = exchanges(&app.client(&gw.router, &format!("{op} {addr} 2")), what);
@@ -595,18 +582,7 @@ fn a_crash_with_local_keeps_it_fail_closed_a_restart_takes_over_and_cleanup_remo
         ServerMode::Reply,
     );
     let name = app.name();
-    let args = [
-        "run",
-        "--local",
-        "--cgroup",
-        &name,
-        "--iface",
-        "r0",
-        "--dport",
-        "80",
-        "--on-port",
-        "50080",
-    ];
+    let args = local_agent_args(&name, "tcp");
     let v4 = SocketAddr::from((SERVER_V4, 80));
     let rules_before = common::ip_stdout(&gw.router, &["rule", "show"]);
     let proxied = |what: &str, agent: &Agent| {
@@ -718,8 +694,7 @@ fn per_rule_cgroups_from_a_rules_file_and_a_reload_that_swaps_them() {
     let port81 = SocketAddr::from((SERVER_V4, 81));
     let _s80 = Server::start(&gw.server, port80, ServerMode::Reply);
     let _s81 = Server::start(&gw.server, port81, ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-local-rules-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-local-rules");
     let file = dir.join("rules.toml");
     std::fs::write(&file, per_cgroup_rules(&a, &b)).expect("writing the rules file");
     let (a_name, b_name) = (a.name(), b.name());
@@ -767,7 +742,6 @@ fn per_rule_cgroups_from_a_rules_file_and_a_reload_that_swaps_them() {
     let log = agent.stop_ok();
     assert_eq!(counter(&log, "local_marked"), 4, "{log}");
     assert_eq!(counter(&log, "local_out_of_scope"), 4, "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A rule scoped to a cgroup outside the `--cgroup` paths would never apply (the programs do
@@ -779,8 +753,7 @@ fn a_rule_cgroup_outside_the_cgroup_paths_is_refused() {
     let gw = Gateway::new("lscope").expect("topology");
     let inside = TestCgroup::create("scope-in");
     let outside = TestCgroup::create("scope-out");
-    let dir = std::env::temp_dir().join(format!("proxy-local-scope-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-local-scope");
     let file = dir.join("rules.toml");
     let rules_for = |cgroup: &TestCgroup| {
         format!(
@@ -827,5 +800,4 @@ fn a_rule_cgroup_outside_the_cgroup_paths_is_refused() {
     );
     assert!(got[0].proxied(), "the rules in force went: {got:?}");
     agent.stop_ok();
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -224,8 +224,7 @@ fn metrics_count_five_proxied_connections_and_keep_a_kept_rules_counters_across_
     require_root();
     let gw = Gateway::new("metrics").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-metrics-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-metrics");
     let rules = dir.join("rules.toml");
     let rule_1 = "[[rule]]\ndport = \"80\"\non_port = 50080\n";
     write_rules(&rules, rule_1);
@@ -352,7 +351,6 @@ fn metrics_count_five_proxied_connections_and_keep_a_kept_rules_counters_across_
     );
 
     agent.stop_ok();
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -370,8 +368,7 @@ fn access_log_json_writes_one_object_per_connection_and_udp_session() {
             let _ = socket.send_to(&buf[..n], peer);
         }
     });
-    let dir = std::env::temp_dir().join(format!("proxy-accesslog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-accesslog");
     let out = dir.join("stdout");
     let agent = Agent::start_with_stdout(
         &gw.router,
@@ -469,7 +466,6 @@ fn access_log_json_writes_one_object_per_connection_and_udp_session() {
     let log = agent.stop_ok();
     assert!(!log.contains("bytes up,"), "{log}");
     assert!(!log.contains("datagrams up,"), "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -35,8 +35,7 @@ fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
     let gw = Gateway::new("reload").expect("topology");
     let _s80 = Server::start(&gw.server, server(80), ServerMode::Echo);
     let _s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-reload");
     let rules = dir.join("rules.toml");
     write_rules(&rules, "[[rule]]\ndport = \"80\"\non_port = 50080\n");
     let config = rules.to_str().expect("utf-8 path");
@@ -93,7 +92,6 @@ fn config_file_rules_reload_on_sighup_and_live_connections_survive() {
 
     let log = agent.stop_ok();
     assert!(common::counter(&log, "diverted") >= 2, "{log}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -197,8 +195,7 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
     require_root();
     let gw = Gateway::new("10k").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-10k-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-10k");
     let rules = dir.join("rules.toml");
     // 9,999 rules for prefixes nobody uses, then the server's: the packet must find the
     // last rule, with the same two lookups as the first.
@@ -239,7 +236,6 @@ fn ten_thousand_rules_load_and_the_last_one_matches() {
         .find(|l| l.contains("rule 10000: packets="))
         .expect("line");
     assert!(!last.contains("packets=0 "), "{last}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Rules for the crash tests: port 80 with the default no-socket behaviour (drop, as the
@@ -356,8 +352,7 @@ fn a_crash_keeps_the_rules(attach: &str) {
     let mounts = Mounts::new(&gw.router);
     let s80 = Server::start(&gw.server, server(80), ServerMode::Reply);
     let s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-crash-{attach}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new(&format!("proxy-crash-{attach}"));
     let config = dir.join("rules.toml");
     write_rules(&config, CRASH_RULES);
     let args = [
@@ -476,7 +471,6 @@ fn a_crash_keeps_the_rules(attach: &str) {
     assert_nothing_left(&gw, &mounts, &rules_before);
     let direct = exchange_from_client(&gw, server(80), b"after");
     assert!(direct.starts_with(&client), "{direct}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -85,8 +85,7 @@ fn a_root_agent_keeps_only_what_it_needs_and_still_reloads_and_follows_addresses
     let gw = Gateway::new("caps").expect("topology");
     let _s80 = Server::start(&gw.server, server(80), ServerMode::Reply);
     let _s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
-    let dir = std::env::temp_dir().join(format!("proxy-caps-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-caps");
     let rules = dir.join("rules.toml");
     std::fs::write(&rules, "[[rule]]\ndport = \"80\"\non_port = 50080\n").expect("rules");
     let config = rules.to_str().expect("utf-8 path");
@@ -144,7 +143,6 @@ fn a_root_agent_keeps_only_what_it_needs_and_still_reloads_and_follows_addresses
     );
     let rules_left = common::ip_stdout(&gw.router, &["rule", "show"]);
     assert!(!rules_left.contains("proto 211"), "{rules_left}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// bpffs as systemd mounts it (root's, mode 0700), then what the unit's `ExecStartPre=+`

@@ -118,8 +118,7 @@ impl Load {
 fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
     require_root();
     let gw = Gateway::new("reload-atomic").expect("topology");
-    let dir = std::env::temp_dir().join(format!("proxy-atomic-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-atomic-reload");
     let path = dir.join("rules.toml");
     std::fs::write(&path, rules_file(true)).expect("rules file");
     let config = path.to_str().expect("utf-8 path").to_owned();
@@ -155,7 +154,6 @@ fn reloads_under_load_alternating_rule_orders_misroute_and_drop_nothing() {
         let _ = l.join();
     }
     let log = agent.stop_ok();
-    let _ = std::fs::remove_dir_all(&dir);
 
     let done = reloaded.unwrap_or_else(|i| panic!("reload {i} did not finish:\n{log}"));
     let accepted = accepted.lock().expect("lock").clone();
@@ -246,8 +244,7 @@ fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing
     let gw = Gateway::new("reload-builtin").expect("topology");
     let _s80 = common::Server::start(&gw.server, server(80), common::ServerMode::Echo);
     let _s81 = common::Server::start(&gw.server, server(81), common::ServerMode::Echo);
-    let dir = std::env::temp_dir().join(format!("proxy-builtin-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = common::TempDir::new("proxy-builtin-reload");
     let path = dir.join("rules.toml");
     let rules = |i: usize| {
         let p_port = if i.is_multiple_of(2) { 50080 } else { 50082 };
@@ -264,7 +261,6 @@ fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing
     load_stop.store(true, Ordering::Relaxed);
     let load = load.join().expect("load thread").expect("client namespace");
     let log = agent.stop_ok();
-    let _ = std::fs::remove_dir_all(&dir);
     let done = reloaded.unwrap_or_else(|i| panic!("reload {i} did not finish:\n{log}"));
     eprintln!(
         "{done} reloads (built-in listeners); {} exchanges, {} failed, {} slow",
