@@ -38,6 +38,7 @@ use tokio::{
 use crate::{
     Plan,
     load::{self, ConnLoad, NsRuntime, OTHER_PORT, PORT, REQUEST, RESPONSE, Server},
+    report,
     setup::{Agent, ON_PORT},
 };
 
