@@ -487,12 +487,6 @@ impl Classifier {
         Ok(())
     }
 
-    /// The settings that apply to every packet, as last written (the default before).
-    pub fn config(&self) -> Result<GlobalConfig, EbpfError> {
-        let map: Array<&MapData, GlobalConfig> = map_ref(&self.ebpf, MAP_CONFIG)?;
-        map.get(&0, 0).map_err(map_err(MAP_CONFIG))
-    }
-
     /// Writes the settings that apply to every packet.
     pub(crate) fn set_config(&mut self, config: GlobalConfig) -> Result<(), EbpfError> {
         let mut map: Array<&mut MapData, GlobalConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;

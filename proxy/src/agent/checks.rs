@@ -1,8 +1,8 @@
 //! Checks of the rules against the other settings, made before anything is touched. A
 //! reload runs them again on its new rules.
 
-use super::AgentError;
-use crate::{cgroup::Cgroup, config::ListenerMode, rules::Rule};
+use super::{AgentError, LocalScope};
+use crate::{config::ListenerMode, rules::Rule};
 
 /// Checks that this version can serve `rules` with the chosen listener mode.
 pub fn check_supported(rules: &[Rule], mode: ListenerMode) -> Result<(), AgentError> {
@@ -40,27 +40,24 @@ pub fn check_outbound_mark(rules: &[Rule], outbound_mark: u32) -> Result<(), Age
     Ok(())
 }
 
-/// A rule's own cgroups (`cgroup = [...]` in a rules file) must lie inside the `--cgroup`
-/// paths: the cgroup programs run only where those attach them, so a rule scoped to a
-/// cgroup elsewhere would never apply and its traffic would go past the proxy unseen.
-/// Without `--cgroup` the programs are attached at the root and every cgroup is inside.
-pub fn check_local_scope(rules: &[Rule], attach_paths: &[String]) -> Result<(), AgentError> {
-    if attach_paths.is_empty() {
+/// A rule's own cgroups (`cgroup = [...]` in a rules file) must lie inside the cgroups the
+/// programs are attached to (the `--cgroup` paths, else the root, which holds every one):
+/// the programs run only there, so a rule scoped to a cgroup elsewhere would never apply
+/// and its traffic would go past the proxy unseen.
+pub fn check_local_scope(rules: &[Rule], local: Option<&LocalScope>) -> Result<(), AgentError> {
+    let Some(local) = local else {
         return Ok(());
-    }
-    let attached = attach_paths
-        .iter()
-        .map(|p| Cgroup::resolve(p))
-        .collect::<Result<Vec<_>, _>>()?;
+    };
     for (i, rule) in rules.iter().enumerate() {
         for cgroup in rule.local.iter().flatten() {
-            if !attached.iter().any(|a| cgroup.is_within(a)) {
+            if !local.attach_to.iter().any(|a| cgroup.is_within(a)) {
+                let attached: Vec<&str> = local.attach_to.iter().map(|a| a.name.as_str()).collect();
                 return Err(AgentError::Unsupported(format!(
                     "rule {}: cgroup {} lies outside the --cgroup paths ({}), where the \
                      programs that would apply it do not run",
                     i + 1,
                     cgroup.name,
-                    attach_paths.join(", ")
+                    attached.join(", ")
                 )));
             }
         }

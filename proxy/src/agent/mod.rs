@@ -65,6 +65,8 @@ struct Agent {
     interfaces: Interfaces,
     listeners: Listeners,
     installed: Installed,
+    /// `--local`: where the cgroup programs are attached, for the agent's whole run.
+    local: Option<LocalScope>,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
@@ -84,7 +86,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let mut rules = args.rules()?;
     checks::check_supported(&rules, args.listener)?;
     checks::check_outbound_mark(&rules, args.outbound_mark)?;
-    checks::check_local_scope(&rules, &args.cgroups)?;
+    checks::check_local_scope(&rules, local.as_ref())?;
     // What would stop interception, logged; the refusals stay the ones below.
     crate::doctor::log_at_start(&args).await;
     if args.spoof_source && args.ifaces.len() < 2 {
@@ -222,9 +224,10 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         interfaces,
         listeners,
         installed,
+        local,
     };
     let result = async {
-        start(&mut agent, pending, &headers, local.as_ref()).await?;
+        start(&mut agent, pending, &headers).await?;
         agent.serve(&mut signals, &mut inputs).await
     }
     .await;
@@ -243,7 +246,6 @@ async fn start(
     agent: &mut Agent,
     pending: Pending,
     headers: &[LinkHeader],
-    local: Option<&LocalScope>,
 ) -> Result<(), AgentError> {
     let Agent {
         args,
@@ -251,6 +253,7 @@ async fn start(
         interfaces,
         listeners,
         installed,
+        local,
         ..
     } = agent;
     installed.sysctls.start()?;
@@ -297,6 +300,7 @@ async fn stop(
         interfaces,
         mut listeners,
         mut installed,
+        local: _,
     } = agent;
     drain::drain(
         &mut listeners,

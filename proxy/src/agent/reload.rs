@@ -3,25 +3,25 @@
 //! accepted live on: their packets find their sockets through the established lookup,
 //! under the new rules or the return path.
 //!
-//! [`plan`] first, where nothing a packet can see changes; then [`apply`], in an order that
-//! never lets a packet meet a half-made rule: the new rules' listeners and routes first,
-//! then the classifier's generation switch (atomic, see [`crate::generation`]), and only
-//! after it the old generation's tables, routes and listeners. A failure before the switch
+//! [`Agent::plan`] first, where nothing a packet can see changes; then [`Agent::apply`], in
+//! an order that never lets a packet meet a half-made rule: the new rules' listeners and
+//! routes first, then the classifier's generation switch (atomic, see
+//! [`crate::generation`]), and only after it the old generation's tables, routes and
+//! listeners. A failure before the switch
 //! undoes what was added ([`roll_back`]) and leaves the rules in force as they were.
 
 use log::{error, info, warn};
 
 use super::{
-    AgentError, global_config,
+    Agent, AgentError, LocalScope, global_config,
     listeners::{Listeners, Pending},
     marks, report,
     slots::{self, Keys},
 };
-use proxy_common::GlobalConfig;
 
 use crate::{
+    access_log,
     config::{ListenerMode, RunArgs},
-    ebpf::Classifier,
     error_chain, generation,
     routing::PolicyRouting,
     rules::{self, Compiled, Rule},
@@ -36,110 +36,111 @@ struct Plan {
     obsolete: Keys,
 }
 
-/// Reloads `--config` (see the module docs) and returns the rules now in force.
-pub async fn reload(
-    args: &RunArgs,
-    classifier: &mut Classifier,
-    routing: &mut PolicyRouting,
-    listeners: &mut Listeners,
-    in_force: &[Rule],
-) -> Result<Vec<Rule>, AgentError> {
-    let plan = plan(args, listeners)?;
-    apply(plan, args, classifier, routing, listeners, in_force).await
-}
-
-/// Reads and checks the new rules, numbers their listeners and opens the new ones.
-fn plan(args: &RunArgs, listeners: &Listeners) -> Result<Plan, AgentError> {
-    let Some(path) = &args.config else {
-        return Err(AgentError::Unsupported(
-            "SIGHUP: nothing to reload (the rules come from flags, not --config)".into(),
-        ));
-    };
-    info!("SIGHUP: reloading {}", path.display());
-    let mut rules = args.rules()?;
-    super::checks::check_supported(&rules, args.listener)?;
-    super::checks::check_outbound_mark(&rules, args.outbound_mark)?;
-    super::checks::check_local_scope(&rules, &args.cgroups)?;
-    let (pending, obsolete) = if args.listener == ListenerMode::Builtin {
-        let (running_tcp, running_udp) = listeners.running();
-        let slots = slots::plan(&rules, &running_tcp, &running_udp)?;
-        slots.assign(&mut rules);
-        (Pending::open(&slots, listeners.workers())?, slots.obsolete)
-    } else {
-        (Pending::default(), Keys::default())
-    };
-    let compiled = rules::compile(&rules)?;
-    Ok(Plan {
-        rules,
-        compiled,
-        pending,
-        obsolete,
-    })
-}
-
-/// Puts `plan` in force: what the new rules need, the switch, then the old generation
-/// retired. Before the switch an error is rolled back; after it, it is reported.
-async fn apply(
-    plan: Plan,
-    args: &RunArgs,
-    classifier: &mut Classifier,
-    routing: &mut PolicyRouting,
-    listeners: &mut Listeners,
-    in_force: &[Rule],
-) -> Result<Vec<Rule>, AgentError> {
-    let Plan {
-        rules,
-        compiled,
-        pending,
-        obsolete,
-    } = plan;
-    let added = pending.keys();
-    let switched = async {
-        routing.add(&marks(&rules)).await?;
-        listeners.start(classifier, pending)?;
-        classifier.install_rules(&rules, &compiled)?;
-        Ok::<(), AgentError>(())
+impl Agent {
+    /// Reloads `--config` (see the module docs); on success the new rules are in force,
+    /// and in `self.rules`.
+    pub async fn reload(&mut self) -> Result<(), AgentError> {
+        let plan = Self::plan(&self.args, &self.listeners, self.local.as_ref())?;
+        let rules = self.apply(plan).await?;
+        access_log::rules_in_force(&rules);
+        self.rules = rules;
+        Ok(())
     }
-    .await;
-    if let Err(e) = switched {
-        roll_back(routing, listeners, &added, in_force).await;
-        return Err(e);
-    }
-    // The new rules are in force from here on: what fails now is reported, not undone.
-    // The local scope (`--local`) is the agent's for its whole run: kept as it is.
-    let config = classifier.config().map(|current| GlobalConfig {
-        netns_cookie: current.netns_cookie,
-        agent_cgroup_id: current.agent_cgroup_id,
-        ..global_config(&rules, args.outbound_mark, None)
-    });
-    if let Err(e) = config.and_then(|config| classifier.set_config(config)) {
-        error!(
-            "reload: the new rules are in force but the return-path mark was not updated: {}",
-            error_chain(&e)
-        );
+    /// Reads and checks the new rules, numbers their listeners and opens the new ones.
+    fn plan(
+        args: &RunArgs,
+        listeners: &Listeners,
+        local: Option<&LocalScope>,
+    ) -> Result<Plan, AgentError> {
+        let Some(path) = &args.config else {
+            return Err(AgentError::Unsupported(
+                "SIGHUP: nothing to reload (the rules come from flags, not --config)".into(),
+            ));
+        };
+        info!("SIGHUP: reloading {}", path.display());
+        let mut rules = args.rules()?;
+        super::checks::check_supported(&rules, args.listener)?;
+        super::checks::check_outbound_mark(&rules, args.outbound_mark)?;
+        super::checks::check_local_scope(&rules, local)?;
+        let (pending, obsolete) = if args.listener == ListenerMode::Builtin {
+            let (running_tcp, running_udp) = listeners.running();
+            let slots = slots::plan(&rules, &running_tcp, &running_udp)?;
+            slots.assign(&mut rules);
+            (Pending::open(&slots, listeners.workers())?, slots.obsolete)
+        } else {
+            (Pending::default(), Keys::default())
+        };
+        let compiled = rules::compile(&rules)?;
+        Ok(Plan {
+            rules,
+            compiled,
+            pending,
+            obsolete,
+        })
     }
 
-    // Retire the old generation once every classifier run that read its number is over.
-    if let Err(e) = tokio::task::spawn_blocking(generation::wait_for_readers).await {
-        warn!("reload: waiting for the classifier's readers: {e}");
-        tokio::time::sleep(generation::FALLBACK_WAIT).await;
+    /// Puts `plan` in force: what the new rules need, the switch, then the old generation
+    /// retired. Before the switch an error is rolled back; after it, it is reported.
+    async fn apply(&mut self, plan: Plan) -> Result<Vec<Rule>, AgentError> {
+        let Agent {
+            args,
+            rules: in_force,
+            listeners,
+            installed,
+            local,
+            ..
+        } = self;
+        let (classifier, routing) = (&mut installed.classifier, &mut installed.routing);
+        let Plan {
+            rules,
+            compiled,
+            pending,
+            obsolete,
+        } = plan;
+        let added = pending.keys();
+        let switched = async {
+            routing.add(&marks(&rules)).await?;
+            listeners.start(classifier, pending)?;
+            classifier.install_rules(&rules, &compiled)?;
+            Ok::<(), AgentError>(())
+        }
+        .await;
+        if let Err(e) = switched {
+            roll_back(routing, listeners, &added, in_force).await;
+            return Err(e);
+        }
+        // The new rules are in force from here on: what fails now is reported, not undone.
+        if let Err(e) =
+            classifier.set_config(global_config(&rules, args.outbound_mark, local.as_ref()))
+        {
+            error!(
+                "reload: the new rules are in force but the return-path mark was not updated: {}",
+                error_chain(&e)
+            );
+        }
+
+        // Retire the old generation once every classifier run that read its number is over.
+        if let Err(e) = tokio::task::spawn_blocking(generation::wait_for_readers).await {
+            warn!("reload: waiting for the classifier's readers: {e}");
+            tokio::time::sleep(generation::FALLBACK_WAIT).await;
+        }
+        if let Err(e) = classifier.retire_previous() {
+            warn!(
+                "reload: clearing the old rule tables (retried on the next reload): {}",
+                error_chain(&e)
+            );
+        }
+        if let Err(e) = routing.install(&marks(&rules)).await {
+            warn!(
+                "reload: removing the old rules' routes: {}",
+                error_chain(&e)
+            );
+        }
+        listeners.close(&obsolete).await;
+        report::log_rules(&rules);
+        info!("reloaded: {} rule(s) in force", rules.len());
+        Ok(rules)
     }
-    if let Err(e) = classifier.retire_previous() {
-        warn!(
-            "reload: clearing the old rule tables (retried on the next reload): {}",
-            error_chain(&e)
-        );
-    }
-    if let Err(e) = routing.install(&marks(&rules)).await {
-        warn!(
-            "reload: removing the old rules' routes: {}",
-            error_chain(&e)
-        );
-    }
-    listeners.close(&obsolete).await;
-    report::log_rules(&rules);
-    info!("reloaded: {} rule(s) in force", rules.len());
-    Ok(rules)
 }
 
 /// Undoes what a reload added before its switch failed: the new listeners (closing one

@@ -6,8 +6,8 @@
 use log::{debug, error, info};
 use tokio::{net::UnixListener, sync::mpsc::UnboundedReceiver, time::Interval};
 
-use super::{Agent, AgentError, reload::reload, report, signals};
-use crate::{access_log, error_chain, ifaddrs::InterfaceEvent, metrics, stats};
+use super::{Agent, AgentError, report, signals};
+use crate::{error_chain, ifaddrs::InterfaceEvent, metrics, stats};
 
 /// What the loop listens to besides the shutdown signals, made before the start so that
 /// nothing is missed (an address change while the classifier is prepared, a second agent
@@ -37,21 +37,8 @@ impl Agent {
                     return Ok(());
                 }
                 _ = hangup.recv() => {
-                    let installed = &mut self.installed;
-                    let reloaded = reload(
-                        &self.args,
-                        &mut installed.classifier,
-                        &mut installed.routing,
-                        &mut self.listeners,
-                        &self.rules,
-                    )
-                    .await;
-                    match reloaded {
-                        Ok(rules) => {
-                            access_log::rules_in_force(&rules);
-                            self.rules = rules;
-                        }
-                        Err(e) => error!("reload refused, the rules in force stay: {}", error_chain(&e)),
+                    if let Err(e) = self.reload().await {
+                        error!("reload refused, the rules in force stay: {}", error_chain(&e));
                     }
                 }
                 Some(event) = inputs.addr_changes.recv() => {
