@@ -320,6 +320,17 @@ pub struct RuleAction {
 }
 
 impl RuleAction {
+    /// The port of the listener the rule sends to (`--on-port`, else the packet's own
+    /// destination port), network order.
+    #[inline(always)]
+    pub const fn listener_port_be(&self, dport_be: u16) -> u16 {
+        if self.on_port == 0 {
+            dport_be
+        } else {
+            self.on_port.to_be()
+        }
+    }
+
     /// The mark a packet leaves with once assigned (see [`tproxy_mark`]).
     #[inline(always)]
     pub const fn apply_mark(&self, mark: u32) -> u32 {

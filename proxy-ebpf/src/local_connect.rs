@@ -31,7 +31,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{bpf_sock, bpf_sock_tuple},
+    bindings::bpf_sock,
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
         bpf_setsockopt, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
@@ -49,7 +49,7 @@ use crate::{
     maps::{CONFIG, OWN_ADDRS, count},
     parse::Family,
     rules,
-    socket_search::{CURRENT_NETNS, TUPLE_V4_LEN, TUPLE_V6_LEN},
+    socket_search::{self, CURRENT_NETNS},
 };
 
 /// A cgroup sock_addr program's verdict: go on with the connect or send.
@@ -89,9 +89,6 @@ struct Destination {
     protocol: u8,
     daddr: [u8; 16],
     dport_be: u16,
-    /// Loopback and unspecified destinations stay on the host: never intercepted (DNS to
-    /// 127.0.0.53 keeps working whatever the rules say).
-    loopback: bool,
 }
 
 /// Context fields are read one by one with volatile loads: the verifier only accepts
@@ -107,6 +104,9 @@ fn ip4_is_loopback(ip: u32) -> bool {
     ip == 0 || ip.to_ne_bytes()[0] == 127
 }
 
+/// Where the socket connects or sends to, unless that is loopback or unspecified: those
+/// stay on the host and are never intercepted (DNS to 127.0.0.53 keeps working whatever the
+/// rules say).
 #[inline(always)]
 fn destination(ctx: &SockAddrContext, v6: bool) -> Option<Destination> {
     let a = ctx.sock_addr;
@@ -144,12 +144,14 @@ fn destination(ctx: &SockAddrContext, v6: bool) -> Option<Destination> {
         daddr[..4].copy_from_slice(&ip.to_ne_bytes());
         (Family::V4, ip4_is_loopback(ip))
     };
+    if loopback {
+        return None;
+    }
     Some(Destination {
         family,
         protocol,
         daddr,
         dport_be,
-        loopback,
     })
 }
 
@@ -227,24 +229,27 @@ fn own_address(dst: &Destination) -> bool {
     false
 }
 
+/// The destination of a socket in scope and the rule that covers it for this process, if
+/// it is one local interception is for: not loopback, not one of the host's own addresses.
 #[inline(always)]
-fn connect(ctx: &SockAddrContext, v6: bool) {
+fn covered(ctx: &SockAddrContext, v6: bool) -> Option<(Destination, RuleAction)> {
     let config = CONFIG.get(0).copied().unwrap_or_default();
     if !in_scope(ctx, &config) {
-        return;
+        return None;
     }
-    let Some(dst) = destination(ctx, v6) else {
-        return;
-    };
-    if dst.loopback {
-        return;
-    }
-    let Some(action) = local_rule(&dst) else {
-        return;
-    };
+    let dst = destination(ctx, v6)?;
+    let action = local_rule(&dst)?;
     if own_address(&dst) {
-        return;
+        return None;
     }
+    Some((dst, action))
+}
+
+#[inline(always)]
+fn connect(ctx: &SockAddrContext, v6: bool) {
+    let Some((dst, action)) = covered(ctx, v6) else {
+        return;
+    };
     // A connection to the proxy's own listener port is the proxy's, not one to intercept.
     if action.on_port != 0 && action.on_port == u16::from_be(dst.dport_be) {
         return;
@@ -276,22 +281,9 @@ fn connect(ctx: &SockAddrContext, v6: bool) {
 
 #[inline(always)]
 fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
-    let config = CONFIG.get(0).copied().unwrap_or_default();
-    if !in_scope(ctx, &config) {
-        return ALLOW;
-    }
-    let Some(dst) = destination(ctx, v6) else {
+    let Some((_, action)) = covered(ctx, v6) else {
         return ALLOW;
     };
-    if dst.loopback {
-        return ALLOW;
-    }
-    let Some(action) = local_rule(&dst) else {
-        return ALLOW;
-    };
-    if own_address(&dst) {
-        return ALLOW;
-    }
     if action.flags & ACTION_FAIL_OPEN != 0 {
         count(Counter::LocalUnconnectedPassed);
         ALLOW
@@ -306,26 +298,13 @@ fn sendmsg(ctx: &SockAddrContext, v6: bool) -> i32 {
 #[inline(always)]
 fn listener_exists(ctx: &SockAddrContext, action: &RuleAction, dst: &Destination) -> bool {
     let laddr = laddr::listener_addr(action, LOOPBACK_IFINDEX, dst.family, &dst.daddr);
-    let lport_be = if action.on_port == 0 {
-        dst.dport_be
-    } else {
-        action.on_port.to_be()
-    };
-    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let len = match dst.family {
-        Family::V4 => {
-            let v4 = unsafe { &mut t.__bindgen_anon_1.ipv4 };
-            v4.daddr = u32::from_ne_bytes([laddr[0], laddr[1], laddr[2], laddr[3]]);
-            v4.dport = lport_be;
-            TUPLE_V4_LEN
-        }
-        Family::V6 => {
-            let v6 = unsafe { &mut t.__bindgen_anon_1.ipv6 };
-            v6.daddr = unsafe { core::ptr::read_unaligned(laddr.as_ptr().cast()) };
-            v6.dport = lport_be;
-            TUPLE_V6_LEN
-        }
-    };
+    let (mut t, len) = socket_search::tuple(
+        dst.family,
+        &[0; 16],
+        0,
+        &laddr,
+        action.listener_port_be(dst.dport_be),
+    );
     let sk = if dst.protocol == IPPROTO_TCP {
         unsafe { bpf_sk_lookup_tcp(ctx.as_ptr(), &mut t, len, CURRENT_NETNS, 0) }
     } else {

@@ -148,11 +148,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
     let len = ctx.len();
 
     let laddr = laddr::listener_addr(&action, ifindex, packet.family, &packet.daddr);
-    let lport_be = if action.on_port == 0 {
-        packet.dport_be
-    } else {
-        action.on_port.to_be()
-    };
+    let lport_be = action.listener_port_be(packet.dport_be);
     let verdict = match socket_search::find_socket(ctx, &packet, &laddr, lport_be) {
         None => RuleVerdict::NoSocket(Counter::DroppedNoSocket),
         // T5: only a transparent socket may receive the packet.

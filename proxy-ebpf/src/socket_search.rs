@@ -30,9 +30,8 @@ const UDP_SOCKET: u32 = 0;
 /// (the socket's, in the cgroup programs).
 pub(crate) const CURRENT_NETNS: u64 = u64::MAX;
 
-/// The lengths of the IPv4 and IPv6 halves of `bpf_sock_tuple`, as the lookup helpers take.
-pub(crate) const TUPLE_V4_LEN: u32 = 12;
-pub(crate) const TUPLE_V6_LEN: u32 = 36;
+const TUPLE_V4_LEN: u32 = 12;
+const TUPLE_V6_LEN: u32 = 36;
 
 /// Where the transparent flag lives in each kind of socket, computed by the agent from the
 /// kernel's BTF (`proxy::btf`) and set before load. `u32::MAX` offsets: unknown.
@@ -106,8 +105,9 @@ pub enum Found {
     Listener,
 }
 
+/// The lookup helpers' tuple and its length for the family.
 #[inline(always)]
-fn tuple(
+pub(crate) fn tuple(
     family: Family,
     saddr: &[u8; 16],
     sport_be: u16,

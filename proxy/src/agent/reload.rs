@@ -7,8 +7,8 @@
 //! an order that never lets a packet meet a half-made rule: the new rules' listeners and
 //! routes first, then the classifier's generation switch (atomic, see
 //! [`crate::generation`]), and only after it the old generation's tables, routes and
-//! listeners. A failure before the switch
-//! undoes what was added ([`roll_back`]) and leaves the rules in force as they were.
+//! listeners. A failure before the switch undoes what was added ([`roll_back`]) and leaves
+//! the rules in force as they were.
 
 use log::{error, info, warn};
 
