@@ -75,6 +75,19 @@ pub enum TcAttach {
     Netlink,
 }
 
+impl TcAttach {
+    /// Whether the classifier is attached as a TCX link (else clsact + cls_bpf).
+    pub fn uses_tcx(self) -> bool {
+        match self {
+            TcAttach::Auto => {
+                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
+            }
+            TcAttach::Tcx => true,
+            TcAttach::Netlink => false,
+        }
+    }
+}
+
 /// The classifier object, built by `build.rs` from `proxy-ebpf`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/proxy-ebpf"));
 
@@ -603,6 +616,15 @@ impl Classifier {
     /// before its route exists would fail (ENETUNREACH) or leave unproxied.
     pub fn attach_local(&mut self, cgroups: &[Cgroup]) -> Result<(), EbpfError> {
         self.pins.create()?;
+        // A BPF link (5.7+, which aya uses where it can) is always one among many at its
+        // cgroup, and the kernel refuses any flag with it (`cgroup_bpf_link_attach`):
+        // "Single" passes none. On older kernels aya falls back to BPF_PROG_ATTACH, where
+        // this would refuse other programs.
+        let mode = if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
+            CgroupAttachMode::Single
+        } else {
+            CgroupAttachMode::AllowMultiple
+        };
         for cgroup in cgroups {
             let dir = File::open(&cgroup.dir).map_err(|source| EbpfError::CgroupAttach {
                 program: PROG_LOCAL_CONNECT4,
@@ -614,16 +636,6 @@ impl Classifier {
                 let path = self.pins.cgroup_link(name, cgroup.id);
                 let took_over = path.exists();
                 let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-                // A BPF link (5.7+, which aya uses where it can) is always one among many
-                // at its cgroup, and the kernel refuses any flag with it
-                // (`cgroup_bpf_link_attach`): "Single" passes none. On older kernels aya
-                // falls back to BPF_PROG_ATTACH, where this would refuse other programs.
-                let mode =
-                    if KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(5, 7, 0)) {
-                        CgroupAttachMode::Single
-                    } else {
-                        CgroupAttachMode::AllowMultiple
-                    };
                 let link = prog
                     .attach(&dir, mode)
                     .and_then(|id| prog.take_link(id))
@@ -663,13 +675,7 @@ impl Classifier {
         header: LinkHeader,
         how: TcAttach,
     ) -> Result<(), EbpfError> {
-        let tcx = match how {
-            TcAttach::Auto => {
-                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
-            }
-            TcAttach::Tcx => true,
-            TcAttach::Netlink => false,
-        };
+        let tcx = how.uses_tcx();
         self.pins.create()?;
         if !tcx {
             self.add_clsact(iface)?;

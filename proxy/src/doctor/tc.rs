@@ -6,14 +6,11 @@
 //! A cls_bpf filter of ours is added without a priority, which puts it before the filters
 //! already there, so those run after it.
 
-use aya::{
-    programs::{SchedClassifier, TcAttachType},
-    util::KernelVersion,
-};
+use aya::programs::{SchedClassifier, TcAttachType};
 
 use super::{Finding, Settings};
 use crate::{
-    ebpf::{TC_PROGRAMS, TcAttach},
+    ebpf::TC_PROGRAMS,
     tc_filter::{self, BpfFilter},
 };
 
@@ -108,17 +105,8 @@ pub fn ingress(
     findings
 }
 
-/// Whether ours would be a TCX link, as [`crate::ebpf::Classifier::attach`] decides.
-pub fn ours_tcx(how: TcAttach) -> bool {
-    match how {
-        TcAttach::Auto => KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0)),
-        TcAttach::Tcx => true,
-        TcAttach::Netlink => false,
-    }
-}
-
 pub(super) fn check(settings: &Settings<'_>) -> Vec<Finding> {
-    let ours_tcx = ours_tcx(settings.args.tc_attach);
+    let ours_tcx = settings.args.tc_attach.uses_tcx();
     let mut findings = Vec::new();
     for iface in &settings.ifaces {
         let Some(ifindex) = crate::ifaddrs::ifindex(iface) else {
