@@ -24,7 +24,7 @@ use prometheus_client::{
 };
 
 use super::{ClassifierSnapshot, ConnectFailure, DATA_PATH, EndReason};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// The content type of [`encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -76,6 +76,32 @@ fn gauge(value: i64) -> Gauge {
 
 fn label(key: &'static str, value: impl Into<String>) -> Labels {
     vec![(key, value.into())]
+}
+
+/// One counter per reason, labelled `reason`: `all` and `counts` in the same order.
+fn by_reason<R: Copy>(
+    all: &[R],
+    name: fn(R) -> &'static str,
+    counts: &[AtomicU64],
+) -> Family<Labels, Counter> {
+    counters(
+        all.iter()
+            .zip(counts)
+            .map(|(r, n)| (label("reason", name(*r)), n.load(Relaxed))),
+    )
+}
+
+/// The reasons' names, for a family's help text.
+fn reason_names<R: Copy>(all: &[R], name: fn(R) -> &'static str) -> String {
+    all.iter().map(|r| name(*r)).collect::<Vec<_>>().join(", ")
+}
+
+/// A pair of counters labelled `direction`: `up` (client to upstream) and `down`.
+fn up_down(up: &AtomicU64, down: &AtomicU64) -> Family<Labels, Counter> {
+    counters([
+        (label("direction", "up"), up.load(Relaxed)),
+        (label("direction", "down"), down.load(Relaxed)),
+    ])
 }
 
 /// The text of one scrape: the classifier's snapshot (none when the serve loop did not
@@ -156,31 +182,25 @@ pub fn encode(classifier: Option<&ClassifierSnapshot>, kernel_release: &str) -> 
     );
     registry.register(
         "connections_ended",
-        "TCP connections ended, by reason (done, idle, reset, refused, drain, max_connections, loop, refused_destination, error)",
-        counters(
-            EndReason::ALL
-                .iter()
-                .zip(&data.ended)
-                .map(|(r, n)| (label("reason", r.name()), n.load(Relaxed))),
+        format!(
+            "TCP connections ended, by reason ({})",
+            reason_names(&EndReason::ALL, EndReason::name)
         ),
+        by_reason(&EndReason::ALL, EndReason::name, &data.ended),
     );
     registry.register(
         "upstream_connect_failures",
         "Upstream connects that failed, by reason",
-        counters(
-            ConnectFailure::ALL
-                .iter()
-                .zip(&data.connect_failures)
-                .map(|(r, n)| (label("reason", r.name()), n.load(Relaxed))),
+        by_reason(
+            &ConnectFailure::ALL,
+            ConnectFailure::name,
+            &data.connect_failures,
         ),
     );
     registry.register(
         "relayed_bytes",
         "TCP bytes relayed, up (client to upstream) and down, added as each connection ends",
-        counters([
-            (label("direction", "up"), data.bytes_up.load(Relaxed)),
-            (label("direction", "down"), data.bytes_down.load(Relaxed)),
-        ]),
+        up_down(&data.bytes_up, &data.bytes_down),
     );
     let (sum, count, buckets) = data.connect_time.snapshot();
     registry.register_with_unit(
@@ -206,27 +226,12 @@ pub fn encode(classifier: Option<&ClassifierSnapshot>, kernel_release: &str) -> 
     registry.register(
         "udp_datagrams",
         "UDP datagrams relayed, up and down, added as each session ends",
-        counters([
-            (
-                label("direction", "up"),
-                data.udp_datagrams_up.load(Relaxed),
-            ),
-            (
-                label("direction", "down"),
-                data.udp_datagrams_down.load(Relaxed),
-            ),
-        ]),
+        up_down(&data.udp_datagrams_up, &data.udp_datagrams_down),
     );
     registry.register(
         "udp_bytes",
         "UDP payload bytes relayed, up and down, added as each session ends",
-        counters([
-            (label("direction", "up"), data.udp_bytes_up.load(Relaxed)),
-            (
-                label("direction", "down"),
-                data.udp_bytes_down.load(Relaxed),
-            ),
-        ]),
+        up_down(&data.udp_bytes_up, &data.udp_bytes_down),
     );
 
     let info = |key: &'static str, value: &str| {
