@@ -21,6 +21,8 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use proxy_common::{IPPROTO_TCP, IPPROTO_UDP};
+
 use crate::{rules::Rule, upstream::Upstream};
 
 /// `--access-log`.
@@ -63,12 +65,8 @@ fn rule_for(udp: bool, orig_dst: SocketAddr) -> Option<usize> {
     rules
         .iter()
         .position(|r| {
-            (if udp {
-                r.protocols.udp
-            } else {
-                r.protocols.tcp
-            }) && r.dport.contains(orig_dst.port())
-                && (r.dst.is_empty() || r.dst.iter().any(|p| p.contains(&orig_dst.ip())))
+            let protocol = if udp { IPPROTO_UDP } else { IPPROTO_TCP };
+            r.covers(protocol, orig_dst.ip(), orig_dst.port())
         })
         .map(|i| i + 1)
 }

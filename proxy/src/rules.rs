@@ -329,6 +329,14 @@ impl Rule {
         }
     }
 
+    /// Whether the rule covers (protocol, destination, port), whatever the interface or
+    /// process: what the classifier's tables say of it, walked in userspace.
+    pub(crate) fn covers(&self, protocol: u8, dst: IpAddr, port: u16) -> bool {
+        self.protocols.numbers().any(|p| p == protocol)
+            && self.dport.contains(port)
+            && self.prefixes().iter().any(|p| p.contains(&dst))
+    }
+
     fn prefixes(&self) -> Vec<IpNet> {
         if self.dst.is_empty() {
             // 0.0.0.0/0 and ::/0.
@@ -543,11 +551,7 @@ mod tests {
     fn first_match(rules: &[Rule], protocol: u8, dst: Ipv4Addr, port: u16) -> Option<u32> {
         rules
             .iter()
-            .position(|r| {
-                r.protocols.numbers().any(|p| p == protocol)
-                    && r.dport.contains(port)
-                    && r.prefixes().iter().any(|p| p.contains(&IpAddr::V4(dst)))
-            })
+            .position(|r| r.covers(protocol, IpAddr::V4(dst), port))
             .map(|i| i as u32)
     }
 
