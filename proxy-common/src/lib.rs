@@ -380,7 +380,12 @@ pub struct GlobalConfig {
     /// The agent's outbound mark: packets with all these bits set are never touched
     /// (0: none).
     pub bypass_mark: u32,
-    pub _pad: u32,
+    /// Non-zero: no socket can need the return path (T8) for packets that match no rule,
+    /// so the classifier skips its socket lookup and counts
+    /// [`Counter::ReturnPathSkipped`]. The agent sets it only while that holds (the
+    /// built-in listener without `--spoof-source`, and no connection or session live from
+    /// before a reload: `proxy::tproxy::return_path`). Zero, the safe reading, looks up.
+    pub skip_return_path: u32,
     /// `--local`: the agent's network namespace (`SO_NETNS_COOKIE`); the cgroup programs
     /// run for every process of their cgroups whatever its namespace, and leave the
     /// sockets of other namespaces alone. 0: local interception is off.
@@ -463,10 +468,14 @@ pub enum Counter {
     /// addresses ([`MAP_OWN_ADDRS`]), left alone: they never leave the host, and the proxy
     /// would refuse them as local destinations.
     LocalOwnAddress = 25,
+    /// Packets that matched no rule, left alone without the return path's socket lookup
+    /// (T8), because the agent had said no socket could need it
+    /// ([`GlobalConfig::skip_return_path`]). Also counted as [`Counter::NotMatched`].
+    ReturnPathSkipped = 26,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::Seen,
@@ -495,6 +504,7 @@ impl Counter {
         Counter::LocalMarkFailed,
         Counter::LoopbackUnmarked,
         Counter::LocalOwnAddress,
+        Counter::ReturnPathSkipped,
     ];
 
     /// A short snake_case name for logs and `proxy stats`.
@@ -526,6 +536,7 @@ impl Counter {
             Counter::LocalMarkFailed => "local_mark_failed",
             Counter::LoopbackUnmarked => "loopback_unmarked",
             Counter::LocalOwnAddress => "local_own_address",
+            Counter::ReturnPathSkipped => "return_path_skipped",
         }
     }
 }

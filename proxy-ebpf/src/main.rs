@@ -231,8 +231,17 @@ fn assigned(
 /// sockets with its own tuple (a proxy's upstream socket bound to the client's address, or
 /// a connection accepted under a rule that a reload removed). Those are assigned and marked
 /// like the recipe's `-m socket --transparent -j DIVERT` (T8).
+///
+/// The lookup is skipped while the agent says no such socket can exist (its own listener,
+/// no `--spoof-source`, no connection from before a reload): traffic no rule covers then
+/// costs the parse and the rule match only.
 #[inline(always)]
 fn divert(ctx: &TcContext, packet: &parse::Packet, config: &GlobalConfig) -> i32 {
+    if config.skip_return_path != 0 {
+        count(Counter::NotMatched);
+        count(Counter::ReturnPathSkipped);
+        return TC_ACT_UNSPEC;
+    }
     let Some(sk) = socket_search::find_divert_socket(ctx, packet) else {
         count(Counter::NotMatched);
         return TC_ACT_UNSPEC;

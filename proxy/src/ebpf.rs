@@ -508,6 +508,15 @@ impl Classifier {
 
     /// Records the address `nf_tproxy_laddr4/6` would use for an interface (an empty entry:
     /// the packet's own destination).
+    /// Whether packets that match no rule get the return path's socket lookup
+    /// ([`GlobalConfig::skip_return_path`]); the rest of the configuration stays.
+    pub fn set_return_path_lookup(&mut self, lookup: bool) -> Result<(), EbpfError> {
+        let mut map: Array<&mut MapData, GlobalConfig> = map_mut(&mut self.ebpf, MAP_CONFIG)?;
+        let mut config = map.get(&0, 0).map_err(write_err(MAP_CONFIG))?;
+        config.skip_return_path = u32::from(!lookup);
+        map.set(0, config, 0).map_err(write_err(MAP_CONFIG))
+    }
+
     pub(crate) fn set_iface_addrs(
         &mut self,
         ifindex: u32,

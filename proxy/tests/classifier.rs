@@ -151,6 +151,9 @@ struct Case {
     verdict: i32,
     /// The counters (besides `seen`) this frame must move, each by one.
     counters: Vec<Counter>,
+    /// Whether the agent has told the classifier to look up the return path (T8) for
+    /// packets no rule matches; it does unless told otherwise.
+    return_path_lookup: bool,
 }
 
 /// A case that moves `counter`, and `matched` too when `counter` is one of a matched
@@ -180,6 +183,7 @@ fn case_counting(name: &'static str, frame: Vec<u8>, verdict: i32, counters: &[C
         frame,
         verdict,
         counters: counters.to_vec(),
+        return_path_lookup: true,
     }
 }
 
@@ -484,6 +488,9 @@ fn run_cases(
                 .install_rules(&rules, &compiled)
                 .expect("installing rules");
             for case in cases() {
+                classifier
+                    .set_return_path_lookup(case.return_path_lookup)
+                    .expect("configuring the return path");
                 let before = counters(&classifier);
                 let verdict = match classifier.run_on_frame(case.program, &case.frame) {
                     Ok(verdict) => verdict,
@@ -564,6 +571,47 @@ fn a_first_fragment_under_fail_open_passes_only_when_no_socket_is_there() {
             TC_ACT_SHOT,
             &[Counter::Matched, Counter::Fragment],
         )]
+    });
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn the_return_path_finds_a_transparent_socket_unless_the_agent_said_none_can_exist() {
+    // A transparent socket bound to an address no rule covers, with the packet's own
+    // tuple: the proxy's upstream socket under --spoof-source, or a connection accepted
+    // under a rule that a reload removed.
+    let foreign = || {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        socket.set_ip_transparent_v4(true).expect("IP_TRANSPARENT");
+        socket
+            .bind(&std::net::SocketAddr::from((ELSEWHERE4, 81)).into())
+            .expect("bind");
+        socket.listen(8).expect("listen");
+        vec![socket.into()]
+    };
+    let to_it = || ipv4(ELSEWHERE4, TCP, &[], (0, false), &transport(TCP, 81, &[]));
+    let failures = run_cases("return-path", RULE, 1, foreign, || {
+        vec![
+            // The lookup finds the socket. BPF_PROG_TEST_RUN's packet is not at TC
+            // ingress, so `bpf_sk_assign` refuses it (`skb_at_tc_ingress` in
+            // net/core/filter.c): the assignment's failure is what shows the lookup ran.
+            case_counting(
+                "tcp4 to a transparent socket, no rule, return path looked up",
+                to_it(),
+                TC_ACT_UNSPEC,
+                &[Counter::DivertAssignFailed],
+            ),
+            Case {
+                return_path_lookup: false,
+                ..case_counting(
+                    "tcp4 to a transparent socket, no rule, return path skipped",
+                    to_it(),
+                    TC_ACT_UNSPEC,
+                    &[Counter::NotMatched, Counter::ReturnPathSkipped],
+                )
+            },
+        ]
     });
     assert!(failures.is_empty(), "\n{}", failures.join("\n"));
 }

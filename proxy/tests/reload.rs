@@ -270,3 +270,74 @@ fn reloads_under_load_that_move_a_rule_to_another_built_in_listener_drop_nothing
     );
     load.assert_nothing_lost();
 }
+
+#[test]
+fn a_connection_whose_rule_a_reload_removed_keeps_its_return_path_until_it_ends() {
+    // Traffic no rule matches skips the return path's socket lookup while no socket can
+    // need it. A reload that removes the rule of a live connection must turn it on first:
+    // that connection's packets then match no rule, and only the return path finds its
+    // socket. Once it has ended, the lookup goes off again.
+    require_root();
+    let gw = Gateway::new("reload-return-path").expect("topology");
+    let _s80 = common::Server::start(&gw.server, server(80), common::ServerMode::Echo);
+    let _s81 = common::Server::start(&gw.server, server(81), common::ServerMode::Echo);
+    let dir = common::TempDir::new("proxy-return-path");
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, "[[rule]]\ndport = \"80\"\non_port = 50080\n").expect("rules file");
+    let config = path.to_str().expect("utf-8 path").to_owned();
+    // With early demux (`tcp_v4_early_demux`) the stack would find the connection's socket
+    // by itself, before routing, and hide a missing return path; not every host has it on.
+    gw.router
+        .run(|| std::fs::write("/proc/sys/net/ipv4/tcp_early_demux", "0"))
+        .expect("router namespace")
+        .expect("net.ipv4.tcp_early_demux=0 in the router namespace");
+    let agent = Agent::start(&gw.router, &["run", "--iface", "r0", "--config", &config]);
+    const OFF: &str = "return path: not looked up";
+    assert!(agent.log_contains(OFF), "{}", agent.log_text());
+
+    let mut kept = common::connect_kept(&gw, 80, &|| agent.log_text());
+    assert!(common::ask(&mut kept, "before").ends_with("echo=before"));
+    // Port 81 matches no rule: routed, and no lookup.
+    let direct = gw
+        .client
+        .run(|| common::ask_line(server(81), "direct"))
+        .expect("client namespace")
+        .expect("port 81, routed");
+    assert!(direct.ends_with("echo=direct"), "{direct}");
+
+    // The rule for port 80 goes: the kept connection's packets match nothing now.
+    std::fs::write(&path, "[[rule]]\ndport = \"8080\"\non_port = 50080\n").expect("rules file");
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGHUP);
+    agent
+        .wait_for_line(&["reloaded: "], Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("no reload:\n{}", agent.log_text()));
+    for i in 0..3 {
+        let line = format!("after-{i}");
+        assert!(
+            common::ask(&mut kept, &line).ends_with(&format!("echo={line}")),
+            "the connection accepted under the removed rule broke:\n{}",
+            agent.log_text()
+        );
+    }
+    drop(kept);
+    // The grace period after the switch, then the next check.
+    let deadline = Instant::now() + return_path_grace() + Duration::from_secs(5);
+    while agent.log_text().matches(OFF).count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        agent.log_text().matches(OFF).count(),
+        2,
+        "the lookup did not go off once the old connection ended:\n{}",
+        agent.log_text()
+    );
+    let log = agent.stop_ok();
+    assert!(common::counter(&log, "diverted") > 0, "{log}");
+    assert!(common::counter(&log, "return_path_skipped") > 0, "{log}");
+}
+
+/// `proxy::tproxy::return_path::GRACE`, which the test cannot name (the module is the
+/// agent's own).
+fn return_path_grace() -> Duration {
+    Duration::from_secs(5)
+}

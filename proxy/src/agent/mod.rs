@@ -50,6 +50,7 @@ use crate::{
     src_valid_mark, stats,
     tproxy::{
         destination::Destinations,
+        return_path::{self, ReturnPath},
         tcp::{LiveConnections, ProxyOptions},
         udp::UdpOptions,
         workers::{self, Workers},
@@ -67,6 +68,9 @@ struct Agent {
     installed: Installed,
     /// `--local`: where the cgroup programs are attached, for the agent's whole run.
     local: Option<LocalScope>,
+    /// Which sockets may need the return path, and whether the classifier looks it up.
+    return_path: Arc<ReturnPath>,
+    return_path_lookup: bool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
@@ -150,7 +154,15 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         classifier.load_local()?;
     }
     classifier.install_rules(&rules, &compiled)?;
-    classifier.set_config(global_config(&rules, args.outbound_mark, local.as_ref()))?;
+    let return_path = Arc::new(ReturnPath::new(return_path_always(&args)));
+    let return_path_lookup = return_path.needed();
+    report::log_return_path(return_path_lookup);
+    classifier.set_config(global_config(
+        &rules,
+        args.outbound_mark,
+        local.as_ref(),
+        return_path_lookup.is_some(),
+    ))?;
 
     let live = Arc::new(LiveConnections::default());
     let destinations = Arc::new(Destinations::new(args.allow_local_destinations));
@@ -175,6 +187,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             live: Arc::clone(&live),
             kernel_relay,
             destinations: Arc::clone(&destinations),
+            return_path: Arc::clone(&return_path),
         },
         UdpOptions {
             idle_timeout: args.udp_idle_timeout,
@@ -182,6 +195,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             outbound,
             upstream,
             destinations: Arc::clone(&destinations),
+            return_path: Arc::clone(&return_path),
         },
     );
 
@@ -197,8 +211,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let interfaces = Interfaces::new(handle.clone(), ifaces);
     let headers = interfaces.prepare(&mut classifier).await?;
 
-    let mut sysctl_poll = tokio::time::interval(src_valid_mark::POLL_INTERVAL);
-    sysctl_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let sysctl_poll = serve::poll(src_valid_mark::POLL_INTERVAL);
     let mut inputs = Inputs {
         addr_changes,
         stats: stats_listener,
@@ -206,6 +219,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             group: args.stats_group,
         },
         sysctl_poll,
+        return_path_poll: serve::poll(return_path::POLL_INTERVAL),
         metrics,
     };
 
@@ -225,6 +239,8 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         listeners,
         installed,
         local,
+        return_path,
+        return_path_lookup: return_path_lookup.is_some(),
     };
     let result = async {
         start(&mut agent, pending, &headers).await?;
@@ -300,7 +316,7 @@ async fn stop(
         interfaces,
         mut listeners,
         mut installed,
-        local: _,
+        ..
     } = agent;
     drain::drain(
         &mut listeners,
@@ -325,19 +341,37 @@ async fn stop(
     result
 }
 
+/// Why every packet no rule matches needs the return path's lookup for the whole run:
+/// sockets with foreign tuples that the agent does not account for.
+fn return_path_always(args: &RunArgs) -> Option<&'static str> {
+    if args.listener == ListenerMode::External {
+        Some("--listener external: the external proxy's own transparent sockets")
+    } else if args.spoof_source {
+        Some("--spoof-source: the upstream sockets bound to the clients' addresses")
+    } else {
+        None
+    }
+}
+
 fn marks(rules: &[Rule]) -> Vec<Mark> {
     rules.iter().map(|r| r.mark).collect()
 }
 
-/// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's.
-/// With `--local`, what the cgroup programs need to know of the agent.
-fn global_config(rules: &[Rule], outbound_mark: u32, local: Option<&LocalScope>) -> GlobalConfig {
+/// The mark for the return path (`-m socket --transparent -j DIVERT`): the first rule's,
+/// and whether to look it up at all (`return_path_lookup`). With `--local`, what the cgroup
+/// programs need to know of the agent.
+fn global_config(
+    rules: &[Rule],
+    outbound_mark: u32,
+    local: Option<&LocalScope>,
+    return_path_lookup: bool,
+) -> GlobalConfig {
     let mark = rules.first().map_or(Mark::default(), |r| r.mark);
     GlobalConfig {
         divert_mark_value: mark.value,
         divert_mark_mask: mark.mask,
         bypass_mark: outbound_mark,
-        _pad: 0,
+        skip_return_path: u32::from(!return_path_lookup),
         netns_cookie: local.map_or(0, |l| l.netns_cookie),
         agent_cgroup_id: local.map_or(0, |l| l.agent_cgroup_id),
     }

@@ -88,6 +88,8 @@ impl Agent {
             listeners,
             installed,
             local,
+            return_path,
+            return_path_lookup,
             ..
         } = self;
         let (classifier, routing) = (&mut installed.classifier, &mut installed.routing);
@@ -97,6 +99,14 @@ impl Agent {
             pending,
             obsolete,
         } = plan;
+        // Connections accepted so far may have no rule left after the switch: only the
+        // return path will find their sockets, so it is looked up from before the switch.
+        return_path.rules_changing();
+        if !*return_path_lookup {
+            classifier.set_return_path_lookup(true)?;
+            *return_path_lookup = true;
+            report::log_return_path(return_path.needed());
+        }
         let added = pending.keys();
         let switched = async {
             routing.add(&marks(&rules)).await?;
@@ -110,9 +120,12 @@ impl Agent {
             return Err(e);
         }
         // The new rules are in force from here on: what fails now is reported, not undone.
-        if let Err(e) =
-            classifier.set_config(global_config(&rules, args.outbound_mark, local.as_ref()))
-        {
+        if let Err(e) = classifier.set_config(global_config(
+            &rules,
+            args.outbound_mark,
+            local.as_ref(),
+            *return_path_lookup,
+        )) {
             error!(
                 "reload: the new rules are in force but the return-path mark was not updated: {}",
                 error_chain(&e)

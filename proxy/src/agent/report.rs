@@ -20,6 +20,18 @@ pub fn log_rules(rules: &[Rule]) {
     }
 }
 
+/// Says whether the classifier looks up the return path for packets no rule matches, and
+/// why (`ReturnPath::needed`).
+pub fn log_return_path(needed: Option<&str>) {
+    match needed {
+        Some(why) => info!("return path: looked up for packets no rule matches ({why})"),
+        None => info!(
+            "return path: not looked up for packets no rule matches (no socket of this agent \
+             can need it; return_path_skipped counts them)"
+        ),
+    }
+}
+
 /// The answer to `proxy stats`.
 pub fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) -> String {
     match classifier.counters() {

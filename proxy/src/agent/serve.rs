@@ -4,7 +4,13 @@
 //! may set `src_valid_mark=1` at any time).
 
 use log::{debug, error, info};
-use tokio::{net::UnixListener, sync::mpsc::UnboundedReceiver, time::Interval};
+use std::time::Duration;
+
+use tokio::{
+    net::UnixListener,
+    sync::mpsc::UnboundedReceiver,
+    time::{Interval, MissedTickBehavior},
+};
 
 use super::{Agent, AgentError, report, signals};
 use crate::{error_chain, ifaddrs::InterfaceEvent, metrics, stats};
@@ -17,11 +23,41 @@ pub struct Inputs {
     pub stats: UnixListener,
     pub stats_access: stats::Access,
     pub sysctl_poll: Interval,
+    /// When to ask again whether the return path is needed ([`Agent::refresh_return_path`]).
+    pub return_path_poll: Interval,
     /// Scrapes of `--metrics` asking for the classifier's counters.
     pub metrics: metrics::Requests,
 }
 
+/// A timer for the loop's periodic checks; a tick missed while the loop was busy (a
+/// reload) comes late rather than in a burst.
+pub fn poll(period: Duration) -> Interval {
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    interval
+}
+
 impl Agent {
+    /// Tells the classifier whether to look up the return path, when that changed: off
+    /// once the connections from before the last reload have ended.
+    pub(super) fn refresh_return_path(&mut self) {
+        let needed = self.return_path.needed();
+        if needed.is_some() == self.return_path_lookup {
+            return;
+        }
+        match self
+            .installed
+            .classifier
+            .set_return_path_lookup(needed.is_some())
+        {
+            Ok(()) => {
+                self.return_path_lookup = needed.is_some();
+                report::log_return_path(needed);
+            }
+            Err(e) => error!("return path: updating the classifier: {}", error_chain(&e)),
+        }
+    }
+
     /// Serves until SIGINT or SIGTERM. Errors of a single event are logged and the loop
     /// goes on; an error returned here means the loop could not run at all.
     pub async fn serve(
@@ -75,6 +111,7 @@ impl Agent {
                     ));
                 }
                 _ = inputs.sysctl_poll.tick() => self.installed.sysctls.recheck(),
+                _ = inputs.return_path_poll.tick() => self.refresh_return_path(),
             }
         }
     }

@@ -29,6 +29,7 @@ use crate::{
         ListenError, bind_listener, canonical,
         destination::Destinations,
         is_own_listener,
+        return_path::ReturnPath,
         sockopt::{set_keepalive, transparent_socket},
     },
     upstream::{self, Outbound, Upstream},
@@ -87,6 +88,8 @@ pub struct ProxyOptions {
     pub kernel_relay: Option<KernelRelay>,
     /// Original destinations never connected to.
     pub destinations: Arc<Destinations>,
+    /// Counts each connection by the rules it was accepted under (the return path).
+    pub return_path: Arc<ReturnPath>,
 }
 
 /// The number of connections being proxied, a way to wait until there are none, and a
@@ -169,11 +172,13 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
                 };
                 let options = Arc::clone(&options);
                 let guard = LiveGuard::new(&options.live);
+                let accepted = options.return_path.accepted();
                 tokio::spawn(async move {
                     handle(client, peer, listen_addr, &options, &mut connection).await;
                     drop(connection);
                     drop(permit);
                     drop(guard);
+                    drop(accepted);
                 });
             }
             Err(e) => {

@@ -42,7 +42,7 @@ use crate::{
     metrics::{self, UdpTally},
     tproxy::{
         ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
-        sockopt::transparent_socket,
+        return_path::ReturnPath, sockopt::transparent_socket,
     },
     upstream::{Outbound, Upstream, socks5},
 };
@@ -62,6 +62,8 @@ pub struct UdpOptions {
     pub upstream: Upstream,
     /// Original destinations never relayed to.
     pub destinations: Arc<Destinations>,
+    /// Counts each session by the rules it was accepted under (the return path).
+    pub return_path: Arc<ReturnPath>,
 }
 
 /// Where a session's datagrams go: the original destination itself, or a SOCKS5 relay
@@ -318,6 +320,7 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
         let sessions = Arc::clone(&sessions);
         let options = Arc::clone(&options);
         let counted = metrics::UdpSession::created();
+        let accepted = options.return_path.accepted();
         tokio::spawn(async move {
             let started = Instant::now();
             let mut tally = UdpTally::default();
@@ -329,6 +332,7 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
                 s.remove(&key);
             }
             give_back::session_ended();
+            drop(accepted);
         });
     }
 }
