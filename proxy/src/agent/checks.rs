@@ -1,6 +1,8 @@
 //! Checks of the rules against the other settings, made before anything is touched. A
 //! reload runs them again on its new rules.
 
+use aya::util::KernelVersion;
+
 use super::{AgentError, LocalScope};
 use crate::{config::ListenerMode, rules::Rule};
 
@@ -63,4 +65,52 @@ pub fn check_local_scope(rules: &[Rule], local: Option<&LocalScope>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The oldest kernel `--relay sockmap` runs on. Redirecting a socket's bytes with sockmap
+/// has a record of kernel bugs that other proxies met in production: dae turned its
+/// sockmap fast path off after a splice + redirect bug broke connections (dae #518; a fix
+/// was posted in June 2025 and is expected in 6.12-based kernels), and removed it in
+/// January 2026 after more (dae #912: an sk_skb stream EOF bug among them; dae #999 names
+/// kernel panics). This relay never splices a redirected socket and has only been run on
+/// 6.18; older kernels are refused rather than guessed at.
+pub const SOCKMAP_RELAY_MIN_KERNEL: KernelVersion = KernelVersion::new(6, 12, 0);
+
+/// `--relay sockmap` on this kernel: refused below [`SOCKMAP_RELAY_MIN_KERNEL`] (or when
+/// the version cannot be read), else allowed with the warning returned.
+pub fn check_sockmap_relay(kernel: Option<KernelVersion>) -> Result<String, AgentError> {
+    let min = SOCKMAP_RELAY_MIN_KERNEL;
+    match kernel {
+        Some(version) if version >= min => Ok("--relay sockmap: bytes are redirected inside \
+             the kernel by sockmap, a kernel feature with a record of bugs (other proxies \
+             dropped it after broken connections and panics); it has only been tested on \
+             6.18. --relay splice (the default) does not depend on it"
+            .to_owned()),
+        Some(have) => Err(AgentError::Unsupported(format!(
+            "--relay sockmap needs Linux {min} or later (this is {have}): older kernels have sockmap redirect bugs that break \
+             or crash connections; use --relay splice (the default)"
+        ))),
+        None => Err(AgentError::Unsupported(format!(
+            "--relay sockmap needs Linux {min} or later, and this kernel's version \
+             could not be read; use --relay splice (the default)"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod sockmap_relay_tests {
+    use super::*;
+
+    #[test]
+    fn refused_below_6_12_or_when_unknown_warned_from_it() {
+        let v = |major, minor| Some(KernelVersion::new(major, minor, 0));
+        let refusal = check_sockmap_relay(v(6, 11)).expect_err("6.11 is refused");
+        assert!(refusal.to_string().contains("6.12.0"), "{refusal}");
+        assert!(check_sockmap_relay(v(5, 15)).is_err());
+        assert!(check_sockmap_relay(None).is_err());
+        let warning = check_sockmap_relay(v(6, 12)).expect("6.12 runs it");
+        assert!(warning.contains("--relay splice"), "{warning}");
+        assert!(check_sockmap_relay(v(6, 18)).is_ok());
+        assert!(check_sockmap_relay(v(7, 0)).is_ok());
+    }
 }

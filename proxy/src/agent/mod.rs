@@ -130,6 +130,10 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     // The programs, loaded and filled but attached nowhere. The kernel relay's maps come
     // with them, before any connection can be accepted.
     let kernel_relay = args.relay == RelayMode::Sockmap && builtin;
+    if kernel_relay {
+        let version = aya::util::KernelVersion::current().ok();
+        warn!("{}", checks::check_sockmap_relay(version)?);
+    }
     // Two sockets per connection, up to the connection limit.
     let relayed_sockets = if kernel_relay {
         args.max_connections
