@@ -799,7 +799,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
             let _ = writeln!(md, "- {n}");
         }
         for (k, line) in &r.agent_warnings {
-            let _ = writeln!(md, "- agent of {}: `{line}`", k.label());
+            let _ = writeln!(md, "- proxy of {}: `{line}`", k.label());
         }
         for line in local_warnings {
             let _ = writeln!(md, "- agent of the `--local` figure: `{line}`");
