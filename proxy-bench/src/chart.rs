@@ -81,15 +81,15 @@ fn nice_step(max: f64) -> f64 {
 }
 
 fn axis_label(v: f64, step: f64) -> String {
-    // A step of 0.25 needs two decimals, 0.2 or 0.5 one.
-    let tenths = step * 10.0;
-    if step >= 1.0 {
-        report::fmt_value(Some(v), 0)
-    } else if step >= 0.1 && (tenths - tenths.round()).abs() < 1e-9 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
+    // As many decimals as the step needs (2.5 needs one, 0.25 two), so that no label is
+    // rounded to its neighbour's value.
+    let decimals = (0..2)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d);
+            (scaled - scaled.round()).abs() < 1e-9
+        })
+        .unwrap_or(2) as usize;
+    report::fmt_value(Some(v), decimals)
 }
 
 fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), String> {

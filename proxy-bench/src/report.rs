@@ -906,6 +906,19 @@ fn udp_throughput_section(md: &mut String, r: &Results) {
             fmt_ratio(ratio(vc, va)),
         );
     }
+    let routed_loss = r
+        .udp_loss
+        .iter()
+        .filter_map(|l| l.median(a))
+        .fold(0.0, f64::max);
+    if routed_loss < 0.5 {
+        let _ = writeln!(
+            md,
+            "\n(a) lost (almost) nothing: what limits it is the one sending thread, which on a \
+             veth path carries each datagram through the router to the server's socket in its \
+             own system calls. Its rate is the ceiling of this measurement, not of the kernel."
+        );
+    }
     let _ = writeln!(md);
 }
 
