@@ -1,5 +1,5 @@
-//! The results as a PNG: one bar panel per figure, (a) (b) (c) side by side, each panel's
-//! title saying the target for (c) and whether it was met. Text is drawn with an embedded
+//! The results as a PNG: one bar panel per figure, (a) (b) (c) (d) side by side, each
+//! panel's title saying the target for (c) and whether it was met. Text is drawn with an embedded
 //! DejaVu Sans (the `dejavu` crate) through plotters' ab_glyph backend: no system font
 //! library is involved.
 
@@ -18,8 +18,8 @@ use crate::{
     setup::Kind,
 };
 
-const WIDTH: u32 = 1500;
-const HEIGHT: u32 = 1000;
+const WIDTH: u32 = 1800;
+const HEIGHT: u32 = 1450;
 const HEADER: u32 = 110;
 
 fn color(kind: Kind) -> RGBColor {
@@ -27,6 +27,7 @@ fn color(kind: Kind) -> RGBColor {
         Kind::Routing => RGBColor(140, 140, 140),
         Kind::Iptables => RGBColor(232, 136, 36),
         Kind::Ebpf => RGBColor(36, 110, 200),
+        Kind::Haproxy => RGBColor(60, 160, 90),
     }
 }
 
@@ -80,13 +81,15 @@ fn nice_step(max: f64) -> f64 {
 }
 
 fn axis_label(v: f64, step: f64) -> String {
-    if step >= 1.0 {
-        report::fmt_value(Some(v), 0)
-    } else if step >= 0.1 {
-        format!("{v:.1}")
-    } else {
-        format!("{v:.2}")
-    }
+    // As many decimals as the step needs (2.5 needs one, 0.25 two), so that no label is
+    // rounded to its neighbour's value.
+    let decimals = (0..2)
+        .find(|&d| {
+            let scaled = step * 10f64.powi(d);
+            (scaled - scaled.round()).abs() < 1e-9
+        })
+        .unwrap_or(2) as usize;
+    report::fmt_value(Some(v), decimals)
 }
 
 fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), String> {
@@ -222,15 +225,18 @@ fn draw_panel(area: &Area<'_>, panel: &Panel) -> Result<(), String> {
     Ok(())
 }
 
-fn verdict_text(target: Target, value: Option<f64>, reference: Option<f64>) -> String {
-    let verdict = target.verdict(value, reference);
-    match (target, report::ratio(value, reference)) {
-        (Target::AtMost(_), _) => format!("target (c) {}: {verdict}", target.describe("", "KiB")),
+/// "(c)/(d) = 1.05; target >= 1.2 x (d): MISS", for `row`'s medians.
+fn verdict_text(row: &report::Row<'_>) -> String {
+    let (target, verdict) = row.judge();
+    let reference = row.reference;
+    let ratio = report::ratio(row.series.median(Kind::Ebpf), row.series.median(reference));
+    match (row.target, ratio) {
+        (Target::AtMost(_), _) => format!("target (c) {target}: {verdict}"),
         (_, Some(r)) => format!(
-            "(c)/(a) = {r:.2}; target {}: {verdict}",
-            target.describe("(a)", "")
+            "(c)/({}) = {r:.2}; target {target}: {verdict}",
+            reference.letter()
         ),
-        (_, None) => format!("target {}: {verdict}", target.describe("(a)", "")),
+        (_, None) => format!("target {target}: {verdict}"),
     }
 }
 
@@ -245,7 +251,7 @@ pub fn draw(path: &Path, meta: &Meta, r: &Results) -> Result<(), String> {
 
     header
         .draw_text(
-            "proxy benchmark: (a) routing, (b) iptables TPROXY -> proxy, (c) eBPF classifier -> proxy",
+            "proxy benchmark: (a) routing, (b) iptables TPROXY -> proxy, (c) eBPF classifier -> proxy, (d) iptables TPROXY -> HAProxy",
             &("sans-serif", 26, FontStyle::Bold).into_font().color(&BLACK),
             (16, 12),
         )
@@ -281,23 +287,20 @@ pub fn draw(path: &Path, meta: &Meta, r: &Results) -> Result<(), String> {
                 (x + 26, 80),
             )
             .map_err(err)?;
-        x += 330;
+        x += 430;
     }
 
-    let (a, b, c) = (Kind::Routing, Kind::Iptables, Kind::Ebpf);
+    let (b, c, d) = (Kind::Iptables, Kind::Ebpf, Kind::Haproxy);
     let mut panels = Vec::new();
     for row in report::rows(r).into_iter().take(3) {
-        let [va, vb, vc] = [a, b, c].map(|k| row.series.median(k));
         panels.push(Panel {
             title: format!("{} ({})", row.short, row.unit),
-            subtitle: vec![verdict_text(row.target, vc, va)],
+            subtitle: vec![verdict_text(&row)],
             unit: row.unit,
             decimals: row.decimals,
-            groups: vec![
-                group("(a) routing", vec![(a, va)]),
-                group("(b) iptables", vec![(b, vb)]),
-                group("(c) eBPF", vec![(c, vc)]),
-            ],
+            groups: Kind::ALL
+                .map(|k| group(k.short(), vec![(k, row.series.median(k))]))
+                .into(),
             line: None,
         });
     }
@@ -306,27 +309,21 @@ pub fn draw(path: &Path, meta: &Meta, r: &Results) -> Result<(), String> {
     panels.push(Panel {
         title: "Latency, 64 B request/response (us)".into(),
         subtitle: vec![
-            format!(
-                "p50 {}",
-                verdict_text(p50.target, p50.series.median(c), p50.series.median(a))
-            ),
-            format!(
-                "p99 {}",
-                verdict_text(p99.target, p99.series.median(c), p99.series.median(a))
-            ),
+            format!("p50 {}", verdict_text(p50)),
+            format!("p99 {}", verdict_text(p99)),
         ],
         unit: "us",
         decimals: 1,
         groups: [("p50", p50), ("p99", p99)]
             .into_iter()
-            .map(|(label, row)| group(label, [a, b, c].map(|k| (k, row.series.median(k))).to_vec()))
+            .map(|(label, row)| group(label, Kind::ALL.map(|k| (k, row.series.median(k))).to_vec()))
             .collect(),
         line: None,
     });
     panels.push(Panel {
-        title: "Agent RSS per idle proxied connection (KiB)".into(),
+        title: "Proxy RSS per idle proxied connection (KiB)".into(),
         subtitle: {
-            let mut lines = vec![verdict_text(rss.target, rss.series.median(c), None)];
+            let mut lines = vec![verdict_text(rss)];
             let samples: Vec<_> = r.rss_samples.iter().flatten().collect();
             if let (Some(min), Some(max)) = (
                 samples.iter().map(|s| s.opened).min(),
@@ -351,10 +348,9 @@ pub fn draw(path: &Path, meta: &Meta, r: &Results) -> Result<(), String> {
         },
         unit: "KiB",
         decimals: 1,
-        groups: vec![
-            group("(b) iptables", vec![(b, rss.series.median(b))]),
-            group("(c) eBPF", vec![(c, rss.series.median(c))]),
-        ],
+        groups: [b, c, d]
+            .map(|k| group(k.short(), vec![(k, rss.series.median(k))]))
+            .into(),
         line: match rss.target {
             Target::AtMost(x) => Some(x),
             _ => None,
@@ -386,9 +382,85 @@ pub fn draw(path: &Path, meta: &Meta, r: &Results) -> Result<(), String> {
         line: None,
     });
 
-    for (area, panel) in body.split_evenly((2, 3)).iter().zip(&panels) {
+    panels.push(passthrough_panel(r));
+    panels.push(udp_throughput_panel(r));
+
+    for (area, panel) in body.split_evenly((3, 3)).iter().zip(&panels) {
         draw_panel(area, panel)?;
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// Pass-through: (c)/(a) per protocol (the median of the per-run ratios), against the
+/// target's line.
+fn passthrough_panel(r: &Results) -> Panel {
+    let (a, c) = (Kind::Routing, Kind::Ebpf);
+    let target = report::PASSTHROUGH_TARGET;
+    let [tcp, udp] = [&r.passthrough_tcp, &r.passthrough_udp].map(|s| s.paired_ratio(c, a));
+    let verdicts = [("TCP", tcp), ("UDP", udp)]
+        .map(|(name, v)| format!("{name} {}", target.verdict(v, Some(1.0))))
+        .join(", ");
+    Panel {
+        title: "Pass-through: no rule matches, (c) / (a)".into(),
+        subtitle: vec![
+            format!("agent attached / no agent, port 81; median of per-run ratios"),
+            format!("target {}: {verdicts}", target.describe("(a)", "")),
+        ],
+        unit: "x (a)",
+        decimals: 3,
+        groups: vec![
+            group("TCP, 1 stream", vec![(c, tcp)]),
+            group("UDP, 1 flow", vec![(c, udp)]),
+        ],
+        line: match target {
+            Target::RatioAtLeast(x) => Some(x),
+            _ => None,
+        },
+    }
+}
+
+/// UDP throughput: thousands of datagrams/s received, routed and proxied, per flow count.
+fn udp_throughput_panel(r: &Results) -> Panel {
+    let (a, c) = (Kind::Routing, Kind::Ebpf);
+    let (va, vc) = (r.udp_rate[0].median(a), r.udp_rate[0].median(c));
+    let target = report::UDP_RATE_TARGET;
+    let ratio = report::ratio(vc, va).map_or_else(|| "n/a".into(), |x| format!("{x:.2}"));
+    let loss = |i: usize, k: Kind| {
+        r.udp_loss[i]
+            .median(k)
+            .map_or_else(|| "n/a".into(), |l| format!("{l:.0}%"))
+    };
+    Panel {
+        title: "UDP, 1,200 B datagrams received (k/s)".into(),
+        subtitle: vec![
+            format!(
+                "1 flow (c)/(a) = {ratio}; target {}: {}",
+                target.describe("(a)", ""),
+                target.verdict(vc, va)
+            ),
+            r.udp_flows
+                .iter()
+                .enumerate()
+                .map(|(i, f)| format!("loss, {f} flow(s): (a) {}, (c) {}", loss(i, a), loss(i, c)))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ],
+        unit: "k/s",
+        decimals: 0,
+        groups: r
+            .udp_flows
+            .iter()
+            .zip(&r.udp_rate)
+            .map(|(flows, series)| {
+                group(
+                    &format!("{flows} flow(s)"),
+                    [a, c]
+                        .map(|k| (k, series.median(k).map(|x| x / 1e3)))
+                        .to_vec(),
+                )
+            })
+            .collect(),
+        line: None,
+    }
 }

@@ -1,5 +1,5 @@
-//! CPU time, from /proc: what each new connection costs the machine and the agent, so the
-//! report can say where the time goes rather than guess.
+//! CPU time, from /proc: what each new connection costs the machine and the proxy (the
+//! agent or HAProxy), so the report can say where the time goes rather than guess.
 
 /// Clock ticks of /proc/stat and /proc/PID/stat per second.
 pub fn ticks_per_sec() -> f64 {
@@ -60,8 +60,8 @@ pub fn process(pid: u32) -> Option<ProcessTicks> {
 pub struct ConnCpu {
     pub connections: u64,
     pub machine: MachineTicks,
-    pub agent: ProcessTicks,
-    pub has_agent: bool,
+    pub proxy: ProcessTicks,
+    pub has_proxy: bool,
 }
 
 impl ConnCpu {
@@ -69,15 +69,15 @@ impl ConnCpu {
         &mut self,
         connections: u64,
         machine: (MachineTicks, MachineTicks),
-        agent: Option<(ProcessTicks, ProcessTicks)>,
+        proxy: Option<(ProcessTicks, ProcessTicks)>,
     ) {
         self.connections += connections;
         self.machine.busy += machine.1.busy.saturating_sub(machine.0.busy);
         self.machine.total += machine.1.total.saturating_sub(machine.0.total);
-        if let Some((before, after)) = agent {
-            self.has_agent = true;
-            self.agent.user += after.user.saturating_sub(before.user);
-            self.agent.system += after.system.saturating_sub(before.system);
+        if let Some((before, after)) = proxy {
+            self.has_proxy = true;
+            self.proxy.user += after.user.saturating_sub(before.user);
+            self.proxy.system += after.system.saturating_sub(before.system);
         }
     }
 
@@ -96,14 +96,14 @@ impl ConnCpu {
         (self.machine.total > 0).then(|| self.machine.busy as f64 / self.machine.total as f64)
     }
 
-    /// The agent's user and system time per connection.
-    pub fn agent_us(&self) -> Option<(f64, f64)> {
-        if !self.has_agent {
+    /// The proxy's user and system time per connection.
+    pub fn proxy_us(&self) -> Option<(f64, f64)> {
+        if !self.has_proxy {
             return None;
         }
         Some((
-            self.per_conn_us(self.agent.user)?,
-            self.per_conn_us(self.agent.system)?,
+            self.per_conn_us(self.proxy.user)?,
+            self.per_conn_us(self.proxy.system)?,
         ))
     }
 }

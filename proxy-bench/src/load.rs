@@ -7,9 +7,12 @@
 //! * `S` (sink): the server reads to EOF and answers with the byte count (8 bytes, LE);
 //! * `P` (probe): the server answers with the peer address it sees, and closes;
 //! * `R` (request/response): the server answers each `REQUEST` bytes with `RESPONSE` bytes
-//!   until EOF.
+//!   until EOF;
+//! * `U` (UDP count): the server answers with the number of datagrams its UDP sinks counted
+//!   (8 bytes, LE).
 //!
-//! The server also echoes UDP datagrams on the same address and port.
+//! The server also takes UDP datagrams on ports 80 and 81: it counts those of the UDP rate
+//! figures and echoes the others (`udp_rate`).
 //!
 //! Every loop is bounded in count and in time, and stops early when [`crate::stopped`].
 
@@ -29,17 +32,18 @@ use nix::sched::{CloneFlags, unshare};
 use proxy_testbed::{Netns, SERVER_V4};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
-    net::{TcpSocket, TcpStream, UdpSocket},
+    net::{TcpSocket, TcpStream},
     runtime::Runtime,
     sync::Semaphore,
 };
 
-use crate::stopped;
+use crate::{stopped, udp_rate};
 
 /// The intercepted port.
 pub const PORT: u16 = 80;
-/// A port the server also listens on (TCP) and no rule of the bench covers: the `--local`
-/// figure's connections that the connect program sees and leaves alone.
+/// A port the server also listens on (TCP and UDP) and no rule of the bench covers: the
+/// `--local` figure's connections that the connect program sees and leaves alone, and the
+/// pass-through figure's traffic.
 pub const OTHER_PORT: u16 = 81;
 pub const REQUEST: usize = 64;
 pub const RESPONSE: usize = 64;
@@ -196,15 +200,9 @@ pub fn serve_main(lifetime_secs: u64) -> Result<(), String> {
                 .map_err(|e| format!("binding {addr}: {e}"))?;
             let listener = socket.listen(4096).map_err(|e| e.to_string())?;
             tokio::spawn(accept_loop(listener, deadline));
+            udp_rate::start_sink(port, deadline.into_std())?;
         }
-        let udp = UdpSocket::bind(server_addr())
-            .await
-            .map_err(|e| format!("binding udp {}: {e}", server_addr()))?;
-        tokio::spawn(udp_echo(udp, deadline));
-        println!(
-            "listening on {} (tcp and udp) and tcp port {OTHER_PORT}",
-            server_addr()
-        );
+        println!("listening on {SERVER_V4}, ports {PORT} and {OTHER_PORT} (tcp and udp)");
         let _ = std::io::stdout().flush();
         tokio::time::sleep_until(deadline).await;
         Err("server lifetime reached".to_owned())
@@ -228,26 +226,17 @@ async fn accept_loop(listener: tokio::net::TcpListener, deadline: tokio::time::I
     }
 }
 
-/// Sends each datagram back to where it came from, until `deadline` (the server's lifetime).
-async fn udp_echo(socket: UdpSocket, deadline: tokio::time::Instant) {
-    let mut buf = [0u8; 2048];
-    while tokio::time::Instant::now() < deadline {
-        match tokio::time::timeout_at(deadline, socket.recv_from(&mut buf)).await {
-            Ok(Ok((n, peer))) => {
-                let _ = socket.send_to(&buf[..n], peer).await;
-            }
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_) => break,
-        }
-    }
-}
-
 async fn serve(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     stream.set_nodelay(true)?;
     let mut mode = [0u8; 1];
     stream.read_exact(&mut mode).await?;
     match mode[0] {
         b'P' => stream.write_all(peer.ip().to_string().as_bytes()).await?,
+        udp_rate::COUNT_REQUEST => {
+            stream
+                .write_all(&udp_rate::received().to_le_bytes())
+                .await?;
+        }
         b'S' => {
             let mut buf = vec![0u8; 256 * 1024];
             let mut total = 0u64;
@@ -276,9 +265,20 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     Ok(())
 }
 
-/// Bulk TCP: `streams` connections each send for `duration`; returns bits per second
-/// received by the server (counted by the server, so nothing still in flight is counted).
+/// Bulk TCP to the intercepted port: see [`bulk_to`].
 pub fn bulk(client_ns: &str, streams: usize, duration: Duration) -> io::Result<f64> {
+    bulk_to(client_ns, server_addr(), streams, duration)
+}
+
+/// Bulk TCP: `streams` connections to `addr` each send for `duration`; returns bits per
+/// second received by the server (counted by the server, so nothing still in flight is
+/// counted).
+pub fn bulk_to(
+    client_ns: &str,
+    addr: SocketAddr,
+    streams: usize,
+    duration: Duration,
+) -> io::Result<f64> {
     let barrier = Arc::new(Barrier::new(streams + 1));
     let handles: Vec<_> = (0..streams)
         .map(|_| {
@@ -288,7 +288,7 @@ pub fn bulk(client_ns: &str, streams: usize, duration: Duration) -> io::Result<f
                 let entered = enter_ns(&ns);
                 // The barrier is always reached, so the others never wait forever.
                 let stream = entered.and_then(|()| {
-                    let s = std::net::TcpStream::connect_timeout(&server_addr(), CONNECT_TIMEOUT)?;
+                    let s = std::net::TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT)?;
                     s.set_write_timeout(Some(IO_TIMEOUT))?;
                     s.set_read_timeout(Some(Duration::from_secs(15)))?;
                     Ok(s)

@@ -1,9 +1,12 @@
-//! `proxy-bench`: the benchmark behind `cargo xtask bench`. Builds three client / router /
+//! `proxy-bench`: the benchmark behind `cargo xtask bench`. Builds four client / router /
 //! server topologies in network namespaces, (a) plain routing, (b) the kernel's iptables
 //! TPROXY delivering to this project's proxy, (c) this project's eBPF classifier delivering
-//! to the same proxy, measures them side by side (runs interleaved, each figure the median of
-//! several runs), measures what UDP sessions cost the agent's memory (on (c) only) and what
-//! `--local`'s connect programs cost the host's own connections (`local.rs`), and writes a
+//! to the same proxy, (d) the iptables recipe with a SYN-first rule delivering to HAProxy,
+//! the peer to beat, and measures them side by side (runs interleaved, each figure the median
+//! of several runs). On (a) against (c) it also measures what the agent costs traffic no
+//! rule matches (`passthrough.rs`) and UDP throughput, routed against proxied
+//! (`udp_throughput.rs`); on (c) alone, what UDP sessions cost the agent's memory; and what
+//! `--local`'s connect programs cost the host's own connections (`local.rs`). It writes a
 //! markdown table and a PNG chart under `bench/results/`.
 //!
 //! All traffic stays between the namespaces it creates (the addresses of
@@ -12,11 +15,16 @@
 
 mod chart;
 mod cpu;
+mod haproxy;
 mod load;
 mod local;
+mod passthrough;
+mod process;
 mod report;
 mod setup;
 mod udp;
+mod udp_rate;
+mod udp_throughput;
 
 use std::{
     path::{Path, PathBuf},
@@ -36,7 +44,7 @@ use setup::{Kind, Scenario};
 #[derive(Parser)]
 #[command(
     name = "proxy-bench",
-    about = "Benchmark: routing vs iptables TPROXY + proxy vs eBPF classifier + proxy, in namespaces"
+    about = "Benchmark: routing vs iptables TPROXY + proxy vs eBPF classifier + proxy vs iptables + HAProxy, in namespaces"
 )]
 struct Cli {
     /// The agent binary (release build: target/release/proxy).
@@ -65,14 +73,52 @@ struct Cli {
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
     /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
-    /// local), for working on one of them; the others show as n/a in the report.
-    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = ["bulk", "conn", "latency", "rss", "udp", "rules", "local"])]
+    /// passthrough, udprate, local), for working on one of them; the others show as n/a in
+    /// the report.
+    #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = FIGURES)]
     only: Vec<String>,
+}
+
+/// The figures `--only` can pick.
+const FIGURES: [&str; 9] = [
+    "bulk",
+    "conn",
+    "latency",
+    "rss",
+    "udp",
+    "rules",
+    "passthrough",
+    "udprate",
+    "local",
+];
+
+/// The set-ups a figure measures (`local` makes its own).
+fn kinds_for(figure: &str) -> &'static [Kind] {
+    match figure {
+        "bulk" | "conn" | "latency" => &Kind::ALL,
+        "rss" => &[Kind::Iptables, Kind::Ebpf, Kind::Haproxy],
+        "udp" => &[Kind::Ebpf],
+        "rules" => &[Kind::Iptables, Kind::Ebpf],
+        "passthrough" | "udprate" => &[Kind::Routing, Kind::Ebpf],
+        _ => &[],
+    }
 }
 
 impl Cli {
     fn wants(&self, figure: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|f| f == figure)
+    }
+
+    /// The set-ups the wanted figures need, in the order of [`Kind::ALL`].
+    fn kinds(&self) -> Vec<Kind> {
+        Kind::ALL
+            .into_iter()
+            .filter(|k| {
+                FIGURES
+                    .iter()
+                    .any(|f| self.wants(f) && kinds_for(f).contains(k))
+            })
+            .collect()
     }
 }
 
@@ -92,6 +138,15 @@ pub struct Plan {
     pub local_runs: usize,
     pub local_duration: Duration,
     pub local_concurrency: usize,
+    /// The pass-through figure: runs of each of (a) and (c), each protocol, and how long
+    /// each sends. More runs than the others: its target (0.98) is within this machine's
+    /// run-to-run noise, so the median needs them.
+    pub passthrough_runs: usize,
+    pub passthrough_duration: Duration,
+    /// The UDP throughput figure: runs, how long each sends, and the flow counts.
+    pub udp_rate_runs: usize,
+    pub udp_rate_duration: Duration,
+    pub udp_flows: [usize; 2],
     /// The watchdog stops the run past this.
     pub hard_limit: Duration,
 }
@@ -112,6 +167,11 @@ impl Plan {
                 local_runs: 4,
                 local_duration: Duration::from_millis(400),
                 local_concurrency: 1,
+                passthrough_runs: 3,
+                passthrough_duration: Duration::from_secs(1),
+                udp_rate_runs: 3,
+                udp_rate_duration: Duration::from_secs(1),
+                udp_flows: [1, 16],
                 hard_limit: Duration::from_secs(240),
             }
         } else {
@@ -128,6 +188,11 @@ impl Plan {
                 local_runs: 8,
                 local_duration: Duration::from_millis(600),
                 local_concurrency: 1,
+                passthrough_runs: 9,
+                passthrough_duration: Duration::from_secs(2),
+                udp_rate_runs: 5,
+                udp_rate_duration: Duration::from_secs(2),
+                udp_flows: [1, 16],
                 hard_limit: Duration::from_secs(900),
             }
         }
@@ -189,7 +254,7 @@ impl Drop for Workdir {
     }
 }
 
-fn check(what: &str) -> Result<(), String> {
+pub fn check(what: &str) -> Result<(), String> {
     if stopped() {
         Err(format!("stopped (signal or time limit) during {what}"))
     } else {
@@ -201,7 +266,7 @@ fn progress(started: Instant, text: &str) {
     eprintln!("[{:>4.0}s] {text}", started.elapsed().as_secs_f64());
 }
 
-fn fmt_runs(kinds: &[Kind], values: &[Option<f64>], unit: &str) -> String {
+pub fn fmt_runs(kinds: &[Kind], values: &[Option<f64>], unit: &str) -> String {
     kinds
         .iter()
         .zip(values)
@@ -216,7 +281,7 @@ fn fmt_runs(kinds: &[Kind], values: &[Option<f64>], unit: &str) -> String {
 }
 
 /// Records a measurement, or a note saying why there is none.
-fn record<E: std::fmt::Display>(
+pub fn record<E: std::fmt::Display>(
     results: &mut Results,
     what: &str,
     kind: Kind,
@@ -240,11 +305,11 @@ fn record<E: std::fmt::Display>(
 pub const PROBE_CONNS: usize = 100;
 
 fn measure_rss(s: &Scenario, plan: &Plan, nofile: u64) -> Result<RssSample, String> {
-    let agent = s.agent().ok_or("no agent")?;
+    let agent = s.proxy_process().ok_or("no proxy running")?;
     let agent_limit: usize = agent
         .nofile_limit()
         .and_then(|l| l.parse().ok())
-        .ok_or("cannot read the agent's open-files limit")?;
+        .ok_or("cannot read the proxy's open-files limit")?;
     let fds_before = agent.open_fds();
     let kinds_before = agent.fd_kinds();
     let (probe, _) = load::open_idle(&s.client, PROBE_CONNS, 16);
@@ -329,7 +394,7 @@ fn run(cli: &Cli) -> Result<(), String> {
     std::fs::create_dir_all(&workdir.0).map_err(|e| format!("{}: {e}", workdir.0.display()))?;
 
     let mut meta = Meta::collect(cli.quick, &plan, nofile);
-    let mut results = Results::new(plan.rule_counts);
+    let mut results = Results::new(&plan);
     progress(
         started,
         &format!(
@@ -342,11 +407,8 @@ fn run(cli: &Cli) -> Result<(), String> {
     );
 
     let mut scenarios = Vec::new();
-    // The three set-ups serve every figure but the `--local` one, which makes its own.
-    let wants_setups = ["bulk", "conn", "latency", "rss", "udp", "rules"]
-        .iter()
-        .any(|f| cli.wants(f));
-    for kind in Kind::ALL.into_iter().filter(|_| wants_setups) {
+    // The set-ups serve every figure but the `--local` one, which makes its own.
+    for kind in cli.kinds() {
         progress(started, &format!("setting up {}", kind.label()));
         scenarios.push(Scenario::new(
             kind,
@@ -355,12 +417,19 @@ fn run(cli: &Cli) -> Result<(), String> {
             plan.hard_limit + Duration::from_secs(60),
         )?);
     }
-    if let Some(agent) = scenarios.get(Kind::Ebpf.index()).and_then(Scenario::agent) {
-        meta.agent_nofile = agent.nofile_limit();
+    let of_kind = |kind: Kind| scenarios.iter().position(|s| s.kind == kind);
+    let (routing, ebpf) = (of_kind(Kind::Routing), of_kind(Kind::Ebpf));
+    if let Some(process) = ebpf.and_then(|i| scenarios[i].proxy_process()) {
+        meta.agent_nofile = process.nofile_limit();
     }
+    if let Some(process) = of_kind(Kind::Haproxy).and_then(|i| scenarios[i].proxy_process()) {
+        meta.haproxy_nofile = process.nofile_limit();
+    }
+    // The set-ups of the figures every set-up takes part in.
     let kinds: Vec<Kind> = scenarios.iter().map(|s| s.kind).collect();
+    let all_kinds = kinds.len() == Kind::COUNT;
 
-    for run in 1..=plan.runs {
+    for run in (1..=plan.runs).filter(|_| all_kinds) {
         let tag = format!("run {run}/{}", plan.runs);
         for (streams, series) in [(1usize, 0usize), (4, 1)] {
             if !cli.wants("bulk") {
@@ -389,13 +458,13 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
         let mut shown = Vec::new();
         for s in scenarios.iter().filter(|_| cli.wants("conn")) {
-            let agent_pid = s.agent().and_then(|a| a.pid());
-            let agent_cpu = || agent_pid.and_then(cpu::process);
-            let (machine_before, agent_before) = (cpu::machine(), agent_cpu());
+            let proxy_pid = s.proxy_process().map(|p| p.pid);
+            let proxy_cpu = || proxy_pid.and_then(cpu::process);
+            let (machine_before, proxy_before) = (cpu::machine(), proxy_cpu());
             let r = load::conn_rate(&s.client, plan.conn_concurrency, plan.conn);
             if let (Some(m0), Some(m1)) = (machine_before, cpu::machine()) {
-                let agent = agent_before.zip(agent_cpu());
-                results.conn_cpu[s.kind.index()].add(r.completed, (m0, m1), agent);
+                let proxy = proxy_before.zip(proxy_cpu());
+                results.conn_cpu[s.kind.index()].add(r.completed, (m0, m1), proxy);
             }
             results.conn_errors[s.kind.index()] += r.errors;
             results.conn.push(s.kind, Some(r.per_sec));
@@ -436,20 +505,30 @@ fn run(cli: &Cli) -> Result<(), String> {
         check("latency")?;
     }
 
+    if let (Some(a), Some(c)) = (routing, ebpf) {
+        let progress = |text: &str| progress(started, text);
+        if cli.wants("passthrough") {
+            passthrough::measure(&scenarios[a], &scenarios[c], &plan, &mut results, &progress)?;
+        }
+        if cli.wants("udprate") {
+            udp_throughput::measure(&scenarios[a], &scenarios[c], &plan, &mut results, &progress)?;
+        }
+    }
+
     for s in scenarios
         .iter_mut()
-        .filter(|s| s.has_agent() && cli.wants("rss"))
+        .filter(|s| s.has_proxy() && cli.wants("rss"))
     {
         for run in 1..=plan.rss_runs {
-            // A fresh agent each time: memory freed by earlier connections would otherwise
+            // A fresh proxy each time: memory freed by earlier connections would otherwise
             // be reused and hide the cost.
-            s.restart_agent()?;
+            s.restart_proxy()?;
             match measure_rss(s, &plan, nofile) {
                 Ok(sample) => {
                     progress(
                         started,
                         &format!(
-                            "{}: idle connections, run {run}/{}: {} open ({} failed) in {:.1} s, agent VmRSS {} -> {} KiB, {:.1} KiB and {:.1} descriptors each",
+                            "{}: idle connections, run {run}/{}: {} open ({} failed) in {:.1} s, proxy VmRSS {} -> {} KiB, {:.1} KiB and {:.1} descriptors each",
                             s.kind.label(),
                             plan.rss_runs,
                             sample.opened,
@@ -473,17 +552,15 @@ fn run(cli: &Cli) -> Result<(), String> {
                     results.rss.push(s.kind, None);
                 }
             }
-            if let Some(agent) = s.agent() {
-                for line in agent.notable() {
-                    results.agent_warning(s.kind, line);
-                }
+            for line in s.proxy_warnings() {
+                results.agent_warning(s.kind, line);
             }
             check("idle connections")?;
         }
     }
 
-    if let Some(s) = scenarios
-        .get_mut(Kind::Ebpf.index())
+    if let Some(s) = ebpf
+        .and_then(|i| scenarios.get_mut(i))
         .filter(|_| cli.wants("udp"))
     {
         match udp::measure(s, nofile) {
@@ -551,10 +628,8 @@ fn run(cli: &Cli) -> Result<(), String> {
         }
     }
     for s in &scenarios {
-        if let Some(agent) = s.agent() {
-            for line in agent.notable() {
-                results.agent_warning(s.kind, line);
-            }
+        for line in s.proxy_warnings() {
+            results.agent_warning(s.kind, line);
         }
     }
 

@@ -5,15 +5,16 @@ use std::{fmt::Write as _, time::Duration};
 use crate::{
     Plan,
     cpu::ConnCpu,
+    haproxy,
     local::{Case, LocalResults},
-    setup::{self, Kind},
+    setup::{self, Kind, SynRule},
     udp::{self, UdpSample},
 };
 
 /// One figure's runs, per set-up; `None` is a run that failed.
 #[derive(Default, Clone)]
 pub struct Series {
-    runs: [Vec<Option<f64>>; 3],
+    runs: [Vec<Option<f64>>; Kind::COUNT],
 }
 
 impl Series {
@@ -27,6 +28,19 @@ impl Series {
 
     pub fn median(&self, kind: Kind) -> Option<f64> {
         median(self.runs[kind.index()].iter().flatten().copied().collect())
+    }
+
+    /// The median of the per-run ratios `num` / `den`, runs paired in order: for set-ups
+    /// measured one right after the other in each run, so that a drift of the machine's
+    /// load between runs cancels out.
+    pub fn paired_ratio(&self, num: Kind, den: Kind) -> Option<f64> {
+        median(
+            self.runs(num)
+                .iter()
+                .zip(self.runs(den))
+                .filter_map(|(n, d)| ratio(*n, *d))
+                .collect(),
+        )
     }
 }
 
@@ -71,19 +85,27 @@ pub struct Results {
     pub bulk: [Series; 2],
     /// New connections per second.
     pub conn: Series,
-    pub conn_errors: [u64; 3],
+    pub conn_errors: [u64; Kind::COUNT],
     /// CPU time spent during the connection-rate runs.
-    pub conn_cpu: [ConnCpu; 3],
+    pub conn_cpu: [ConnCpu; Kind::COUNT],
     /// Microseconds.
     pub p50: Series,
     pub p99: Series,
     /// KiB per idle proxied connection.
     pub rss: Series,
-    pub rss_samples: [Vec<RssSample>; 3],
+    pub rss_samples: [Vec<RssSample>; Kind::COUNT],
     pub rule_counts: [usize; 3],
     /// New connections per second with `rule_counts[i]` rules.
     pub rules: [Series; 3],
-    pub rule_conn_errors: [u64; 3],
+    pub rule_conn_errors: [u64; Kind::COUNT],
+    /// Traffic no rule matches, (a) and (c): TCP bulk, Gbit/s; UDP, datagrams/s.
+    pub passthrough_tcp: Series,
+    pub passthrough_udp: Series,
+    /// UDP throughput, (a) and (c), for each of `udp_flows`: datagrams/s received, and the
+    /// loss (percent).
+    pub udp_flows: [usize; 2],
+    pub udp_rate: [Series; 2],
+    pub udp_loss: [Series; 2],
     /// The agent's memory through a UDP flood, on (c).
     pub udp: Option<UdpSample>,
     /// What `--local`'s connect programs cost.
@@ -93,19 +115,24 @@ pub struct Results {
 }
 
 impl Results {
-    pub fn new(rule_counts: [usize; 3]) -> Results {
+    pub fn new(plan: &Plan) -> Results {
         Results {
             bulk: Default::default(),
             conn: Series::default(),
-            conn_errors: [0; 3],
-            conn_cpu: [ConnCpu::default(); 3],
+            conn_errors: [0; Kind::COUNT],
+            conn_cpu: [ConnCpu::default(); Kind::COUNT],
             p50: Series::default(),
             p99: Series::default(),
             rss: Series::default(),
             rss_samples: Default::default(),
-            rule_counts,
+            rule_counts: plan.rule_counts,
             rules: Default::default(),
-            rule_conn_errors: [0; 3],
+            rule_conn_errors: [0; Kind::COUNT],
+            passthrough_tcp: Series::default(),
+            passthrough_udp: Series::default(),
+            udp_flows: plan.udp_flows,
+            udp_rate: Default::default(),
+            udp_loss: Default::default(),
             udp: None,
             local: None,
             notes: Vec::new(),
@@ -166,8 +193,30 @@ pub struct Row<'a> {
     pub unit: &'static str,
     pub series: &'a Series,
     pub target: Target,
+    /// What a ratio target compares (c) with.
+    pub reference: Kind,
     pub decimals: usize,
 }
+
+impl Row<'_> {
+    /// The target as text, and the verdict for (c).
+    pub fn judge(&self) -> (String, &'static str) {
+        let c = self.series.median(Kind::Ebpf);
+        match self.target {
+            Target::AtMost(_) => (
+                self.target.describe("", self.unit),
+                self.target.verdict(c, None),
+            ),
+            t => (
+                t.describe(&format!("({})", self.reference.letter()), self.unit),
+                t.verdict(c, self.series.median(self.reference)),
+            ),
+        }
+    }
+}
+
+/// The peer the targets of issue 14 are set against.
+pub const PEER: Kind = Kind::Haproxy;
 
 pub fn rows(r: &Results) -> Vec<Row<'_>> {
     vec![
@@ -176,7 +225,8 @@ pub fn rows(r: &Results) -> Vec<Row<'_>> {
             short: "Bulk, 1 stream",
             unit: "Gbit/s",
             series: &r.bulk[0],
-            target: Target::RatioAtLeast(0.6),
+            target: Target::RatioAtLeast(1.3),
+            reference: PEER,
             decimals: 2,
         },
         Row {
@@ -184,7 +234,8 @@ pub fn rows(r: &Results) -> Vec<Row<'_>> {
             short: "Bulk, 4 streams",
             unit: "Gbit/s",
             series: &r.bulk[1],
-            target: Target::RatioAtLeast(0.4),
+            target: Target::RatioAtLeast(1.2),
+            reference: PEER,
             decimals: 2,
         },
         Row {
@@ -192,7 +243,8 @@ pub fn rows(r: &Results) -> Vec<Row<'_>> {
             short: "New connections",
             unit: "conn/s",
             series: &r.conn,
-            target: Target::RatioAtLeast(0.8),
+            target: Target::RatioAtLeast(1.2),
+            reference: PEER,
             decimals: 0,
         },
         Row {
@@ -200,7 +252,8 @@ pub fn rows(r: &Results) -> Vec<Row<'_>> {
             short: "Latency p50",
             unit: "us",
             series: &r.p50,
-            target: Target::RatioAtMost(1.1),
+            target: Target::RatioAtMost(0.8),
+            reference: PEER,
             decimals: 1,
         },
         Row {
@@ -208,15 +261,17 @@ pub fn rows(r: &Results) -> Vec<Row<'_>> {
             short: "Latency p99",
             unit: "us",
             series: &r.p99,
-            target: Target::RatioAtMost(1.35),
+            target: Target::RatioAtMost(1.0),
+            reference: PEER,
             decimals: 1,
         },
         Row {
-            name: "Agent RSS per idle proxied connection",
+            name: "Proxy RSS per idle proxied connection",
             short: "RSS per idle conn",
             unit: "KiB",
             series: &r.rss,
             target: Target::AtMost(16.0),
+            reference: PEER,
             decimals: 1,
         },
     ]
@@ -232,6 +287,7 @@ pub struct Meta {
     pub cpu: String,
     pub kernel: String,
     pub iptables: String,
+    pub haproxy: String,
     pub load_before: String,
     pub load_after: String,
     pub started_unix: u64,
@@ -239,6 +295,23 @@ pub struct Meta {
     pub plan: String,
     pub nofile: u64,
     pub agent_nofile: Option<String>,
+    pub haproxy_nofile: Option<String>,
+}
+
+/// The first line a program prints for `args`, or why there is none.
+fn version_line(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_owned()
+        })
+        .unwrap_or_else(|e| format!("{program}: {e}"))
 }
 
 fn read_trimmed(path: &str) -> String {
@@ -266,17 +339,16 @@ impl Meta {
                     .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_owned())
             })
             .unwrap_or_else(|| "?".into());
-        let iptables = std::process::Command::new("iptables")
-            .arg("-V")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_else(|_| "not found".into());
+        let iptables = version_line("iptables", &["-V"]);
+        let haproxy = version_line(haproxy::PROGRAM, &["-v"]);
         let plan = format!(
             "{} runs per figure, set-ups interleaved run by run; bulk {:.1} s per run; \
              new connections {:.1} s per run with {} concurrent clients; latency {} round trips \
              after {} warm-up; {} idle connections, {} run(s) per set-up, each on a fresh agent; \
              rule counts {:?}, also interleaved run by run (rules replaced before each \
-             measurement: iptables-restore for (b), a fresh agent with the rules file for (c))",
+             measurement: iptables-restore for (b), a fresh agent with the rules file for (c)); \
+             pass-through {} runs of {:.1} s per set-up and protocol; UDP throughput {} runs of \
+             {:.1} s per set-up and flow count",
             plan.runs,
             plan.bulk.as_secs_f64(),
             plan.conn.as_secs_f64(),
@@ -285,7 +357,11 @@ impl Meta {
             plan.latency_warmup,
             plan.idle_conns,
             plan.rss_runs,
-            plan.rule_counts
+            plan.rule_counts,
+            plan.passthrough_runs,
+            plan.passthrough_duration.as_secs_f64(),
+            plan.udp_rate_runs,
+            plan.udp_rate_duration.as_secs_f64(),
         );
         Meta {
             quick,
@@ -294,6 +370,7 @@ impl Meta {
             cpu,
             kernel: read_trimmed("/proc/sys/kernel/osrelease"),
             iptables,
+            haproxy,
             load_before: loadavg(),
             load_after: String::new(),
             started_unix: std::time::SystemTime::now()
@@ -303,6 +380,7 @@ impl Meta {
             plan,
             nofile,
             agent_nofile: None,
+            haproxy_nofile: None,
         }
     }
 
@@ -397,10 +475,10 @@ fn runs_text(runs: &[Option<f64>], decimals: usize) -> String {
 
 pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     let mut md = String::new();
-    let (a, b, c) = (Kind::Routing, Kind::Iptables, Kind::Ebpf);
+    let (a, b, c, d) = (Kind::Routing, Kind::Iptables, Kind::Ebpf, Kind::Haproxy);
     let _ = writeln!(
         md,
-        "# Benchmark: eBPF classifier vs iptables TPROXY vs plain routing\n"
+        "# Benchmark: eBPF classifier vs iptables TPROXY vs HAProxy vs plain routing\n"
     );
     let _ = writeln!(
         md,
@@ -416,25 +494,27 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
         meta.load_before,
         meta.load_after
     );
-    let _ = writeln!(md, "- {}", meta.iptables);
+    let _ = writeln!(md, "- {}; {}", meta.iptables, meta.haproxy);
     let _ = writeln!(
         md,
         "- Each figure is the median of its runs. Targets apply to (c), this project's \
-         classifier with its proxy. The chart: [{png}]({png}).\n"
+         classifier with its proxy, and are set against (d), HAProxy behind the iptables \
+         recipe: the proxy a user would pick instead. The chart: [{png}]({png}).\n"
     );
 
     let _ = writeln!(md, "## Results\n");
     let _ = writeln!(
         md,
-        "| figure | {} | {} | {} | (b)/(a) | (c)/(a) | (c)/(b) | target for (c) | (c) |",
+        "| figure | {} | {} | {} | {} | (b)/(a) | (c)/(a) | (c)/(b) | (c)/(d) | target for (c) | (c) |",
         a.label(),
         b.label(),
-        c.label()
+        c.label(),
+        d.label()
     );
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|---|");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|");
     let rss_opened: Vec<usize> = r.rss_samples.iter().flatten().map(|s| s.opened).collect();
     for row in rows(r) {
-        let [va, vb, vc] = [a, b, c].map(|k| row.series.median(k));
+        let [va, vb, vc, vd] = Kind::ALL.map(|k| row.series.median(k));
         let name = match (std::ptr::eq(row.series, &r.rss), rss_opened.iter().max()) {
             (true, Some(max)) => format!(
                 "{}, at {} connections",
@@ -443,32 +523,28 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
             ),
             _ => row.name.to_owned(),
         };
-        let (target, verdict) = match row.target {
-            Target::AtMost(_) => (
-                row.target.describe("", row.unit),
-                row.target.verdict(vc, None),
-            ),
-            t => (t.describe("(a)", row.unit), t.verdict(vc, va)),
-        };
+        let (target, verdict) = row.judge();
         let _ = writeln!(
             md,
-            "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | **{}** |",
+            "| {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} | **{}** |",
             name,
             row.unit,
             fmt_value(va, row.decimals),
             fmt_value(vb, row.decimals),
             fmt_value(vc, row.decimals),
+            fmt_value(vd, row.decimals),
             fmt_ratio(ratio(vb, va)),
             fmt_ratio(ratio(vc, va)),
             fmt_ratio(ratio(vc, vb)),
+            fmt_ratio(ratio(vc, vd)),
             target,
             verdict
         );
     }
     let _ = writeln!(
         md,
-        "\n(a) has no proxy, so no proxy memory: its RSS is n/a. Ratios are plain quotients: \
-         for latency and memory, lower is better."
+        "\n(a) has no proxy, so no proxy memory: its RSS is n/a; (d)'s is HAProxy's. Ratios \
+         are plain quotients: for latency and memory, lower is better."
     );
     let short: Vec<&RssSample> = r
         .rss_samples
@@ -489,9 +565,9 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
         };
         let _ = writeln!(
             md,
-            "\n**Idle connections: measured at {} connections, not {}.** The agent's \
+            "\n**Idle connections: measured at {} connections, not {}.** The proxy's \
              open-files limit is {} (the hard limit on this machine: the bench runs without \
-             CAP_SYS_RESOURCE, so it cannot raise it for the agent to inherit), and the agent \
+             CAP_SYS_RESOURCE, so it cannot raise it for the proxy to inherit), and the proxy \
              holds {:.1} descriptors per idle proxied connection after one exchange ({}; \
              measured on {} probe connections): more connections would fail with EMFILE.",
             range,
@@ -504,6 +580,8 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     }
     let _ = writeln!(md);
     conn_cpu_section(&mut md, r);
+    passthrough_section(&mut md, r);
+    udp_throughput_section(&mut md, r);
     udp_section(&mut md, r);
     local_section(&mut md, r);
 
@@ -552,9 +630,9 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     let _ = writeln!(md, "\n## How each set-up is made\n");
     let _ = writeln!(
         md,
-        "Three client / router / server topologies in network namespaces (`proxy-testbed`: \
+        "Four client / router / server topologies in network namespaces (`proxy-testbed`: \
          client 192.0.2.2 - r0 192.0.2.1 | router | r1 198.51.100.1 - server 198.51.100.2), \
-         all present at once; the runs of the three are interleaved. The client connects to \
+         all present at once; the runs of the four are interleaved. The client connects to \
          198.51.100.2:80. In the client and router namespaces `net.ipv4.tcp_tw_reuse = 1` and \
          `ip_local_port_range = 10000 60999`, for the many short connections.\n"
     );
@@ -569,19 +647,34 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
          serves is its built-in transparent listener on port {}, to which iptables' TPROXY \
          hands the connections. For N rules, N-1 rules for destinations in 198.18.0.0/15 \
          (never matching, nothing is sent there) come before the one above.\n\
-         - **(c)** this project's classifier: `proxy {}`; for N rules, `proxy run --iface r0 \
-         --config FILE` with the same N-1 never-matching rules before `dport = \"80\"`.\n\
+         - **(c)** this project's classifier: `proxy {}` (UDP too, for the UDP figures; the \
+         TCP figures send no UDP); for N rules, `proxy run --iface r0 --config FILE` with the \
+         same N-1 never-matching rules before `dport = \"80\"`.\n\
+         - **(d)** the peer: HAProxy behind the kernel's TPROXY, with a rule that sends SYNs \
+         to the listener before the `-m socket` rule (without it, a SYN that reuses the port \
+         of a connection in TIME_WAIT goes to that TIME_WAIT socket, and the recipe loses \
+         3.4x on new connections). In the router namespace, through `iptables-restore`:\
+         \n\n```\n{}```\n\n  with the same `ip rule` and `ip route` as (b). HAProxy runs \
+         in the router namespace as `{} -db -f FILE` (foreground, killed at the end), FILE \
+         being:\n\n```\n{}```\n\n  It connects to each connection's original destination \
+         (`server s 0.0.0.0`, no port) from the router's address, as the agent does. Its \
+         open-files limit: {} (it asks for 2 x maxconn + a few and, with `no strict-limits`, \
+         starts with what it gets, as the agent does).\n\
          - The agent runs with `RUST_LOG={}`: its per-connection log line (info) is off, the \
          rest of its log (set-up, warnings) on. Its open-files limit: {} (inherited from the \
          bench, which raised its own to {}; the agent raises its soft limit to the hard one, which \
          nothing here may raise further).\n\
          - Both (b) and (c) run the agent with `{}`.\n",
-        setup::iptables_rules(1),
+        setup::iptables_rules(1, SynRule::Absent),
         setup::IPTABLES_POLICY_ROUTING[0].join(" "),
         setup::IPTABLES_POLICY_ROUTING[1].join(" "),
         setup::IPTABLES_AGENT_ARGS.join(" "),
         setup::ON_PORT,
         setup::EBPF_AGENT_ARGS.join(" "),
+        setup::iptables_rules(1, SynRule::First),
+        haproxy::PROGRAM,
+        haproxy::config(),
+        meta.haproxy_nofile.as_deref().unwrap_or("?"),
         setup::AGENT_LOG,
         meta.agent_nofile.as_deref().unwrap_or("?"),
         meta.nofile,
@@ -599,8 +692,13 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
          client connects, sends 64 B, reads 64 B and closes. Latency: one kept connection, \
          blocking, TCP_NODELAY, one 64 B exchange at a time. Idle connections: each does one \
          64 B exchange (so the proxy has its upstream connection and relay running), then \
-         stays open; the agent's VmRSS (/proc/PID/status) is read before and after; \
-         per connection = difference / connections.\n"
+         stays open; the proxy's VmRSS (/proc/PID/status) is read before and after; \
+         per connection = difference / connections. UDP: 1,200-byte datagrams sent as fast as \
+         one thread can (`sendmmsg`, 64 per call) from connected sockets, round-robin over the \
+         flows, for the run's duration; the server counts them with `recvmmsg` on one thread \
+         (8 MiB receive buffer) and the client reads the count over TCP before and after \
+         (300 ms after the last send); rate = received / sending time, loss = 1 - received / \
+         sent.\n"
     );
 
     let _ = writeln!(md, "## All runs\n");
@@ -631,14 +729,44 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
             );
         }
     }
+    let traffic = [
+        ("Pass-through, TCP to port 81 (Gbit/s)", &r.passthrough_tcp),
+        (
+            "Pass-through, UDP to port 81 (datagrams/s)",
+            &r.passthrough_udp,
+        ),
+    ];
+    let udp_rows = r.udp_flows.iter().enumerate().flat_map(|(i, flows)| {
+        [
+            (
+                format!("UDP, {flows} flow(s) (datagrams/s)"),
+                &r.udp_rate[i],
+            ),
+            (format!("UDP, {flows} flow(s), loss (%)"), &r.udp_loss[i]),
+        ]
+    });
+    for (name, series) in traffic
+        .map(|(name, series)| (name.to_owned(), series))
+        .into_iter()
+        .chain(udp_rows)
+    {
+        for k in [a, c].into_iter().filter(|k| !series.runs(*k).is_empty()) {
+            let _ = writeln!(
+                md,
+                "| {name} | {} | {} |",
+                k.label(),
+                runs_text(series.runs(k), 1)
+            );
+        }
+    }
     let _ = writeln!(md);
-    for k in [b, c] {
+    for k in [b, c, d] {
         for s in &r.rss_samples[k.index()] {
             let _ = writeln!(
                 md,
-                "- {}: {} idle connections opened (of {} wanted; {} failed) in {:.1} s; agent \
+                "- {}: {} idle connections opened (of {} wanted; {} failed) in {:.1} s; proxy \
                  VmRSS {} KiB before, {} KiB after: {:.1} KiB per connection; {:.1} descriptors \
-                 per connection in the agent ({}; limit {})",
+                 per connection in the proxy ({}; limit {})",
                 k.label(),
                 s.opened,
                 s.wanted,
@@ -671,7 +799,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
             let _ = writeln!(md, "- {n}");
         }
         for (k, line) in &r.agent_warnings {
-            let _ = writeln!(md, "- agent of {}: `{line}`", k.label());
+            let _ = writeln!(md, "- proxy of {}: `{line}`", k.label());
         }
         for line in local_warnings {
             let _ = writeln!(md, "- agent of the `--local` figure: `{line}`");
@@ -679,6 +807,119 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     }
     let _ = writeln!(md, "\n![chart]({png})");
     md
+}
+
+/// Traffic no rule matches keeps this share of its rate when the agent is attached.
+pub const PASSTHROUGH_TARGET: Target = Target::RatioAtLeast(0.98);
+/// Proxied UDP, one flow, against routed.
+pub const UDP_RATE_TARGET: Target = Target::RatioAtLeast(0.6);
+
+fn passthrough_section(md: &mut String, r: &Results) {
+    let (a, c) = (Kind::Routing, Kind::Ebpf);
+    if r.passthrough_tcp.runs(a).is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## Pass-through: traffic no rule matches\n");
+    let _ = writeln!(
+        md,
+        "The same traffic to the server's port 81, which no rule covers, without an agent ({}) \
+         and with the agent attached ({}: its classifier on r0 sees every packet, and its rule \
+         is for port 80, TCP and UDP): TCP bulk, one stream; UDP, one flow of 1,200-byte \
+         datagrams sent as fast as the sender can. The runs alternate which set-up goes first; \
+         the verdict is on the median of the per-run ratios (each a pair measured seconds \
+         apart), the ratio of the medians beside it.\n",
+        a.label(),
+        c.label()
+    );
+    let _ = writeln!(
+        md,
+        "| traffic | (a) no agent | (c) agent attached | (c)/(a), medians | (c)/(a), median of per-run ratios | runs | target | (c) |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---|---|");
+    for (name, series, decimals) in [
+        ("TCP bulk, 1 stream (Gbit/s)", &r.passthrough_tcp, 2),
+        ("UDP, 1 flow (datagrams/s)", &r.passthrough_udp, 0),
+    ] {
+        let (va, vc) = (series.median(a), series.median(c));
+        let paired = series.paired_ratio(c, a);
+        let verdict = match paired {
+            Some(p) => PASSTHROUGH_TARGET.verdict(Some(p), Some(1.0)),
+            None => "n/a",
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {} | {} | {} | {} | {} | **{verdict}** |",
+            fmt_value(va, decimals),
+            fmt_value(vc, decimals),
+            fmt_ratio3(ratio(vc, va)),
+            fmt_ratio3(paired),
+            series.runs(c).len(),
+            PASSTHROUGH_TARGET.describe("(a)", ""),
+        );
+    }
+    let _ = writeln!(md);
+}
+
+fn udp_throughput_section(md: &mut String, r: &Results) {
+    let (a, c) = (Kind::Routing, Kind::Ebpf);
+    if r.udp_rate[0].runs(a).is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "## UDP throughput: routed against proxied\n");
+    let _ = writeln!(
+        md,
+        "1,200-byte datagrams to 198.51.100.2:80 sent as fast as one thread can for the run's \
+         duration, from one connected socket and from {} (round-robin), routed ({}) and through \
+         the agent's UDP sessions ({}); datagrams per second the server received, and the \
+         share of those sent that it did not.\n",
+        r.udp_flows[1],
+        a.label(),
+        c.label()
+    );
+    let _ = writeln!(
+        md,
+        "| flows | (a) routed datagrams/s | (a) loss | (c) proxied datagrams/s | (c) loss | (c)/(a) | target for (c) | (c) |"
+    );
+    let _ = writeln!(md, "|---:|---:|---:|---:|---:|---:|---|---|");
+    for (i, flows) in r.udp_flows.iter().enumerate() {
+        let (va, vc) = (r.udp_rate[i].median(a), r.udp_rate[i].median(c));
+        let loss = |k| {
+            r.udp_loss[i]
+                .median(k)
+                .map_or("n/a".into(), |l| format!("{l:.1}%"))
+        };
+        let (target, verdict) = if i == 0 {
+            (
+                UDP_RATE_TARGET.describe("(a)", ""),
+                format!("**{}**", UDP_RATE_TARGET.verdict(vc, va)),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        let _ = writeln!(
+            md,
+            "| {flows} | {} | {} | {} | {} | {} | {target} | {verdict} |",
+            fmt_value(va, 0),
+            loss(a),
+            fmt_value(vc, 0),
+            loss(c),
+            fmt_ratio(ratio(vc, va)),
+        );
+    }
+    let routed_loss = r
+        .udp_loss
+        .iter()
+        .filter_map(|l| l.median(a))
+        .fold(0.0, f64::max);
+    if routed_loss < 0.5 {
+        let _ = writeln!(
+            md,
+            "\n(a) lost (almost) nothing: what limits it is the one sending thread, which on a \
+             veth path carries each datagram through the router to the server's socket in its \
+             own system calls. Its rate is the ceiling of this measurement, not of the kernel."
+        );
+    }
+    let _ = writeln!(md);
 }
 
 /// Per-session targets: each live session within 64 KiB of the baseline,
@@ -743,14 +984,14 @@ fn conn_cpu_section(md: &mut String, r: &Results) {
     let _ = writeln!(
         md,
         "Measured over the same runs as the connection rate: busy CPU time of the whole \
-         machine (both cores: load generators, kernel, agent; /proc/stat) and of the agent \
+         machine (both cores: load generators, kernel, proxy; /proc/stat) and of the proxy, the agent or HAProxy \
          (/proc/PID/stat; its system time includes the network stack work its syscalls do \
          inline, such as delivering a segment across the veth pair to the server's socket), \
          divided by the connections completed.\n"
     );
     let _ = writeln!(
         md,
-        "| set-up | machine busy | machine CPU per connection (us) | vs (a) | agent user (us) | agent system (us) |"
+        "| set-up | machine busy | machine CPU per connection (us) | vs (a) | proxy user (us) | proxy system (us) |"
     );
     let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
     for kind in Kind::ALL {
@@ -758,7 +999,7 @@ fn conn_cpu_section(md: &mut String, r: &Results) {
         let Some(machine) = c.machine_us() else {
             continue;
         };
-        let (user, system) = c.agent_us().map_or(("n/a".into(), "n/a".into()), |(u, s)| {
+        let (user, system) = c.proxy_us().map_or(("n/a".into(), "n/a".into()), |(u, s)| {
             (format!("{u:.1}"), format!("{s:.1}"))
         });
         let _ = writeln!(

@@ -1,11 +1,13 @@
-//! The three set-ups compared, each in a client / router / server topology of its own:
+//! The four set-ups compared, each in a client / router / server topology of its own:
 //!
 //! * (a) plain routing through the router, no proxy;
 //! * (b) the kernel's iptables TPROXY recipe delivering to this project's proxy;
-//! * (c) this project's eBPF classifier delivering to the same proxy.
+//! * (c) this project's eBPF classifier delivering to the same proxy;
+//! * (d) the iptables TPROXY recipe with a SYN-first rule delivering to HAProxy, the peer.
 //!
 //! Everything a scenario starts is stopped when it is dropped: the agent (SIGTERM, then
-//! SIGKILL), the load threads, and last the namespaces (by the [`Gateway`]).
+//! SIGKILL) or HAProxy (SIGKILL), the load threads, and last the namespaces (by the
+//! [`Gateway`]), which take their iptables rules and policy routing with them.
 
 use std::{
     io::Write as _,
@@ -17,7 +19,11 @@ use std::{
 
 use proxy_testbed::{self as testbed, AgentProcess, Gateway, Netns};
 
-use crate::load::{self, NsRuntime, Server};
+use crate::{
+    haproxy::Haproxy,
+    load::{self, NsRuntime, Server},
+    process::ProxyProcess,
+};
 
 /// The built-in listener's port, as in the issue's recipe.
 pub const ON_PORT: &str = "50080";
@@ -41,17 +47,21 @@ pub const IPTABLES_AGENT_ARGS: &[&str] = &[
     "--table",
     "101",
 ];
-/// How (c) runs the agent.
+/// How (c) runs the agent: TCP and UDP to port 80, so that the UDP figures proxy their
+/// port-80 datagrams and the pass-through figure's port-81 ones cross a classifier that has
+/// UDP rules to check (the case where unmatched UDP could cost something).
 pub const EBPF_AGENT_ARGS: &[&str] = &[
     "run",
     "--iface",
     testbed::ROUTER_CLIENT_IFACE,
     "--dport",
     "80",
+    "--protocol",
+    "tcp,udp",
     "--on-port",
     ON_PORT,
 ];
-/// The kernel's policy routing for (b), added by the bench.
+/// The kernel's policy routing for (b) and (d), added by the bench.
 pub const IPTABLES_POLICY_ROUTING: &[&[&str]] = &[
     &["rule", "add", "fwmark", "0x1/0x1", "lookup", "100"],
     &[
@@ -71,16 +81,19 @@ pub enum Kind {
     Routing,
     Iptables,
     Ebpf,
+    Haproxy,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Routing, Kind::Iptables, Kind::Ebpf];
+    pub const COUNT: usize = 4;
+    pub const ALL: [Kind; Kind::COUNT] = [Kind::Routing, Kind::Iptables, Kind::Ebpf, Kind::Haproxy];
 
     pub fn letter(self) -> &'static str {
         match self {
             Kind::Routing => "a",
             Kind::Iptables => "b",
             Kind::Ebpf => "c",
+            Kind::Haproxy => "d",
         }
     }
 
@@ -89,7 +102,23 @@ impl Kind {
             Kind::Routing => "(a) routing, no proxy",
             Kind::Iptables => "(b) iptables TPROXY -> proxy",
             Kind::Ebpf => "(c) eBPF classifier -> proxy",
+            Kind::Haproxy => "(d) iptables TPROXY + SYN rule -> HAProxy",
         }
+    }
+
+    /// The label's short form, for the chart's bar groups.
+    pub fn short(self) -> &'static str {
+        match self {
+            Kind::Routing => "(a) routing",
+            Kind::Iptables => "(b) iptables",
+            Kind::Ebpf => "(c) eBPF",
+            Kind::Haproxy => "(d) HAProxy",
+        }
+    }
+
+    /// Set-ups where the kernel's TPROXY target delivers the connections.
+    fn uses_iptables(self) -> bool {
+        matches!(self, Kind::Iptables | Kind::Haproxy)
     }
 
     pub fn index(self) -> usize {
@@ -97,15 +126,32 @@ impl Kind {
     }
 }
 
-/// The iptables-restore input for (b) with `rules` TPROXY rules of which only the last
-/// matches the benchmark's traffic, behind the recipe's `-m socket` DIVERT rule.
-pub fn iptables_rules(rules: usize) -> String {
+/// Whether the iptables recipe sends SYNs to the listener before its `-m socket` rule.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum SynRule {
+    /// The recipe as usually written, (b): a SYN whose 4-tuple matches a TIME_WAIT socket of
+    /// the proxy's goes to that socket, not to the listener, and the connection stalls.
+    Absent,
+    /// (d): a TPROXY rule for SYNs first, so that every new connection reaches the listener.
+    First,
+}
+
+/// The iptables-restore input with `rules` TPROXY rules of which only the last matches the
+/// benchmark's traffic, behind the recipe's `-m socket` DIVERT rule (and, for
+/// [`SynRule::First`], behind a SYN rule for the same traffic).
+pub fn iptables_rules(rules: usize, syn: SynRule) -> String {
     let tproxy = format!("-j TPROXY --on-port {ON_PORT} --tproxy-mark 0x1/0x1");
     let mut text = String::from(
         "*mangle\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n\
-         :OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DIVERT - [0:0]\n\
-         -A PREROUTING -p tcp -m socket --transparent -j DIVERT\n",
+         :OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n:DIVERT - [0:0]\n",
     );
+    if syn == SynRule::First {
+        text.push_str(&format!(
+            "-A PREROUTING -i {} -p tcp --dport 80 --syn {tproxy}\n",
+            testbed::ROUTER_CLIENT_IFACE
+        ));
+    }
+    text.push_str("-A PREROUTING -p tcp -m socket --transparent -j DIVERT\n");
     for i in 0..rules.saturating_sub(1) {
         text.push_str(&format!(
             "-A PREROUTING -i {} -p tcp -d {}/32 --dport 80 {tproxy}\n",
@@ -190,70 +236,17 @@ impl Agent {
             .log_lines_matching(|l| l.contains("WARN") || l.contains("ERROR"), 20)
     }
 
-    /// The agent's resident set size, KiB (`VmRSS` in /proc/PID/status). `ip netns exec`
-    /// execs the agent, so the child's pid is the agent's.
-    pub fn vm_rss_kib(&self) -> Result<u64, String> {
-        let pid = self.pid().ok_or("agent not running")?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|e| format!("reading /proc/{pid}/status: {e}"))?;
-        if !status
-            .lines()
-            .any(|l| l.starts_with("Name:") && l.contains("proxy"))
-        {
-            return Err(format!("/proc/{pid} is not the agent"));
-        }
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| format!("no VmRSS in /proc/{pid}/status"))
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
     }
 
-    /// How many descriptors the agent has open.
-    pub fn open_fds(&self) -> usize {
-        self.pid().map_or(0, |pid| {
-            std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+    /// What the figures read of it in /proc. `ip netns exec` execs the agent, so the
+    /// child's pid is the agent's.
+    pub fn process(&self) -> Option<ProxyProcess> {
+        Some(ProxyProcess {
+            pid: self.pid()?,
+            name: "proxy",
         })
-    }
-
-    /// The agent's descriptors by kind: sockets, pipes, anything else.
-    pub fn fd_kinds(&self) -> [usize; 3] {
-        let mut kinds = [0; 3];
-        let Some(pid) = self.pid() else {
-            return kinds;
-        };
-        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            return kinds;
-        };
-        for entry in dir.flatten() {
-            let target = std::fs::read_link(entry.path()).unwrap_or_default();
-            let target = target.to_string_lossy();
-            let slot = if target.starts_with("socket:") {
-                0
-            } else if target.starts_with("pipe:") {
-                1
-            } else {
-                2
-            };
-            kinds[slot] += 1;
-        }
-        kinds
-    }
-
-    /// The agent's "Max open files" (soft limit) from /proc/PID/limits.
-    pub fn nofile_limit(&self) -> Option<String> {
-        let pid = self.pid()?;
-        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
-        limits
-            .lines()
-            .find_map(|l| l.strip_prefix("Max open files"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .map(str::to_owned)
     }
 
     /// SIGTERM (the agent drains, then undoes its set-up), a second SIGTERM after 5 s (exit
@@ -269,11 +262,13 @@ impl Drop for Agent {
     }
 }
 
-/// One set-up with its own namespaces, server, client threads and (for b and c) agent.
-/// Fields drop in order: the agent, the load threads, then the namespaces.
+/// One set-up with its own namespaces, server, client threads and its proxy: the agent for
+/// (b) and (c), HAProxy for (d). Fields drop in order: the proxy, the load threads, then the
+/// namespaces.
 pub struct Scenario {
     pub kind: Kind,
     agent: Option<Agent>,
+    haproxy: Option<Haproxy>,
     pub client: NsRuntime,
     _server: Server,
     binary: PathBuf,
@@ -305,13 +300,14 @@ impl Scenario {
         let server = Server::start(&gw.server, server_lifetime)?;
         let client = NsRuntime::new(&gw.client.name, 2).map_err(|e| format!("client: {e}"))?;
         let agent_args = match kind {
-            Kind::Routing => Vec::new(),
+            Kind::Routing | Kind::Haproxy => Vec::new(),
             Kind::Iptables => args(IPTABLES_AGENT_ARGS),
             Kind::Ebpf => args(EBPF_AGENT_ARGS),
         };
         let mut scenario = Scenario {
             kind,
             agent: None,
+            haproxy: None,
             client,
             _server: server,
             binary: binary.to_owned(),
@@ -319,7 +315,7 @@ impl Scenario {
             agent_args,
             gw,
         };
-        if kind == Kind::Iptables {
+        if kind.uses_iptables() {
             scenario.install_iptables(1)?;
             for cmd in IPTABLES_POLICY_ROUTING {
                 scenario
@@ -329,11 +325,17 @@ impl Scenario {
                     .map_err(|e| proxy_common::error_chain(&e))?;
             }
         }
-        scenario.restart_agent()?;
+        scenario.restart_proxy()?;
         Ok(scenario)
     }
 
+    /// (b) and (c): this project's agent is the proxy.
     pub fn has_agent(&self) -> bool {
+        matches!(self.kind, Kind::Iptables | Kind::Ebpf)
+    }
+
+    /// Every set-up but (a) has a proxy.
+    pub fn has_proxy(&self) -> bool {
         self.kind != Kind::Routing
     }
 
@@ -341,23 +343,53 @@ impl Scenario {
         self.agent.as_ref()
     }
 
-    /// Replaces the agent's arguments for the next [`Scenario::restart_agent`], and returns
+    /// The proxy's process, whichever proxy it is.
+    pub fn proxy_process(&self) -> Option<ProxyProcess> {
+        match (&self.agent, &self.haproxy) {
+            (Some(agent), _) => agent.process(),
+            (None, Some(haproxy)) => haproxy.process(),
+            (None, None) => None,
+        }
+    }
+
+    /// What the proxy warned about, for the report's notes.
+    pub fn proxy_warnings(&self) -> Vec<String> {
+        match (&self.agent, &self.haproxy) {
+            (Some(agent), _) => agent.notable(),
+            (None, Some(haproxy)) => haproxy.notable(),
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// Replaces the agent's arguments for the next [`Scenario::restart_proxy`], and returns
     /// the ones it had.
     pub fn replace_agent_args(&mut self, args: Vec<String>) -> Vec<String> {
         std::mem::replace(&mut self.agent_args, args)
     }
 
-    /// Stops the agent (if any) and starts a fresh one, then checks the path end to end.
-    pub fn restart_agent(&mut self) -> Result<(), String> {
+    /// Stops the proxy (if any) and starts a fresh one, then checks the path end to end.
+    pub fn restart_proxy(&mut self) -> Result<(), String> {
         if let Some(mut old) = self.agent.take() {
             old.stop();
         }
-        if self.has_agent() {
-            self.agent = Some(Agent::start(
-                &self.gw.router,
-                &self.binary,
-                &self.agent_args,
-            )?);
+        if let Some(mut old) = self.haproxy.take() {
+            old.stop();
+        }
+        match self.kind {
+            Kind::Routing => {}
+            Kind::Iptables | Kind::Ebpf => {
+                self.agent = Some(Agent::start(
+                    &self.gw.router,
+                    &self.binary,
+                    &self.agent_args,
+                )?);
+            }
+            Kind::Haproxy => {
+                let config = self
+                    .workdir
+                    .join(format!("haproxy-{}.cfg", self.gw.router.name));
+                self.haproxy = Some(Haproxy::start(&self.gw.router, &config)?);
+            }
         }
         self.check_path()
     }
@@ -365,7 +397,7 @@ impl Scenario {
     /// One exchange end to end, and the server saw it from the right peer: the client
     /// itself when routed, the router when proxied.
     pub fn check_path(&self) -> Result<(), String> {
-        let expect = if self.has_agent() {
+        let expect = if self.has_proxy() {
             testbed::ROUTER_SERVER_SIDE_V4
         } else {
             testbed::CLIENT_V4
@@ -379,14 +411,19 @@ impl Scenario {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        let proxy_log = match (&self.agent, &self.haproxy) {
+            (Some(agent), _) => agent.tail(),
+            (None, Some(haproxy)) => haproxy.log_text(),
+            (None, None) => String::new(),
+        };
         Err(format!(
-            "{}: no working path: {last}\n{}",
+            "{}: no working path: {last}\n{proxy_log}",
             self.kind.label(),
-            self.agent.as_ref().map(Agent::tail).unwrap_or_default()
         ))
     }
 
-    /// Replaces (b)'s iptables rules with `rules` TPROXY rules, the last one matching.
+    /// Replaces (b)'s or (d)'s iptables rules with `rules` TPROXY rules, the last one
+    /// matching.
     fn install_iptables(&self, rules: usize) -> Result<(), String> {
         let mut child = self
             .gw
@@ -397,7 +434,12 @@ impl Scenario {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| format!("running iptables-restore: {e}"))?;
-        let text = iptables_rules(rules);
+        let syn = if self.kind == Kind::Haproxy {
+            SynRule::First
+        } else {
+            SynRule::Absent
+        };
+        let text = iptables_rules(rules, syn);
         let written = child
             .stdin
             .take()
@@ -424,7 +466,8 @@ impl Scenario {
     /// rules for (b), a `--config` file and a fresh agent for (c).
     pub fn set_rules(&mut self, rules: usize) -> Result<(), String> {
         match self.kind {
-            Kind::Routing => Ok(()),
+            // (d) is not in the rules figure: HAProxy's rules are iptables', as (b)'s.
+            Kind::Routing | Kind::Haproxy => Ok(()),
             Kind::Iptables => {
                 self.install_iptables(rules)?;
                 self.check_path()
@@ -440,7 +483,7 @@ impl Scenario {
                     "--config",
                     &path.to_string_lossy(),
                 ]);
-                self.restart_agent()
+                self.restart_proxy()
             }
         }
     }

@@ -41,11 +41,9 @@ impl UdpSample {
     }
 }
 
-/// (c)'s agent, with UDP on the same port and the cap.
+/// (c)'s agent (which proxies UDP on port 80 too), with the cap.
 pub fn agent_args() -> Vec<String> {
-    let udp = format!(
-        "--protocol tcp,udp --udp-max-sessions {CAP} --udp-idle-timeout {IDLE_TIMEOUT_SECS}"
-    );
+    let udp = format!("--udp-max-sessions {CAP} --udp-idle-timeout {IDLE_TIMEOUT_SECS}");
     let udp = udp.split(' ');
     setup::EBPF_AGENT_ARGS
         .iter()
@@ -59,15 +57,15 @@ pub fn agent_args() -> Vec<String> {
 /// own arguments back, whether the measurement worked or not.
 pub fn measure(s: &mut Scenario, nofile: u64) -> Result<UdpSample, String> {
     let own = s.replace_agent_args(agent_args());
-    let sample = s.restart_agent().and_then(|()| flood_and_read(s, nofile));
+    let sample = s.restart_proxy().and_then(|()| flood_and_read(s, nofile));
     s.replace_agent_args(own);
-    let restored = s.restart_agent();
+    let restored = s.restart_proxy();
     let sample = sample?;
     restored.map(|()| sample)
 }
 
 fn flood_and_read(s: &Scenario, nofile: u64) -> Result<UdpSample, String> {
-    let agent = s.agent().ok_or("no agent")?;
+    let agent = s.proxy_process().ok_or("no agent")?;
     std::thread::sleep(Duration::from_millis(300));
     let (fds_before, baseline_kib) = (agent.open_fds(), agent.vm_rss_kib()?);
     // The flood's sockets stay open here, one descriptor each.
@@ -98,8 +96,8 @@ fn flood_and_read(s: &Scenario, nofile: u64) -> Result<UdpSample, String> {
             "no UDP session through the agent ({sent} datagrams sent)"
         ));
     }
-    let warnings = agent
-        .notable()
+    let warnings = s
+        .proxy_warnings()
         .into_iter()
         .filter(|l| !l.contains("--udp-max-sessions"))
         .collect();

@@ -1,8 +1,9 @@
 //! `cargo xtask bench [--quick] [--only FIGURES]`: build the agent and the benchmark (the `proxy-bench`
 //! crate) in release mode, then run `proxy-bench`, which compares plain routing, the kernel's
-//! iptables TPROXY with this project's proxy, and this project's eBPF classifier with the same
-//! proxy, in throwaway network namespaces, and what `--local`'s connect programs cost the
-//! host's own connections. Results go to `bench/results/` (latest.md,
+//! iptables TPROXY with this project's proxy, this project's eBPF classifier with the same
+//! proxy, and the iptables recipe with HAProxy (the peer), in throwaway network namespaces;
+//! what the agent costs traffic no rule matches; UDP throughput, routed and proxied; and what
+//! `--local`'s connect programs cost the host's own connections. Results go to `bench/results/` (latest.md,
 //! latest.png and a timestamped copy of each).
 
 use std::process::Command;
@@ -17,7 +18,7 @@ pub struct Options {
     #[arg(long)]
     quick: bool,
     /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
-    /// local); passed on to proxy-bench.
+    /// passthrough, udprate, local); passed on to proxy-bench.
     #[arg(long, value_name = "FIGURES")]
     only: Option<String>,
 }

@@ -9,15 +9,16 @@ use anyhow::{Context as _, bail};
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
 /// Debian packages: iproute2 for the test topologies (and `ss`), bpftool to inspect
-/// links, iptables and nftables for the kernel-TPROXY comparisons, microsocks and Dante as
-/// real SOCKS5 upstreams (Dante for UDP ASSOCIATE), systemd for `systemd-analyze verify`
-/// of `dist/systemd/proxy.service`.
+/// links, iptables and nftables for the kernel-TPROXY comparisons, HAProxy as the bench's
+/// peer (its set-up (d)), microsocks and Dante as real SOCKS5 upstreams (Dante for UDP
+/// ASSOCIATE), systemd for `systemd-analyze verify` of `dist/systemd/proxy.service`.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
     ("bpftool", "bpftool"),
     ("iptables", "iptables"),
     ("nft", "nftables"),
+    ("haproxy", "haproxy"),
     ("microsocks", "microsocks"),
     ("danted", "dante-server"),
     ("systemd-analyze", "systemd"),
@@ -154,7 +155,34 @@ pub fn ensure_system_tools() -> anyhow::Result<()> {
     if !still_missing.is_empty() {
         bail!("still missing after apt-get: {still_missing:?}");
     }
+    for (_, service) in PACKAGE_SERVICES
+        .iter()
+        .filter(|(package, _)| packages.contains(package))
+    {
+        stop_packaged_service(service);
+    }
     Ok(())
+}
+
+/// (package, service) pairs: services that Debian's packages start on install and that
+/// nothing here wants running. The bench starts its own HAProxy in a namespace; a packaged
+/// one would hold the host's resources (and, once configured, its ports) for nothing.
+const PACKAGE_SERVICES: &[(&str, &str)] = &[("haproxy", "haproxy")];
+
+/// Stops `service` and keeps it from starting at boot, by whichever init system runs; a
+/// failure is reported, not fatal (with no init system, nothing was started).
+fn stop_packaged_service(service: &str) {
+    let stopped = if Path::new("/run/systemd/system").exists() {
+        status(Command::new("systemctl").args(["disable", "--now", service]))
+    } else if which::which("update-rc.d").is_ok() || Path::new("/usr/sbin/update-rc.d").exists() {
+        let _ = status(Command::new("update-rc.d").args([service, "disable"]));
+        status(Command::new("invoke-rc.d").args([service, "stop"]))
+    } else {
+        Ok(())
+    };
+    if let Err(e) = stopped {
+        eprintln!("xtask: stopping the packaged {service} service: {e}");
+    }
 }
 
 /// `kubernetes-validate` in [`DIST_VALIDATORS`] (a Python virtual environment), when it is
