@@ -117,7 +117,24 @@ pub enum ParseError {
 
 #[inline(always)]
 fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
-    ctx.load::<T>(offset).map_err(|_| ParseError::Malformed)
+    read(ctx, offset).ok_or(ParseError::Malformed)
+}
+
+/// `size_of::<T>()` bytes at `offset` into the frame: straight from the packet's linear
+/// data where they lie in it (the headers, nearly always), else through
+/// `bpf_skb_load_bytes`, which also reaches the paged part. The same bytes either way; a
+/// helper call per read was most of what a packet no rule matches cost. (Only for reads of
+/// more than one byte: LLVM turns a one-byte bound into a `pkt_end > pkt` test, from which
+/// the verifier grants no range.)
+#[inline(always)]
+fn read<T>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let at = ctx.data() + offset;
+    if at + core::mem::size_of::<T>() <= ctx.data_end() {
+        // SAFETY: the bytes lie between data and data_end, which the verifier checks too.
+        Some(unsafe { core::ptr::read_unaligned(at as *const T) })
+    } else {
+        ctx.load::<T>(offset).ok()
+    }
 }
 
 /// Parses a packet whose IP header starts `L2_LEN` bytes into the frame: 14 behind an
@@ -136,7 +153,7 @@ pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Result<Parsed, ParseError>
         ETH_P_IPV6 => 6,
         _ => return Ok(Parsed::Other),
     };
-    if L2_LEN == 0 && load::<u8>(ctx, 0)? >> 4 != version {
+    if L2_LEN == 0 && ctx.load::<u8>(0).map_err(|_| ParseError::Malformed)? >> 4 != version {
         return Err(ParseError::BadLinkHeader);
     }
     if version == 4 {
@@ -148,7 +165,10 @@ pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Result<Parsed, ParseError>
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
-    let version_ihl = load::<u8>(ctx, l3)?;
+    // The fixed header in one read: each `bpf_skb_load_bytes` is a helper call, and a
+    // call per field was most of what a packet no rule matches costs.
+    let header: [u8; 20] = load(ctx, l3)?;
+    let version_ihl = header[0];
     if version_ihl >> 4 != 4 {
         return Err(ParseError::Malformed);
     }
@@ -157,12 +177,12 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
     if ihl < 5 {
         return Err(ParseError::Malformed);
     }
-    let protocol = load::<u8>(ctx, l3 + 9)?;
+    let protocol = header[9];
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
         return Ok(Parsed::Other);
     }
-    let id = u16::from_be(load::<u16>(ctx, l3 + 4)?);
-    let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+    let id = u16::from_be_bytes([header[4], header[5]]);
+    let frag = u16::from_be_bytes([header[6], header[7]]);
     let fragment = if frag & 0x1fff != 0 {
         Fragment::Later
     } else if frag & 0x2000 != 0 {
@@ -172,10 +192,8 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
     };
     let mut saddr = [0u8; 16];
     let mut daddr = [0u8; 16];
-    let s: [u8; 4] = load(ctx, l3 + 12)?;
-    let d: [u8; 4] = load(ctx, l3 + 16)?;
-    saddr[..4].copy_from_slice(&s);
-    daddr[..4].copy_from_slice(&d);
+    saddr[..4].copy_from_slice(&header[12..16]);
+    daddr[..4].copy_from_slice(&header[16..20]);
     let packet = Packet {
         family: Family::V4,
         protocol,
@@ -195,9 +213,13 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
-    let saddr: [u8; 16] = load(ctx, l3 + 8)?;
-    let daddr: [u8; 16] = load(ctx, l3 + 24)?;
-    let next = load::<u8>(ctx, l3 + 6)?;
+    // The fixed header in one read (see `parse_ipv4`).
+    let header: [u8; 40] = load(ctx, l3)?;
+    let next = header[6];
+    let mut saddr = [0u8; 16];
+    let mut daddr = [0u8; 16];
+    saddr.copy_from_slice(&header[8..24]);
+    daddr.copy_from_slice(&header[24..40]);
     let mut packet = Packet {
         family: Family::V6,
         protocol: next,
@@ -286,17 +308,23 @@ fn walk_ipv6_chain(
 /// and is too short for its flags is cut short: unclassifiable.
 #[inline(always)]
 fn with_ports(ctx: &TcContext, l4: usize, mut packet: Packet) -> Parsed {
-    let Ok(ports) = ctx.load::<[u16; 2]>(l4) else {
+    // Both TCP and UDP start with the source and destination ports; a TCP header's flags
+    // are its 14th byte. One read for all of it where the segment holds it.
+    if packet.protocol == IPPROTO_TCP
+        && let Some(start) = read::<[u8; 14]>(ctx, l4)
+    {
+        packet.sport_be = u16::from_ne_bytes([start[0], start[1]]);
+        packet.dport_be = u16::from_ne_bytes([start[2], start[3]]);
+        packet.tcp_flags = start[13];
+        return Parsed::Transport(packet);
+    }
+    let Some(ports) = read::<[u16; 2]>(ctx, l4) else {
         return Parsed::Unclassifiable(packet);
     };
-    if packet.protocol == IPPROTO_TCP {
-        match ctx.load::<u8>(l4 + 13) {
-            Ok(flags) => packet.tcp_flags = flags,
-            Err(_) if packet.fragment == Fragment::First => {}
-            Err(_) => return Parsed::Unclassifiable(packet),
-        }
+    if packet.protocol == IPPROTO_TCP && packet.fragment != Fragment::First {
+        // Not even the flags: cut short.
+        return Parsed::Unclassifiable(packet);
     }
-    // Both TCP and UDP start with the source and destination ports.
     packet.sport_be = ports[0];
     packet.dport_be = ports[1];
     Parsed::Transport(packet)
