@@ -5,6 +5,7 @@ pub mod destination;
 pub mod sockopt;
 pub mod tcp;
 pub mod udp;
+mod udp_batch;
 pub mod workers;
 
 use std::{
