@@ -23,7 +23,8 @@
 //! would put the header in front of the first datagram of a run only.
 //!
 //! Memory: the datagrams live in this thread's scratch ([`Batch`], [`BATCH`] slots of 64 KiB
-//! each, room for any datagram or train); a session owns none. Only datagrams that a full
+//! each, room for any datagram or train, of which only the pages written to become
+//! resident: [`Pages`]); a session owns none. Only datagrams that a full
 //! send buffer refuses are copied, at their own size, for the caller to send when there is
 //! room.
 
@@ -122,7 +123,7 @@ pub fn prepare(socket: &UdpSocket) {
 thread_local! {
     /// The scratch of the sessions of this thread: borrowed from a receive to the sends of
     /// what it brought, never across an await.
-    static SCRATCH: RefCell<Batch> = RefCell::new(Batch::new());
+    static SCRATCH: RefCell<Option<Batch>> = const { RefCell::new(None) };
 }
 
 /// Receives what is waiting on `from` (up to [`BATCH`] messages) and sends it on `to` at
@@ -139,7 +140,13 @@ pub fn relay(
     gso: &mut Gso,
     mut sent: impl FnMut(usize),
 ) -> io::Result<Vec<Vec<u8>>> {
-    SCRATCH.with_borrow_mut(|batch| {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let batch = match scratch {
+            Some(batch) => batch,
+            None => scratch.insert(Batch::new().map_err(|e| {
+                io::Error::new(e.kind(), format!("mapping the UDP batch scratch: {e}"))
+            })?),
+        };
         match from.try_io(Interest::READABLE, || {
             batch.recv(from.as_raw_fd(), &payload)
         }) {
@@ -154,9 +161,8 @@ pub fn relay(
 
 /// A thread's receive buffer, the datagrams found in it, and the system calls' headers.
 struct Batch {
-    /// [`BATCH`] slots of [`SLOT`] bytes. Allocated zeroed (`calloc`, fresh pages from
-    /// `mmap`), so only the pages datagrams were written to become resident.
-    buf: Vec<u8>,
+    /// [`BATCH`] slots of [`SLOT`] bytes.
+    buf: Pages,
     /// The part of each received datagram to pass on, as a range of `buf`, in order.
     datagrams: Vec<Range<usize>>,
     /// Headers, buffers and control messages of the system calls: kept to save an
@@ -178,6 +184,61 @@ struct Run {
     segment: usize,
 }
 
+/// Anonymous memory straight from `mmap(2)`: a page becomes resident only once written
+/// (until then it reads as zeroes), whatever state the allocator is in. From `calloc`, the
+/// scratch could come out of an arena that had to zero it (glibc serves large blocks from
+/// its arenas once a larger one was freed, raising its mmap threshold), which made the
+/// whole scratch of each runtime thread resident at its first datagram: 4 KiB more per
+/// session in the flood test.
+struct Pages {
+    start: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+impl Pages {
+    fn new(len: usize) -> io::Result<Self> {
+        // SAFETY: a new private anonymous mapping, at an address the kernel picks: no
+        // existing memory is affected.
+        let start = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if start == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let start = std::ptr::NonNull::new(start.cast())
+            .ok_or_else(|| io::Error::other("mmap returned a null mapping"))?;
+        Ok(Pages { start, len })
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.start.as_ptr()
+    }
+}
+
+impl std::ops::Deref for Pages {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `len` readable bytes mapped at `start` for as long as `self` lives;
+        // written only by the kernel during a call that holds `&mut self`.
+        unsafe { std::slice::from_raw_parts(self.start.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for Pages {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, which nothing uses any more.
+        unsafe { libc::munmap(self.start.as_ptr().cast(), self.len) };
+    }
+}
+
 /// An all-zero `mmsghdr`: no name, no buffers, no control messages.
 fn empty_header() -> libc::mmsghdr {
     // SAFETY: mmsghdr is a plain C struct of integers and raw pointers, for which all
@@ -187,9 +248,9 @@ fn empty_header() -> libc::mmsghdr {
 }
 
 impl Batch {
-    fn new() -> Self {
-        Batch {
-            buf: vec![0; BATCH * SLOT],
+    fn new() -> io::Result<Self> {
+        Ok(Batch {
+            buf: Pages::new(BATCH * SLOT)?,
             datagrams: Vec::with_capacity(BATCH),
             recv_iov: Vec::with_capacity(BATCH),
             recv_headers: Vec::with_capacity(BATCH),
@@ -198,7 +259,7 @@ impl Batch {
             send_headers: Vec::with_capacity(SEND_MESSAGES),
             send_control: vec![[0; 3]; SEND_MESSAGES],
             send_runs: Vec::with_capacity(SEND_MESSAGES),
-        }
+        })
     }
 
     /// One `recvmmsg` into the slots; fills `datagrams` with what `payload` keeps of each
