@@ -1,9 +1,11 @@
 //! UDP in trains: datagrams that a sender coalesced with `UDP_SEGMENT` (as QUIC stacks
 //! send) go through the proxy and back, each datagram intact and in order, the last of each
-//! train shorter than the others; directly, over an L3 (tun) client link, and through a
-//! SOCKS5 upstream, where each datagram needs a header of its own. Directly, a train stays
-//! one packet all the way: the proxy takes it whole (`UDP_GRO`) and sends it on whole
-//! (`UDP_SEGMENT`), both ways. Real kernel, namespaces of their own, removed on drop.
+//! train shorter than the others; directly, over an L3 (tun) client link, over an upstream
+//! path whose MTU is below the datagrams' size (where the kernel refuses to send a train),
+//! and through a SOCKS5 upstream, where each datagram needs a header of its own. Directly,
+//! a train stays one packet all the way: the proxy takes it whole (`UDP_GRO`) and sends it
+//! on whole (`UDP_SEGMENT`), both ways. Real kernel, namespaces of their own, removed on
+//! drop.
 
 mod common;
 
@@ -64,23 +66,34 @@ fn enable_gro(socket: &UdpSocket) {
     socket::setsockopt(socket, sockopt::UdpGroSegment, &true).expect("UDP_GRO");
 }
 
-/// Sends `payload` as datagrams of `segment` bytes (the last shorter) in one call.
+/// Sends `payload` as datagrams of `segment` bytes (the last shorter): in one call, or
+/// one datagram at a time where the kernel refuses the train on this path (`EIO`: no
+/// checksum offload; `EMSGSIZE`: a segment larger than the path MTU).
 fn send_train(
     socket: &UdpSocket,
     payload: &[u8],
     segment: usize,
     to: Option<SocketAddr>,
 ) -> io::Result<()> {
-    let segment = u16::try_from(segment).expect("segment size");
-    let to = to.map(SockaddrStorage::from);
-    socket::sendmsg(
+    let size = u16::try_from(segment).expect("segment size");
+    let dest = to.map(SockaddrStorage::from);
+    let train = socket::sendmsg(
         socket.as_raw_fd(),
         &[IoSlice::new(payload)],
-        &[ControlMessage::UdpGsoSegments(&segment)],
+        &[ControlMessage::UdpGsoSegments(&size)],
         MsgFlags::empty(),
-        to.as_ref(),
-    )?;
-    Ok(())
+        dest.as_ref(),
+    );
+    match train {
+        Ok(_) => Ok(()),
+        Err(nix::errno::Errno::EIO | nix::errno::Errno::EMSGSIZE) => {
+            payload.chunks(segment).try_for_each(|datagram| match to {
+                Some(to) => socket.send_to(datagram, to).map(drop),
+                None => socket.send(datagram).map(drop),
+            })
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// One message (a datagram, or a train of them) and its sender.
@@ -190,15 +203,34 @@ fn send_trains() -> Result<Vec<Message>, String> {
     Ok(messages)
 }
 
-/// Runs the trains through an agent started with `agent_args` in a gateway joined to the
-/// client by `link`; returns the messages the server got and those the client got back.
-fn trains_through(tag: &str, link: ClientLink, socks5: bool) -> (Vec<Message>, Vec<Message>) {
+/// How the trains travel.
+struct Path {
+    /// Names the namespaces.
+    tag: &'static str,
+    link: ClientLink,
+    /// Through Dante instead of directly.
+    socks5: bool,
+    /// The MTU of the router-server link, when not the default 1,500.
+    upstream_mtu: Option<&'static str>,
+}
+
+/// Runs the trains along `path`; returns the messages the server got and those the client
+/// got back.
+fn trains_through(path: Path) -> (Vec<Message>, Vec<Message>) {
     require_root();
-    let gw = Gateway::with_client_link(tag, link).expect("topology");
+    let gw = Gateway::with_client_link(path.tag, path.link).expect("topology");
+    if let Some(mtu) = path.upstream_mtu {
+        gw.router
+            .ip(&["link", "set", "r1", "mtu", mtu])
+            .expect("router mtu");
+        gw.server
+            .ip(&["link", "set", "s0", "mtu", mtu])
+            .expect("server mtu");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let echo_stop = Arc::clone(&stop);
     let echo = gw.server.spawn(move || echo_trains(&echo_stop));
-    let dante = socks5.then(|| Dante::start(&gw.router, tag));
+    let dante = path.socks5.then(|| Dante::start(&gw.router, path.tag));
     let mut args = vec![
         "run",
         "--iface",
@@ -210,7 +242,7 @@ fn trains_through(tag: &str, link: ClientLink, socks5: bool) -> (Vec<Message>, V
         "--on-port",
         "5353",
     ];
-    if socks5 {
+    if path.socks5 {
         args.extend(["--upstream", "socks5://127.0.0.1:1081"]);
     }
     let agent = Agent::start(&gw.router, &args);
@@ -232,9 +264,22 @@ const WHOLE: Message = Message {
     segment: Some(SEGMENT),
 };
 
+/// Datagrams in `messages`, trains counted by their segments.
+fn datagrams(messages: &[Message]) -> usize {
+    messages
+        .iter()
+        .map(|m| m.segment.map_or(1, |s| m.len.div_ceil(s)))
+        .sum()
+}
+
 #[test]
 fn udp_trains_pass_through_whole_and_in_order() {
-    let (at_server, at_client) = trains_through("udptrain", ClientLink::Veth, false);
+    let (at_server, at_client) = trains_through(Path {
+        tag: "udptrain",
+        link: ClientLink::Veth,
+        socks5: false,
+        upstream_mtu: None,
+    });
     // The hello, then each train as one message: the proxy sent it on as one.
     assert_eq!(at_server.len(), 1 + usize::from(TRAINS), "{at_server:?}");
     assert!(at_server[1..].iter().all(|m| *m == WHOLE), "{at_server:?}");
@@ -244,22 +289,48 @@ fn udp_trains_pass_through_whole_and_in_order() {
 
 #[test]
 fn udp_trains_pass_through_intact_over_an_l3_client_link() {
-    // A tun device without offloads takes no GSO packets: the client sends its trains one
-    // datagram at a time, and the kernel refuses the proxy's trains towards the client
-    // (-EIO from udp_send_skb), which then go one datagram at a time too.
-    trains_through("udptraintun", ClientLink::Tun, false);
+    // Two tun devices and a packet pump: the trains cross as whatever the tun devices
+    // make of them, and every datagram still arrives, in order.
+    trains_through(Path {
+        tag: "udptraintun",
+        link: ClientLink::Tun,
+        socks5: false,
+        upstream_mtu: None,
+    });
+}
+
+#[test]
+fn udp_trains_go_one_datagram_at_a_time_where_the_path_mtu_is_smaller() {
+    // 1,200-byte segments on a 1,000-byte path: udp_send_skb refuses the proxy's trains
+    // (EMSGSIZE), so it sends the same datagrams one by one (fragmented on the way).
+    let (at_server, _) = trains_through(Path {
+        tag: "udptrainmtu",
+        link: ClientLink::Veth,
+        socks5: false,
+        upstream_mtu: Some("1000"),
+    });
+    assert_eq!(
+        datagrams(&at_server),
+        1 + usize::from(TRAINS) * (FULL + 1),
+        "{at_server:?}"
+    );
+    assert!(
+        at_server.iter().all(|m| m.segment.is_none()),
+        "{at_server:?}"
+    );
 }
 
 #[test]
 fn udp_trains_through_a_socks5_upstream_keep_one_header_per_datagram() {
-    let (at_server, _) = trains_through("udptrainsocks", ClientLink::Veth, true);
+    let (at_server, _) = trains_through(Path {
+        tag: "udptrainsocks",
+        link: ClientLink::Veth,
+        socks5: true,
+        upstream_mtu: None,
+    });
     // Dante relays each datagram on its own: each one reached it with its own header.
-    let datagrams: usize = at_server
-        .iter()
-        .map(|m| m.segment.map_or(1, |s| m.len.div_ceil(s)))
-        .sum();
     assert_eq!(
-        datagrams,
+        datagrams(&at_server),
         1 + usize::from(TRAINS) * (FULL + 1),
         "{at_server:?}"
     );
