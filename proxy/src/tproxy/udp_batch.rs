@@ -1,10 +1,10 @@
 //! Many datagrams per system call on a UDP session's sockets.
 //!
-//! With one `recvmsg` and one `send` per datagram, the agent spent 14 µs of CPU on each
+//! With one `recvmsg` and one `send` per datagram, the agent spent 11-15 µs of CPU on each
 //! 1,200-byte datagram of a flat-out flow and dropped most of them at its socket; in
-//! batches it spends about 6 µs, most of it the kernel's copies and the delivery of what it
-//! sends (measured with `iperf3 -u` through the testbed's gateway). A session passes
-//! datagrams on in batches:
+//! batches it spends 5-7 µs, most of it in the kernel: the copies, and the delivery of what
+//! it sends (measured with `iperf3 -u` through the testbed's gateway on 2 CPUs). A session
+//! passes datagrams on in batches:
 //!
 //! * `recvmmsg(2)` takes up to [`BATCH`] messages in one call. With `UDP_GRO` on the socket
 //!   (udp(7), Linux 5.0) one message may be a *train* of datagrams that the kernel kept
