@@ -13,7 +13,7 @@ use std::{
 };
 
 use common::{
-    AGENT_ARGS, Agent, Server, ServerMode, ask, ask_line, connect_kept, exchange,
+    AGENT_ARGS, Agent, Dante, Server, ServerMode, ask, ask_line, connect_kept, exchange,
     exchange_from_client, open_fds, require_root, server,
 };
 use proxy_testbed::{self as testbed, Gateway, Netns};
@@ -745,40 +745,7 @@ fn udp_through_a_socks5_upstream_uses_udp_associate() {
         }
     });
     // Dante from Debian's packages, in the router namespace, relaying out of r1.
-    let conf = std::env::temp_dir().join(format!("danted-{}.conf", std::process::id()));
-    std::fs::write(
-        &conf,
-        "logoutput: stderr\ninternal: 127.0.0.1 port = 1081\nexternal: 198.51.100.1\n\
-         socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
-         client pass {\n from: 127.0.0.0/8 to: 0.0.0.0/0\n}\n\
-         socks pass {\n from: 0.0.0.0/0 to: 0.0.0.0/0\n command: connect udpassociate udpreply\n log: connect disconnect\n}\n",
-    )
-    .expect("dante config");
-    let mut dante = gw
-        .router
-        .command("danted")
-        .arg("-f")
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("danted (apt-get install dante-server; cargo xtask test installs it)");
-    let (tx, dante_log) = mpsc::channel();
-    let stderr = dante.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline
-        && !gw
-            .router
-            .run(|| TcpStream::connect("127.0.0.1:1081").is_ok())
-            .unwrap_or(false)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let dante = Dante::start(&gw.router, "socksudp");
     let agent = Agent::start(
         &gw.router,
         &[
@@ -816,16 +783,14 @@ fn udp_through_a_socks5_upstream_uses_udp_associate() {
     let deadline = Instant::now() + Duration::from_secs(8);
     let mut relayed_to_destination = false;
     while Instant::now() < deadline && !relayed_to_destination {
-        if let Ok(line) = dante_log.recv_timeout(Duration::from_millis(200)) {
+        if let Ok(line) = dante.log.recv_timeout(Duration::from_millis(200)) {
             relayed_to_destination =
                 line.contains("udpassociate") && line.contains("198.51.100.2.53");
         }
     }
     let _ = echo.join();
     let (status, log) = agent.stop();
-    let _ = dante.kill();
-    let _ = dante.wait();
-    let _ = std::fs::remove_file(&conf);
+    drop(dante);
     assert!(
         relayed_to_destination,
         "dante never relayed to 198.51.100.2:53"

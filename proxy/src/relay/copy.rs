@@ -17,10 +17,10 @@ pub(super) enum Step {
 }
 
 thread_local! {
-    /// Scratch space for copies, shared by the connections (and the UDP sessions) of a
-    /// runtime thread: the read and the first write happen without an await in between,
-    /// so none holds it.
-    pub(crate) static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHUNK]);
+    /// Scratch space for copies, shared by the connections of a runtime thread: the read
+    /// and the first write happen without an await in between, so none holds it. (UDP
+    /// sessions have a batch scratch of their own, in `tproxy::udp_batch`.)
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0u8; CHUNK]);
 }
 
 /// Reads once and writes what it can at once; whatever the peer cannot take yet is kept in

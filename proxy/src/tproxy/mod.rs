@@ -6,6 +6,7 @@ pub mod return_path;
 pub mod sockopt;
 pub mod tcp;
 pub mod udp;
+mod udp_batch;
 pub mod workers;
 
 use std::{

@@ -15,12 +15,15 @@
 //! Sessions end after `--udp-idle-timeout` without traffic; at most `--udp-max-sessions`
 //! exist at once, and datagrams that would open more are dropped.
 //!
-//! A session holds no datagram buffer of its own: it waits for readiness, then receives
-//! into its thread's scratch buffer and sends from it before it awaits anything else
-//! ([`forward`]). Only a datagram whose send would block, or one queued for a session
-//! still being set up, is kept, in a copy of its own size. With two 64 KiB buffers per
-//! session, a flood of 1,000 sessions cost 52 MiB that glibc's allocator never gave back;
-//! now it costs about 4 KiB a session, returned once they end ([`give_back`]).
+//! A session holds no datagram buffer of its own: it waits for readiness, then receives a
+//! batch into its thread's scratch and sends it on before it awaits anything else
+//! ([`udp_batch`]: recvmmsg/sendmmsg, UDP GRO and GSO). Only a datagram whose send would
+//! block, or one queued for a session still being set up, is kept, in a copy of its own
+//! size. With two 64 KiB buffers per session, a flood of 1,000 sessions cost 52 MiB that
+//! glibc's allocator never gave back; now it costs about 4 KiB a session, returned once
+//! they end ([`give_back`]). In the kernel, each of a session's sockets may queue up to
+//! 2 MiB of datagrams that wait for the agent: a limit charged only while they wait
+//! ([`udp_batch::prepare`]).
 
 use std::{
     collections::HashMap,
@@ -41,8 +44,12 @@ use crate::{
     access_log,
     metrics::{self, UdpTally},
     tproxy::{
-        ListenError, bind_listener, canonical, destination::Destinations, is_own_listener,
-        return_path::ReturnPath, sockopt::transparent_socket,
+        ListenError, bind_listener, canonical,
+        destination::Destinations,
+        is_own_listener,
+        return_path::ReturnPath,
+        sockopt::transparent_socket,
+        udp_batch::{self, Framing, Gso},
     },
     upstream::{Outbound, Upstream, socks5},
 };
@@ -111,11 +118,11 @@ impl UdpUpstream {
         }
     }
 
-    /// The datagram as the upstream socket sends it: as is, or behind the SOCKS5 header.
-    fn framed<'a>(&self, payload: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+    /// What goes in front of each datagram sent upstream: nothing, or the SOCKS5 header.
+    fn framing(&self) -> Framing<'_> {
         match self {
-            UdpUpstream::Direct(_) => payload.into(),
-            UdpUpstream::Socks5 { header, .. } => [header.as_slice(), payload].concat().into(),
+            UdpUpstream::Direct(_) => Framing::Plain,
+            UdpUpstream::Socks5 { header, .. } => Framing::Prefixed(header),
         }
     }
 
@@ -125,15 +132,18 @@ impl UdpUpstream {
         }
     }
 
+    /// Sends one datagram, framed, waiting for room.
     async fn send(&self, payload: &[u8]) -> io::Result<()> {
-        self.socket().send(&self.framed(payload)).await.map(drop)
+        match self {
+            UdpUpstream::Direct(socket) => socket.send(payload).await.map(drop),
+            UdpUpstream::Socks5 { relay, header, .. } => relay
+                .send(&[header.as_slice(), payload].concat())
+                .await
+                .map(drop),
+        }
     }
 
-    fn try_send(&self, payload: &[u8]) -> io::Result<()> {
-        self.socket().try_send(&self.framed(payload)).map(drop)
-    }
-
-    /// Waits until a reply may be there ([`UdpUpstream::try_recv`] tells). Fails when the
+    /// Waits until a reply may be there (a batch receive tells). Fails when the
     /// SOCKS5 server ends the association.
     async fn readable(&self) -> io::Result<()> {
         match self {
@@ -156,41 +166,16 @@ impl UdpUpstream {
         }
     }
 
-    /// The next reply, as a range of `buf`, or `WouldBlock`. Malformed relay datagrams are
-    /// skipped.
-    fn try_recv(&self, buf: &mut [u8]) -> io::Result<Range<usize>> {
+    /// The part of a datagram from upstream that is the reply: all of it, or what follows
+    /// the SOCKS5 header (`None`: a malformed relay datagram, skipped).
+    fn reply_payload(&self, datagram: &[u8]) -> Option<Range<usize>> {
         match self {
-            UdpUpstream::Direct(socket) => socket.try_recv(buf).map(|n| 0..n),
-            UdpUpstream::Socks5 { relay, .. } => loop {
-                let n = relay.try_recv(buf)?;
-                if let Some(offset) = socks5::udp_payload_offset(&buf[..n]) {
-                    return Ok(offset..n);
-                }
-            },
+            UdpUpstream::Direct(_) => Some(0..datagram.len()),
+            UdpUpstream::Socks5 { .. } => {
+                socks5::udp_payload_offset(datagram).map(|offset| offset..datagram.len())
+            }
         }
     }
-}
-
-/// Passes one datagram on without a buffer of the session's own: `recv` fills this
-/// thread's scratch buffer and returns the payload's range (or `WouldBlock`), `try_send`
-/// sends it at once. Only when that send would block is the payload copied, at its own
-/// size, and handed back for the caller to send when there is room (UDP sends rarely
-/// block, so the copy is rare).
-fn forward(
-    recv: impl FnOnce(&mut [u8]) -> io::Result<Range<usize>>,
-    try_send: impl FnOnce(&[u8]) -> io::Result<()>,
-) -> io::Result<Option<Vec<u8>>> {
-    // The relay's per-thread scratch buffer (64 KiB, room for any datagram): borrowed only
-    // between a receive and its send, never across an await, like the TCP copies.
-    crate::relay::copy::SCRATCH.with_borrow_mut(|buf| {
-        let range = recv(buf)?;
-        let payload = &buf[range];
-        match try_send(payload) {
-            Ok(()) => Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Some(payload.to_vec())),
-            Err(e) => Err(e),
-        }
-    })
 }
 
 /// Opens the transparent UDP listener at `on_ip:on_port`, or at the wildcard address
@@ -458,6 +443,9 @@ async fn session(
     // The outbound mark on the reply socket too: with `--local` its connect to a local
     // client must not be taken for a local connection to intercept.
     let reply = connected_socket(Some(orig_dst), client, Some(options.outbound.mark))?;
+    udp_batch::prepare(&reply);
+    udp_batch::prepare(upstream.socket());
+    let (mut gso_up, mut gso_down) = (Gso::new(), Gso::new());
     let up = |tally: &mut UdpTally, n: usize| {
         tally.datagrams_up += 1;
         tally.bytes_up += n as u64;
@@ -466,7 +454,18 @@ async fn session(
         tally.datagrams_down += 1;
         tally.bytes_down += n as u64;
     };
+    // The idle timer is re-armed lazily: traffic only notes the time, and when the timer
+    // fires it either ends the session or moves to the end of the new quiet period (a
+    // timer reset per batch would cost a trip through the timer wheel each).
+    let mut last_traffic = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(options.idle_timeout);
+    tokio::pin!(idle);
     loop {
+        // Datagrams the listener took before the reply socket existed came first.
+        while let Ok(datagram) = queued.try_recv() {
+            upstream.send(&datagram).await?;
+            up(tally, datagram.len());
+        }
         tokio::select! {
             Some(datagram) = queued.recv() => {
                 upstream.send(&datagram).await?;
@@ -474,42 +473,36 @@ async fn session(
             }
             r = reply.readable() => {
                 r?;
-                let mut n = 0;
-                let forwarded = forward(
-                    |buf| reply.try_recv(buf).map(|len| 0..len),
-                    |payload| {
-                        n = payload.len();
-                        upstream.try_send(payload)
-                    },
-                );
-                match forwarded {
-                    Ok(None) => up(tally, n),
-                    Ok(Some(blocked)) => {
-                        upstream.send(&blocked).await?;
-                        up(tally, n);
-                    }
-                    // Readiness without a datagram (already taken, or a bad checksum).
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
+                let blocked = udp_batch::relay(
+                    &reply,
+                    |datagram| Some(0..datagram.len()),
+                    upstream.socket(),
+                    upstream.framing(),
+                    &mut gso_up,
+                    |n| up(tally, n),
+                )?;
+                for datagram in blocked {
+                    upstream.send(&datagram).await?;
+                    up(tally, datagram.len());
                 }
             }
             r = upstream.readable() => {
                 r?;
-                let mut n = 0;
-                let forwarded = forward(
-                    |buf| upstream.try_recv(buf),
-                    |payload| {
-                        n = payload.len();
-                        reply.try_send(payload).map(drop)
-                    },
+                let relayed = udp_batch::relay(
+                    upstream.socket(),
+                    |datagram| upstream.reply_payload(datagram),
+                    &reply,
+                    Framing::Plain,
+                    &mut gso_down,
+                    |n| down(tally, n),
                 );
-                match forwarded {
-                    Ok(None) => down(tally, n),
-                    Ok(Some(blocked)) => {
-                        reply.send(&blocked).await?;
-                        down(tally, n);
+                match relayed {
+                    Ok(blocked) => {
+                        for datagram in blocked {
+                            reply.send(&datagram).await?;
+                            down(tally, datagram.len());
+                        }
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                     // ICMP port unreachable from the server: nothing listens there.
                     Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
                         debug!("udp {client} -> {orig_dst}: refused by the destination");
@@ -517,7 +510,15 @@ async fn session(
                     Err(e) => return Err(e),
                 }
             }
-            () = tokio::time::sleep(options.idle_timeout) => return Ok(()),
+            () = &mut idle => {
+                let quiet_until = last_traffic + options.idle_timeout;
+                if tokio::time::Instant::now() >= quiet_until {
+                    return Ok(());
+                }
+                idle.as_mut().reset(quiet_until);
+                continue;
+            }
         }
+        last_traffic = tokio::time::Instant::now();
     }
 }

@@ -486,3 +486,60 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Dante (Debian's `danted`) in the router namespace `ns`: a SOCKS5 server on
+/// 127.0.0.1:1081 without authentication that relays out of r1 (CONNECT and UDP ASSOCIATE).
+/// Its log lines arrive on `log`; it is stopped when dropped.
+pub struct Dante {
+    child: Child,
+    conf: std::path::PathBuf,
+    pub log: mpsc::Receiver<String>,
+}
+
+impl Dante {
+    /// Starts it and waits (bounded) until it accepts connections. `tag` keeps the config
+    /// file of each test apart.
+    pub fn start(ns: &Netns, tag: &str) -> Dante {
+        let conf = std::env::temp_dir().join(format!("danted-{tag}-{}.conf", std::process::id()));
+        std::fs::write(
+            &conf,
+            "logoutput: stderr\ninternal: 127.0.0.1 port = 1081\nexternal: 198.51.100.1\n\
+             socksmethod: none\nclientmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
+             client pass {\n from: 127.0.0.0/8 to: 0.0.0.0/0\n}\n\
+             socks pass {\n from: 0.0.0.0/0 to: 0.0.0.0/0\n command: connect udpassociate udpreply\n log: connect disconnect\n}\n",
+        )
+        .expect("dante config");
+        let mut child = ns
+            .command("danted")
+            .arg("-f")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("danted (apt-get install dante-server; cargo xtask test installs it)");
+        let (tx, log) = mpsc::channel();
+        let stderr = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline
+            && !ns
+                .run(|| TcpStream::connect("127.0.0.1:1081").is_ok())
+                .unwrap_or(false)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Dante { child, conf, log }
+    }
+}
+
+impl Drop for Dante {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.conf);
+    }
+}
