@@ -13,23 +13,10 @@ use std::{
 };
 
 use common::{
-    AGENT_ARGS, Agent, Dante, Server, ServerMode, ask, ask_line, connect_kept, exchange,
-    exchange_from_client, open_fds, require_root, server,
+    AGENT_ARGS, Agent, Dante, Server, ServerMode, UDP_AGENT_ARGS, ask, ask_line, connect_kept,
+    exchange, exchange_from_client, open_fds, require_root, server,
 };
 use proxy_testbed::{self as testbed, Gateway, Netns};
-
-/// `proxy run` intercepting UDP port 53 for the built-in UDP listener on port 5353.
-const UDP_AGENT_ARGS: &[&str] = &[
-    "run",
-    "--iface",
-    "r0",
-    "--protocol",
-    "udp",
-    "--dport",
-    "53",
-    "--on-port",
-    "5353",
-];
 
 /// Runs `f` on a thread inside `ns` and hands back its join handle.
 fn spawn_in<T: Send + 'static>(

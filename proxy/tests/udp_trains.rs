@@ -20,7 +20,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{Agent, Dante, require_root, server};
+use common::{Agent, Dante, UDP_AGENT_ARGS, require_root, server};
 use nix::sys::socket::{
     self, ControlMessage, ControlMessageOwned, MsgFlags, SockaddrStorage, sockopt,
 };
@@ -231,17 +231,7 @@ fn trains_through(path: Path) -> (Vec<Message>, Vec<Message>) {
     let echo_stop = Arc::clone(&stop);
     let echo = gw.server.spawn(move || echo_trains(&echo_stop));
     let dante = path.socks5.then(|| Dante::start(&gw.router, path.tag));
-    let mut args = vec![
-        "run",
-        "--iface",
-        "r0",
-        "--protocol",
-        "udp",
-        "--dport",
-        "53",
-        "--on-port",
-        "5353",
-    ];
+    let mut args = UDP_AGENT_ARGS.to_vec();
     if path.socks5 {
         args.extend(["--upstream", "socks5://127.0.0.1:1081"]);
     }

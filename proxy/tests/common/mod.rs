@@ -185,6 +185,19 @@ pub const AGENT_ARGS: &[&str] = &[
     "50080",
 ];
 
+/// `proxy run` intercepting UDP port 53 for the built-in UDP listener on port 5353.
+pub const UDP_AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--protocol",
+    "udp",
+    "--dport",
+    "53",
+    "--on-port",
+    "5353",
+];
+
 /// A TCP server on a thread inside a namespace; stops when dropped.
 pub struct Server {
     stop: Arc<AtomicBool>,
