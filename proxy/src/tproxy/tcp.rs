@@ -59,8 +59,11 @@ pub fn listen(
                 if count > 1 {
                     socket.set_reuse_port(true).map_err(fail)?;
                 }
-                // Accepted sockets inherit it: no setsockopt per connection.
+                // Accepted sockets inherit both (`sk_clone_lock` copies the listener's
+                // settings): no setsockopt per connection. Relayed bytes go out as they
+                // come: no Nagle delay on the client side.
                 set_keepalive(socket2::SockRef::from(&socket)).map_err(fail)?;
+                socket.set_tcp_nodelay(true).map_err(fail)?;
                 socket.bind(&addr.into()).map_err(fail)?;
                 socket.listen(1024).map_err(fail)?;
                 socket.set_nonblocking(true).map_err(fail)?;
@@ -193,8 +196,6 @@ async fn handle(
     connection: &mut metrics::Connection,
 ) {
     let peer = canonical(peer);
-    // Relayed bytes go out as they come: no Nagle delay on the client side either.
-    let _ = client.set_nodelay(true);
     let orig_dst = match client.local_addr() {
         Ok(addr) => canonical(addr),
         Err(e) => {
@@ -262,4 +263,40 @@ async fn handle(
         None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
     };
     closing(connection, outcome.up, outcome.down, outcome.ending);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+
+    use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+    use super::*;
+
+    /// What `listen` counts on to set no option per connection: an accepted socket
+    /// inherits TCP_NODELAY and the keepalive settings of its listener.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let listener =
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        set_keepalive(SockRef::from(&listener)).expect("keepalive");
+        listener.set_tcp_nodelay(true).expect("nodelay");
+        listener
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .expect("bind");
+        listener.listen(1).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        assert!(accepted.keepalive().expect("SO_KEEPALIVE"));
+        let listener_idle = listener.tcp_keepalive_time().expect("TCP_KEEPIDLE");
+        assert_eq!(accepted.tcp_keepalive_time().expect("TCP_KEEPIDLE"), listener_idle);
+        // The connecting side keeps the defaults: the options were the listener's.
+        assert!(!client.nodelay().expect("TCP_NODELAY"));
+    }
 }
