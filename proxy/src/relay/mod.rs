@@ -245,7 +245,10 @@ async fn pump(
                 return Ok(());
             }
             copy::Step::Full if mode != RelayMode::Copy => {
-                match splice::splice_pump(from, to, total).await? {
+                // Boxed, once a direction turns out to be bulk: the splice state would
+                // otherwise double the size of every connection's task (which tokio's
+                // spawn copies several times over), bulk or not.
+                match Box::pin(splice::splice_pump(from, to, total)).await? {
                     splice::Spliced::Eof => {
                         fins.pass_on(to);
                         return Ok(());

@@ -172,8 +172,7 @@ pub async fn relay(
                     // Alone in passing a FIN on through `Fins` (`watch` does its own):
                     // it always half-closes.
                     let fins = relay::Fins::default();
-                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy, &fins)
-                        .await
+                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy, &fins).await
                 }
             }
         };
