@@ -171,7 +171,8 @@ async fn both_directions(
 }
 
 /// Ends a relay once `drain` resolves, or once its connection has been idle for
-/// `idle_timeout` (zero: never).
+/// `idle_timeout` (zero: never). Meanwhile arms the upstream socket's keepalive
+/// ([`keepalive_later`]).
 async fn watchdog(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -181,7 +182,26 @@ async fn watchdog(
     tokio::select! {
         () = drain => Ending::Drain,
         () = idle(client, upstream, idle_timeout) => Ending::Idle(idle_timeout),
+        never = keepalive_later(upstream) => match never {},
     }
+}
+
+/// How long a connection is relayed before its upstream socket gets TCP keepalive.
+const UPSTREAM_KEEPALIVE_DELAY: Duration = Duration::from_secs(1);
+
+/// Sets TCP keepalive on the upstream socket once the connection has lived
+/// [`UPSTREAM_KEEPALIVE_DELAY`] (the client's socket has it from the listener). Most
+/// connections end sooner and never need the four setsockopt calls (HAProxy sets none by
+/// default); for the others nothing changes: the first probe goes out once the socket has
+/// been silent for the keepalive time counted from its last received segment
+/// (`keepalive_time_elapsed`, which `tcp_sock_set_keepidle_locked` uses to rearm the
+/// timer), not from the setsockopt. Never resolves.
+async fn keepalive_later(upstream: &TcpStream) -> std::convert::Infallible {
+    tokio::time::sleep(UPSTREAM_KEEPALIVE_DELAY).await;
+    if let Err(e) = crate::tproxy::sockopt::set_keepalive(socket2::SockRef::from(upstream)) {
+        debug!("no keepalive on the upstream socket: {e}");
+    }
+    std::future::pending().await
 }
 
 /// Checks of the counters per idle timeout: an idle connection is reaped between one and
