@@ -667,7 +667,7 @@ fn vanished_client_is_reaped(relay: &str) {
     let last_byte = Instant::now();
     // Both legs probe their peer within a minute of silence (the kernel's default is two
     // hours): the client's socket (accepted, inheriting the listener's settings) and the
-    // upstream one.
+    // upstream one (set after a second of relaying, within the wait of keepalive_timers).
     for timer in keepalive_timers(&gw, 2) {
         assert!(
             timer.ends_with("sec") || timer == "1min",

@@ -2,9 +2,10 @@
 //! starts here (small exchanges cost no pipe and no per-connection buffer); `--relay copy`
 //! stays here, and splice mode leaves for `splice.rs` once a read fills the buffer.
 
-use std::io;
+use std::io::{self, Read as _};
 
-use tokio::net::TcpStream;
+use socket2::SockRef;
+use tokio::{io::Interest, net::TcpStream};
 
 use super::CHUNK;
 
@@ -34,7 +35,7 @@ pub(super) async fn copy_step(
         from.readable().await?;
         let attempt = SCRATCH.with(|scratch| -> io::Result<Option<(Step, Vec<u8>)>> {
             let mut buf = scratch.borrow_mut();
-            let n = match from.try_read(&mut buf) {
+            let n = match read_draining(from, &mut buf) {
                 Ok(0) => return Ok(Some((Step::Eof, Vec::new()))),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -64,6 +65,35 @@ pub(super) async fn copy_step(
     }
 }
 
+/// Reads what `from` holds into `buf`, like `try_read`, except that a read returning less
+/// than `buf` holds also clears the socket's read readiness: the next wait goes straight to
+/// the reactor, without a read that could only fail with EAGAIN (one syscall per direction
+/// and exchange). A short read means the receive queue is empty: `tcp_recvmsg_locked`
+/// (net/ipv4/tcp.c) goes on to the next queued skb until `buf` is full, and stops early only
+/// when none is left, on an error or a shutdown (which tokio keeps as read-closed readiness,
+/// never cleared), or at the urgent mark of TCP urgent data (RFC 6093: not to be used; its
+/// rest then waits for the next segment or the FIN). HAProxy does the same
+/// (`raw_sock_to_buf`, src/raw_sock.c: "socket buffer exhausted"). The readiness cleared is
+/// the event the read was made under (tokio compares ticks), so bytes that arrive after the
+/// read raise a new event and are not missed.
+fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
+    let capacity = buf.len();
+    let mut short = None;
+    let read = from.try_io(Interest::READABLE, || {
+        let n = (&*SockRef::from(from)).read(buf)?;
+        if n > 0 && n < capacity {
+            short = Some(n);
+            // What makes tokio clear the readiness it observed; the count is kept aside.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match (read, short) {
+        (Err(e), Some(n)) if e.kind() == io::ErrorKind::WouldBlock => Ok(n),
+        (read, _) => read,
+    }
+}
+
 /// Writes all of `buf` as the socket takes it, counting what went out in `total`.
 pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -> io::Result<()> {
     while !buf.is_empty() {
@@ -78,4 +108,63 @@ pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::AsyncWriteExt as _,
+        net::{TcpListener, TcpStream},
+    };
+
+    use super::*;
+
+    /// A connected pair over loopback: (writer, reader).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (connected.expect("connect"), accepted.expect("accept").0)
+    }
+
+    /// After a short read the readiness is gone: bytes that arrive next are not read until
+    /// the reactor reports them (no read is tried on the stale readiness), and then they
+    /// are.
+    #[tokio::test]
+    async fn a_short_read_clears_the_readiness_and_the_next_bytes_wake_the_reader() {
+        let (mut writer, reader) = pair().await;
+        let mut buf = [0u8; 64];
+        writer.write_all(b"hello").await.expect("write");
+        reader.readable().await.expect("readable");
+        assert_eq!(read_draining(&reader, &mut buf).expect("read"), 5);
+
+        writer.write_all(b"more").await.expect("write");
+        // Queued already (loopback delivers at once), but this task has not given the
+        // reactor a turn: the readiness the short read cleared is not back yet.
+        let stale = reader.try_read(&mut buf);
+        assert_eq!(
+            stale.map_err(|e| e.kind()),
+            Err(io::ErrorKind::WouldBlock),
+            "a read was tried on the readiness of the short read"
+        );
+        tokio::time::timeout(Duration::from_secs(5), reader.readable())
+            .await
+            .expect("the new bytes raised no readiness")
+            .expect("readable");
+        assert_eq!(read_draining(&reader, &mut buf).expect("read"), 4);
+        assert_eq!(&buf[..4], b"more");
+    }
+
+    /// A read that fills the buffer keeps the readiness: more may be queued.
+    #[tokio::test]
+    async fn a_full_read_keeps_the_readiness() {
+        let (mut writer, reader) = pair().await;
+        writer.write_all(&[7u8; 100]).await.expect("write");
+        reader.readable().await.expect("readable");
+        let mut buf = [0u8; 64];
+        assert_eq!(read_draining(&reader, &mut buf).expect("read"), 64);
+        assert_eq!(reader.try_read(&mut buf).expect("the rest at once"), 36);
+    }
 }

@@ -7,7 +7,8 @@
 //!
 //! This file holds what they share:
 //! * Half-close: when one side finishes sending, the other side's write half is shut down
-//!   and the opposite direction goes on until it finishes too.
+//!   and the opposite direction goes on until it finishes too; its FIN then comes with the
+//!   close of both ([`Fins`]).
 //! * Reset: if either side resets or fails, both are closed with RST, so an upstream reset
 //!   reaches the client as a reset.
 //! * Copy first, splice for bulk: each direction starts by copying; in splice mode, once a
@@ -22,7 +23,12 @@ pub(crate) mod copy;
 pub mod sockmap;
 mod splice;
 
-use std::{fmt, io, os::fd::AsRawFd as _, time::Duration};
+use std::{
+    fmt, io,
+    os::fd::AsRawFd as _,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
@@ -97,9 +103,10 @@ pub async fn copy_both_ways(
     drain: impl Future<Output = ()>,
 ) -> RelayOutcome {
     let (mut up, mut down) = (0u64, 0u64);
+    let fins = Fins::default();
     let ended = both_directions(
-        pump(&client, &upstream, &mut up, mode),
-        pump(&upstream, &client, &mut down, mode),
+        pump(&client, &upstream, &mut up, mode, &fins),
+        pump(&upstream, &client, &mut down, mode, &fins),
         watchdog(&client, &upstream, idle_timeout, drain),
     )
     .await;
@@ -164,7 +171,8 @@ async fn both_directions(
 }
 
 /// Ends a relay once `drain` resolves, or once its connection has been idle for
-/// `idle_timeout` (zero: never).
+/// `idle_timeout` (zero: never). Meanwhile arms the upstream socket's keepalive
+/// ([`keepalive_later`]).
 async fn watchdog(
     client: &TcpStream,
     upstream: &TcpStream,
@@ -174,18 +182,39 @@ async fn watchdog(
     tokio::select! {
         () = drain => Ending::Drain,
         () = idle(client, upstream, idle_timeout) => Ending::Idle(idle_timeout),
+        never = keepalive_later(upstream) => match never {},
     }
 }
 
+/// How long a connection is relayed before its upstream socket gets TCP keepalive.
+const UPSTREAM_KEEPALIVE_DELAY: Duration = Duration::from_secs(1);
+
+/// Sets TCP keepalive on the upstream socket once the connection has lived
+/// [`UPSTREAM_KEEPALIVE_DELAY`] (the client's socket has it from the listener). Most
+/// connections end sooner and never need the four setsockopt calls (HAProxy sets none by
+/// default); for the others nothing changes: the first probe goes out once the socket has
+/// been silent for the keepalive time counted from its last received segment
+/// (`keepalive_time_elapsed`, which `tcp_sock_set_keepidle_locked` uses to rearm the
+/// timer), not from the setsockopt. Never resolves.
+async fn keepalive_later(upstream: &TcpStream) -> std::convert::Infallible {
+    tokio::time::sleep(UPSTREAM_KEEPALIVE_DELAY).await;
+    if let Err(e) = crate::tproxy::sockopt::set_keepalive(socket2::SockRef::from(upstream)) {
+        debug!("no keepalive on the upstream socket: {e}");
+    }
+    std::future::pending().await
+}
+
 /// Checks of the counters per idle timeout: an idle connection is reaped between one and
-/// 1.25 timeouts after its last byte.
+/// 1.25 timeouts after its last byte (1.5 when that byte came before the first check).
 const IDLE_CHECKS: u32 = 4;
 
 /// Resolves once neither socket has received a byte or had one acknowledged for
 /// `timeout`; never if `timeout` is zero. The kernel's counters (TCP_INFO) see every byte,
 /// whether the agent or the in-kernel relay moved it, so this costs nothing per byte: two
-/// getsockopt calls a quarter of a timeout apart. Keepalive probes and bare ACKs carry no
-/// byte and do not count; a peer that stops reading (zero window) stops the counters too.
+/// getsockopt calls a quarter of a timeout apart, the first only after a quarter of a
+/// timeout, so that a connection shorter than that (most of them) costs none. Keepalive
+/// probes and bare ACKs carry no byte and do not count; a peer that stops reading (zero
+/// window) stops the counters too.
 async fn idle(client: &TcpStream, upstream: &TcpStream, timeout: Duration) {
     let activity = || -> io::Result<[Counters; 2]> {
         Ok([
@@ -196,29 +225,28 @@ async fn idle(client: &TcpStream, upstream: &TcpStream, timeout: Duration) {
     if timeout.is_zero() {
         return std::future::pending().await;
     }
-    let mut last = None;
-    let mut since = Instant::now();
+    // The counters as last seen to change, and when.
+    let mut last: Option<([Counters; 2], Instant)> = None;
     loop {
+        tokio::time::sleep(timeout / IDLE_CHECKS).await;
         match activity() {
-            Ok(now) if last == Some(now) => {
-                if since.elapsed() >= timeout {
-                    return;
+            Ok(now) => match last {
+                Some((seen, since)) if seen == now => {
+                    if since.elapsed() >= timeout {
+                        return;
+                    }
                 }
-            }
-            Ok(now) => {
-                last = Some(now);
-                since = Instant::now();
-            }
+                _ => last = Some((now, Instant::now())),
+            },
             Err(e) => {
                 debug!("no idle timeout for this connection: TCP_INFO: {e}");
                 return std::future::pending().await;
             }
         }
-        tokio::time::sleep(timeout / IDLE_CHECKS).await;
     }
 }
 
-/// One direction, until EOF (then the write side is shut down) or an error.
+/// One direction, until EOF (then passed on, through `fins`) or an error.
 ///
 /// Both modes start by copying through a per-thread scratch buffer: small exchanges cost no
 /// pipe and no per-connection buffer. In splice mode a read that fills the whole buffer
@@ -228,22 +256,50 @@ async fn pump(
     to: &TcpStream,
     total: &mut u64,
     mut mode: RelayMode,
+    fins: &Fins,
 ) -> io::Result<()> {
     loop {
         match copy::copy_step(from, to, total).await? {
             copy::Step::Eof => {
-                half_close(to);
+                fins.pass_on(to);
                 return Ok(());
             }
             copy::Step::Full if mode != RelayMode::Copy => {
-                match splice::splice_pump(from, to, total).await? {
-                    splice::Spliced::Eof => return Ok(()),
+                // Boxed, once a direction turns out to be bulk: the splice state would
+                // otherwise double the size of every connection's task (which tokio's
+                // spawn copies several times over), bulk or not.
+                match Box::pin(splice::splice_pump(from, to, total)).await? {
+                    splice::Spliced::Eof => {
+                        fins.pass_on(to);
+                        return Ok(());
+                    }
                     // This pair of sockets does not splice, and the pipe is empty: copy the
                     // rest.
                     splice::Spliced::Refused => mode = RelayMode::Copy,
                 }
             }
             copy::Step::Full | copy::Step::Partial => {}
+        }
+    }
+}
+
+/// Passes each direction's EOF on, shared by the two directions of a relay. The first to
+/// end shuts down the write half of the socket it writes to (a half-close: the other
+/// direction goes on). The second leaves its FIN to the close of both sockets that follows
+/// at once, which sends it just the same, saving a shutdown(2) per connection as HAProxy
+/// does: both EOFs have been read by then, so neither socket has unread bytes that would
+/// make `tcp_close` send a reset instead.
+#[derive(Default)]
+pub(crate) struct Fins {
+    /// One direction has passed its EOF on.
+    first_passed: AtomicBool,
+}
+
+impl Fins {
+    /// The peer of `to`'s direction has sent everything: pass the FIN on.
+    pub(crate) fn pass_on(&self, to: &TcpStream) {
+        if !self.first_passed.swap(true, Ordering::Relaxed) {
+            half_close(to);
         }
     }
 }

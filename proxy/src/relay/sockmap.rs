@@ -169,7 +169,10 @@ pub async fn relay(
             match linked {
                 Linked::Both => watch(&upstream, &client, down_base).await,
                 Linked::FirstOnly => {
-                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy).await
+                    // Alone in passing a FIN on through `Fins` (`watch` does its own):
+                    // it always half-closes.
+                    let fins = relay::Fins::default();
+                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy, &fins).await
                 }
             }
         };

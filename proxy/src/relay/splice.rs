@@ -13,11 +13,11 @@ use std::{
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{CHUNK, copy::write_all, half_close};
+use super::{CHUNK, copy::write_all};
 
 /// How a run of splice(2) ended.
 pub(super) enum Spliced {
-    /// EOF, passed on.
+    /// EOF, for the caller to pass on.
     Eof,
     /// splice(2) was refused, and every byte that went into the pipe has been written out:
     /// copying can take over.
@@ -46,10 +46,7 @@ pub(super) async fn splice_pump(
             splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
         });
         let left = match read {
-            Ok(0) => {
-                half_close(to);
-                return Ok(Spliced::Eof);
-            }
+            Ok(0) => return Ok(Spliced::Eof),
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             // The pipe is empty between rounds: refused here, nothing is lost by copying.

@@ -46,7 +46,8 @@ const KEEPALIVE_PROBES: u32 = 6;
 /// allows, forever with `--tcp-idle-timeout 0`. With these values a dead peer is found two
 /// minutes after it went silent (60 s + 6 x 10 s): the socket fails with ETIMEDOUT and the
 /// relay resets both legs. On a listener, accepted sockets inherit it (`sk_clone_lock`
-/// copies the settings, `tcp_create_openreq_child` arms the timer).
+/// copies the settings, `tcp_create_openreq_child` arms the timer); the upstream leg gets it
+/// once the connection has been relayed for a second (`relay::keepalive_later`).
 pub fn set_keepalive(socket: SockRef<'_>) -> io::Result<()> {
     socket.set_tcp_keepalive(
         &TcpKeepalive::new()

@@ -60,8 +60,11 @@ pub fn listen(
                 if count > 1 {
                     socket.set_reuse_port(true).map_err(fail)?;
                 }
-                // Accepted sockets inherit it: no setsockopt per connection.
+                // Accepted sockets inherit both (`sk_clone_lock` copies the listener's
+                // settings): no setsockopt per connection. Relayed bytes go out as they
+                // come: no Nagle delay on the client side.
                 set_keepalive(socket2::SockRef::from(&socket)).map_err(fail)?;
+                socket.set_tcp_nodelay(true).map_err(fail)?;
                 socket.bind(&addr.into()).map_err(fail)?;
                 socket.listen(1024).map_err(fail)?;
                 socket.set_nonblocking(true).map_err(fail)?;
@@ -173,13 +176,17 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
                 let options = Arc::clone(&options);
                 let guard = LiveGuard::new(&options.live);
                 let accepted = options.return_path.accepted();
-                tokio::spawn(async move {
+                // Boxed: tokio's spawn passes a future by value through several calls
+                // before it reaches the task's heap cell, a copy of the whole state at each
+                // (some 3.5 KB here, five times per connection); boxed, the state is copied
+                // once and the rest move a pointer.
+                tokio::spawn(Box::pin(async move {
                     handle(client, peer, listen_addr, &options, &mut connection).await;
                     drop(connection);
                     drop(permit);
                     drop(guard);
                     drop(accepted);
-                });
+                }));
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning or dying.
@@ -198,8 +205,6 @@ async fn handle(
     connection: &mut metrics::Connection,
 ) {
     let peer = canonical(peer);
-    // Relayed bytes go out as they come: no Nagle delay on the client side either.
-    let _ = client.set_nodelay(true);
     let orig_dst = match client.local_addr() {
         Ok(addr) => canonical(addr),
         Err(e) => {
@@ -263,8 +268,50 @@ async fn handle(
     };
     let (idle, drain) = (options.idle_timeout, options.live.cut_off());
     let outcome = match options.kernel_relay.as_ref() {
-        Some(kernel) => sockmap::relay(kernel, client, upstream, idle, drain).await,
+        // Boxed: its state (which holds a whole userspace relay for its fallback) would
+        // otherwise set the size of every connection's task, which tokio's spawn copies
+        // several times over.
+        Some(kernel) => Box::pin(sockmap::relay(kernel, client, upstream, idle, drain)).await,
         None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
     };
     closing(connection, outcome.up, outcome.down, outcome.ending);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+
+    use socket2::{Domain, Protocol, SockRef, Socket, Type};
+
+    use super::*;
+
+    /// What `listen` counts on to set no option per connection: an accepted socket
+    /// inherits TCP_NODELAY and the keepalive settings of its listener.
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_keepalive_from_the_listener() {
+        let listener =
+            Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).expect("socket");
+        set_keepalive(SockRef::from(&listener)).expect("keepalive");
+        listener.set_tcp_nodelay(true).expect("nodelay");
+        listener
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .expect("bind");
+        listener.listen(1).expect("listen");
+        let addr = listener
+            .local_addr()
+            .expect("address")
+            .as_socket()
+            .expect("an IP address");
+        let client = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = listener.accept().expect("accept");
+        assert!(accepted.tcp_nodelay().expect("TCP_NODELAY"));
+        assert!(accepted.keepalive().expect("SO_KEEPALIVE"));
+        let listener_idle = listener.tcp_keepalive_time().expect("TCP_KEEPIDLE");
+        assert_eq!(
+            accepted.tcp_keepalive_time().expect("TCP_KEEPIDLE"),
+            listener_idle
+        );
+        // The connecting side keeps the defaults: the options were the listener's.
+        assert!(!client.nodelay().expect("TCP_NODELAY"));
+    }
 }

@@ -55,6 +55,6 @@ pub async fn connect(
         )
     })??;
     stream.set_nodelay(true)?;
-    crate::tproxy::sockopt::set_keepalive(socket2::SockRef::from(&stream))?;
+    // Keepalive comes later, once the relay has run a while (`relay::watchdog`).
     Ok(stream)
 }
