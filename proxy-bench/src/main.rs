@@ -241,10 +241,6 @@ fn raise_nofile() -> Result<u64, String> {
     Ok(hard)
 }
 
-fn open_fds(pid: &str) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
-}
-
 /// Removes the bench's scratch directory (rules files) however the run ends.
 struct Workdir(PathBuf);
 
@@ -335,7 +331,7 @@ fn measure_rss(s: &Scenario, plan: &Plan, nofile: u64) -> Result<RssSample, Stri
     // one per connection.
     let agent_room =
         (agent_limit.saturating_sub(agent.open_fds() + 64) as f64 / fds_per_conn) as usize;
-    let own_room = (nofile as usize).saturating_sub(open_fds("self") + 64);
+    let own_room = (nofile as usize).saturating_sub(process::open_fds("self") + 64);
     let count = plan.idle_conns.min(agent_room).min(own_room);
     let before = agent.vm_rss_kib()?;
     let opened_at = Instant::now();

@@ -37,7 +37,7 @@ impl ProxyProcess {
 
     /// How many descriptors the process has open.
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid)).map_or(0, Iterator::count)
+        open_fds(&self.pid.to_string())
     }
 
     /// The process's descriptors by kind: sockets, pipes, anything else.
@@ -70,4 +70,9 @@ impl ProxyProcess {
             .and_then(|rest| rest.split_whitespace().next())
             .map(str::to_owned)
     }
+}
+
+/// How many descriptors process `pid` (or `self`, the bench) has open.
+pub fn open_fds(pid: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }

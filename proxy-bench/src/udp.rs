@@ -69,7 +69,7 @@ fn flood_and_read(s: &Scenario, nofile: u64) -> Result<UdpSample, String> {
     std::thread::sleep(Duration::from_millis(300));
     let (fds_before, baseline_kib) = (agent.open_fds(), agent.vm_rss_kib()?);
     // The flood's sockets stay open here, one descriptor each.
-    let room = (nofile as usize).saturating_sub(crate::open_fds("self") + 64);
+    let room = (nofile as usize).saturating_sub(crate::process::open_fds("self") + 64);
     let sockets =
         s.gw.client
             .run(|| flood(FLOOD.min(room)))

@@ -114,27 +114,17 @@ pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -
 mod tests {
     use std::time::Duration;
 
-    use tokio::{
-        io::AsyncWriteExt as _,
-        net::{TcpListener, TcpStream},
-    };
+    use tokio::io::AsyncWriteExt as _;
 
     use super::*;
-
-    /// A connected pair over loopback: (writer, reader).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (connected.expect("connect"), accepted.expect("accept").0)
-    }
+    use crate::relay::loopback_pair;
 
     /// After a short read the readiness is gone: bytes that arrive next are not read until
     /// the reactor reports them (no read is tried on the stale readiness), and then they
     /// are.
     #[tokio::test]
     async fn a_short_read_clears_the_readiness_and_the_next_bytes_wake_the_reader() {
-        let (mut writer, reader) = pair().await;
+        let (mut writer, reader) = loopback_pair().await;
         let mut buf = [0u8; 64];
         writer.write_all(b"hello").await.expect("write");
         reader.readable().await.expect("readable");
@@ -160,7 +150,7 @@ mod tests {
     /// A read that fills the buffer keeps the readiness: more may be queued.
     #[tokio::test]
     async fn a_full_read_keeps_the_readiness() {
-        let (mut writer, reader) = pair().await;
+        let (mut writer, reader) = loopback_pair().await;
         writer.write_all(&[7u8; 100]).await.expect("write");
         reader.readable().await.expect("readable");
         let mut buf = [0u8; 64];

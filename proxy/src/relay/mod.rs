@@ -316,3 +316,15 @@ pub fn reset(stream: TcpStream) {
     let _ = socket.set_linger(Some(std::time::Duration::ZERO));
     drop(stream);
 }
+
+/// A connected pair over loopback for the relay's unit tests: (the connecting side, the
+/// accepted side).
+#[cfg(test)]
+async fn loopback_pair() -> (TcpStream, TcpStream) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    (connected.expect("connect"), accepted.expect("accept").0)
+}

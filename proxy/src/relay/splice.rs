@@ -124,26 +124,16 @@ async fn write_out_pipe(
 mod tests {
     use std::{cell::Cell, os::fd::AsFd as _};
 
-    use tokio::{
-        io::AsyncReadExt as _,
-        net::{TcpListener, TcpStream},
-    };
+    use tokio::io::AsyncReadExt as _;
 
     use super::*;
-
-    /// A connected pair over loopback: (the relay's side, the receiver).
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (connected.expect("connect"), accepted.expect("accept").0)
-    }
+    use crate::relay::loopback_pair;
 
     /// When splice(2) from the pipe to the socket is refused after part of the pipe went
     /// out, the rest still reaches the peer, in order, and counts as relayed.
     #[tokio::test]
     async fn a_refused_splice_out_writes_the_pipe_out_by_hand() {
-        let (to, mut receiver) = pair().await;
+        let (to, mut receiver) = loopback_pair().await;
         let (pipe_r, pipe_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .expect("pipe");
@@ -184,7 +174,7 @@ mod tests {
     /// then resets both sides) instead of being taken for a refusal.
     #[tokio::test]
     async fn a_failed_splice_out_ends_the_relay_with_its_error() {
-        let (to, _receiver) = pair().await;
+        let (to, _receiver) = loopback_pair().await;
         let (pipe_r, pipe_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)
                 .expect("pipe");
