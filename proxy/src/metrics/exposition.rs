@@ -125,7 +125,8 @@ pub fn encode(classifier: Option<&ClassifierSnapshot>, kernel_release: &str) -> 
                     .map(|(c, v)| (label("counter", c.name()), *v)),
             ),
         );
-        let per_rule = |value: fn(&proxy_common::RuleCounters) -> u64| {
+        type RuleValue = fn(&proxy_common::RuleCounters) -> u64;
+        let per_rule = |value: RuleValue| {
             counters(
                 snapshot
                     .rules
@@ -142,26 +143,29 @@ pub fn encode(classifier: Option<&ClassifierSnapshot>, kernel_release: &str) -> 
                     }),
             )
         };
-        registry.register(
-            "rule_packets",
-            "Packets that matched the rule",
-            per_rule(|c| c.packets),
-        );
-        registry.register(
-            "rule_bytes",
-            "Bytes of the packets that matched the rule",
-            per_rule(|c| c.bytes),
-        );
-        registry.register(
-            "rule_assigned",
-            "Packets of the rule handed to a socket",
-            per_rule(|c| c.assigned),
-        );
-        registry.register(
-            "rule_dropped",
-            "Packets of the rule dropped (no usable socket)",
-            per_rule(|c| c.dropped),
-        );
+        let rule_families: [(&str, &str, RuleValue); 4] = [
+            ("rule_packets", "Packets that matched the rule", |c| {
+                c.packets
+            }),
+            (
+                "rule_bytes",
+                "Bytes of the packets that matched the rule",
+                |c| c.bytes,
+            ),
+            (
+                "rule_assigned",
+                "Packets of the rule handed to a socket",
+                |c| c.assigned,
+            ),
+            (
+                "rule_dropped",
+                "Packets of the rule dropped (no usable socket)",
+                |c| c.dropped,
+            ),
+        ];
+        for (name, help, value) in rule_families {
+            registry.register(name, help, per_rule(value));
+        }
         registry.register(
             "refused_destinations",
             "Connections and datagrams to original destinations the proxy does not relay to",
