@@ -64,10 +64,12 @@ pub enum EndReason {
     RefusedDestination,
     /// The accepted socket had no local address.
     Error,
+    /// Moved, live, to the next agent (an upgrade or a handover): it goes on there.
+    HandedOver,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 9] = [
+    pub const ALL: [EndReason; 10] = [
         EndReason::Done,
         EndReason::Idle,
         EndReason::Reset,
@@ -77,6 +79,7 @@ impl EndReason {
         EndReason::Loop,
         EndReason::RefusedDestination,
         EndReason::Error,
+        EndReason::HandedOver,
     ];
 
     pub fn name(self) -> &'static str {
@@ -90,6 +93,7 @@ impl EndReason {
             EndReason::Loop => "loop",
             EndReason::RefusedDestination => "refused_destination",
             EndReason::Error => "error",
+            EndReason::HandedOver => "handed_over",
         }
     }
 
@@ -256,6 +260,14 @@ impl Connection {
         DATA_PATH.active.fetch_add(1, Relaxed);
         // Until told otherwise: a task dropped before an ending (the agent stopping the
         // workers after the drain) counts as cut by the drain.
+        Connection {
+            reason: EndReason::Drain,
+        }
+    }
+
+    /// One the previous agent accepted and handed over: active again, not accepted twice.
+    pub fn resumed() -> Self {
+        DATA_PATH.active.fetch_add(1, Relaxed);
         Connection {
             reason: EndReason::Drain,
         }

@@ -7,7 +7,7 @@ use std::io::{self, Read as _};
 use socket2::SockRef;
 use tokio::{io::Interest, net::TcpStream};
 
-use super::CHUNK;
+use super::{CHUNK, park::Flag};
 
 /// What one read brought.
 pub(super) enum Step {
@@ -15,6 +15,8 @@ pub(super) enum Step {
     /// The read filled the scratch buffer: more is likely waiting (bulk).
     Full,
     Partial,
+    /// The park flag was raised: these bytes were read and not written (possibly none).
+    Parked(Vec<u8>),
 }
 
 thread_local! {
@@ -25,14 +27,20 @@ thread_local! {
 }
 
 /// Reads once and writes what it can at once; whatever the peer cannot take yet is kept in
-/// a buffer of its own and written as the socket drains.
+/// a buffer of its own and written as the socket drains. Once `park` is raised, stops at
+/// the next wait instead, with what it holds (`park.rs`).
 pub(super) async fn copy_step(
     from: &TcpStream,
     to: &TcpStream,
     total: &mut u64,
+    park: &Flag,
 ) -> io::Result<Step> {
     loop {
-        from.readable().await?;
+        tokio::select! {
+            biased;
+            () = park.raised() => return Ok(Step::Parked(Vec::new())),
+            readable = from.readable() => readable?,
+        }
         let attempt = SCRATCH.with(|scratch| -> io::Result<Option<(Step, Vec<u8>)>> {
             let mut buf = scratch.borrow_mut();
             let n = match read_draining(from, &mut buf) {
@@ -60,8 +68,10 @@ pub(super) async fn copy_step(
         let Some((step, left)) = attempt else {
             continue;
         };
-        write_all(to, &left, total).await?;
-        return Ok(step);
+        return Ok(match write_all(to, &left, total, park).await? {
+            Written::All => step,
+            Written::Parked(rest) => Step::Parked(rest),
+        });
     }
 }
 
@@ -94,10 +104,27 @@ fn read_draining(from: &TcpStream, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes all of `buf` as the socket takes it, counting what went out in `total`.
-pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -> io::Result<()> {
+/// How [`write_all`] ended.
+pub(super) enum Written {
+    All,
+    /// The park flag was raised first: these bytes were not written.
+    Parked(Vec<u8>),
+}
+
+/// Writes all of `buf` as the socket takes it, counting what went out in `total`; or, once
+/// `park` is raised, stops at the next wait with what is left.
+pub(super) async fn write_all(
+    to: &TcpStream,
+    mut buf: &[u8],
+    total: &mut u64,
+    park: &Flag,
+) -> io::Result<Written> {
     while !buf.is_empty() {
-        to.writable().await?;
+        tokio::select! {
+            biased;
+            () = park.raised() => return Ok(Written::Parked(buf.to_vec())),
+            writable = to.writable() => writable?,
+        }
         match to.try_write(buf) {
             Ok(m) => {
                 buf = &buf[m..];
@@ -107,7 +134,7 @@ pub(super) async fn write_all(to: &TcpStream, mut buf: &[u8], total: &mut u64) -
             Err(e) => return Err(e),
         }
     }
-    Ok(())
+    Ok(Written::All)
 }
 
 #[cfg(test)]

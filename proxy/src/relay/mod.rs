@@ -20,6 +20,7 @@
 //!   shutdown runs out.
 
 pub(crate) mod copy;
+pub mod park;
 pub mod sockmap;
 mod splice;
 
@@ -33,6 +34,7 @@ use std::{
 use log::debug;
 use tokio::{net::TcpStream, time::Instant};
 
+use self::park::{DirectionState, Flag, Halt, ParkedRelay};
 use crate::tcp_info::{self, Counters};
 
 /// How bytes are moved.
@@ -93,24 +95,105 @@ pub struct RelayOutcome {
 /// Bytes moved per splice or read: one pipe's default capacity (16 pages).
 const CHUNK: usize = 64 * 1024;
 
+/// How a relay stopped: ended, or parked for the next agent.
+pub enum Relayed {
+    Ended(RelayOutcome),
+    Parked(Box<ParkedRelay>),
+}
+
 /// Relays until both directions are closed, or until one fails, the connection is idle
-/// for `idle_timeout` (zero: never) or `drain` resolves; then both are reset.
+/// for `idle_timeout` (zero: never) or `drain` resolves; then both are reset. Once `park`
+/// is raised, both directions stop at a safe point instead and the relay is returned
+/// parked (`park.rs`).
 pub async fn copy_both_ways(
     client: TcpStream,
     upstream: TcpStream,
     mode: RelayMode,
     idle_timeout: Duration,
     drain: impl Future<Output = ()>,
-) -> RelayOutcome {
-    let (mut up, mut down) = (0u64, 0u64);
-    let fins = Fins::default();
+    park: &Flag,
+) -> Relayed {
+    resume(
+        ParkedRelay::new(client, upstream),
+        mode,
+        idle_timeout,
+        drain,
+        park,
+    )
+    .await
+}
+
+/// [`copy_both_ways`] from where a parked relay stopped: each direction first writes the
+/// bytes it held, and a finished direction stays finished.
+pub async fn resume(
+    relay: ParkedRelay,
+    mode: RelayMode,
+    idle_timeout: Duration,
+    drain: impl Future<Output = ()>,
+    park: &Flag,
+) -> Relayed {
+    let ParkedRelay {
+        client,
+        upstream,
+        up: up_state,
+        down: down_state,
+        first_fin_passed,
+    } = relay;
+    let (mut up, mut down) = (up_state.total, down_state.total);
+    let fins = Fins {
+        first_passed: AtomicBool::new(first_fin_passed),
+    };
     let ended = both_directions(
-        pump(&client, &upstream, &mut up, mode, &fins),
-        pump(&upstream, &client, &mut down, mode, &fins),
+        resumed_pump(&client, &upstream, &mut up, mode, &fins, park, up_state),
+        resumed_pump(&upstream, &client, &mut down, mode, &fins, park, down_state),
         watchdog(&client, &upstream, idle_timeout, drain),
     )
     .await;
-    finish(client, upstream, up, down, ended.ending)
+    if let (Some(up_halt), Some(down_halt)) = (&ended.up, &ended.down)
+        && matches!(ended.ending, Ending::Done)
+        && (matches!(up_halt, Halt::Parked(_)) || matches!(down_halt, Halt::Parked(_)))
+    {
+        let state = |halt: Option<Halt>, total| match halt {
+            Some(Halt::Parked(pending)) => DirectionState {
+                total,
+                finished: false,
+                pending,
+            },
+            _ => DirectionState {
+                total,
+                finished: true,
+                pending: Vec::new(),
+            },
+        };
+        let first_fin_passed = fins.first_passed.load(Ordering::Relaxed);
+        return Relayed::Parked(Box::new(ParkedRelay {
+            client,
+            upstream,
+            up: state(ended.up, up),
+            down: state(ended.down, down),
+            first_fin_passed,
+        }));
+    }
+    Relayed::Ended(finish(client, upstream, up, down, ended.ending))
+}
+
+/// A direction of a resumed relay: finished already, or its held bytes first, then on.
+async fn resumed_pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    total: &mut u64,
+    mode: RelayMode,
+    fins: &Fins,
+    park: &Flag,
+    state: DirectionState,
+) -> io::Result<Halt> {
+    if state.finished {
+        return Ok(Halt::Eof);
+    }
+    if let copy::Written::Parked(rest) = copy::write_all(to, &state.pending, total, park).await? {
+        return Ok(Halt::Parked(rest));
+    }
+    pump(from, to, total, mode, fins, park).await
 }
 
 /// The end of a relay: unless it was done, both connections are reset, so an upstream
@@ -132,27 +215,27 @@ fn finish(
 
 /// How the two directions of a relay ended.
 struct Ended {
-    /// The direction finished cleanly (its EOF passed on).
-    up: bool,
-    down: bool,
+    /// How each direction stopped: None while it had not (or failed).
+    up: Option<Halt>,
+    down: Option<Halt>,
+    /// `Done` once both stopped, whether finished or parked.
     ending: Ending,
 }
 
-/// Runs both directions until both finish, or until one fails (then the other would wait
-/// forever for a peer that is gone, so it is stopped too), or until `watchdog` ends the
-/// relay.
+/// Runs both directions until both stop (finish or park), or until one fails (then the
+/// other would wait forever for a peer that is gone, so it is stopped too), or until
+/// `watchdog` ends the relay.
 async fn both_directions(
-    up_half: impl Future<Output = io::Result<()>>,
-    down_half: impl Future<Output = io::Result<()>>,
+    up_half: impl Future<Output = io::Result<Halt>>,
+    down_half: impl Future<Output = io::Result<Halt>>,
     watchdog: impl Future<Output = Ending>,
 ) -> Ended {
     tokio::pin!(up_half, down_half, watchdog);
-    let (mut up_done, mut down_done) = (false, false);
-    let (mut up, mut down) = (false, false);
-    while !(up_done && down_done) {
+    let (mut up, mut down) = (None, None);
+    while up.is_none() || down.is_none() {
         let result = tokio::select! {
-            r = &mut up_half, if !up_done => { up_done = true; up = r.is_ok(); r }
-            r = &mut down_half, if !down_done => { down_done = true; down = r.is_ok(); r }
+            r = &mut up_half, if up.is_none() => r.map(|halt| up = Some(halt)),
+            r = &mut down_half, if down.is_none() => r.map(|halt| down = Some(halt)),
             ending = &mut watchdog => return Ended { up, down, ending },
         };
         if let Err(e) = result {
@@ -246,7 +329,8 @@ async fn idle(client: &TcpStream, upstream: &TcpStream, timeout: Duration) {
     }
 }
 
-/// One direction, until EOF (then passed on, through `fins`) or an error.
+/// One direction, until EOF (then passed on, through `fins`), an error, or `park` (then
+/// stopped at a safe point, with the bytes it holds).
 ///
 /// Both modes start by copying through a per-thread scratch buffer: small exchanges cost no
 /// pipe and no per-connection buffer. In splice mode a read that fills the whole buffer
@@ -257,22 +341,25 @@ async fn pump(
     total: &mut u64,
     mut mode: RelayMode,
     fins: &Fins,
-) -> io::Result<()> {
+    park: &Flag,
+) -> io::Result<Halt> {
     loop {
-        match copy::copy_step(from, to, total).await? {
+        match copy::copy_step(from, to, total, park).await? {
             copy::Step::Eof => {
                 fins.pass_on(to);
-                return Ok(());
+                return Ok(Halt::Eof);
             }
+            copy::Step::Parked(held) => return Ok(Halt::Parked(held)),
             copy::Step::Full if mode != RelayMode::Copy => {
                 // Boxed, once a direction turns out to be bulk: the splice state would
                 // otherwise double the size of every connection's task (which tokio's
                 // spawn copies several times over), bulk or not.
-                match Box::pin(splice::splice_pump(from, to, total)).await? {
+                match Box::pin(splice::splice_pump(from, to, total, park)).await? {
                     splice::Spliced::Eof => {
                         fins.pass_on(to);
-                        return Ok(());
+                        return Ok(Halt::Eof);
                     }
+                    splice::Spliced::Parked(held) => return Ok(Halt::Parked(held)),
                     // This pair of sockets does not splice, and the pipe is empty: copy the
                     // rest.
                     splice::Spliced::Refused => mode = RelayMode::Copy,
@@ -327,4 +414,135 @@ async fn loopback_pair() -> (TcpStream, TcpStream) {
     let addr = listener.local_addr().expect("addr");
     let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
     (connected.expect("connect"), accepted.expect("accept").0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 251) as u8 ^ seed).collect::<Vec<_>>()
+    }
+
+    /// Parks a relay in the middle of a bulk transfer both ways, with the receivers slow
+    /// enough that bytes are held in the agent (copy leftovers or a splice pipe), three
+    /// times over, resuming it each time as the next agent would: every byte arrives once,
+    /// in order, and both EOFs come through.
+    async fn parked_and_resumed_relays_lose_nothing(mode: RelayMode) {
+        let (client_app, client) = loopback_pair().await;
+        let (upstream, server_app) = loopback_pair().await;
+        for socket in [&client_app, &server_app] {
+            socket2::SockRef::from(socket)
+                .set_recv_buffer_size(64 * 1024)
+                .expect("SO_RCVBUF");
+        }
+        for socket in [&client, &upstream] {
+            socket2::SockRef::from(socket)
+                .set_send_buffer_size(64 * 1024)
+                .expect("SO_SNDBUF");
+        }
+        let up_data = pattern(3_000_000, 0x5a);
+        let down_data = pattern(2_000_000, 0xa5);
+        // Small receive buffers on the proxy's writes' far ends keep bytes held in the
+        // agent while a receiver pauses.
+        let (mut client_read, mut client_write) = client_app.into_split();
+        let (mut server_read, mut server_write) = server_app.into_split();
+        let send_up = {
+            let data = up_data.clone();
+            tokio::spawn(async move {
+                client_write.write_all(&data).await.expect("client sends");
+                client_write.shutdown().await.expect("client FIN");
+            })
+        };
+        let send_down = {
+            let data = down_data.clone();
+            tokio::spawn(async move {
+                server_write.write_all(&data).await.expect("server sends");
+                server_write.shutdown().await.expect("server FIN");
+            })
+        };
+        let slow_read = |mut reader: tokio::net::tcp::OwnedReadHalf| async move {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let n = reader.read(&mut buf).await.expect("read");
+                if n == 0 {
+                    return got;
+                }
+                got.extend_from_slice(&buf[..n]);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        };
+        let receive_up = tokio::spawn(slow_read(server_read));
+        let receive_down = tokio::spawn(slow_read(client_read));
+
+        let mut relay = ParkedRelay::new(client, upstream);
+        let mut parks = 0;
+        let outcome = loop {
+            let park = Arc::new(Flag::default());
+            let raise = {
+                let park = Arc::clone(&park);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    park.raise();
+                })
+            };
+            let relayed = if parks < 3 {
+                resume(relay, mode, Duration::ZERO, std::future::pending(), &park).await
+            } else {
+                raise.abort();
+                resume(
+                    relay,
+                    mode,
+                    Duration::ZERO,
+                    std::future::pending(),
+                    &Flag::never(),
+                )
+                .await
+            };
+            match relayed {
+                Relayed::Parked(parked) => {
+                    parks += 1;
+                    relay = *parked;
+                }
+                Relayed::Ended(outcome) => break outcome,
+            }
+        };
+        assert!(matches!(outcome.ending, Ending::Done), "{}", outcome.ending);
+        assert_eq!(parks, 3, "the relay ended before it was parked three times");
+        send_up.await.expect("sender");
+        send_down.await.expect("sender");
+        let (got_up, got_down) = (
+            receive_up.await.expect("receiver"),
+            receive_down.await.expect("receiver"),
+        );
+        assert_eq!(
+            got_up.len(),
+            up_data.len(),
+            "bytes lost or doubled upstream"
+        );
+        assert!(got_up == up_data, "upstream bytes out of order");
+        assert_eq!(
+            got_down.len(),
+            down_data.len(),
+            "bytes lost or doubled downstream"
+        );
+        assert!(got_down == down_data, "downstream bytes out of order");
+        assert_eq!(outcome.up, up_data.len() as u64);
+        assert_eq!(outcome.down, down_data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_copy_relay_parked_and_resumed_loses_nothing() {
+        parked_and_resumed_relays_lose_nothing(RelayMode::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn a_splice_relay_parked_and_resumed_loses_nothing() {
+        parked_and_resumed_relays_lose_nothing(RelayMode::Splice).await;
+    }
 }

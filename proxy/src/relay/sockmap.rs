@@ -27,7 +27,10 @@ use log::info;
 use tokio::net::TcpStream;
 
 use crate::{
-    relay::{self, Ending, RelayMode, RelayOutcome},
+    relay::{
+        self, Ending, RelayMode, RelayOutcome, Relayed,
+        park::{Flag, Halt},
+    },
     tcp_info::{counters, os_result},
 };
 
@@ -160,8 +163,8 @@ pub async fn relay(
     let mut copied_down = 0;
     let ended = if let Err(e) = kicked {
         relay::Ended {
-            up: false,
-            down: false,
+            up: None,
+            down: None,
             ending: Ending::Reset(e),
         }
     } else {
@@ -172,7 +175,15 @@ pub async fn relay(
                     // Alone in passing a FIN on through `Fins` (`watch` does its own):
                     // it always half-closes.
                     let fins = relay::Fins::default();
-                    relay::pump(&upstream, &client, &mut copied_down, RelayMode::Copy, &fins).await
+                    relay::pump(
+                        &upstream,
+                        &client,
+                        &mut copied_down,
+                        RelayMode::Copy,
+                        &fins,
+                        &NEVER_PARKED,
+                    )
+                    .await
                 }
             }
         };
@@ -183,7 +194,7 @@ pub async fn relay(
         )
         .await
     };
-    let (up_eof, down_eof) = (ended.up, ended.down);
+    let (up_eof, down_eof) = (ended.up == Some(Halt::Eof), ended.down == Some(Halt::Eof));
     let up = relayed(&client, up_base, up_eof);
     let down = match linked {
         Linked::Both => relayed(&upstream, down_base, down_eof),
@@ -200,8 +211,31 @@ async fn copy_instead(
     drain: impl Future<Output = ()>,
 ) -> RelayOutcome {
     info!("in-kernel relay unavailable ({why}): copying this connection");
-    relay::copy_both_ways(client, upstream, RelayMode::Splice, idle_timeout, drain).await
+    let relayed = relay::copy_both_ways(
+        client,
+        upstream,
+        RelayMode::Splice,
+        idle_timeout,
+        drain,
+        &NEVER_PARKED,
+    )
+    .await;
+    match relayed {
+        Relayed::Ended(outcome) => outcome,
+        // Not raised, so never here; were it, the relay ends as a cut one.
+        Relayed::Parked(p) => relay::finish(
+            p.client,
+            p.upstream,
+            p.up.total,
+            p.down.total,
+            Ending::Drain,
+        ),
+    }
 }
+
+/// Kernel relays are not parked: they stay with the agent that linked them and drain
+/// (issue 19). Neither is the copy that stands in for one.
+static NEVER_PARKED: Flag = Flag::never();
 
 /// Takes a pair out of the maps when dropped.
 struct Unlink<'a> {
@@ -242,7 +276,7 @@ fn relayed(from: &TcpStream, base: Baseline, eof: bool) -> u64 {
 
 /// A direction waits here for its EOF, passes it on once the bytes before it are in the
 /// peer's send queue, and ends.
-async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<()> {
+async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<Halt> {
     loop {
         from.readable().await?;
         let mut probe = [0u8; 1];
@@ -265,7 +299,7 @@ async fn watch(from: &TcpStream, to: &TcpStream, base: Baseline) -> io::Result<(
         .saturating_sub(base.consumed + 1);
     wait_written(to, base.written + target).await?;
     relay::half_close(to);
-    Ok(())
+    Ok(Halt::Eof)
 }
 
 /// Waits until `bytes` have been written into `to` (by the kernel relay), polling with a

@@ -13,7 +13,11 @@ use std::{
 use nix::fcntl::{SpliceFFlags, splice};
 use tokio::{io::Interest, net::TcpStream};
 
-use super::{CHUNK, copy::write_all};
+use super::{
+    CHUNK,
+    copy::{Written, write_all},
+    park::Flag,
+};
 
 /// How a run of splice(2) ended.
 pub(super) enum Spliced {
@@ -22,12 +26,16 @@ pub(super) enum Spliced {
     /// splice(2) was refused, and every byte that went into the pipe has been written out:
     /// copying can take over.
     Refused,
+    /// The park flag was raised: these bytes (taken back out of the pipe) were read and not
+    /// written.
+    Parked(Vec<u8>),
 }
 
 pub(super) async fn splice_pump(
     from: &TcpStream,
     to: &TcpStream,
     total: &mut u64,
+    park: &Flag,
 ) -> io::Result<Spliced> {
     // (read end, write end), made once the direction turned out to be bulk. Without one
     // (out of descriptors), copying needs none.
@@ -41,7 +49,12 @@ pub(super) async fn splice_pump(
         splice(pipe, None, to, None, len, flags).map_err(io::Error::from)
     };
     loop {
-        from.readable().await?;
+        // The pipe is empty here: parking holds nothing.
+        tokio::select! {
+            biased;
+            () = park.raised() => return Ok(Spliced::Parked(Vec::new())),
+            readable = from.readable() => readable?,
+        }
         let read = from.try_io(Interest::READABLE, || {
             splice(from.as_fd(), None, pipe_w.as_fd(), None, CHUNK, flags).map_err(io::Error::from)
         });
@@ -53,9 +66,10 @@ pub(super) async fn splice_pump(
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(Spliced::Refused),
             Err(e) => return Err(e),
         };
-        match empty_pipe(pipe_r.as_fd(), to, left, total, splice_out).await? {
+        match empty_pipe(pipe_r.as_fd(), to, left, total, park, splice_out).await? {
             Emptied::Spliced => {}
             Emptied::Copied => return Ok(Spliced::Refused),
+            Emptied::Parked(held) => return Ok(Spliced::Parked(held)),
         }
     }
 }
@@ -67,21 +81,29 @@ enum Emptied {
     Spliced,
     /// splice(2) to the socket was refused; what was left was read back and written.
     Copied,
+    /// The park flag was raised: what was left in the pipe was read back, not written.
+    Parked(Vec<u8>),
 }
 
 /// Moves the `left` bytes in the pipe to `to` with `splice_out` (splice(2), or a stand-in
 /// in tests). Where it is refused (EINVAL), those bytes are read back from the pipe and
 /// written with write(2): they are part of the stream, and dropping the pipe with them in it
 /// would lose them silently. Any other failure ends the connection, which the caller resets.
+/// Once `park` is raised, the bytes still in the pipe are read back and returned instead.
 async fn empty_pipe(
     pipe_r: BorrowedFd<'_>,
     to: &TcpStream,
     mut left: usize,
     total: &mut u64,
+    park: &Flag,
     splice_out: impl Fn(BorrowedFd<'_>, BorrowedFd<'_>, usize) -> io::Result<usize>,
 ) -> io::Result<Emptied> {
     while left > 0 {
-        to.writable().await?;
+        tokio::select! {
+            biased;
+            () = park.raised() => return Ok(Emptied::Parked(read_pipe(pipe_r, left)?)),
+            writable = to.writable() => writable?,
+        }
         match to.try_io(Interest::WRITABLE, || splice_out(pipe_r, to.as_fd(), left)) {
             Ok(n) => {
                 left -= n;
@@ -89,8 +111,11 @@ async fn empty_pipe(
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                write_out_pipe(pipe_r, to, left, total).await?;
-                return Ok(Emptied::Copied);
+                let held = read_pipe(pipe_r, left)?;
+                return Ok(match write_all(to, &held, total, park).await? {
+                    Written::All => Emptied::Copied,
+                    Written::Parked(rest) => Emptied::Parked(rest),
+                });
             }
             Err(e) => return Err(e),
         }
@@ -98,13 +123,8 @@ async fn empty_pipe(
     Ok(Emptied::Spliced)
 }
 
-/// Reads the `left` bytes queued in the pipe and writes them to `to`.
-async fn write_out_pipe(
-    pipe_r: BorrowedFd<'_>,
-    to: &TcpStream,
-    left: usize,
-    total: &mut u64,
-) -> io::Result<()> {
+/// Reads the `left` bytes queued in the pipe.
+fn read_pipe(pipe_r: BorrowedFd<'_>, left: usize) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; left];
     let mut filled = 0;
     while filled < left {
@@ -117,7 +137,7 @@ async fn write_out_pipe(
             Err(e) => return Err(e.into()),
         }
     }
-    write_all(to, &buf, total).await
+    Ok(buf)
 }
 
 #[cfg(test)]
@@ -154,9 +174,17 @@ mod tests {
             }
         };
         let mut total = 0;
-        let emptied = empty_pipe(pipe_r.as_fd(), &to, sent.len(), &mut total, splice_out)
-            .await
-            .expect("emptying the pipe");
+        let park = Flag::default();
+        let emptied = empty_pipe(
+            pipe_r.as_fd(),
+            &to,
+            sent.len(),
+            &mut total,
+            &park,
+            splice_out,
+        )
+        .await
+        .expect("emptying the pipe");
         assert_eq!(emptied, Emptied::Copied);
         assert_eq!(calls.get(), 2, "splice was tried again after its refusal");
         assert_eq!(total, sent.len() as u64);
@@ -180,7 +208,8 @@ mod tests {
                 .expect("pipe");
         nix::unistd::write(&pipe_w, b"queued").expect("fill the pipe");
         let mut total = 0;
-        let failed = empty_pipe(pipe_r.as_fd(), &to, 6, &mut total, |_, _, _| {
+        let park = Flag::default();
+        let failed = empty_pipe(pipe_r.as_fd(), &to, 6, &mut total, &park, |_, _, _| {
             Err(io::Error::from_raw_os_error(libc::EPIPE))
         })
         .await;

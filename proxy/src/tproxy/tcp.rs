@@ -5,8 +5,8 @@
 use std::{
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -22,7 +22,8 @@ use crate::{
     access_log,
     metrics::{self, EndReason},
     relay::{
-        self, Ending, RelayMode,
+        self, Ending, RelayMode, Relayed,
+        park::{Flag, ParkedRelay},
         sockmap::{self, KernelRelay},
     },
     tproxy::{
@@ -95,14 +96,19 @@ pub struct ProxyOptions {
     pub return_path: Arc<ReturnPath>,
 }
 
-/// The number of connections being proxied, a way to wait until there are none, and a
-/// way to cut them all (the end of the drain on shutdown).
+/// The number of connections being proxied, a way to wait until there are none, a way to
+/// cut them all (the end of the drain on shutdown), and a way to park them all for the next
+/// agent (a handover, `crate::handover`).
 #[derive(Default)]
 pub struct LiveConnections {
     count: AtomicUsize,
     changed: Notify,
-    cut: AtomicBool,
-    cutting: Notify,
+    cut: Flag,
+    /// Raised: every connection stops at a safe point and lands in `parked`.
+    park: Flag,
+    parked: Mutex<Vec<ParkedConnection>>,
+    /// Connections that cannot be parked (the in-kernel relay): they stay and drain.
+    staying: AtomicUsize,
 }
 
 impl LiveConnections {
@@ -117,14 +123,62 @@ impl LiveConnections {
 
     /// Ends every live connection with a reset (each logs `drain`), and any accepted later.
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.cutting.notify_waiters();
+        self.cut.raise();
     }
 
     /// Resolves once [`Self::cut`] was called.
     async fn cut_off(&self) {
-        until(&self.cutting, || self.cut.load(Ordering::SeqCst)).await;
+        self.cut.raised().await;
     }
+
+    /// Stops every connection at a safe point (and any accepted or resumed later), and
+    /// returns them once all but the ones that cannot be parked have stopped, or once
+    /// `within` has passed. The ones not returned go on here.
+    pub async fn park_all(&self, within: Duration) -> Vec<ParkedConnection> {
+        self.park.raise();
+        let settled = until(&self.changed, || {
+            self.count() <= self.staying.load(Ordering::SeqCst)
+        });
+        let _ = tokio::time::timeout(within, settled).await;
+        std::mem::take(&mut *self.lock_parked())
+    }
+
+    /// How many connections cannot be parked (in the in-kernel relay).
+    pub fn staying(&self) -> usize {
+        self.staying.load(Ordering::SeqCst)
+    }
+
+    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<ParkedConnection>> {
+        self.parked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Called by a connection's task before it ends, so that it is in `parked` before the
+    /// task's [`LiveGuard`] counts it out.
+    fn parked(&self, connection: ParkedConnection) {
+        self.lock_parked().push(connection);
+    }
+}
+
+/// A connection stopped at a safe point, for the next agent to resume.
+pub struct ParkedConnection {
+    pub peer: SocketAddr,
+    pub orig_dst: SocketAddr,
+    /// The listener that accepted it (the loop check).
+    pub listen_addr: Option<SocketAddr>,
+    /// How long it has been proxied.
+    pub age: Duration,
+    pub stage: ParkedStage,
+}
+
+/// How far a parked connection had got.
+pub enum ParkedStage {
+    /// Accepted, its upstream connection not made yet: nothing was read from the client,
+    /// and the next agent connects upstream itself (the half-made connection is dropped).
+    Accepted(TcpStream),
+    /// Relaying.
+    Relaying(Box<ParkedRelay>),
 }
 
 /// Returns once `done` holds, checking again each time `changed` is notified (registered
@@ -223,8 +277,57 @@ async fn handle(
         relay::reset(client);
         return connection.ends(EndReason::RefusedDestination);
     }
-    let started = Instant::now();
-    let closing = |connection: &mut metrics::Connection, up: u64, down: u64, ending: Ending| {
+    let flow = Flow {
+        peer,
+        orig_dst,
+        listen_addr,
+        started: Instant::now(),
+    };
+    connect_and_relay(client, flow, options, connection).await;
+}
+
+/// Who a connection is between, and since when: what its closing line and a parked
+/// connection carry.
+#[derive(Clone, Copy)]
+struct Flow {
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    listen_addr: Option<SocketAddr>,
+    started: Instant,
+}
+
+impl Flow {
+    fn park(
+        self,
+        stage: ParkedStage,
+        options: &ProxyOptions,
+        connection: &mut metrics::Connection,
+    ) {
+        options.live.parked(ParkedConnection {
+            peer: self.peer,
+            orig_dst: self.orig_dst,
+            listen_addr: self.listen_addr,
+            age: self.started.elapsed(),
+            stage,
+        });
+        connection.ends(EndReason::HandedOver);
+    }
+
+    /// The closing line (or JSON record) and the metrics of a connection that ended.
+    fn closing(
+        self,
+        options: &ProxyOptions,
+        connection: &mut metrics::Connection,
+        up: u64,
+        down: u64,
+        ending: Ending,
+    ) {
+        let Flow {
+            peer,
+            orig_dst,
+            started,
+            ..
+        } = self;
         connection.relayed(up, down);
         connection.ends(EndReason::of(&ending));
         if access_log::json() {
@@ -247,34 +350,134 @@ async fn handle(
             "{peer} -> {orig_dst}: {up} bytes up, {down} bytes down, {:.1} ms, {ending}",
             started.elapsed().as_secs_f64() * 1e3
         );
-    };
-    let connect = upstream::connect(&options.upstream, peer, orig_dst, options.outbound);
+    }
+}
+
+/// Connects upstream, then relays. Parked while connecting, the client is handed over as
+/// accepted: nothing was read from it yet.
+async fn connect_and_relay(
+    client: TcpStream,
+    flow: Flow,
+    options: &ProxyOptions,
+    connection: &mut metrics::Connection,
+) {
+    let connect = upstream::connect(
+        &options.upstream,
+        flow.peer,
+        flow.orig_dst,
+        options.outbound,
+    );
     let upstream = tokio::select! {
         connected = connect => match connected {
             Ok(stream) => {
-                connection.connected(started.elapsed());
+                connection.connected(flow.started.elapsed());
                 stream
             }
             Err(e) => {
                 connection.connect_failed(&e);
                 relay::reset(client);
-                return closing(connection, 0, 0, Ending::Refused(e));
+                return flow.closing(options, connection, 0, 0, Ending::Refused(e));
             }
         },
         () = options.live.cut_off() => {
             relay::reset(client);
-            return closing(connection, 0, 0, Ending::Drain);
+            return flow.closing(options, connection, 0, 0, Ending::Drain);
+        }
+        () = options.live.park.raised() => {
+            return flow.park(ParkedStage::Accepted(client), options, connection);
         }
     };
+    let relay = ParkedRelay::new(client, upstream);
+    relay_until_end(relay, flow, options, connection).await;
+}
+
+/// Relays (a new relay or a resumed one) until the connection ends or is parked.
+async fn relay_until_end(
+    relay: ParkedRelay,
+    flow: Flow,
+    options: &ProxyOptions,
+    connection: &mut metrics::Connection,
+) {
     let (idle, drain) = (options.idle_timeout, options.live.cut_off());
     let outcome = match options.kernel_relay.as_ref() {
-        // Boxed: its state (which holds a whole userspace relay for its fallback) would
-        // otherwise set the size of every connection's task, which tokio's spawn copies
-        // several times over.
-        Some(kernel) => Box::pin(sockmap::relay(kernel, client, upstream, idle, drain)).await,
-        None => relay::copy_both_ways(client, upstream, options.relay, idle, drain).await,
+        // A relay that has bytes to pass on first (resumed) is copied.
+        Some(kernel) if relay.is_fresh() => {
+            let _staying = Staying::new(&options.live);
+            // Boxed: its state (which holds a whole userspace relay for its fallback) would
+            // otherwise set the size of every connection's task, which tokio's spawn copies
+            // several times over.
+            Box::pin(sockmap::relay(
+                kernel,
+                relay.client,
+                relay.upstream,
+                idle,
+                drain,
+            ))
+            .await
+        }
+        _ => match relay::resume(relay, options.relay, idle, drain, &options.live.park).await {
+            Relayed::Ended(outcome) => outcome,
+            Relayed::Parked(relay) => {
+                return flow.park(ParkedStage::Relaying(relay), options, connection);
+            }
+        },
     };
-    closing(connection, outcome.up, outcome.down, outcome.ending);
+    flow.closing(
+        options,
+        connection,
+        outcome.up,
+        outcome.down,
+        outcome.ending,
+    );
+}
+
+/// Counts a connection that cannot be parked, for as long as it lives.
+struct Staying<'a>(&'a LiveConnections);
+
+impl<'a> Staying<'a> {
+    fn new(live: &'a LiveConnections) -> Self {
+        live.staying.fetch_add(1, Ordering::SeqCst);
+        Staying(live)
+    }
+}
+
+impl Drop for Staying<'_> {
+    fn drop(&mut self) {
+        self.0.staying.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// Resumes a connection the previous agent parked (`crate::handover`), on the calling
+/// worker, counted like an accepted one. Its sockets must already be registered with this
+/// worker's runtime.
+pub async fn resume(parked: ParkedConnection, options: Arc<ProxyOptions>) {
+    let mut connection = metrics::Connection::resumed();
+    // Over the limit or not, a live connection is not dropped: the permit is taken if
+    // there is one.
+    let permit = Arc::clone(&options.limit).try_acquire_owned().ok();
+    let guard = LiveGuard::new(&options.live);
+    let accepted = options.return_path.accepted();
+    let flow = Flow {
+        peer: parked.peer,
+        orig_dst: parked.orig_dst,
+        listen_addr: parked.listen_addr,
+        started: Instant::now()
+            .checked_sub(parked.age)
+            .unwrap_or_else(Instant::now),
+    };
+    match parked.stage {
+        ParkedStage::Accepted(client) => {
+            connect_and_relay(client, flow, &options, &mut connection).await;
+        }
+        ParkedStage::Relaying(relay) => {
+            relay_until_end(*relay, flow, &options, &mut connection).await;
+        }
+    }
+    drop(connection);
+    drop(permit);
+    drop(guard);
+    drop(accepted);
 }
 
 #[cfg(test)]
