@@ -35,6 +35,14 @@ pub fn stats_socket_name(table: u32) -> std::string::String {
     std::format!("proxy-stats-{table}")
 }
 
+/// The name of the abstract Unix socket (`@proxy-handover-<table>`, SOCK_SEQPACKET) on
+/// which the agent using routing table `table` hands its listeners and live connections to
+/// the next agent (an upgrade, a restart with overlap).
+#[cfg(feature = "std")]
+pub fn handover_socket_name(table: u32) -> std::string::String {
+    std::format!("proxy-handover-{table}")
+}
+
 /// Formats an error with its sources on one line: `a: b: c`.
 #[cfg(feature = "std")]
 pub fn error_chain(error: &dyn core::error::Error) -> std::string::String {

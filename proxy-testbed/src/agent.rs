@@ -309,19 +309,21 @@ impl AgentProcess {
         }
     }
 
-    /// SIGTERM: the agent drains its live connections (up to its `--drain-timeout`), then
-    /// undoes its set-up and exits. After `grace` a second SIGTERM makes it exit at once;
-    /// after twice `grace` it is killed. Returns the exit status; the log is then complete.
+    /// SIGINT, the stop for good: the agent drains its live connections (up to its
+    /// `--drain-timeout`), then undoes its set-up and exits. After `grace` a second SIGINT
+    /// makes it exit at once; after twice `grace` it is killed. Returns the exit status;
+    /// the log is then complete. (SIGTERM would stop it to be replaced, leaving its
+    /// classifier and routes for the next agent.)
     pub fn stop(&mut self, grace: Duration) -> Result<ExitStatus, AgentError> {
         if let Some(status) = self.try_status() {
             return Ok(status);
         }
-        self.signal(signal::Signal::SIGTERM);
+        self.signal(signal::Signal::SIGINT);
         match self.wait_exit(grace) {
             Err(AgentError::StillRunning(_)) => {}
             done => return done,
         }
-        self.signal(signal::Signal::SIGTERM);
+        self.signal(signal::Signal::SIGINT);
         match self.wait_exit(grace) {
             Err(AgentError::StillRunning(_)) => {}
             done => return done,

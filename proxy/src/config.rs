@@ -38,9 +38,15 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach the classifier, install the policy route and proxy intercepted connections
-    /// until SIGINT or SIGTERM; everything is undone on exit.
+    /// Attach the classifier, install the policy route and proxy intercepted connections.
+    /// SIGINT stops for good (everything is undone); SIGTERM stops to be replaced (the
+    /// classifier and the routes stay for the next agent). Started while an agent runs on
+    /// the same table, it takes over from it: listeners and live connections included.
     Run(Box<RunArgs>),
+    /// Upgrade the running agent in place: start this binary with the running agent's
+    /// arguments; it takes the listeners and the live connections over, and the old agent
+    /// exits. No connection is lost, none goes past the proxy. `systemctl reload` runs it.
+    Upgrade(UpgradeArgs),
     /// Print the counters of the agent running in this network namespace, globally and per
     /// rule, like `iptables -vL`.
     Stats(StatsArgs),
@@ -254,6 +260,17 @@ pub struct StatsArgs {
     /// The routing table of the agent to ask (agents in one namespace differ by table).
     #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE)]
     pub table: u32,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpgradeArgs {
+    /// The routing table of the agent to upgrade.
+    #[arg(long, value_name = "N", default_value_t = proxy_common::DEFAULT_TABLE)]
+    pub table: u32,
+    /// How long to wait for the old agent to exit (it exits once its connections have
+    /// moved; connections in the in-kernel relay stay with it until they end).
+    #[arg(long, value_name = "SECONDS", default_value = "60", value_parser = parse_seconds)]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -31,6 +31,7 @@ pub mod config;
 pub mod doctor;
 pub mod ebpf;
 mod generation;
+pub mod handover;
 mod ifaddrs;
 mod link_header;
 pub mod metrics;
@@ -45,6 +46,7 @@ pub mod stats;
 mod tc_filter;
 mod tcp_info;
 mod tproxy;
+pub mod upgrade;
 mod upstream;
 
 pub use proxy_common::error_chain;

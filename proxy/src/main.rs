@@ -22,6 +22,15 @@ fn main() -> ExitCode {
                 })
                 .map_err(Into::into)
             }),
+        Command::Upgrade(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Into::into)
+            .and_then(|rt| {
+                rt.block_on(proxy::upgrade::run(&args))
+                    .map(|done| println!("{done}"))
+                    .map_err(Into::into)
+            }),
         Command::Cleanup(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

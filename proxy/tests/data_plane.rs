@@ -1,6 +1,6 @@
 //! What the proxy does with the traffic it is handed: upstream modes (direct, spoofed
 //! source, SOCKS5), UDP sessions, bulk data across a half-close, resets, loop safety and the
-//! drain on SIGTERM. Real kernel, namespaces of their own, removed on drop.
+//! drain on SIGINT. Real kernel, namespaces of their own, removed on drop.
 
 mod common;
 
@@ -503,7 +503,7 @@ fn refusal_and_reset_reach_the_client(relay: &str) {
 }
 
 #[test]
-fn sigterm_drains_a_live_connection_then_exits() {
+fn sigint_drains_a_live_connection_then_removes_everything() {
     require_root();
     let gw = Gateway::new("drain").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
@@ -512,7 +512,7 @@ fn sigterm_drains_a_live_connection_then_exits() {
     assert!(ask(&mut live, "before").contains("echo=before"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
     );
     agent
         .wait_for_line(&["draining 1 live connection(s)"], Duration::from_secs(5))
@@ -547,7 +547,7 @@ fn the_drain_timeout_resets_what_is_left_and_logs_it_as_drain() {
     assert!(ask(&mut live, "before").contains("echo=before"));
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(agent.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
     );
     let (status, log) = agent.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{log}");

@@ -128,7 +128,7 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     // Let the proxy finish logging the connections before it is stopped.
     std::thread::sleep(Duration::from_millis(200));
     println!(
-        "== stopping the agent (SIGTERM): it detaches, removes its rule and route, prints its counters"
+        "== stopping the agent for good (SIGINT): it detaches, removes its rule and route, prints its counters"
     );
     let status = agent.stop(Duration::from_secs(10))?;
     let _ = server.join();

@@ -33,7 +33,7 @@ pub async fn drain(
             warn!("drain timeout: {} connection(s) cut", live.count());
             cut(live).await;
         }
-        signal = signals.recv() => {
+        (signal, _) = signals.recv() => {
             warn!("{signal} again: {} connection(s) cut", live.count());
             cut(live).await;
         }

@@ -53,9 +53,19 @@ pub enum AgentError {
     /// A combination of settings this version cannot serve.
     #[error("{0}")]
     Unsupported(String),
-    /// Another agent already uses this routing table in this network namespace.
-    #[error("another agent with routing table {0} is running in this network namespace")]
+    /// Another agent already uses this routing table in this network namespace, and does
+    /// not answer on the handover socket (one from before handovers, or a stuck one).
+    #[error(
+        "another agent with routing table {0} is running in this network namespace and does \
+         not answer on its handover socket @proxy-handover-{0}"
+    )]
     TableInUse(u32),
+    /// Taking over from the agent that runs on this table failed; it keeps serving.
+    #[error(
+        "taking over from the agent running with routing table {0} in this network namespace \
+         (it keeps serving)"
+    )]
+    Handover(u32, #[source] crate::handover::HandoverError),
     /// A `--cgroup` path (or the cgroup2 mount) that cannot be used.
     #[error("--local")]
     Cgroup(#[from] CgroupError),

@@ -3,7 +3,7 @@
 //! Opening binds (a port in use fails here, before anything a packet can see changes);
 //! starting is what makes them reachable.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, io, net::SocketAddr, os::fd::OwnedFd, sync::Arc, time::Duration};
 
 use log::{info, warn};
 use tokio::task::JoinHandle;
@@ -14,6 +14,7 @@ use super::{
 };
 use crate::{
     ebpf::Classifier,
+    handover::{Inherited, Portable},
     tproxy::{
         ListenError,
         tcp::{self, ProxyOptions},
@@ -26,13 +27,53 @@ use crate::{
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// The running listeners: TCP ones with their sockmap slot and an accept task on each
-/// worker, UDP ones with their receive task.
+/// worker, UDP ones with their receive task; each with a copy of its descriptors, kept to
+/// hand it over ([`Listeners::pause`]).
 pub struct Listeners {
     options: Arc<ProxyOptions>,
     udp_options: Arc<UdpOptions>,
     workers: Workers,
-    running: HashMap<ListenerKey, (u32, SocketAddr, Vec<JoinHandle<()>>)>,
-    udp_running: HashMap<ListenerKey, (SocketAddr, JoinHandle<()>)>,
+    running: HashMap<ListenerKey, Running>,
+    udp_running: HashMap<ListenerKey, (SocketAddr, JoinHandle<()>, OwnedFd)>,
+    /// Whose turn it is to take the next resumed connection.
+    next_worker: usize,
+}
+
+/// A running TCP listener.
+struct Running {
+    slot: u32,
+    addr: SocketAddr,
+    tasks: Vec<JoinHandle<()>>,
+    /// Copies of its group's sockets.
+    fds: Vec<OwnedFd>,
+}
+
+/// Listeners that stopped accepting to be handed over, their sockets open: connections wait
+/// in their backlogs. Given back with [`Listeners::unpause`] if the handover fails.
+#[derive(Default)]
+pub struct Paused {
+    pub tcp: Vec<(ListenerKey, u32, Vec<OwnedFd>)>,
+    pub udp: Vec<(ListenerKey, OwnedFd)>,
+}
+
+impl Paused {
+    /// The same sockets again, as listeners to start.
+    fn to_pending(&self) -> io::Result<Pending> {
+        let mut pending = Pending::default();
+        for (key, slot, fds) in &self.tcp {
+            let group = fds
+                .iter()
+                .map(|fd| fd.try_clone().map(std::net::TcpListener::from))
+                .collect::<io::Result<_>>()?;
+            pending.tcp.push((*key, *slot, group));
+        }
+        for (key, fd) in &self.udp {
+            pending
+                .udp
+                .push((*key, std::net::UdpSocket::from(fd.try_clone()?)));
+        }
+        Ok(pending)
+    }
 }
 
 /// Listeners opened for a (re)load, not serving yet.
@@ -44,19 +85,40 @@ pub struct Pending {
 }
 
 impl Pending {
-    /// Opens the listeners `plan` says to, `workers` sockets for each TCP one.
-    pub fn open(plan: &SlotPlan, workers: usize) -> Result<Self, ListenError> {
+    /// Opens the listeners `plan` says to, `workers` sockets for each TCP one, or takes
+    /// the ones the previous agent handed over at the same address.
+    pub fn open(
+        plan: &SlotPlan,
+        workers: usize,
+        inherited: &mut Inherited,
+    ) -> Result<Self, ListenError> {
         let mut pending = Pending::default();
         for open in &plan.open {
             match *open {
                 Open::Udp(key @ (on_ip, on_port)) => {
-                    pending.udp.push((key, udp::listen(on_ip, on_port)?));
+                    let socket = match inherited.udp.remove(&key) {
+                        Some(socket) => socket,
+                        None => udp::listen(on_ip, on_port)?,
+                    };
+                    pending.udp.push((key, socket));
                 }
                 Open::Tcp {
                     key: key @ (on_ip, on_port),
                     slot,
                 } => {
-                    let group = tcp::listen(on_ip, on_port, workers)?;
+                    let group = match inherited.tcp.remove(&key) {
+                        Some(group) => {
+                            if group.len() != workers {
+                                info!(
+                                    "the listener on port {on_port} came with {} socket(s) for \
+                                     {workers} worker(s): they are shared out in turn",
+                                    group.len()
+                                );
+                            }
+                            group
+                        }
+                        None => tcp::listen(on_ip, on_port, workers)?,
+                    };
                     pending.tcp.push((key, slot, group));
                 }
             }
@@ -82,6 +144,7 @@ impl Listeners {
             workers,
             running: HashMap::new(),
             udp_running: HashMap::new(),
+            next_worker: 0,
         }
     }
 
@@ -96,7 +159,7 @@ impl Listeners {
         (
             self.running
                 .iter()
-                .map(|(key, (slot, _, _))| (*key, *slot))
+                .map(|(key, running)| (*key, running.slot))
                 .collect(),
             self.udp_running.keys().copied().collect(),
         )
@@ -109,6 +172,11 @@ impl Listeners {
         pending: Pending,
     ) -> Result<(), AgentError> {
         for (key, socket) in pending.udp {
+            let kept = OwnedFd::from(
+                socket
+                    .try_clone()
+                    .map_err(|e| AgentError::Io("keeping a copy of a UDP listener", e))?,
+            );
             let socket = tokio::net::UdpSocket::from_std(socket)
                 .map_err(|e| AgentError::Io("registering a UDP listener with the runtime", e))?;
             let addr = socket
@@ -116,7 +184,7 @@ impl Listeners {
                 .map_err(|e| AgentError::Io("reading a listener's address", e))?;
             let task = tokio::spawn(udp::serve(socket, Arc::clone(&self.udp_options)));
             info!("built-in transparent UDP listener on {addr}");
-            self.udp_running.insert(key, (addr, task));
+            self.udp_running.insert(key, (addr, task, kept));
         }
         for (key, slot, group) in pending.tcp {
             let Some(first) = group.first() else {
@@ -128,6 +196,11 @@ impl Listeners {
             let addr = first
                 .local_addr()
                 .map_err(|e| AgentError::Io("reading a listener's address", e))?;
+            let fds = group
+                .iter()
+                .map(|socket| socket.try_clone().map(OwnedFd::from))
+                .collect::<io::Result<_>>()
+                .map_err(|e| AgentError::Io("keeping a copy of a listener", e))?;
             let tasks = self
                 .workers
                 .serve(group, &self.options)
@@ -136,7 +209,15 @@ impl Listeners {
                 "built-in transparent listener on {addr} (slot {slot}, {} socket(s))",
                 tasks.len()
             );
-            self.running.insert(key, (slot, addr, tasks));
+            self.running.insert(
+                key,
+                Running {
+                    slot,
+                    addr,
+                    tasks,
+                    fds,
+                },
+            );
         }
         Ok(())
     }
@@ -145,35 +226,98 @@ impl Listeners {
     /// returns once their sockets are closed: a reload right after may bind the same port
     /// again. Connections they accepted go on.
     pub async fn close(&mut self, which: &Keys) {
+        self.stop(which, "closed").await;
+    }
+
+    /// Stops serving listeners, and returns the copies of their sockets: once these are
+    /// dropped too, the sockets are closed.
+    async fn stop(&mut self, which: &Keys, done: &str) -> Paused {
         let mut closing = Vec::new();
+        let mut stopped = Paused::default();
         for key in &which.tcp {
-            if let Some((_, addr, tasks)) = self.running.remove(key) {
+            if let Some(Running {
+                slot,
+                addr,
+                tasks,
+                fds,
+            }) = self.running.remove(key)
+            {
                 tasks.iter().for_each(JoinHandle::abort);
                 closing.push((format!("listener on {addr}"), tasks));
+                stopped.tcp.push((*key, slot, fds));
             }
         }
         for key in &which.udp {
-            if let Some((addr, task)) = self.udp_running.remove(key) {
+            if let Some((addr, task, fd)) = self.udp_running.remove(key) {
                 task.abort();
                 closing.push((format!("UDP listener on {addr}"), vec![task]));
+                stopped.udp.push((*key, fd));
             }
         }
         for (what, tasks) in closing {
             // An aborted task ends at its next poll; its worker may be busy for a moment.
             let closed = tokio::time::timeout(CLOSE_WAIT, futures::future::join_all(tasks)).await;
             match closed {
-                Ok(_) => info!("{what} closed"),
-                Err(_) => warn!("{what}: still closing after {} ms", CLOSE_WAIT.as_millis()),
+                Ok(_) => info!("{what} {done}"),
+                Err(_) => warn!("{what}: still stopping after {} ms", CLOSE_WAIT.as_millis()),
             }
+        }
+        stopped
+    }
+
+    fn all(&self) -> Keys {
+        Keys {
+            tcp: self.running.keys().copied().collect(),
+            udp: self.udp_running.keys().copied().collect(),
         }
     }
 
     /// Closes every listener: the start of the drain.
     pub async fn close_all(&mut self) {
-        let all = Keys {
-            tcp: self.running.keys().copied().collect(),
-            udp: self.udp_running.keys().copied().collect(),
-        };
+        let all = self.all();
         self.close(&all).await;
+    }
+
+    /// Stops accepting on every listener, keeping its sockets open, to hand them over:
+    /// connections wait in their backlogs meanwhile.
+    pub async fn pause(&mut self) -> Paused {
+        let all = self.all();
+        self.stop(&all, "paused for the handover (its socket stays open)")
+            .await
+    }
+
+    /// Serves paused listeners again (the handover failed).
+    pub fn unpause(
+        &mut self,
+        classifier: &mut Classifier,
+        paused: &Paused,
+    ) -> Result<(), AgentError> {
+        let pending = paused
+            .to_pending()
+            .map_err(|e| AgentError::Io("taking the listeners back", e))?;
+        self.start(classifier, pending)
+    }
+
+    /// Resumes connections handed over by the previous agent (or taken back from a failed
+    /// successor), spread over the workers.
+    pub fn resume(&mut self, connections: Vec<Portable>) -> usize {
+        let mut resumed = 0;
+        for portable in connections {
+            let options = Arc::clone(&self.options);
+            let task = async move {
+                match portable.into_parked() {
+                    Ok(parked) => tcp::resume(parked, options).await,
+                    Err(e) => warn!("a connection handed over could not be resumed: {e}"),
+                }
+            };
+            if self
+                .workers
+                .spawn_on_next(&mut self.next_worker, task)
+                .is_some()
+            {
+                resumed += 1;
+            }
+        }
+        resumed
     }
 }

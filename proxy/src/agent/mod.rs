@@ -15,6 +15,7 @@
 mod checks;
 mod drain;
 mod error;
+mod handover;
 mod interfaces;
 mod listeners;
 mod reload;
@@ -30,11 +31,16 @@ use log::{info, warn};
 use proxy_common::GlobalConfig;
 use tokio::sync::Semaphore;
 
-pub use self::{error::AgentError, signals::ShutdownSignals};
+pub use self::{
+    error::AgentError,
+    listeners::Paused,
+    signals::{ShutdownSignals, Stop},
+    slots::ListenerKey,
+};
 use self::{
     interfaces::Interfaces,
     listeners::{Listeners, Pending},
-    serve::Inputs,
+    serve::{Exit, Inputs},
     teardown::Installed,
 };
 use crate::{
@@ -71,6 +77,13 @@ struct Agent {
     /// Which sockets may need the return path, and whether the classifier looks it up.
     return_path: Arc<ReturnPath>,
     return_path_lookup: bool,
+    /// The connections being proxied: drained, cut, or parked for a handover.
+    live: Arc<LiveConnections>,
+    /// Each `--iface`'s link header, in order, as attached.
+    headers: Vec<LinkHeader>,
+    /// The agent this one took over from still serves (until its connections are here):
+    /// a failed start must leave everything to it.
+    predecessor_serves: bool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
@@ -100,14 +113,19 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         );
     }
     raise_nofile_limit();
-    let stats_listener = stats::listen(args.table).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AddrInUse {
-            AgentError::TableInUse(args.table)
-        } else {
-            AgentError::Io("binding the stats socket", e)
-        }
-    })?;
-    let metrics = crate::metrics::server::start(args.metrics)?;
+    // The table, claimed: from the agent running on it, if there is one, which hands its
+    // listeners over here (they stop accepting there; SYNs wait in their backlogs).
+    let handover::Claim {
+        stats: stats_listener,
+        predecessor,
+        mut inherited,
+    } = handover::claim_table(args.table).await?;
+    let handover_listener = match inherited.handover.take() {
+        Some(fd) => crate::handover::Listener::inherit(fd),
+        None => crate::handover::Listener::bind(args.table),
+    }
+    .map_err(|e| AgentError::Io("binding the handover socket", e))?;
+    let metrics = crate::metrics::server::start(args.metrics, inherited.metrics.take())?;
     crate::access_log::set_format(args.access_log);
 
     // The listeners: numbered, and bound (a port in use fails here), not serving yet. An
@@ -121,10 +139,13 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let pending = if builtin {
         let plan = slots::plan(&rules, &[], &[])?;
         plan.assign(&mut rules);
-        Pending::open(&plan, worker_count)?
+        Pending::open(&plan, worker_count, &mut inherited)?
     } else {
         Pending::default()
     };
+    // Listeners the previous agent had and these rules do not need: closed here (it keeps
+    // its copies until the handover ends).
+    drop(inherited);
     let compiled = rules::compile(&rules)?;
 
     // The programs, loaded and filled but attached nowhere. The kernel relay's maps come
@@ -219,6 +240,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     let mut inputs = Inputs {
         addr_changes,
         stats: stats_listener,
+        handover: handover_listener,
         stats_access: stats::Access {
             group: args.stats_group,
         },
@@ -245,13 +267,35 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         local,
         return_path,
         return_path_lookup: return_path_lookup.is_some(),
+        live,
+        headers,
+        predecessor_serves: predecessor.is_some(),
     };
     let result = async {
-        start(&mut agent, pending, &headers).await?;
+        start(&mut agent, pending).await?;
+        if let Some(predecessor) = predecessor {
+            agent.take_connections(predecessor).await?;
+        }
+        notify_ready();
         agent.serve(&mut signals, &mut inputs).await
     }
     .await;
-    stop(agent, result, &live, &mut signals).await
+    stop(agent, result, &mut signals).await
+}
+
+/// Tells systemd (`Type=notify`) that the agent serves, and that it is the service's main
+/// process now: after a handover (`proxy upgrade`) it is not the process systemd started.
+fn notify_ready() {
+    let pid = std::process::id();
+    if let Err(e) = sd_notify::notify(
+        false,
+        &[
+            sd_notify::NotifyState::MainPid(pid),
+            sd_notify::NotifyState::Ready,
+        ],
+    ) {
+        warn!("telling the service manager the agent is ready: {e}");
+    }
 }
 
 /// Changes the system, in an order in which no packet is marked before its route exists
@@ -262,11 +306,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
 /// programs, which mark local sockets: by then their route (the fwmark rule and the IPv4
 /// source rule) and the classifier on `lo` that takes them are there. Then what a crashed
 /// run left and this one did not take over goes.
-async fn start(
-    agent: &mut Agent,
-    pending: Pending,
-    headers: &[LinkHeader],
-) -> Result<(), AgentError> {
+async fn start(agent: &mut Agent, pending: Pending) -> Result<(), AgentError> {
     let Agent {
         args,
         rules,
@@ -274,13 +314,14 @@ async fn start(
         listeners,
         installed,
         local,
+        headers,
         ..
     } = agent;
     installed.sysctls.start()?;
     installed.routing.install(&marks(rules)).await?;
     listeners.start(&mut installed.classifier, pending)?;
     installed.classifier.attach_sk_lookup()?;
-    for (name, header) in interfaces.names().zip(headers) {
+    for (name, header) in interfaces.names().zip(headers.iter()) {
         installed.classifier.attach(name, *header, args.tc_attach)?;
     }
     if let Some(local) = local {
@@ -304,13 +345,16 @@ async fn start(
     Ok(())
 }
 
-/// The way out, whatever `result` says: the drain, then the teardown (or, after a failed
-/// start that took over a crashed run's classifier, everything left as the crash left it;
-/// see [`Installed::leave_attached`]), then the counters.
+/// The way out, whatever `result` says:
+/// * handed over: the connections that could not move drain here, and everything
+///   installed stays, now the next agent's;
+/// * stopped for good (SIGINT): the drain, then the teardown, then the counters;
+/// * stopped to be replaced (SIGTERM, or a start that failed after taking over what a
+///   crashed run left, see [`Installed::leave_attached`], or while the agent it took over
+///   from still serves): everything installed stays for the next agent.
 async fn stop(
     agent: Agent,
-    result: Result<(), AgentError>,
-    live: &LiveConnections,
+    result: Result<Exit, AgentError>,
     signals: &mut ShutdownSignals,
 ) -> Result<(), AgentError> {
     let Agent {
@@ -320,23 +364,42 @@ async fn stop(
         interfaces,
         mut listeners,
         mut installed,
+        live,
+        predecessor_serves,
         ..
     } = agent;
-    drain::drain(
-        &mut listeners,
-        live,
-        args.drain_timeout,
-        signals,
-        result.is_err(),
-    )
-    .await;
+    let failed = result.is_err();
+    let (exit, result) = match result {
+        Ok(exit) => (Some(exit), Ok(())),
+        Err(e) => (None, Err(e)),
+    };
+    // After SIGTERM the serve loop waited already; the rest are cut now.
+    let drain_timeout = if exit == Some(Exit::Stopped(Stop::ToBeReplaced)) {
+        Duration::ZERO
+    } else {
+        args.drain_timeout
+    };
+    drain::drain(&mut listeners, &live, drain_timeout, signals, failed).await;
     // Connections still open after the drain end here, before the routes they use go:
     // stopping the workers drops their tasks and closes their sockets.
     drop(listeners);
 
-    if result.is_err() && installed.classifier.took_over() {
-        installed.leave_attached();
-        return result;
+    match exit {
+        Some(Exit::Stopped(Stop::ForGood)) => {}
+        Some(Exit::Stopped(Stop::ToBeReplaced)) | Some(Exit::HandedOver) => {
+            installed.leave_for_successor(exit == Some(Exit::HandedOver));
+            report::log_counters(&installed.classifier, &rules, &destinations);
+            return result;
+        }
+        None if predecessor_serves => {
+            installed.leave_to_predecessor();
+            return result;
+        }
+        None if installed.classifier.took_over() => {
+            installed.leave_attached();
+            return result;
+        }
+        None => {}
     }
     installed.teardown(&interfaces).await;
     report::log_counters(&installed.classifier, &rules, &destinations);

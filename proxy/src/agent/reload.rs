@@ -23,6 +23,7 @@ use crate::{
     access_log,
     config::{ListenerMode, RunArgs},
     error_chain, generation,
+    handover::Inherited,
     routing::PolicyRouting,
     rules::{self, Compiled, Rule},
 };
@@ -66,7 +67,10 @@ impl Agent {
             let (running_tcp, running_udp) = listeners.running();
             let slots = slots::plan(&rules, &running_tcp, &running_udp)?;
             slots.assign(&mut rules);
-            (Pending::open(&slots, listeners.workers())?, slots.obsolete)
+            (
+                Pending::open(&slots, listeners.workers(), &mut Inherited::default())?,
+                slots.obsolete,
+            )
         } else {
             (Pending::default(), Keys::default())
         };

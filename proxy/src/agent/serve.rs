@@ -12,8 +12,17 @@ use tokio::{
     time::{Interval, MissedTickBehavior},
 };
 
-use super::{Agent, AgentError, report, signals};
-use crate::{error_chain, ifaddrs::InterfaceEvent, metrics, stats};
+use super::{Agent, AgentError, handover::HandedOver, report, signals, signals::Stop};
+use crate::{error_chain, handover, ifaddrs::InterfaceEvent, metrics, stats};
+
+/// Why the serve loop ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A signal asked the agent to stop.
+    Stopped(Stop),
+    /// The next agent took everything over.
+    HandedOver,
+}
 
 /// What the loop listens to besides the shutdown signals, made before the start so that
 /// nothing is missed (an address change while the classifier is prepared, a second agent
@@ -22,6 +31,8 @@ pub struct Inputs {
     pub addr_changes: UnboundedReceiver<InterfaceEvent>,
     pub stats: UnixListener,
     pub stats_access: stats::Access,
+    /// Where the next agent asks this one to hand over.
+    pub handover: handover::Listener,
     pub sysctl_poll: Interval,
     /// When to ask again whether the return path is needed ([`Agent::refresh_return_path`]).
     pub return_path_poll: Interval,
@@ -58,19 +69,60 @@ impl Agent {
         }
     }
 
-    /// Serves until SIGINT or SIGTERM. Errors of a single event are logged and the loop
-    /// goes on; an error returned here means the loop could not run at all.
+    /// Serves until SIGINT, a handover, or, after SIGTERM, until the live connections are
+    /// done or `--drain-timeout` passes (see `signals.rs`). Errors of a single event are
+    /// logged and the loop goes on; an error returned here means the loop could not run at
+    /// all.
     pub async fn serve(
         &mut self,
         signals: &mut signals::ShutdownSignals,
         inputs: &mut Inputs,
-    ) -> Result<(), AgentError> {
+    ) -> Result<Exit, AgentError> {
         let mut hangup = signals::hangup()?;
+        // After SIGTERM: when to stop waiting for the next agent.
+        let mut replaced_by: Option<tokio::time::Instant> = None;
+        let live = std::sync::Arc::clone(&self.live);
         loop {
+            let deadline = async {
+                match replaced_by {
+                    Some(at) => {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(at) => "the drain timeout passed",
+                            () = live.all_closed() => "no connection is live",
+                        }
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                signal = signals.recv() => {
-                    info!("{signal}: shutting down");
-                    return Ok(());
+                (signal, stop) = signals.recv() => {
+                    info!("{signal}: {}", stop.describe());
+                    if stop == Stop::ForGood || replaced_by.is_some() {
+                        return Ok(Exit::Stopped(stop));
+                    }
+                    info!(
+                        "serving on until the next agent takes over (a handover), no \
+                         connection is live, or {:.0} s pass; signal again to exit now",
+                        self.args.drain_timeout.as_secs_f64()
+                    );
+                    replaced_by = Some(tokio::time::Instant::now() + self.args.drain_timeout);
+                }
+                why = deadline => {
+                    info!("{why}: exiting, to be replaced");
+                    return Ok(Exit::Stopped(Stop::ToBeReplaced));
+                }
+                Ok(channel) = inputs.handover.accept() => {
+                    if let HandedOver::Yes { staying } = self.hand_over(channel, inputs).await {
+                        info!(
+                            "handover done: exiting without teardown{}",
+                            if staying > 0 {
+                                format!(" once {staying} connection(s) in the in-kernel relay end")
+                            } else {
+                                String::new()
+                            }
+                        );
+                        return Ok(Exit::HandedOver);
+                    }
                 }
                 _ = hangup.recv() => {
                     if let Err(e) = self.reload().await {

@@ -102,6 +102,33 @@ impl Installed {
     }
 }
 
+impl Installed {
+    /// The exit of an agent stopped to be replaced (SIGTERM) or handed over: everything
+    /// stays, for the next agent to take over (or, handed over, already its own).
+    pub fn leave_for_successor(&mut self, handed_over: bool) {
+        self.done = true;
+        if handed_over {
+            info!("the classifier, the routes and the pins are the next agent's now");
+        } else {
+            warn!(
+                "left in place for the next agent: the classifier and the policy routing of \
+                 table {} (no socket: dropped, or passed with fail-open, until an agent takes \
+                 over); `proxy cleanup --table {}` removes them if none will",
+                self.table, self.table
+            );
+        }
+        self.sysctls.leave_as_is();
+    }
+
+    /// The exit of a start that failed while the agent it was taking over from still
+    /// serves: everything is that agent's, which takes it all back.
+    pub fn leave_to_predecessor(&mut self) {
+        self.done = true;
+        error!("the start failed: the running agent keeps everything and serves on");
+        self.sysctls.leave_as_is();
+    }
+}
+
 impl Drop for Installed {
     fn drop(&mut self) {
         if !self.done {

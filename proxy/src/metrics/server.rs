@@ -42,10 +42,20 @@ pub enum MetricsError {
     Bind(SocketAddr, #[source] io::Error),
 }
 
-/// The snapshot requests the serve loop answers; never any without `--metrics`.
-pub struct Requests(Option<mpsc::Receiver<SnapshotReply>>);
+/// The snapshot requests the serve loop answers; never any without `--metrics`. Also a
+/// copy of the listening socket, with its address, to hand over to the next agent.
+pub struct Requests(
+    Option<mpsc::Receiver<SnapshotReply>>,
+    Option<(SocketAddr, std::os::fd::OwnedFd)>,
+);
 
 impl Requests {
+    /// A copy of the listening socket and its address.
+    pub fn listener(&self) -> Option<(SocketAddr, std::os::fd::OwnedFd)> {
+        let (addr, fd) = self.1.as_ref()?;
+        Some((*addr, fd.try_clone().ok()?))
+    }
+
     /// The next request; pending forever without `--metrics`.
     pub async fn next(&mut self) -> SnapshotReply {
         if let Some(rx) = &mut self.0
@@ -57,13 +67,26 @@ impl Requests {
     }
 }
 
-/// Binds `--metrics` (a port in use fails the start here, before anything changes) and
-/// serves it on a task of its own; returns what the serve loop answers.
-pub fn start(addr: Option<SocketAddr>) -> Result<Requests, MetricsError> {
+/// Binds `--metrics` (a port in use fails the start here, before anything changes), or
+/// takes the previous agent's listener at the same address, and serves it on a task of its
+/// own; returns what the serve loop answers.
+pub fn start(
+    addr: Option<SocketAddr>,
+    inherited: Option<(SocketAddr, std::net::TcpListener)>,
+) -> Result<Requests, MetricsError> {
     let Some(addr) = addr else {
-        return Ok(Requests(None));
+        return Ok(Requests(None, None));
     };
-    let listener = std::net::TcpListener::bind(addr)
+    let bound = match inherited {
+        Some((at, listener)) if at == addr => Ok(listener),
+        _ => std::net::TcpListener::bind(addr),
+    };
+    let copy = bound
+        .as_ref()
+        .ok()
+        .and_then(|l| l.try_clone().ok())
+        .map(|l| (addr, std::os::fd::OwnedFd::from(l)));
+    let listener = bound
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|e| match e.kind() {
@@ -73,7 +96,7 @@ pub fn start(addr: Option<SocketAddr>) -> Result<Requests, MetricsError> {
     let (tx, rx) = mpsc::channel(QUEUE);
     info!("metrics: http://{addr}/metrics");
     tokio::spawn(serve(listener, tx, exposition::kernel_release()));
-    Ok(Requests(Some(rx)))
+    Ok(Requests(Some(rx), copy))
 }
 
 async fn serve(

@@ -449,8 +449,8 @@ mod tests {
         let down_data = pattern(2_000_000, 0xa5);
         // Small receive buffers on the proxy's writes' far ends keep bytes held in the
         // agent while a receiver pauses.
-        let (mut client_read, mut client_write) = client_app.into_split();
-        let (mut server_read, mut server_write) = server_app.into_split();
+        let (client_read, mut client_write) = client_app.into_split();
+        let (server_read, mut server_write) = server_app.into_split();
         let send_up = {
             let data = up_data.clone();
             tokio::spawn(async move {

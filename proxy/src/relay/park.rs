@@ -39,6 +39,11 @@ impl Flag {
         self.notify.notify_waiters();
     }
 
+    /// Lowers it again: waits from now on wait for the next raise.
+    pub fn lower(&self) {
+        self.raised.store(false, Ordering::SeqCst);
+    }
+
     pub fn is_raised(&self) -> bool {
         self.raised.load(Ordering::SeqCst)
     }

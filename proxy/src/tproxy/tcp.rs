@@ -143,9 +143,9 @@ impl LiveConnections {
         std::mem::take(&mut *self.lock_parked())
     }
 
-    /// How many connections cannot be parked (in the in-kernel relay).
-    pub fn staying(&self) -> usize {
-        self.staying.load(Ordering::SeqCst)
+    /// The handover failed: connections resumed from now on run (and are parked) as usual.
+    pub fn unpark(&self) {
+        self.park.lower();
     }
 
     fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<ParkedConnection>> {

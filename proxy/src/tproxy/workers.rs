@@ -93,17 +93,18 @@ impl Workers {
         self.workers.len()
     }
 
-    /// Serves one listener socket of a group on each worker (`listeners` has one per
-    /// worker). The returned handles stop them: aborting an accept task closes its
-    /// listener (which also takes it out of the sockmap) once its worker drops the task,
-    /// which awaiting the handle waits for.
+    /// Serves the listener sockets of a group on the workers, one each in turn (one per
+    /// worker, unless the group came from a previous agent with another worker count).
+    /// The returned handles stop them: aborting an accept task closes its listener (which
+    /// also takes it out of the sockmap) once its worker drops the task, which awaiting
+    /// the handle waits for.
     pub fn serve(
         &self,
         listeners: Vec<std::net::TcpListener>,
         options: &Arc<ProxyOptions>,
     ) -> io::Result<Vec<JoinHandle<()>>> {
         let mut tasks = Vec::with_capacity(listeners.len());
-        for (worker, listener) in self.workers.iter().zip(listeners) {
+        for (worker, listener) in self.workers.iter().cycle().zip(listeners) {
             // Registers the socket with this worker's reactor.
             let registered = {
                 let _entered = worker.handle.enter();
@@ -122,6 +123,19 @@ impl Workers {
             tasks.push(task);
         }
         Ok(tasks)
+    }
+}
+
+impl Workers {
+    /// Runs `task` on the workers in turn (`next` says whose turn it is): connections
+    /// handed over by the previous agent, each resumed where its sockets register.
+    pub fn spawn_on_next<F>(&self, next: &mut usize, task: F) -> Option<JoinHandle<()>>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let worker = self.workers.get(*next % self.workers.len().max(1))?;
+        *next += 1;
+        Some(worker.handle.spawn(task))
     }
 }
 

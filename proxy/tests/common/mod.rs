@@ -64,6 +64,15 @@ impl Agent {
         .ready()
     }
 
+    /// [`Agent::start_in`] without waiting for anything.
+    pub fn spawn_in(mounts: &Mounts, args: &[&str]) -> Agent {
+        Agent::spawn_command(
+            mounts.command(env!("CARGO_BIN_EXE_proxy")),
+            &mounts.netns,
+            args,
+        )
+    }
+
     /// [`Agent::start_in`], the agent binary run by `wrapper` (a program and its
     /// arguments, which must exec it: `setpriv ... --`), for another user or capabilities.
     pub fn start_in_wrapped(mounts: &Mounts, wrapper: &[&str], args: &[&str]) -> Agent {
@@ -138,7 +147,7 @@ impl Agent {
         log
     }
 
-    /// SIGTERM (a second one after 5 s, SIGKILL after 10 s), then the exit status and the
+    /// SIGINT, the stop for good (a second one after 5 s, SIGKILL after 10 s), then the exit status and the
     /// full log.
     pub fn stop(mut self) -> (ExitStatus, String) {
         match self.0.stop(Duration::from_secs(5)) {

@@ -1,0 +1,540 @@
+//! Kernel tests of restarts and upgrades (issue 19): an agent started while another runs
+//! on the same table takes its listeners and live connections over, under load, and no
+//! stop followed by a start lets a connection past the proxy.
+//!
+//! The load, from the client namespace through the router to the server: new connections
+//! at 200/s (each asks the server which address it came from: the router's means proxied,
+//! the client's means past the proxy), long-lived bulk transfers echoed back by the server
+//! (every byte checked, in order, both ways) and long-lived exchanges of a line every
+//! 100 ms. The agents run in one mount namespace ([`Mounts`]), as on a host, where the
+//! pinned classifier is found by the next agent.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use common::{AGENT_ARGS, Agent, Mounts, require_root, server};
+use proxy_testbed::{CLIENT_V4, Gateway, Netns};
+
+/// How long any load loop may run, whatever happens.
+const LOAD_BOUND: Duration = Duration::from_secs(240);
+
+/// The byte at position `p` of a bulk stream: no period that a lost or repeated chunk of
+/// any usual size would hide behind.
+fn pattern(p: u64) -> u8 {
+    ((p % 251) ^ ((p / 251) % 253)) as u8
+}
+
+/// The server: per connection, its first line says what to do. `short`: answer with the
+/// address the connection came from, and close. `echo`: echo each line. `bulk`: echo every
+/// byte until EOF, then close.
+struct OriginServer {
+    stop: Arc<AtomicBool>,
+    /// Connections that came straight from the client: past the proxy.
+    direct: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
+}
+
+impl OriginServer {
+    fn start(ns: &Netns, addr: SocketAddr) -> OriginServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let direct = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let (stop, direct) = (Arc::clone(&stop), Arc::clone(&direct));
+            ns.spawn(move || {
+                let listener = TcpListener::bind(addr).expect("binding the origin server");
+                listener.set_nonblocking(true).expect("nonblocking");
+                ready_tx.send(()).expect("ready");
+                let deadline = Instant::now() + LOAD_BOUND;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            if peer.ip() == IpAddr::V4(CLIENT_V4) {
+                                direct.fetch_add(1, Ordering::Relaxed);
+                            }
+                            std::thread::spawn(move || serve_one(stream, peer));
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(2)),
+                    }
+                }
+            })
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the origin server did not start");
+        OriginServer {
+            stop,
+            direct,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for OriginServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve_one(stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut first = String::new();
+    if reader.read_line(&mut first).is_err() {
+        return;
+    }
+    match first.trim() {
+        "short" => {
+            let _ = writeln!(writer, "from={}", peer.ip());
+        }
+        "echo" => {
+            for line in reader.lines().map_while(Result::ok) {
+                if writeln!(writer, "{line}").is_err() {
+                    return;
+                }
+            }
+        }
+        "bulk" => {
+            let _ = std::io::copy(&mut reader, &mut writer);
+            let _ = writer.shutdown(Shutdown::Write);
+        }
+        _ => {}
+    }
+}
+
+/// What the load saw.
+#[derive(Debug, Default)]
+struct Tally {
+    new_ok: usize,
+    new_failed: Vec<String>,
+    /// Connections whose connect took longer than 200 ms (a SYN resent).
+    new_slow: Vec<Duration>,
+    /// New connections the server saw from the client's own address.
+    new_direct: usize,
+    long_failed: Vec<String>,
+    long_ok: usize,
+    bulk_bytes: u64,
+    exchanges: usize,
+}
+
+/// The load, running in the client namespace until [`Load::finish`].
+struct Load {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    threads: Vec<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
+}
+
+impl Load {
+    fn start(client: &Netns, bulk: usize, echo: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let mut threads = Vec::new();
+        let deadline = Instant::now() + LOAD_BOUND;
+        let spawn = |f: Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Tally>>) + Send>| {
+            let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
+            client.spawn(move || f(stop, tally))
+        };
+        threads.push(spawn(Box::new(move |stop, tally| {
+            new_connections(&stop, &tally, deadline)
+        })));
+        for _ in 0..bulk {
+            threads.push(spawn(Box::new(move |stop, tally| {
+                bulk_transfer(&stop, &tally, deadline)
+            })));
+        }
+        for _ in 0..echo {
+            threads.push(spawn(Box::new(move |stop, tally| {
+                exchanges(&stop, &tally, deadline)
+            })));
+        }
+        Load {
+            stop,
+            tally,
+            threads,
+        }
+    }
+
+    fn finish(self) -> Tally {
+        self.stop.store(true, Ordering::Relaxed);
+        for thread in self.threads {
+            thread
+                .join()
+                .expect("a load thread")
+                .expect("the client namespace");
+        }
+        std::mem::take(&mut *self.tally.lock().expect("tally"))
+    }
+}
+
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// 200 new connections a second, one after the other.
+fn new_connections(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
+    let mut next = Instant::now();
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        next += Duration::from_millis(5);
+        let started = Instant::now();
+        let result = (|| -> std::io::Result<String> {
+            let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(5))?;
+            let connected = started.elapsed();
+            if connected > Duration::from_millis(200) {
+                lock(tally).new_slow.push(connected);
+            }
+            stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+            stream.write_all(b"short\n")?;
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer)?;
+            Ok(answer)
+        })();
+        let mut tally = lock(tally);
+        match result {
+            Ok(answer) if answer.trim() == format!("from={CLIENT_V4}") => tally.new_direct += 1,
+            Ok(answer) if answer.starts_with("from=") => tally.new_ok += 1,
+            Ok(answer) => tally.new_failed.push(format!("answer {answer:?}")),
+            Err(e) => tally.new_failed.push(e.to_string()),
+        }
+        drop(tally);
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// A bulk transfer echoed back: 64 KiB every 50 ms up (about 1.3 MB/s), every byte of the
+/// echo checked against what was sent, until told to stop; then a half-close, and the
+/// rest of the echo to its EOF.
+fn bulk_transfer(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
+    let result = (|| -> Result<u64, String> {
+        let mut stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(5))
+            .map_err(|e| format!("bulk connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
+        stream.write_all(b"bulk\n").map_err(|e| e.to_string())?;
+        let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
+        let checker = std::thread::spawn(move || -> Result<u64, String> {
+            let mut at = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(|e| format!("bulk echo read at byte {at}: {e}"))?;
+                if n == 0 {
+                    return Ok(at);
+                }
+                for &b in &buf[..n] {
+                    if b != pattern(at) {
+                        return Err(format!("bulk echo: byte {at} is {b}, not {}", pattern(at)));
+                    }
+                    at += 1;
+                }
+            }
+        });
+        let mut sent = 0u64;
+        let chunk: usize = 64 * 1024;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let data: Vec<u8> = (sent..sent + chunk as u64).map(pattern).collect();
+            if let Err(e) = stream.write_all(&data) {
+                // The checker says what went wrong, if it saw it.
+                let _ = stream.shutdown(Shutdown::Both);
+                let checked = checker.join().map_err(|_| "checker panicked".to_owned())?;
+                return Err(format!(
+                    "bulk write at byte {sent}: {e} (echo: {checked:?})"
+                ));
+            }
+            sent += chunk as u64;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stream
+            .shutdown(Shutdown::Write)
+            .map_err(|e| format!("bulk half-close: {e}"))?;
+        let echoed = checker
+            .join()
+            .map_err(|_| "checker panicked".to_owned())??;
+        if echoed != sent {
+            return Err(format!("bulk: sent {sent} bytes, {echoed} came back"));
+        }
+        Ok(sent)
+    })();
+    let mut tally = lock(tally);
+    match result {
+        Ok(bytes) => {
+            tally.long_ok += 1;
+            tally.bulk_bytes += bytes;
+        }
+        Err(e) => tally.long_failed.push(e),
+    }
+}
+
+/// A line every 100 ms, each answered within its read timeout.
+fn exchanges(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
+    let result = (|| -> Result<usize, String> {
+        let stream = TcpStream::connect_timeout(&server(80), Duration::from_secs(5))
+            .map_err(|e| format!("echo connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let mut reader = BufReader::new(stream);
+        writer.write_all(b"echo\n").map_err(|e| e.to_string())?;
+        let mut n = 0;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            writeln!(writer, "ping {n}").map_err(|e| format!("echo write {n}: {e}"))?;
+            let mut line = String::new();
+            reader
+                .read_line(&mut line)
+                .map_err(|e| format!("echo read {n}: {e}"))?;
+            if line.trim() != format!("ping {n}") {
+                return Err(format!("echo {n}: got {line:?}"));
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(n)
+    })();
+    let mut tally = lock(tally);
+    match result {
+        Ok(n) => {
+            tally.long_ok += 1;
+            tally.exchanges += n;
+        }
+        Err(e) => tally.long_failed.push(e),
+    }
+}
+
+fn tally_report(tally: &Tally) -> String {
+    format!(
+        "new connections: {} ok, {} failed {:?}, {} past the proxy, {} slower than 200 ms \
+         {:?}; long-lived: {} ok, {} cut {:?}; {} bulk bytes, {} exchanges",
+        tally.new_ok,
+        tally.new_failed.len(),
+        tally.new_failed.iter().take(5).collect::<Vec<_>>(),
+        tally.new_direct,
+        tally.new_slow.len(),
+        tally.new_slow.iter().take(5).collect::<Vec<_>>(),
+        tally.long_ok,
+        tally.long_failed.len(),
+        tally.long_failed.iter().take(5).collect::<Vec<_>>(),
+        tally.bulk_bytes,
+        tally.exchanges
+    )
+}
+
+/// Ten handovers in a row under load: each new agent takes the listeners and every live
+/// connection from the running one, which exits within 5 s. Nothing fails, nothing is
+/// slow, nothing goes past the proxy, no long-lived connection is cut, and every byte of
+/// every bulk transfer comes back once, in order.
+#[test]
+fn ten_overlapped_handovers_under_load_lose_nothing() {
+    require_root();
+    let gw = Gateway::new("handover").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let origin = OriginServer::start(&gw.server, server(80));
+    let mut agent = Agent::start_in(&mounts, AGENT_ARGS);
+    let load = Load::start(&gw.client, 50, 50);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut logs = Vec::new();
+    for round in 0..10 {
+        let next = Agent::start_in(&mounts, AGENT_ARGS);
+        let (status, log) = agent.wait_exit(Duration::from_secs(5));
+        assert!(
+            status.success(),
+            "round {round}: the old agent: {status}\n{log}"
+        );
+        assert!(
+            log.contains("handover done: exiting without teardown"),
+            "round {round}: the old agent did not hand over:\n{log}"
+        );
+        assert!(
+            !log.contains("removed"),
+            "round {round}: the old agent tore something down:\n{log}"
+        );
+        logs.push(log);
+        agent = next;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let tally = load.finish();
+    let report = tally_report(&tally);
+    let last = agent.stop_ok();
+    let moved: usize = logs
+        .iter()
+        .chain(std::iter::once(&last))
+        .flat_map(|log| log.lines())
+        .filter(|l| l.contains("live connection(s) moved"))
+        .filter_map(|l| {
+            l.split("handover: ")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .sum();
+    println!("{report}; {moved} connection moves logged");
+    assert!(tally.new_failed.is_empty(), "{report}");
+    assert_eq!(tally.new_direct, 0, "{report}");
+    assert_eq!(origin.direct.load(Ordering::Relaxed), 0, "{report}");
+    assert!(tally.new_slow.is_empty(), "{report}");
+    assert!(tally.long_failed.is_empty(), "{report}");
+    assert_eq!(tally.long_ok, 100, "{report}");
+    assert!(tally.new_ok > 1000, "too little load: {report}");
+    assert!(
+        last.contains("live connection(s) moved"),
+        "the last agent resumed nothing:\n{last}"
+    );
+}
+
+/// A SIGTERM stops the agent to be replaced: it exits leaving its classifier and routes,
+/// and until the next agent takes over, new connections of a rule that does not fail open
+/// wait (their SYNs are dropped and resent), never go past the proxy.
+#[test]
+fn sigterm_then_a_start_lets_nothing_past_the_proxy() {
+    require_root();
+    let gw = Gateway::new("sigterm").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let origin = OriginServer::start(&gw.server, server(80));
+    let agent = Agent::start_in(&mounts, &[AGENT_ARGS, &["--drain-timeout", "2"]].concat());
+    let load = Load::start(&gw.client, 0, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(log.contains("stopping to be replaced"), "{log}");
+    assert!(log.contains("left in place for the next agent"), "{log}");
+    // The gap: no agent runs, the classifier stays.
+    std::thread::sleep(Duration::from_millis(1500));
+    let next = Agent::start_in(&mounts, AGENT_ARGS);
+    std::thread::sleep(Duration::from_secs(2));
+    let tally = load.finish();
+    let report = tally_report(&tally);
+    let last = next.stop_ok();
+    println!("{report}");
+    assert_eq!(tally.new_direct, 0, "{report}");
+    assert_eq!(origin.direct.load(Ordering::Relaxed), 0, "{report}");
+    assert!(tally.new_ok > 200, "{report}");
+    assert!(
+        last.contains("taken over") || last.contains("replaced"),
+        "the next agent did not take the classifier over:\n{last}"
+    );
+}
+
+/// A successor that fails after taking the listeners (here: its `--metrics` port is
+/// taken) leaves the running agent serving: it takes its listeners back.
+#[test]
+fn a_failed_successor_leaves_the_running_agent_serving() {
+    require_root();
+    let gw = Gateway::new("hofail").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let agent = Agent::start_in(&mounts, AGENT_ARGS);
+    let load = Load::start(&gw.client, 0, 2);
+    // Something else holds the port the successor's --metrics wants.
+    let blocker = gw
+        .router
+        .run(|| TcpListener::bind("127.0.0.1:9464"))
+        .expect("netns")
+        .expect("binding the blocker");
+    let failed = Agent::spawn_in(
+        &mounts,
+        &[AGENT_ARGS, &["--metrics", "127.0.0.1:9464"]].concat(),
+    );
+    let (status, failed_log) = failed.wait_exit(Duration::from_secs(20));
+    assert!(!status.success(), "{failed_log}");
+    assert!(failed_log.contains("taking over from it"), "{failed_log}");
+    agent
+        .wait_for_line(
+            &["handover failed, this agent serves on"],
+            Duration::from_secs(10),
+        )
+        .unwrap_or_else(|| panic!("{}", agent.log_text()));
+    std::thread::sleep(Duration::from_secs(1));
+    drop(blocker);
+    let tally = load.finish();
+    let report = tally_report(&tally);
+    println!("{report}");
+    assert!(tally.new_failed.is_empty(), "{report}");
+    assert!(tally.long_failed.is_empty(), "{report}");
+    assert_eq!(tally.new_direct, 0, "{report}");
+    let log = agent.stop_ok();
+    assert!(log.contains("policy routing (IPv4) removed"), "{log}");
+}
+
+/// The running agent refuses a successor that speaks another handover version, with one
+/// line, and serves on.
+#[test]
+fn a_successor_of_another_handover_version_is_refused() {
+    require_root();
+    let gw = Gateway::new("hover").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let agent = Agent::start_in(&mounts, AGENT_ARGS);
+    let answer = gw
+        .router
+        .run(|| {
+            speak_handover(
+                proxy_common::DEFAULT_TABLE,
+                br#"{"type":"hello","version":999,"agent":"9.9.9","take_over":true}"#,
+            )
+        })
+        .expect("netns");
+    assert!(answer.contains("\"version\":1"), "{answer}");
+    let line = agent
+        .wait_for_line(&["handover refused", "version 999"], Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{}", agent.log_text()));
+    assert!(line.contains("this one version 1"), "{line}");
+    let load = Load::start(&gw.client, 0, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = load.finish();
+    assert!(
+        tally.new_ok > 20 && tally.new_failed.is_empty(),
+        "{}",
+        tally_report(&tally)
+    );
+    agent.stop_ok();
+}
+
+/// Sends `hello` as one record on the handover socket of `table`'s agent and returns the
+/// JSON of its answer.
+fn speak_handover(table: u32, hello: &[u8]) -> String {
+    use nix::sys::socket::{self, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::empty(),
+        None,
+    )
+    .expect("socket");
+    let name = proxy_common::handover_socket_name(table);
+    let addr = UnixAddr::new_abstract(name.as_bytes()).expect("address");
+    socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr).expect("connect");
+    let mut record = (hello.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(hello);
+    nix::unistd::write(&fd, &record).expect("send");
+    let mut buf = vec![0u8; 4096];
+    let n = nix::unistd::read(&fd, &mut buf).expect("receive");
+    String::from_utf8_lossy(buf.get(4..n).unwrap_or_default()).into_owned()
+}
