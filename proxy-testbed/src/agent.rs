@@ -191,18 +191,30 @@ impl AgentProcess {
             }
             // Abstract sockets belong to a network namespace: connect from inside the
             // agent's. Refused (nothing bound yet) means not yet.
-            if let Ok(stream) = crate::run_in(&self.netns, || UnixStream::connect_addr(&addr))?
-                && self.is_ours(&stream)
-                && self.answered(stream, deadline, &give_up)
-            {
-                return Ok(());
+            if let Ok(stream) = crate::run_in(&self.netns, || UnixStream::connect_addr(&addr))? {
+                let listened_here = self.is_ours(&stream);
+                if let Some(answer) = self.answered(stream, deadline, &give_up)
+                    && (listened_here || self.signed(&answer))
+                {
+                    return Ok(());
+                }
             }
             std::thread::sleep(POLL);
         }
     }
 
+    /// Whether the report names this agent's process as the one answering: an agent that
+    /// took the socket over from another (a handover) answers on a socket the other one
+    /// listened on.
+    fn signed(&self, answer: &[u8]) -> bool {
+        self.pid().is_some_and(|pid| {
+            String::from_utf8_lossy(answer).starts_with(&format!("agent: pid {pid},"))
+        })
+    }
+
     /// Whether `stream` is connected to this agent's socket, not to that of another agent
-    /// using the same table in the namespace (which this one may be about to collide with).
+    /// using the same table in the namespace (which this one may be about to collide with):
+    /// the socket's credentials are those of the process that listened on it.
     fn is_ours(&self, stream: &UnixStream) -> bool {
         nix::sys::socket::getsockopt(stream, PeerCredentials)
             .is_ok_and(|cred| u32::try_from(cred.pid()).ok() == self.pid())
@@ -216,15 +228,15 @@ impl AgentProcess {
         mut stream: UnixStream,
         deadline: Instant,
         give_up: &impl Fn() -> bool,
-    ) -> bool {
+    ) -> Option<Vec<u8>> {
         if stream.set_read_timeout(Some(POLL)).is_err() {
-            return false;
+            return None;
         }
         let mut answer = Vec::new();
         let mut buf = [0u8; 16 * 1024];
         loop {
             match stream.read(&mut buf) {
-                Ok(0) => return !answer.is_empty(),
+                Ok(0) => return (!answer.is_empty()).then_some(answer),
                 Ok(n) => answer.extend_from_slice(&buf[..n]),
                 Err(e)
                     if matches!(
@@ -233,11 +245,11 @@ impl AgentProcess {
                     ) =>
                 {
                     if self.try_status().is_some() || give_up() || Instant::now() >= deadline {
-                        return false;
+                        return None;
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
+                Err(_) => return None,
             }
         }
     }

@@ -160,14 +160,19 @@ pub(crate) fn describe_rule(rule: &Rule) -> String {
     )
 }
 
-/// The report: global counters (the classifier's, then the proxy's own), then one line per
-/// rule.
+/// The report: the agent's process and version, the global counters (the classifier's,
+/// then the proxy's own), then one line per rule.
 pub(crate) fn format_report(
     counters: &[(Counter, u64)],
     proxy: &[(&str, u64)],
     rules: &[(Rule, RuleCounters)],
 ) -> String {
-    let mut out = String::from("counters:\n");
+    // Which process answers: after an upgrade or a handover, not the one first started.
+    let mut out = format!(
+        "agent: pid {}, proxy {}\ncounters:\n",
+        std::process::id(),
+        env!("CARGO_PKG_VERSION")
+    );
     for (c, v) in counters {
         out.push_str(&format!("  {:<26}{v:>14}\n", c.name()));
     }
