@@ -22,11 +22,25 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{AGENT_ARGS, Agent, Mounts, require_root, server};
+use common::{Agent, Mounts, require_root, server};
 use proxy_testbed::{CLIENT_V4, Gateway, Netns};
 
 /// How long any load loop may run, whatever happens.
 const LOAD_BOUND: Duration = Duration::from_secs(240);
+
+/// `proxy run` intercepting TCP port 80 and UDP port 53, for the built-in listeners on
+/// port 50080.
+const AGENT_ARGS: &[&str] = &[
+    "run",
+    "--iface",
+    "r0",
+    "--protocol",
+    "tcp,udp",
+    "--dport",
+    "80,53",
+    "--on-port",
+    "50080",
+];
 
 /// The byte at position `p` of a bulk stream: no period that a lost or repeated chunk of
 /// any usual size would hide behind.
@@ -42,6 +56,7 @@ struct OriginServer {
     /// Connections that came straight from the client: past the proxy.
     direct: Arc<AtomicUsize>,
     thread: Option<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
+    udp: Option<JoinHandle<Result<(), proxy_testbed::TestbedError>>>,
 }
 
 impl OriginServer {
@@ -72,10 +87,16 @@ impl OriginServer {
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the origin server did not start");
+        let udp = {
+            let stop = Arc::clone(&stop);
+            let udp_addr = SocketAddr::new(addr.ip(), 53);
+            ns.spawn(move || udp_echo(&stop, udp_addr))
+        };
         OriginServer {
             stop,
             direct,
             thread: Some(thread),
+            udp: Some(udp),
         }
     }
 }
@@ -83,8 +104,24 @@ impl OriginServer {
 impl Drop for OriginServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        for t in [self.thread.take(), self.udp.take()].into_iter().flatten() {
             let _ = t.join();
+        }
+    }
+}
+
+/// UDP port 53: each datagram comes back prefixed with the address and port it came from.
+fn udp_echo(stop: &AtomicBool, addr: SocketAddr) {
+    let socket = std::net::UdpSocket::bind(addr).expect("binding the UDP echo");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(50)))
+        .expect("timeout");
+    let deadline = Instant::now() + LOAD_BOUND;
+    let mut buf = [0u8; 2048];
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        if let Ok((n, peer)) = socket.recv_from(&mut buf) {
+            let reply = format!("from={peer} {}", String::from_utf8_lossy(&buf[..n]));
+            let _ = socket.send_to(reply.as_bytes(), peer);
         }
     }
 }
@@ -132,6 +169,12 @@ struct Tally {
     long_ok: usize,
     bulk_bytes: u64,
     exchanges: usize,
+    /// UDP flows that kept their upstream address and port throughout.
+    udp_ok: usize,
+    udp_failed: Vec<String>,
+    /// Datagrams with no answer within a second.
+    udp_lost: usize,
+    udp_answered: usize,
 }
 
 /// The load, running in the client namespace until [`Load::finish`].
@@ -143,6 +186,10 @@ struct Load {
 
 impl Load {
     fn start(client: &Netns, bulk: usize, echo: usize) -> Load {
+        Load::start_with_udp(client, bulk, echo, 0)
+    }
+
+    fn start_with_udp(client: &Netns, bulk: usize, echo: usize, udp: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let mut threads = Vec::new();
@@ -162,6 +209,11 @@ impl Load {
         for _ in 0..echo {
             threads.push(spawn(Box::new(move |stop, tally| {
                 exchanges(&stop, &tally, deadline)
+            })));
+        }
+        for _ in 0..udp {
+            threads.push(spawn(Box::new(move |stop, tally| {
+                udp_flow(&stop, &tally, deadline)
             })));
         }
         Load {
@@ -323,10 +375,81 @@ fn exchanges(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
     }
 }
 
+/// A UDP flow: a datagram every 100 ms, each answered by the server with the address and
+/// port it came from, which must stay the same for the whole flow (the proxy's upstream
+/// socket, moved from agent to agent).
+fn udp_flow(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
+    let result = (|| -> Result<(usize, usize), String> {
+        let socket = std::net::UdpSocket::bind("0.0.0.0:0").map_err(|e| e.to_string())?;
+        socket
+            .connect(SocketAddr::new(server(80).ip(), 53))
+            .map_err(|e| e.to_string())?;
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .map_err(|e| e.to_string())?;
+        let (mut seen, mut lost, mut answered) = (None::<String>, 0, 0);
+        let mut buf = [0u8; 2048];
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            socket
+                .send(format!("udp {n}").as_bytes())
+                .map_err(|e| format!("udp send {n}: {e}"))?;
+            // Answers to earlier datagrams that came late are skipped.
+            loop {
+                match socket.recv(&mut buf) {
+                    Ok(len) => {
+                        let reply = String::from_utf8_lossy(&buf[..len]).into_owned();
+                        let Some((from, rest)) = reply.split_once(' ') else {
+                            return Err(format!("udp: {reply:?}"));
+                        };
+                        if from.starts_with(&format!("from={CLIENT_V4}:")) {
+                            return Err(format!("udp {n} went past the proxy: {reply}"));
+                        }
+                        match &seen {
+                            None => seen = Some(from.to_owned()),
+                            Some(first) if first != from => {
+                                return Err(format!("udp {n}: came from {from}, first {first}"));
+                            }
+                            Some(_) => {}
+                        }
+                        if rest == format!("udp {n}") {
+                            answered += 1;
+                            break;
+                        }
+                    }
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        lost += 1;
+                        break;
+                    }
+                    Err(e) => return Err(format!("udp recv {n}: {e}")),
+                }
+            }
+            n += 1;
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok((answered, lost))
+    })();
+    let mut tally = lock(tally);
+    match result {
+        Ok((answered, lost)) => {
+            tally.udp_ok += 1;
+            tally.udp_answered += answered;
+            tally.udp_lost += lost;
+        }
+        Err(e) => tally.udp_failed.push(e),
+    }
+}
+
 fn tally_report(tally: &Tally) -> String {
     format!(
         "new connections: {} ok, {} failed {:?}, {} past the proxy, {} slower than 200 ms \
-         {:?}; long-lived: {} ok, {} cut {:?}; {} bulk bytes, {} exchanges",
+         {:?}; long-lived: {} ok, {} cut {:?}; {} bulk bytes, {} exchanges; UDP flows: {} \
+         kept their port, {} failed {:?}, {} datagrams answered, {} lost",
         tally.new_ok,
         tally.new_failed.len(),
         tally.new_failed.iter().take(5).collect::<Vec<_>>(),
@@ -337,14 +460,20 @@ fn tally_report(tally: &Tally) -> String {
         tally.long_failed.len(),
         tally.long_failed.iter().take(5).collect::<Vec<_>>(),
         tally.bulk_bytes,
-        tally.exchanges
+        tally.exchanges,
+        tally.udp_ok,
+        tally.udp_failed.len(),
+        tally.udp_failed.iter().take(5).collect::<Vec<_>>(),
+        tally.udp_answered,
+        tally.udp_lost
     )
 }
 
-/// Ten handovers in a row under load: each new agent takes the listeners and every live
-/// connection from the running one, which exits within 5 s. Nothing fails, nothing is
-/// slow, nothing goes past the proxy, no long-lived connection is cut, and every byte of
-/// every bulk transfer comes back once, in order.
+/// Ten handovers in a row under load: each new agent takes the listeners, every live
+/// connection and every UDP session from the running one, which exits within 5 s. Nothing
+/// fails, nothing is slow, nothing goes past the proxy, no long-lived connection is cut,
+/// every byte of every bulk transfer comes back once, in order, and every UDP flow keeps
+/// its upstream port and loses no datagram.
 #[test]
 fn ten_overlapped_handovers_under_load_lose_nothing() {
     require_root();
@@ -352,7 +481,7 @@ fn ten_overlapped_handovers_under_load_lose_nothing() {
     let mounts = Mounts::new(&gw.router);
     let origin = OriginServer::start(&gw.server, server(80));
     let mut agent = Agent::start_in(&mounts, AGENT_ARGS);
-    let load = Load::start(&gw.client, 50, 50);
+    let load = Load::start_with_udp(&gw.client, 50, 50, 20);
     std::thread::sleep(Duration::from_secs(1));
     let mut logs = Vec::new();
     for round in 0..10 {
@@ -381,7 +510,7 @@ fn ten_overlapped_handovers_under_load_lose_nothing() {
         .iter()
         .chain(std::iter::once(&last))
         .flat_map(|log| log.lines())
-        .filter(|l| l.contains("live connection(s) moved"))
+        .filter(|l| l.contains("UDP session(s) moved in"))
         .filter_map(|l| {
             l.split("handover: ")
                 .nth(1)?
@@ -398,9 +527,12 @@ fn ten_overlapped_handovers_under_load_lose_nothing() {
     assert!(tally.new_slow.is_empty(), "{report}");
     assert!(tally.long_failed.is_empty(), "{report}");
     assert_eq!(tally.long_ok, 100, "{report}");
+    assert!(tally.udp_failed.is_empty(), "{report}");
+    assert_eq!(tally.udp_ok, 20, "{report}");
+    assert_eq!(tally.udp_lost, 0, "{report}");
     assert!(tally.new_ok > 1000, "too little load: {report}");
     assert!(
-        last.contains("live connection(s) moved"),
+        last.contains("UDP session(s) moved in"),
         "the last agent resumed nothing:\n{last}"
     );
 }

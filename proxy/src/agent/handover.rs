@@ -10,7 +10,10 @@ use tokio::net::UnixListener;
 use super::{Agent, AgentError, serve::Inputs};
 use crate::{
     error_chain,
-    handover::{Channel, Greeting, HandoverError, Inherited, Portable, Predecessor, Successor},
+    handover::{
+        Channel, Greeting, HandoverError, Inherited, Moved, Portable, PortableSession, Predecessor,
+        Successor,
+    },
     stats,
 };
 
@@ -118,15 +121,24 @@ impl Agent {
             return HandedOver::No;
         }
         // The next agent's classifier is in place and it accepts: park every relay.
-        let parked = self.live.park_all(crate::handover::PARK_TIMEOUT).await;
+        let (parked, sessions) = tokio::join!(
+            self.live.park_all(crate::handover::PARK_TIMEOUT),
+            self.udp_live.park_all(crate::handover::PARK_TIMEOUT),
+        );
         // What is live still did not park: the in-kernel relay (or one stuck past the
         // timeout). It drains here.
-        let staying = self.live.count();
-        let mut portable = Vec::with_capacity(parked.len());
+        let staying = self.live.count() + self.udp_live.count();
+        let mut portable = Vec::with_capacity(parked.len() + sessions.len());
         for connection in parked {
             match Portable::from_parked(connection) {
-                Ok(p) => portable.push(p),
+                Ok(p) => portable.push(Moved::Tcp(p)),
                 Err(e) => warn!("a parked connection cannot be handed over, it is lost: {e}"),
+            }
+        }
+        for session in sessions {
+            match PortableSession::from_parked(session) {
+                Ok(p) => portable.push(Moved::Udp(p)),
+                Err(e) => warn!("a parked UDP session cannot be handed over, it is lost: {e}"),
             }
         }
         match successor.send_connections(&portable, staying).await {
@@ -148,7 +160,7 @@ impl Agent {
         let pid = predecessor.pid;
         let listeners = &mut self.listeners;
         let taken = predecessor
-            .take_connections(|portable| listeners.resume(vec![portable]) == 1)
+            .take_connections(|moved| listeners.resume(vec![moved]) == 1)
             .await;
         match taken {
             Ok(_) => {
@@ -174,7 +186,7 @@ impl Agent {
     fn take_back(
         &mut self,
         paused: &super::listeners::Paused,
-        parked: Vec<Portable>,
+        parked: Vec<Moved>,
         why: &HandoverError,
     ) {
         error!(
@@ -182,6 +194,7 @@ impl Agent {
             error_chain(why)
         );
         self.live.unpark();
+        self.udp_live.unpark();
         if let Err(e) = self.reassert_classifier() {
             error!("putting this agent's classifier back: {}", error_chain(&e));
         }
@@ -194,7 +207,10 @@ impl Agent {
         let count = parked.len();
         let resumed = self.listeners.resume(parked);
         if count > 0 {
-            info!("handover: {resumed} of {count} parked connection(s) resumed here");
+            info!(
+                "handover: {resumed} of {count} parked connection(s) and UDP session(s) resumed \
+                 here"
+            );
         }
     }
 

@@ -14,7 +14,7 @@ use super::{
 };
 use crate::{
     ebpf::Classifier,
-    handover::{Inherited, Portable},
+    handover::{Inherited, Moved},
     tproxy::{
         ListenError,
         tcp::{self, ProxyOptions},
@@ -298,24 +298,36 @@ impl Listeners {
         self.start(classifier, pending)
     }
 
-    /// Resumes connections handed over by the previous agent (or taken back from a failed
-    /// successor), spread over the workers.
-    pub fn resume(&mut self, connections: Vec<Portable>) -> usize {
+    /// Resumes connections and UDP sessions handed over by the previous agent (or taken
+    /// back from a failed successor): connections spread over the workers, sessions on
+    /// this runtime, as the listeners start them.
+    pub fn resume(&mut self, moved: Vec<Moved>) -> usize {
         let mut resumed = 0;
-        for portable in connections {
-            let options = Arc::clone(&self.options);
-            let task = async move {
-                match portable.into_parked() {
-                    Ok(parked) => tcp::resume(parked, options).await,
-                    Err(e) => warn!("a connection handed over could not be resumed: {e}"),
+        for one in moved {
+            match one {
+                Moved::Tcp(portable) => {
+                    let options = Arc::clone(&self.options);
+                    let task = async move {
+                        match portable.into_parked() {
+                            Ok(parked) => tcp::resume(parked, options).await,
+                            Err(e) => warn!("a connection handed over could not be resumed: {e}"),
+                        }
+                    };
+                    if self
+                        .workers
+                        .spawn_on_next(&mut self.next_worker, task)
+                        .is_some()
+                    {
+                        resumed += 1;
+                    }
                 }
-            };
-            if self
-                .workers
-                .spawn_on_next(&mut self.next_worker, task)
-                .is_some()
-            {
-                resumed += 1;
+                Moved::Udp(portable) => match portable.into_parked() {
+                    Ok(parked) => {
+                        udp::resume(parked, Arc::clone(&self.udp_options));
+                        resumed += 1;
+                    }
+                    Err(e) => warn!("a UDP session handed over could not be resumed: {e}"),
+                },
             }
         }
         resumed

@@ -58,7 +58,7 @@ use crate::{
         destination::Destinations,
         return_path::{self, ReturnPath},
         tcp::{LiveConnections, ProxyOptions},
-        udp::UdpOptions,
+        udp::{LiveSessions, UdpOptions},
         workers::{self, Workers},
     },
     upstream::{Outbound, Upstream},
@@ -79,6 +79,8 @@ struct Agent {
     return_path_lookup: bool,
     /// The connections being proxied: drained, cut, or parked for a handover.
     live: Arc<LiveConnections>,
+    /// The UDP sessions being relayed: parked for a handover.
+    udp_live: Arc<LiveSessions>,
     /// Each `--iface`'s link header, in order, as attached.
     headers: Vec<LinkHeader>,
     /// The agent this one took over from still serves (until its connections are here):
@@ -190,6 +192,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     ))?;
 
     let live = Arc::new(LiveConnections::default());
+    let udp_live = Arc::new(LiveSessions::default());
     let destinations = Arc::new(Destinations::new(args.allow_local_destinations));
     let upstream = match (&args.upstream, args.spoof_source) {
         (Some(server), _) => Upstream::Socks5(server.clone()),
@@ -221,6 +224,8 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
             upstream,
             destinations: Arc::clone(&destinations),
             return_path: Arc::clone(&return_path),
+            sessions: Default::default(),
+            live: Arc::clone(&udp_live),
         },
     );
 
@@ -268,6 +273,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         return_path,
         return_path_lookup: return_path_lookup.is_some(),
         live,
+        udp_live,
         headers,
         predecessor_serves: predecessor.is_some(),
     };

@@ -11,7 +11,7 @@ use std::{
 use log::{info, warn};
 
 use super::{
-    HandoverError, Message, Portable, SETUP_TIMEOUT, STEP_TIMEOUT, VERSION,
+    HandoverError, Message, Moved, Portable, PortableSession, SETUP_TIMEOUT, STEP_TIMEOUT, VERSION,
     wire::{Channel, Record},
 };
 use crate::agent::ListenerKey;
@@ -124,7 +124,7 @@ impl Predecessor {
     /// many stay with the running agent until they end.
     pub async fn take_connections(
         self,
-        mut resume: impl FnMut(Portable) -> bool,
+        mut resume: impl FnMut(Moved) -> bool,
     ) -> Result<(usize, usize), HandoverError> {
         let started = Instant::now();
         self.channel.send(Record::new(Message::Ready)).await?;
@@ -145,7 +145,25 @@ impl Predecessor {
                         client,
                         upstream: fds.next(),
                     };
-                    if resume(portable) {
+                    if resume(Moved::Tcp(portable)) {
+                        resumed += 1;
+                    }
+                }
+                Message::UdpSession(state) => {
+                    let mut fds = record.fds.into_iter();
+                    let (Some(reply), Some(upstream)) = (fds.next(), fds.next()) else {
+                        return Err(HandoverError::Malformed(
+                            "a UDP session without its sockets".into(),
+                        ));
+                    };
+                    let session = PortableSession {
+                        state,
+                        header: record.payload,
+                        reply,
+                        upstream,
+                        control: fds.next(),
+                    };
+                    if resume(Moved::Udp(session)) {
                         resumed += 1;
                     }
                 }
@@ -160,7 +178,7 @@ impl Predecessor {
             .send(Record::new(Message::Resumed { count: resumed }))
             .await?;
         info!(
-            "handover: {resumed} live connection(s) moved in {:.1} ms{}",
+            "handover: {resumed} live connection(s) and UDP session(s) moved in {:.1} ms{}",
             started.elapsed().as_secs_f64() * 1e3,
             if staying > 0 {
                 format!("; {staying} stay with the previous agent until they end (in-kernel relay)")

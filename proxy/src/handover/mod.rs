@@ -44,8 +44,12 @@ pub use self::{
     wire::{Channel, Listener},
 };
 use crate::{
+    metrics::UdpTally,
     relay::park::{DirectionState, ParkedRelay},
-    tproxy::tcp::{ParkedConnection, ParkedStage},
+    tproxy::{
+        tcp::{ParkedConnection, ParkedStage},
+        udp::{ParkedSession, UdpUpstream},
+    },
 };
 
 /// The protocol's version: two agents hand over only if they speak the same one.
@@ -116,6 +120,9 @@ pub enum Message {
     /// Descriptors: the client's socket, then the upstream one if relaying. Payload: the
     /// bytes held up, then down.
     Connection(ConnectionState),
+    /// Descriptors: the reply socket, the upstream (or SOCKS5 relay) socket, then the SOCKS5
+    /// control connection if any. Payload: the SOCKS5 header.
+    UdpSession(SessionState),
     Done {
         moved: usize,
         staying: usize,
@@ -163,6 +170,127 @@ pub struct DirectionWire {
     pub finished: bool,
     /// How many bytes of the payload are this direction's.
     pub held: usize,
+}
+
+/// A parked UDP session, but for its sockets.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionState {
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddr,
+    pub age_ms: u64,
+    pub datagrams_up: u64,
+    pub datagrams_down: u64,
+    pub bytes_up: u64,
+    pub bytes_down: u64,
+    /// Through a SOCKS5 relay (UDP ASSOCIATE): its header is the payload.
+    pub socks5: bool,
+}
+
+/// A parked UDP session as descriptors.
+pub struct PortableSession {
+    pub state: SessionState,
+    pub header: Vec<u8>,
+    pub reply: OwnedFd,
+    pub upstream: OwnedFd,
+    pub control: Option<OwnedFd>,
+}
+
+impl PortableSession {
+    /// Takes a parked session's sockets out of this runtime.
+    pub fn from_parked(parked: ParkedSession) -> io::Result<Self> {
+        let udp = |s: tokio::net::UdpSocket| s.into_std().map(OwnedFd::from);
+        let (upstream, control, header) = match parked.upstream {
+            UdpUpstream::Direct(socket) => (udp(socket)?, None, Vec::new()),
+            UdpUpstream::Socks5 {
+                control,
+                relay,
+                header,
+            } => (
+                udp(relay)?,
+                Some(control.into_std().map(OwnedFd::from)?),
+                header,
+            ),
+        };
+        let tally = parked.tally;
+        Ok(PortableSession {
+            state: SessionState {
+                client: parked.client,
+                orig_dst: parked.orig_dst,
+                age_ms: u64::try_from(parked.age.as_millis()).unwrap_or(u64::MAX),
+                datagrams_up: tally.datagrams_up,
+                datagrams_down: tally.datagrams_down,
+                bytes_up: tally.bytes_up,
+                bytes_down: tally.bytes_down,
+                socks5: control.is_some(),
+            },
+            header,
+            reply: udp(parked.reply)?,
+            upstream,
+            control,
+        })
+    }
+
+    /// Makes it a parked session of this runtime again (its sockets register with the
+    /// calling runtime).
+    pub fn into_parked(self) -> io::Result<ParkedSession> {
+        let udp = |fd: OwnedFd| tokio::net::UdpSocket::from_std(std::net::UdpSocket::from(fd));
+        let PortableSession {
+            state,
+            header,
+            reply,
+            upstream,
+            control,
+        } = self;
+        let upstream = match (state.socks5, control) {
+            (false, _) => UdpUpstream::Direct(udp(upstream)?),
+            (true, Some(control)) => UdpUpstream::Socks5 {
+                control: tokio::net::TcpStream::from_std(std::net::TcpStream::from(control))?,
+                relay: udp(upstream)?,
+                header,
+            },
+            (true, None) => return Err(io::Error::other("a SOCKS5 session without its control")),
+        };
+        Ok(ParkedSession {
+            client: state.client,
+            orig_dst: state.orig_dst,
+            age: Duration::from_millis(state.age_ms),
+            tally: UdpTally {
+                datagrams_up: state.datagrams_up,
+                datagrams_down: state.datagrams_down,
+                bytes_up: state.bytes_up,
+                bytes_down: state.bytes_down,
+            },
+            reply: udp(reply)?,
+            upstream,
+        })
+    }
+
+    fn record(&self) -> io::Result<wire::Record> {
+        let mut fds = vec![self.reply.try_clone()?, self.upstream.try_clone()?];
+        if let Some(control) = &self.control {
+            fds.push(control.try_clone()?);
+        }
+        Ok(wire::Record {
+            message: Message::UdpSession(self.state.clone()),
+            payload: self.header.clone(),
+            fds,
+        })
+    }
+}
+
+/// What moves between agents: connections and sessions.
+pub enum Moved {
+    Tcp(Portable),
+    Udp(PortableSession),
+}
+
+impl Moved {
+    fn record(&self) -> io::Result<wire::Record> {
+        match self {
+            Moved::Tcp(connection) => connection.record(),
+            Moved::Udp(session) => session.record(),
+        }
+    }
 }
 
 /// A parked connection as descriptors: what crosses to the next agent, and what the

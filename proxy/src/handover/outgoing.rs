@@ -7,7 +7,7 @@ use std::{net::SocketAddr, os::fd::OwnedFd};
 use log::info;
 
 use super::{
-    HandoverError, ListenerAddr, Message, Portable, SETUP_TIMEOUT, STEP_TIMEOUT, TcpGroup, VERSION,
+    HandoverError, ListenerAddr, Message, Moved, SETUP_TIMEOUT, STEP_TIMEOUT, TcpGroup, VERSION,
     wire::{Channel, MAX_FDS, Record},
 };
 use crate::agent::Paused;
@@ -150,7 +150,7 @@ impl Successor {
     /// resumed them. Until then `connections` keep their sockets here.
     pub async fn send_connections(
         &self,
-        connections: &[Portable],
+        connections: &[Moved],
         staying: usize,
     ) -> Result<usize, HandoverError> {
         for connection in connections {
@@ -170,7 +170,7 @@ impl Successor {
             Message::Resumed { count } => {
                 info!(
                     "handover: the next agent (pid {}, proxy {}) resumed {count} of {} \
-                     connection(s)",
+                     connection(s) and UDP session(s)",
                     self.pid.unwrap_or(0),
                     self.agent,
                     connections.len()

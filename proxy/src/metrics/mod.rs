@@ -329,6 +329,12 @@ impl UdpSession {
         UdpSession
     }
 
+    /// One the previous agent created and handed over: active again, not created twice.
+    pub fn resumed() -> Self {
+        DATA_PATH.udp_active.fetch_add(1, Relaxed);
+        UdpSession
+    }
+
     /// What the session relayed, once it has ended.
     pub fn relayed(&self, tally: &UdpTally) {
         DATA_PATH

@@ -2,6 +2,7 @@
 //! and the socket options that make them transparent.
 
 pub mod destination;
+pub mod live;
 pub mod return_path;
 pub mod sockopt;
 pub mod tcp;

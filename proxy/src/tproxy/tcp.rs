@@ -4,10 +4,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,7 +12,7 @@ use log::{debug, info, warn};
 use socket2::{Protocol, Type};
 use tokio::{
     net::{TcpListener, TcpStream},
-    sync::{Notify, Semaphore},
+    sync::Semaphore,
 };
 
 use crate::{
@@ -23,13 +20,14 @@ use crate::{
     metrics::{self, EndReason},
     relay::{
         self, Ending, RelayMode, Relayed,
-        park::{Flag, ParkedRelay},
+        park::ParkedRelay,
         sockmap::{self, KernelRelay},
     },
     tproxy::{
         ListenError, bind_listener, canonical,
         destination::Destinations,
         is_own_listener,
+        live::Live,
         return_path::ReturnPath,
         sockopt::{set_keepalive, transparent_socket},
     },
@@ -96,70 +94,8 @@ pub struct ProxyOptions {
     pub return_path: Arc<ReturnPath>,
 }
 
-/// The number of connections being proxied, a way to wait until there are none, a way to
-/// cut them all (the end of the drain on shutdown), and a way to park them all for the next
-/// agent (a handover, `crate::handover`).
-#[derive(Default)]
-pub struct LiveConnections {
-    count: AtomicUsize,
-    changed: Notify,
-    cut: Flag,
-    /// Raised: every connection stops at a safe point and lands in `parked`.
-    park: Flag,
-    parked: Mutex<Vec<ParkedConnection>>,
-    /// Connections that cannot be parked (the in-kernel relay): they stay and drain.
-    staying: AtomicUsize,
-}
-
-impl LiveConnections {
-    pub fn count(&self) -> usize {
-        self.count.load(Ordering::SeqCst)
-    }
-
-    /// Resolves once no connection is live.
-    pub async fn all_closed(&self) {
-        until(&self.changed, || self.count() == 0).await;
-    }
-
-    /// Ends every live connection with a reset (each logs `drain`), and any accepted later.
-    pub fn cut(&self) {
-        self.cut.raise();
-    }
-
-    /// Resolves once [`Self::cut`] was called.
-    async fn cut_off(&self) {
-        self.cut.raised().await;
-    }
-
-    /// Stops every connection at a safe point (and any accepted or resumed later), and
-    /// returns them once all but the ones that cannot be parked have stopped, or once
-    /// `within` has passed. The ones not returned go on here.
-    pub async fn park_all(&self, within: Duration) -> Vec<ParkedConnection> {
-        self.park.raise();
-        let settled = until(&self.changed, || {
-            self.count() <= self.staying.load(Ordering::SeqCst)
-        });
-        let _ = tokio::time::timeout(within, settled).await;
-        std::mem::take(&mut *self.lock_parked())
-    }
-
-    /// The handover failed: connections resumed from now on run (and are parked) as usual.
-    pub fn unpark(&self) {
-        self.park.lower();
-    }
-
-    fn lock_parked(&self) -> std::sync::MutexGuard<'_, Vec<ParkedConnection>> {
-        self.parked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Called by a connection's task before it ends, so that it is in `parked` before the
-    /// task's [`LiveGuard`] counts it out.
-    fn parked(&self, connection: ParkedConnection) {
-        self.lock_parked().push(connection);
-    }
-}
+/// The TCP connections being proxied (see [`Live`]).
+pub type LiveConnections = Live<ParkedConnection>;
 
 /// A connection stopped at a safe point, for the next agent to resume.
 pub struct ParkedConnection {
@@ -181,35 +117,6 @@ pub enum ParkedStage {
     Relaying(Box<ParkedRelay>),
 }
 
-/// Returns once `done` holds, checking again each time `changed` is notified (registered
-/// before each check, so no notification is missed).
-async fn until(changed: &Notify, done: impl Fn() -> bool) {
-    loop {
-        let notified = changed.notified();
-        if done() {
-            return;
-        }
-        notified.await;
-    }
-}
-
-/// Held by each connection's task; counts it out when the task ends, however it ends.
-struct LiveGuard(Arc<LiveConnections>);
-
-impl LiveGuard {
-    fn new(live: &Arc<LiveConnections>) -> Self {
-        live.count.fetch_add(1, Ordering::SeqCst);
-        LiveGuard(Arc::clone(live))
-    }
-}
-
-impl Drop for LiveGuard {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
-    }
-}
-
 /// Accepts until the task is dropped, one task per connection.
 pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
     let listen_addr = listener.local_addr().ok();
@@ -228,7 +135,7 @@ pub async fn serve(listener: TcpListener, options: Arc<ProxyOptions>) {
                     continue;
                 };
                 let options = Arc::clone(&options);
-                let guard = LiveGuard::new(&options.live);
+                let guard = Live::enter(&options.live);
                 let accepted = options.return_path.accepted();
                 // Boxed: tokio's spawn passes a future by value through several calls
                 // before it reaches the task's heap cell, a copy of the whole state at each
@@ -303,7 +210,7 @@ impl Flow {
         options: &ProxyOptions,
         connection: &mut metrics::Connection,
     ) {
-        options.live.parked(ParkedConnection {
+        options.live.park_one(ParkedConnection {
             peer: self.peer,
             orig_dst: self.orig_dst,
             listen_addr: self.listen_addr,
@@ -383,7 +290,7 @@ async fn connect_and_relay(
             relay::reset(client);
             return flow.closing(options, connection, 0, 0, Ending::Drain);
         }
-        () = options.live.park.raised() => {
+        () = options.live.park_flag().raised() => {
             return flow.park(ParkedStage::Accepted(client), options, connection);
         }
     };
@@ -402,7 +309,7 @@ async fn relay_until_end(
     let outcome = match options.kernel_relay.as_ref() {
         // A relay that has bytes to pass on first (resumed) is copied.
         Some(kernel) if relay.is_fresh() => {
-            let _staying = Staying::new(&options.live);
+            let _staying = options.live.staying();
             // Boxed: its state (which holds a whole userspace relay for its fallback) would
             // otherwise set the size of every connection's task, which tokio's spawn copies
             // several times over.
@@ -415,7 +322,8 @@ async fn relay_until_end(
             ))
             .await
         }
-        _ => match relay::resume(relay, options.relay, idle, drain, &options.live.park).await {
+        _ => match relay::resume(relay, options.relay, idle, drain, options.live.park_flag()).await
+        {
             Relayed::Ended(outcome) => outcome,
             Relayed::Parked(relay) => {
                 return flow.park(ParkedStage::Relaying(relay), options, connection);
@@ -431,23 +339,6 @@ async fn relay_until_end(
     );
 }
 
-/// Counts a connection that cannot be parked, for as long as it lives.
-struct Staying<'a>(&'a LiveConnections);
-
-impl<'a> Staying<'a> {
-    fn new(live: &'a LiveConnections) -> Self {
-        live.staying.fetch_add(1, Ordering::SeqCst);
-        Staying(live)
-    }
-}
-
-impl Drop for Staying<'_> {
-    fn drop(&mut self) {
-        self.0.staying.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
-    }
-}
-
 /// Resumes a connection the previous agent parked (`crate::handover`), on the calling
 /// worker, counted like an accepted one. Its sockets must already be registered with this
 /// worker's runtime.
@@ -456,7 +347,7 @@ pub async fn resume(parked: ParkedConnection, options: Arc<ProxyOptions>) {
     // Over the limit or not, a live connection is not dropped: the permit is taken if
     // there is one.
     let permit = Arc::clone(&options.limit).try_acquire_owned().ok();
-    let guard = LiveGuard::new(&options.live);
+    let guard = Live::enter(&options.live);
     let accepted = options.return_path.accepted();
     let flow = Flow {
         peer: parked.peer,

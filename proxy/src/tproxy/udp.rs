@@ -47,6 +47,7 @@ use crate::{
         ListenError, bind_listener, canonical,
         destination::Destinations,
         is_own_listener,
+        live::Live,
         return_path::ReturnPath,
         sockopt::transparent_socket,
         udp_batch::{self, Framing, Gso},
@@ -60,6 +61,22 @@ const MAX_DATAGRAM: usize = 65_535;
 /// size).
 const SESSION_QUEUE: usize = 64;
 
+/// The UDP sessions being relayed (see [`Live`]).
+pub type LiveSessions = Live<ParkedSession>;
+
+/// A session stopped between two batches (it holds no datagram then), for the next agent
+/// to resume: its sockets keep their addresses, so the client and the server see nothing.
+pub struct ParkedSession {
+    pub client: SocketAddr,
+    pub orig_dst: SocketAddr,
+    /// How long it has lived.
+    pub age: Duration,
+    /// What it relayed so far.
+    pub tally: UdpTally,
+    pub reply: UdpSocket,
+    pub upstream: UdpUpstream,
+}
+
 /// Settings of the UDP relay.
 pub struct UdpOptions {
     pub idle_timeout: Duration,
@@ -71,11 +88,16 @@ pub struct UdpOptions {
     pub destinations: Arc<Destinations>,
     /// Counts each session by the rules it was accepted under (the return path).
     pub return_path: Arc<ReturnPath>,
+    /// The sessions of every UDP listener, by (client, original destination): also the
+    /// ones resumed from the previous agent.
+    pub sessions: Sessions,
+    /// Counted, and parked for a handover.
+    pub live: Arc<LiveSessions>,
 }
 
 /// Where a session's datagrams go: the original destination itself, or a SOCKS5 relay
 /// (UDP ASSOCIATE) with the destination in a header in front of each datagram.
-enum UdpUpstream {
+pub enum UdpUpstream {
     Direct(UdpSocket),
     Socks5 {
         /// The association lives as long as this connection.
@@ -242,11 +264,12 @@ fn recv_with_orig_dst(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddr,
     Ok((msg.bytes, canonical(peer), canonical(orig_dst)))
 }
 
-type Sessions = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>>>;
+/// Each session's queue, for the datagrams the listener takes for it.
+pub type Sessions = Arc<Mutex<HashMap<(SocketAddr, SocketAddr), mpsc::Sender<Vec<u8>>>>>;
 
 /// Receives on the listener until the task is dropped.
 pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
-    let sessions: Sessions = Arc::default();
+    let sessions = Arc::clone(&options.sessions);
     let listen_addr = listener.local_addr().ok();
     let mut buf = vec![0u8; MAX_DATAGRAM];
     let mut last_full_log: Option<Instant> = None;
@@ -302,24 +325,93 @@ pub async fn serve(listener: UdpSocket, options: Arc<UdpOptions>) {
         if let Ok(mut s) = sessions.lock() {
             s.insert(key, tx);
         }
-        let sessions = Arc::clone(&sessions);
         let options = Arc::clone(&options);
         let counted = metrics::UdpSession::created();
         let accepted = options.return_path.accepted();
+        let guard = Live::enter(&options.live);
         tokio::spawn(async move {
             let started = Instant::now();
             let mut tally = UdpTally::default();
-            let result = session(client, orig_dst, rx, &options, &mut tally).await;
+            let result = match open(client, orig_dst, &options).await {
+                Ok((upstream, reply)) => {
+                    relay(client, orig_dst, upstream, reply, rx, &options, &mut tally).await
+                }
+                Err(e) => Err(e),
+            };
             counted.relayed(&tally);
             drop(counted);
-            closing(client, orig_dst, &options, started, &tally, result);
-            if let Ok(mut s) = sessions.lock() {
-                s.remove(&key);
-            }
-            give_back::session_ended();
+            ended(client, orig_dst, &options, started, tally, result);
             drop(accepted);
+            drop(guard);
         });
     }
+}
+
+/// The end of a session's task: its closing line, or, parked, its hand-over.
+fn ended(
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    options: &UdpOptions,
+    started: Instant,
+    tally: UdpTally,
+    result: io::Result<SessionEnd>,
+) {
+    if let Ok(mut s) = options.sessions.lock() {
+        s.remove(&(client, orig_dst));
+    }
+    let result = match result {
+        Ok(SessionEnd::Parked { reply, upstream }) => {
+            options.live.park_one(ParkedSession {
+                client,
+                orig_dst,
+                age: started.elapsed(),
+                tally,
+                reply,
+                upstream,
+            });
+            return;
+        }
+        Ok(SessionEnd::Idle) => Ok(()),
+        Err(e) => Err(e),
+    };
+    closing(client, orig_dst, options, started, &tally, result);
+    give_back::session_ended();
+}
+
+/// Resumes a session the previous agent parked (`crate::handover`); its sockets must
+/// already be registered with this runtime.
+pub fn resume(parked: ParkedSession, options: Arc<UdpOptions>) {
+    let ParkedSession {
+        client,
+        orig_dst,
+        age,
+        tally: so_far,
+        reply,
+        upstream,
+    } = parked;
+    let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+    if let Ok(mut s) = options.sessions.lock() {
+        s.insert((client, orig_dst), tx);
+    }
+    let counted = metrics::UdpSession::resumed();
+    let accepted = options.return_path.accepted();
+    let guard = Live::enter(&options.live);
+    tokio::spawn(async move {
+        let started = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+        let mut tally = so_far;
+        let result = relay(client, orig_dst, upstream, reply, rx, &options, &mut tally).await;
+        // This agent's metrics count what it relayed itself.
+        counted.relayed(&UdpTally {
+            datagrams_up: tally.datagrams_up - so_far.datagrams_up,
+            datagrams_down: tally.datagrams_down - so_far.datagrams_down,
+            bytes_up: tally.bytes_up - so_far.bytes_up,
+            bytes_down: tally.bytes_down - so_far.bytes_down,
+        });
+        drop(counted);
+        ended(client, orig_dst, &options, started, tally, result);
+        drop(accepted);
+        drop(guard);
+    });
 }
 
 /// Gives the memory of ended sessions back to the system. glibc's allocator keeps what
@@ -432,19 +524,43 @@ fn closing(
     }
 }
 
-async fn session(
+/// How a session's relay stopped.
+enum SessionEnd {
+    /// Idle for `--udp-idle-timeout`.
+    Idle,
+    /// Parked for the next agent, its sockets handed back.
+    Parked {
+        reply: UdpSocket,
+        upstream: UdpUpstream,
+    },
+}
+
+/// A new session's sockets: its upstream, and its reply socket.
+async fn open(
     client: SocketAddr,
     orig_dst: SocketAddr,
-    mut queued: mpsc::Receiver<Vec<u8>>,
     options: &UdpOptions,
-    tally: &mut UdpTally,
-) -> io::Result<()> {
+) -> io::Result<(UdpUpstream, UdpSocket)> {
     let upstream = UdpUpstream::open(client, orig_dst, options).await?;
     // The outbound mark on the reply socket too: with `--local` its connect to a local
     // client must not be taken for a local connection to intercept.
     let reply = connected_socket(Some(orig_dst), client, Some(options.outbound.mark))?;
     udp_batch::prepare(&reply);
     udp_batch::prepare(upstream.socket());
+    Ok((upstream, reply))
+}
+
+/// Relays a session until it is idle for `--udp-idle-timeout`, fails, or is parked (then
+/// between two batches: the datagrams the listener queued for it are sent on first).
+async fn relay(
+    client: SocketAddr,
+    orig_dst: SocketAddr,
+    upstream: UdpUpstream,
+    reply: UdpSocket,
+    mut queued: mpsc::Receiver<Vec<u8>>,
+    options: &UdpOptions,
+    tally: &mut UdpTally,
+) -> io::Result<SessionEnd> {
     let (mut gso_up, mut gso_down) = (Gso::new(), Gso::new());
     let up = |tally: &mut UdpTally, n: usize| {
         tally.datagrams_up += 1;
@@ -510,10 +626,17 @@ async fn session(
                     Err(e) => return Err(e),
                 }
             }
+            () = options.live.park_flag().raised() => {
+                while let Ok(datagram) = queued.try_recv() {
+                    upstream.send(&datagram).await?;
+                    up(tally, datagram.len());
+                }
+                return Ok(SessionEnd::Parked { reply, upstream });
+            }
             () = &mut idle => {
                 let quiet_until = last_traffic + options.idle_timeout;
                 if tokio::time::Instant::now() >= quiet_until {
-                    return Ok(());
+                    return Ok(SessionEnd::Idle);
                 }
                 idle.as_mut().reset(quiet_until);
                 continue;
