@@ -46,7 +46,7 @@ use crate::{
     cgroup::Cgroup,
     generation,
     link_header::LinkHeader,
-    pins::{PinDir, PinError},
+    pins::{PinDir, PinError, PinLifetime},
     relay::sockmap::KernelRelay,
     rules::{Compiled, Rule},
     tc_filter,
@@ -76,15 +76,78 @@ pub enum TcAttach {
 }
 
 impl TcAttach {
-    /// Whether the classifier is attached as a TCX link (else clsact + cls_bpf).
+    /// Whether the classifier is attached as a TCX link here (else clsact + cls_bpf): the
+    /// attach's decision, for the doctor too.
     pub fn uses_tcx(self) -> bool {
-        match self {
-            TcAttach::Auto => {
-                KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0))
-            }
+        self.choose(KernelVersion::current().ok(), crate::pins::pin_lifetime())
+            .tcx
+    }
+
+    /// What `--tc-attach` comes to on a kernel of `version`, with pins that live as `pins`
+    /// says. A TCX link lives as long as its pin, a cls_bpf filter as long as its qdisc: where
+    /// bpffs dies with the agent, `auto` picks cls_bpf, so that a crash still leaves the
+    /// classifier (T12) and no rule is passed by.
+    pub fn choose(self, version: Option<KernelVersion>, pins: PinLifetime) -> AttachChoice {
+        let kernel_tcx = version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let tcx = match self {
+            TcAttach::Auto => kernel_tcx && pins == PinLifetime::Outlives,
             TcAttach::Tcx => true,
             TcAttach::Netlink => false,
+        };
+        AttachChoice {
+            how: self,
+            tcx,
+            pins,
         }
+    }
+}
+
+/// The attach [`TcAttach::choose`] made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttachChoice {
+    /// As given (`--tc-attach`).
+    pub how: TcAttach,
+    /// A TCX link (else cls_bpf under clsact).
+    pub tcx: bool,
+    /// How long the pins live.
+    pub pins: PinLifetime,
+}
+
+impl AttachChoice {
+    /// What the agent says of its attach, once, when the pins may die with it (else
+    /// nothing): what a `kill -9` then leaves. `local`: `--local`'s cgroup links are pinned
+    /// too. A warning where it leaves a hole: a TCX link (`--tc-attach tcx`), or the cgroup
+    /// links, whose loss lets local connections go direct.
+    pub fn note(&self, local: bool) -> Option<(log::Level, String)> {
+        let why = self.pins.why_not()?;
+        let sk_lookup = "a kill -9 takes the sk_lookup link pinned there with it (it serves \
+                         only the handoff of ports in TIME_WAIT)";
+        let cgroup = if local {
+            ", and --local's cgroup links: local connections then go direct, past the proxy, \
+             until the next agent starts"
+        } else {
+            ""
+        };
+        let hole = local || self.tcx;
+        let text = if self.tcx {
+            format!(
+                "--tc-attach tcx, but {why}: the TCX links pinned in it go with it, and after \
+                 a kill -9 no classifier is left: traffic of every rule goes past the proxy \
+                 until the next agent starts; {sk_lookup}{cgroup}. --tc-attach auto attaches \
+                 with cls_bpf here, which outlives the agent; or run the agent where bpffs \
+                 outlives it (nsenter --net, not ip netns exec)"
+            )
+        } else if self.how == TcAttach::Auto {
+            format!("{why}: attaching with cls_bpf, which outlives it; {sk_lookup}{cgroup}")
+        } else {
+            format!("{why}: the cls_bpf classifier outlives it; {sk_lookup}{cgroup}")
+        };
+        let level = if hole {
+            log::Level::Warn
+        } else {
+            log::Level::Info
+        };
+        Some((level, text))
     }
 }
 
@@ -260,8 +323,15 @@ pub struct Classifier {
     local: bool,
     /// `--local`: what [`MAP_OWN_ADDRS`] holds.
     own_addrs: HashSet<OwnAddr>,
-    /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only).
+    /// Interfaces where we added the clsact qdisc ourselves (netlink fallback only), or
+    /// took over one a crashed run added (see [`add_clsact`](Self::add_clsact)).
     clsact_added: Vec<String>,
+    /// Whether the pin directory was there before this run: then its marks are the record
+    /// of what the previous run added, and a mark missing means it did not add it.
+    record_survived: bool,
+    /// Whether the attach said what its choice leaves after a crash
+    /// ([`AttachChoice::note`]), which it says once.
+    attach_noted: bool,
     /// Whether this run took over a classifier a previous run left (see
     /// [`took_over`](Self::took_over)).
     took_over: bool,
@@ -287,6 +357,7 @@ impl Classifier {
         // Created when the first link is pinned, so that a start that fails before leaves
         // no directory behind.
         let pins = PinDir::of(table)?;
+        let record_survived = pins.path().is_dir();
         let offsets = match Btf::from_sys_fs().and_then(|btf| btf.sock_offsets()) {
             Ok(offsets) => {
                 debug!("transparent flag offsets: {offsets:?}");
@@ -331,6 +402,8 @@ impl Classifier {
             local: false,
             own_addrs: HashSet::new(),
             clsact_added: Vec::new(),
+            record_survived,
+            attach_noted: false,
             took_over: false,
             in_force: None,
             previous: None,
@@ -676,16 +749,24 @@ impl Classifier {
     }
 
     /// Attaches the classifier at ingress of `iface`, the variant for its link header: a
-    /// TCX link on kernels that have them (6.6+), else cls_bpf under a clsact qdisc over
-    /// netlink. What a crashed run left there is taken over, never doubled.
+    /// TCX link or cls_bpf under a clsact qdisc over netlink, as [`TcAttach::choose`]
+    /// decides. What a crashed run left there is taken over, never doubled.
     pub(crate) fn attach(
         &mut self,
         iface: &str,
         header: LinkHeader,
         how: TcAttach,
     ) -> Result<(), EbpfError> {
-        let tcx = how.uses_tcx();
+        // The pin directory first: bpffs is mounted by then, and how long its pins live
+        // known.
         self.pins.create()?;
+        let choice = how.choose(KernelVersion::current().ok(), crate::pins::pin_lifetime());
+        if !std::mem::replace(&mut self.attach_noted, true)
+            && let Some((level, text)) = choice.note(self.local)
+        {
+            log::log!(level, "{text}");
+        }
+        let tcx = choice.tcx;
         if !tcx {
             self.add_clsact(iface)?;
         }
@@ -717,20 +798,32 @@ impl Classifier {
 
     /// Adds the clsact qdisc the netlink attach needs, noting (in the pin directory too)
     /// whether the agent added it.
+    ///
+    /// One already there is ours to remove on a stop for good if a crashed run added it:
+    /// its mark says so where the pin directory outlived that run. Where it did not (bpffs
+    /// died with that run, or was never there), nothing says who added the qdisc, and one
+    /// that holds nothing but the filter of this table a previous run left is taken as
+    /// ours: a qdisc someone else added empty would go too, once nothing else is under it
+    /// (the teardown never removes one with other filters). A qdisc taken over is marked
+    /// again, for the next crash.
     fn add_clsact(&mut self, iface: &str) -> Result<(), EbpfError> {
         let mark = self.pins.clsact_mark(iface);
-        match tc::qdisc_add_clsact(iface) {
-            Ok(()) => {
-                if let Err(e) = self.pins.set_mark(&mark) {
-                    warn!("{}", crate::error_chain(&e));
-                }
-                self.clsact_added.push(iface.to_owned());
-            }
-            // Already there: ours if a crashed run noted so, else someone else's, used as
+        let ours = match tc::qdisc_add_clsact(iface) {
+            Ok(()) => true,
+            // Already there: ours if a crashed run added it, else someone else's, used as
             // it is.
             Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
                 if mark.is_dir() {
-                    self.clsact_added.push(iface.to_owned());
+                    true
+                } else if !self.record_survived && self.holds_only_our_filter(iface) {
+                    info!(
+                        "{iface}: the clsact qdisc holds only the filter a previous run left, \
+                         whose record of adding it went with its bpffs: taken as ours, \
+                         removed on a stop for good"
+                    );
+                    true
+                } else {
+                    false
                 }
             }
             Err(source) => {
@@ -739,8 +832,24 @@ impl Classifier {
                     source,
                 });
             }
+        };
+        if ours {
+            if let Err(e) = self.pins.set_mark(&mark) {
+                warn!("{}", crate::error_chain(&e));
+            }
+            if !self.clsact_added.iter().any(|i| i == iface) {
+                self.clsact_added.push(iface.to_owned());
+            }
         }
         Ok(())
+    }
+
+    /// Whether the filters under `iface`'s clsact qdisc are this table's and nothing else.
+    fn holds_only_our_filter(&self, iface: &str) -> bool {
+        let table = self.table;
+        crate::ifaddrs::ifindex(iface).is_some_and(|ifindex| {
+            tc_filter::clsact_holds_only(ifindex, |f| is_ours(f, table)).unwrap_or(false)
+        })
     }
 
     /// After attaching: removes the classifiers of this agent's table that a crashed run
@@ -800,8 +909,9 @@ impl Classifier {
         }
     }
 
-    /// The interfaces where the agent added the clsact qdisc itself, for the agent to
-    /// remove it again after [`detach_all`](Self::detach_all).
+    /// The interfaces where the agent added the clsact qdisc itself (or took over the one a
+    /// crashed run added), for the agent to remove it again after
+    /// [`detach_all`](Self::detach_all), and clear its mark then.
     pub(crate) fn take_clsact_added(&mut self) -> Vec<String> {
         std::mem::take(&mut self.clsact_added)
     }
@@ -841,9 +951,6 @@ impl Classifier {
             && let Err(e) = link.unpin()
         {
             warn!("detaching the sk_lookup program: {e}");
-        }
-        for iface in &self.clsact_added {
-            PinDir::clear_mark(&self.pins.clsact_mark(iface));
         }
     }
 
@@ -1158,4 +1265,48 @@ fn spawn_log_forwarder(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
             guard.clear_ready();
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_cls_bpf_where_the_pins_die_with_the_agent_and_tcx_given_is_kept_loudly() {
+        let new = Some(KernelVersion::new(6, 18, 0));
+        let old = Some(KernelVersion::new(6, 1, 0));
+        let tcx = |how: TcAttach, version, pins| how.choose(version, pins).tcx;
+        assert!(tcx(TcAttach::Auto, new, PinLifetime::Outlives));
+        assert!(!tcx(TcAttach::Auto, old, PinLifetime::Outlives));
+        for pins in [PinLifetime::DiesWithAgent, PinLifetime::Unknown] {
+            assert!(!tcx(TcAttach::Auto, new, pins));
+            assert!(tcx(TcAttach::Tcx, new, pins));
+            assert!(!tcx(TcAttach::Netlink, new, pins));
+        }
+
+        // Nothing to say where the pins outlive the agent.
+        let choice = TcAttach::Auto.choose(new, PinLifetime::Outlives);
+        assert_eq!(choice.note(true), None);
+        let choice = TcAttach::Auto.choose(new, PinLifetime::DiesWithAgent);
+        let (level, text) = choice.note(false).expect("a note");
+        assert_eq!(level, log::Level::Info);
+        assert!(
+            text.starts_with(
+                "bpffs here dies with the agent (private mount namespace): attaching with \
+                 cls_bpf, which outlives it; "
+            ),
+            "{text}"
+        );
+        assert!(text.contains("sk_lookup"), "{text}");
+        // --local's cgroup links go with bpffs: a hole, said as a warning.
+        let (level, text) = choice.note(true).expect("a note");
+        assert_eq!(level, log::Level::Warn);
+        assert!(text.contains("--local"), "{text}");
+        let (level, text) = TcAttach::Tcx
+            .choose(new, PinLifetime::DiesWithAgent)
+            .note(false)
+            .expect("a note");
+        assert_eq!(level, log::Level::Warn);
+        assert!(text.contains("no classifier is left"), "{text}");
+    }
 }

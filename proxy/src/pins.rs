@@ -24,6 +24,12 @@
 //! agent's listeners are closed, and each rule's no-socket behaviour (drop, or fail-open)
 //! applies, as with the iptables rules of a dead proxy. A clean stop unpins, and the links
 //! go. The cls_bpf filters of `--tc-attach netlink` need no pin: the qdisc holds them.
+//!
+//! All this holds only where bpffs outlives the agent. One the agent mounts itself in a
+//! mount namespace of its own (`ip netns exec`) goes with it, pins and marks included
+//! ([`PinLifetime`]): there `--tc-attach auto` attaches with cls_bpf, and the next agent
+//! tells a clsact qdisc a crashed one added by what is under it (see
+//! `Classifier::add_clsact`).
 
 use std::{
     io,
@@ -31,7 +37,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use log::{info, warn};
+use log::info;
 
 /// Where bpffs is mounted, as systemd and most distributions do.
 pub const BPFFS: &str = "/sys/fs/bpf";
@@ -216,8 +222,77 @@ fn is_bpffs(path: &str) -> bool {
     statfs(path).is_ok_and(|s| s.filesystem_type() == BPF_FS_MAGIC)
 }
 
+/// Whether what the agent pins in bpffs outlives it: the TCX links (for which
+/// `--tc-attach auto` then picks cls_bpf instead, see [`crate::ebpf::TcAttach::choose`]), the
+/// sk_lookup link and `--local`'s cgroup links.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PinLifetime {
+    /// bpffs was mounted before the agent, or the agent mounts it in init's mount namespace:
+    /// the pins stay after a crash.
+    Outlives,
+    /// The agent mounts bpffs itself, in a mount namespace other than init's (`ip netns
+    /// exec`, a service's private mounts) or as the first process of a container: the
+    /// mount, and every pin in it, goes with the last process of that namespace, the agent.
+    DiesWithAgent,
+    /// The agent mounts bpffs itself, and whether in init's mount namespace cannot be told
+    /// (`/proc/1/ns/mnt` unreadable: a sandbox, `hidepid`).
+    Unknown,
+}
+
+impl PinLifetime {
+    /// The reason, for a log line, when the pins may not outlive the agent.
+    pub fn why_not(self) -> Option<&'static str> {
+        match self {
+            PinLifetime::Outlives => None,
+            PinLifetime::DiesWithAgent => {
+                Some("bpffs here dies with the agent (private mount namespace)")
+            }
+            PinLifetime::Unknown => Some(
+                "bpffs here may die with the agent (mounted by it, and whether in init's mount \
+                 namespace cannot be told: /proc/1/ns/mnt unreadable)",
+            ),
+        }
+    }
+}
+
+/// What [`mount_bpffs`] found when it mounted bpffs itself.
+static MOUNTED_HERE: std::sync::OnceLock<PinLifetime> = std::sync::OnceLock::new();
+
+/// How long the pins of this process live: as measured when it mounted bpffs itself, or as
+/// they would if it mounted bpffs now (`proxy doctor`, and the agent before its first pin).
+pub fn pin_lifetime() -> PinLifetime {
+    if let Some(lifetime) = MOUNTED_HERE.get() {
+        return *lifetime;
+    }
+    if is_bpffs(BPFFS) {
+        return PinLifetime::Outlives;
+    }
+    own_mount_lifetime()
+}
+
+/// The inode of the initial mount namespace on kernels that give it a fixed one
+/// (`PROC_MNT_INIT_INO`, include/linux/proc_ns.h); no other namespace ever has it.
+const MNT_NS_INIT_INO: u64 = 0xEFFF_FFF8;
+
+/// How long a mount made now by this process lives: as long as init's mount namespace when
+/// it is that one, else with the last process of its own.
+fn own_mount_lifetime() -> PinLifetime {
+    let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
+    match (ns("self"), ns("1")) {
+        (Ok(own), _) if own == MNT_NS_INIT_INO => PinLifetime::Outlives,
+        // The agent is init of its own pid namespace (a container's first process): its
+        // end is that of every process in it, its mount namespace's too.
+        (Ok(_), _) if std::process::id() == 1 => PinLifetime::DiesWithAgent,
+        (Ok(own), Ok(init)) if own == init => PinLifetime::Outlives,
+        (Ok(_), Ok(_)) => PinLifetime::DiesWithAgent,
+        _ => PinLifetime::Unknown,
+    }
+}
+
 /// Mounts bpffs at [`BPFFS`] unless it is there: some hosts, the machines this was built on
-/// among them, do not mount it by default.
+/// among them, do not mount it by default. A mount made in a mount namespace of the agent's
+/// own goes when its last process does, and the pins with it: [`pin_lifetime`] says so from
+/// then on, and the attach says what it means ([`crate::ebpf::AttachChoice::note`]).
 fn mount_bpffs() -> Result<(), PinError> {
     if is_bpffs(BPFFS) {
         return Ok(());
@@ -230,23 +305,11 @@ fn mount_bpffs() -> Result<(), PinError> {
         None::<&str>,
     )
     .map_err(PinError::Mount)?;
-    info!("bpffs mounted at {BPFFS}");
-    // A mount made in a mount namespace of the agent's own (`ip netns exec`, a service's
-    // private mounts) goes when its last process does, and the pins with it.
-    let ns = |pid: &str| std::fs::metadata(format!("/proc/{pid}/ns/mnt")).map(|m| m.ino());
-    let advice = "if it ends with the agent, so do the pins, and a crash leaves no \
-                  classifier behind; mount bpffs at /sys/fs/bpf where it outlives the agent, \
-                  or enter only the network namespace (nsenter --net)";
-    match (ns("self"), ns("1")) {
-        (Ok(own), Ok(init)) if own == init => {}
-        (Ok(_), Ok(_)) => warn!(
-            "bpffs was mounted in a mount namespace other than init's (ip netns exec?): {advice}"
-        ),
-        // /proc/1 may be out of reach (a sandbox, hidepid): say so rather than nothing.
-        _ => warn!(
-            "bpffs was mounted, and whether in init's mount namespace cannot be told \
-             (/proc/1/ns/mnt unreadable): {advice}"
-        ),
+    let lifetime = own_mount_lifetime();
+    let _ = MOUNTED_HERE.set(lifetime);
+    match lifetime.why_not() {
+        None => info!("bpffs mounted at {BPFFS}"),
+        Some(why) => info!("bpffs mounted at {BPFFS}: {why}"),
     }
     Ok(())
 }

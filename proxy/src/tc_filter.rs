@@ -53,6 +53,29 @@ pub fn clsact_filter_count(ifindex: u32) -> io::Result<usize> {
         + with_kind(dump(ifindex, TcHandle::MIN_EGRESS)?))
 }
 
+/// Whether `ifindex` has a clsact qdisc whose filters, ingress and egress, are all cls_bpf
+/// filters that `ours` accepts, and there is one: a qdisc that holds nothing but an agent's
+/// filter (the lines that only name a filter's priority do not count).
+pub fn clsact_holds_only(ifindex: u32, ours: impl Fn(&BpfFilter) -> bool) -> io::Result<bool> {
+    let filters = |minor| -> io::Result<Vec<TcMessage>> {
+        Ok(dump(ifindex, minor)?
+            .into_iter()
+            .filter(|m| {
+                u32::from(m.header.handle) != 0
+                    && m.attributes
+                        .iter()
+                        .any(|a| matches!(a, TcAttribute::Kind(_)))
+            })
+            .collect())
+    };
+    let ingress = filters(TcHandle::MIN_INGRESS)?;
+    Ok(!ingress.is_empty()
+        && ingress
+            .iter()
+            .all(|m| bpf_filter(m).is_some_and(|f| ours(&f)))
+        && filters(TcHandle::MIN_EGRESS)?.is_empty())
+}
+
 /// What [`remove_clsact`] did.
 pub enum ClsactRemoval {
     Removed,

@@ -164,7 +164,9 @@ fn sigterm_removes_link_rule_and_route_and_traffic_flows_as_before() {
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let before_rules = router_rules(&gw);
 
-    let agent = Agent::start(&gw.router, AGENT_ARGS);
+    // A TCX link, as on a host: under `ip netns exec` (whose bpffs dies with the agent)
+    // `auto` would attach with cls_bpf.
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--tc-attach", "tcx"]].concat());
     assert!(
         router_rules(&gw).contains("fwmark 0x1/0x1 lookup 100 proto 211"),
         "{}",

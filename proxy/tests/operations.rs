@@ -730,3 +730,155 @@ fn cleanup_keeps_a_clsact_qdisc_another_agent_still_uses() {
     );
     b.stop_ok();
 }
+
+/// A stop for good: SIGINT, then the exit (bounded). Returns the log.
+fn stop_for_good(agent: Agent) -> String {
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGINT);
+    let (status, log) = agent.wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "agent exit: {status}\n{log}");
+    log
+}
+
+/// `kill -9`, then the exit. Returns the log.
+fn crash(agent: Agent) -> String {
+    let _ = signal::kill(Pid::from_raw(agent.pid() as i32), signal::Signal::SIGKILL);
+    let (status, log) = agent.wait_exit(Duration::from_secs(5));
+    assert!(!status.success(), "{log}");
+    log
+}
+
+/// Of `n` connections from the client to the test server's `port`, how many connect.
+fn connections_made(gw: &Gateway, port: u16, n: usize) -> usize {
+    gw.client
+        .run(move || {
+            (0..n)
+                .filter(|_| {
+                    TcpStream::connect_timeout(&server(port), Duration::from_millis(500)).is_ok()
+                })
+                .count()
+        })
+        .expect("entering the client namespace")
+}
+
+/// Under `ip netns exec` the agent mounts bpffs in a mount namespace of its own, which dies
+/// with it, pins included: `--tc-attach auto` attaches with cls_bpf there, whose qdisc holds
+/// it, so a `kill -9` still leaves the classifier, and nothing goes past the proxy.
+#[test]
+fn under_ip_netns_exec_auto_attaches_with_cls_bpf_and_a_crash_lets_nothing_past() {
+    require_root();
+    let gw = Gateway::new("nsexec-crash").expect("topology");
+    let s80 = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let s8080 = Server::start(&gw.server, server(8080), ServerMode::Reply);
+    let dir = common::TempDir::new("proxy-nsexec-crash");
+    let config = dir.join("rules.toml");
+    write_rules(&config, CRASH_RULES);
+    let args = [
+        "run",
+        "--iface",
+        "r0",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ];
+    let router = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+    let client = format!("peer={}:", testbed::CLIENT_V4);
+    let rules_before = ip_stdout(&gw.router, &["rule", "show"]);
+
+    // Agent::start runs it under `ip netns exec`.
+    let agent = Agent::start(&gw.router, &args);
+    let reply = exchange_from_client(&gw, server(80), b"before");
+    assert!(reply.starts_with(&router), "{reply}");
+    let log = crash(agent);
+
+    // No connection of the drop rule reaches the origin; the fail-open rule's do.
+    let accepted = s80.accepted();
+    let made = connections_made(&gw, 80, 10);
+    // The server counts on its own thread: let it see what got through.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        (made, s80.accepted() - accepted),
+        (0, 0),
+        "connections made, and reaching the origin past the proxy, after kill -9:\n{log}"
+    );
+    let direct = exchange_from_client(&gw, server(8080), b"open");
+    assert!(direct.starts_with(&client), "{direct}");
+    assert_eq!(s8080.accepted(), 1);
+    // "bpffs here dies with the agent (private mount namespace)", or "may die" where
+    // /proc/1 is out of reach and init's mount namespace cannot be told.
+    assert!(
+        log.lines().any(|l| l.contains("bpffs here")
+            && l.contains("die")
+            && l.contains(": attaching with cls_bpf, which outlives it")),
+        "{log}"
+    );
+    assert_eq!(classifiers(&gw).0, 0, "a TCX link:\n{log}");
+    assert_eq!(classifiers(&gw).1.len(), 1, "{:?}", classifiers(&gw));
+
+    // A restart (a mount namespace and a bpffs of its own again) takes the filter over.
+    let agent = Agent::start(&gw.router, &args);
+    assert!(
+        agent.log_contains("the filter a previous run left replaced"),
+        "nothing taken over:\n{}",
+        agent.log_text()
+    );
+    assert_eq!(classifiers(&gw).1.len(), 1, "{:?}", classifiers(&gw));
+    for port in [80, 8080] {
+        let reply = exchange_from_client(&gw, server(port), b"again");
+        assert!(reply.starts_with(&router), "{port}: {reply}");
+    }
+
+    // A stop for good removes it all, the clsact qdisc the first agent added included.
+    let log = stop_for_good(agent);
+    assert_eq!(
+        classifiers(&gw),
+        (0, Vec::new()),
+        "classifiers left:\n{log}"
+    );
+    assert!(!qdiscs(&gw).contains("clsact"), "{}\n{log}", qdiscs(&gw));
+    assert_eq!(ip_stdout(&gw.router, &["rule", "show"]), rules_before);
+    let direct = exchange_from_client(&gw, server(80), b"after");
+    assert!(direct.starts_with(&client), "{direct}");
+}
+
+/// `--tc-attach netlink` under `ip netns exec`: the record that the first agent added the
+/// clsact qdisc dies with its bpffs; the agent after its crash still takes the qdisc over
+/// and removes it on a stop for good. Where the record survives (a mount namespace that
+/// outlives the agents), a qdisc someone else added stays.
+#[test]
+fn netlink_a_restart_after_a_crash_inherits_the_clsact_qdisc_and_a_stop_for_good_removes_it() {
+    require_root();
+    let gw = Gateway::new("nl-inherit").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
+    let args = [AGENT_ARGS, &["--tc-attach", "netlink"]].concat();
+    let router = format!("peer={}:", testbed::ROUTER_SERVER_SIDE_V4);
+
+    assert!(!qdiscs(&gw).contains("clsact"), "{}", qdiscs(&gw));
+    let agent = Agent::start(&gw.router, &args);
+    assert!(qdiscs(&gw).contains("clsact"), "{}", qdiscs(&gw));
+    crash(agent);
+    assert!(qdiscs(&gw).contains("clsact"), "{}", qdiscs(&gw));
+    let agent = Agent::start(&gw.router, &args);
+    let reply = exchange_from_client(&gw, server(80), b"x");
+    assert!(reply.starts_with(&router), "{reply}");
+    let log = stop_for_good(agent);
+    assert!(log.contains("clsact qdisc removed from r0"), "{log}");
+    assert!(!qdiscs(&gw).contains("clsact"), "{}\n{log}", qdiscs(&gw));
+
+    // Someone else's qdisc, with the pins (and the record of who added it) kept.
+    let mounts = Mounts::new(&gw.router);
+    let tc = |args: &[&str]| {
+        let out = gw.router.command("tc").args(args).output().expect("tc");
+        assert!(out.status.success(), "tc {args:?}: {out:?}");
+    };
+    tc(&["qdisc", "add", "dev", "r0", "clsact"]);
+    let agent = Agent::start_in(&mounts, &args);
+    crash(agent);
+    let agent = Agent::start_in(&mounts, &args);
+    let log = stop_for_good(agent);
+    assert!(qdiscs(&gw).contains("clsact"), "{}\n{log}", qdiscs(&gw));
+    assert_eq!(
+        classifiers(&gw),
+        (0, Vec::new()),
+        "classifiers left:\n{log}"
+    );
+    tc(&["qdisc", "del", "dev", "r0", "clsact"]);
+}

@@ -21,6 +21,7 @@ use log::{error, info, warn};
 use crate::{
     ebpf::Classifier,
     error_chain,
+    pins::PinDir,
     routing::PolicyRouting,
     src_valid_mark::SrcValidMark,
     tc_filter::{self, ClsactRemoval},
@@ -77,6 +78,9 @@ impl Installed {
                     Err(e) => warn!("removing the clsact qdisc from {name}: {e}"),
                 }
             }
+            // Only now: a stop cut short before the qdisc went leaves the mark, and the next
+            // agent or `proxy cleanup` removes the qdisc.
+            PinDir::clear_mark(&self.classifier.pins().clsact_mark(&name));
         }
         if let Err(e) = self.routing.remove().await {
             error!("removing policy routing: {}", error_chain(&e));

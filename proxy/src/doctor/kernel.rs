@@ -5,8 +5,13 @@
 
 use aya::util::KernelVersion;
 
-use super::{Finding, Settings};
-use crate::{cgroup, config::RunArgs, ebpf::TcAttach};
+use super::{Finding, Mode, Settings};
+use crate::{
+    cgroup,
+    config::RunArgs,
+    ebpf::TcAttach,
+    pins::{self, PinLifetime},
+};
 
 /// What was learnt of the kernel.
 pub struct Facts {
@@ -17,6 +22,9 @@ pub struct Facts {
     pub load: Option<Result<(), String>>,
     /// `--local` only: where cgroup v2 is mounted, or why not.
     pub cgroup2: Option<Result<String, String>>,
+    /// How long the agent's pins would live here: `None` at the agent's start, whose
+    /// attach says it itself ([`crate::ebpf::AttachChoice::note`]).
+    pub pins: Option<PinLifetime>,
 }
 
 fn at_least(version: Option<KernelVersion>, major: u8, minor: u8) -> Option<bool> {
@@ -65,6 +73,45 @@ pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
             format!("kernel {version} without TCX: the classifier goes under clsact + cls_bpf"),
         ),
     });
+    if let Some(lifetime) = facts.pins
+        && let Some(why) = lifetime.why_not()
+    {
+        let choice = args.tc_attach.choose(facts.version, lifetime);
+        let left = "a kill -9 takes the sk_lookup link (the handoff of ports in TIME_WAIT)";
+        findings.push(if choice.tcx {
+            Finding::warning(
+                "bpffs",
+                format!(
+                    "{why}: with --tc-attach tcx a kill -9 takes the TCX links with it, and \
+                     traffic of every rule goes past the proxy until the next agent starts"
+                ),
+                "--tc-attach auto (cls_bpf here, which outlives the agent), or run the agent \
+                 where bpffs outlives it (nsenter --net, not ip netns exec)",
+            )
+        } else if args.local {
+            Finding::warning(
+                "bpffs",
+                format!(
+                    "{why}: the cls_bpf classifier outlives the agent, but {left} and \
+                     --local's cgroup links: local connections then go direct until the next \
+                     agent starts"
+                ),
+                "run the agent where bpffs outlives it (nsenter --net, not ip netns exec)",
+            )
+        } else {
+            Finding::info(
+                "bpffs",
+                format!(
+                    "{why}: the classifier is attached with cls_bpf, which outlives it{}; {left}",
+                    if args.tc_attach == TcAttach::Auto {
+                        " (--tc-attach auto)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+        });
+    }
     match &facts.load {
         Some(Ok(())) => findings.push(Finding::ok(
             "programs",
@@ -107,8 +154,9 @@ pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
     findings
 }
 
-pub(super) fn check(settings: &Settings<'_>, probe_load: bool) -> Vec<Finding> {
+pub(super) fn check(settings: &Settings<'_>, mode: Mode, root: bool) -> Vec<Finding> {
     let args = settings.args;
+    let probe_load = mode == Mode::Doctor && root;
     let facts = Facts {
         version: KernelVersion::current().ok(),
         btf: crate::btf::Btf::from_sys_fs()
@@ -125,6 +173,7 @@ pub(super) fn check(settings: &Settings<'_>, probe_load: bool) -> Vec<Finding> {
                 .map(|p| p.display().to_string())
                 .map_err(|e| crate::error_chain(&e))
         }),
+        pins: (mode == Mode::Doctor).then(pins::pin_lifetime),
     };
     features(&facts, args)
 }
@@ -172,6 +221,7 @@ mod tests {
             btf: Ok(()),
             load: None,
             cgroup2: None,
+            pins: Some(PinLifetime::Outlives),
         };
         let f = features(&good, &args(&[]));
         assert!(f.iter().all(|f| f.severity == Severity::Ok), "{f:?}");
@@ -180,6 +230,7 @@ mod tests {
             btf: Err("no BTF".into()),
             load: None,
             cgroup2: Some(Err("not mounted".into())),
+            pins: None,
         };
         let f = features(&old, &args(&["--tc-attach", "tcx"]));
         assert_eq!(find(&f, "btf"), Severity::Problem);
@@ -197,5 +248,34 @@ mod tests {
         let f = features(&refused, &args(&[]));
         assert_eq!(find(&f, "programs"), Severity::Problem);
         assert!(f.iter().all(|f| f.check != "sk_lookup"));
+    }
+
+    #[test]
+    fn pins_that_die_with_the_agent_are_said_and_a_hole_is_a_warning() {
+        let facts = |pins| Facts {
+            version: Some(KernelVersion::new(6, 18, 0)),
+            btf: Ok(()),
+            load: None,
+            cgroup2: None,
+            pins,
+        };
+        let dies = facts(Some(PinLifetime::DiesWithAgent));
+        let f = features(&dies, &args(&[]));
+        assert_eq!(find(&f, "bpffs"), Severity::Info);
+        let text = &f.iter().find(|f| f.check == "bpffs").expect("bpffs").what;
+        assert!(text.contains("cls_bpf"), "{text}");
+        assert_eq!(
+            find(&features(&dies, &args(&["--tc-attach", "tcx"])), "bpffs"),
+            Severity::Warning
+        );
+        assert_eq!(
+            find(&features(&dies, &args(&["--local"])), "bpffs"),
+            Severity::Warning
+        );
+        // Where they outlive it, or at the agent's start (its attach says it): nothing.
+        for pins in [Some(PinLifetime::Outlives), None] {
+            let f = features(&facts(pins), &args(&["--tc-attach", "tcx"]));
+            assert!(f.iter().all(|f| f.check != "bpffs"), "{f:?}");
+        }
     }
 }

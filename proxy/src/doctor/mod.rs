@@ -226,7 +226,7 @@ pub async fn inspect(args: &RunArgs, mode: Mode) -> Report {
     }
     findings.extend(interfaces(&settings.ifaces));
     findings.extend(sysctls::check(&settings, mode));
-    findings.extend(kernel::check(&settings, mode == Mode::Doctor && root));
+    findings.extend(kernel::check(&settings, mode, root));
     findings.extend(tc::check(&settings));
     findings.extend(routing::check(&settings).await);
     let agent_runs = matches!(

@@ -392,8 +392,9 @@ pub fn ask_line(addr: SocketAddr, line: &str) -> std::io::Result<String> {
 }
 
 /// A mount namespace for the agents of a test, in the namespace `ns`, kept by a holder
-/// process: the bpffs an agent mounts at /sys/fs/bpf there (and the pins in it) outlives the
-/// agent, as the host's /sys/fs/bpf does. (`ip netns exec` gives each process tree a mount
+/// process that mounts bpffs at /sys/fs/bpf there, as systemd does on a host: it (and the
+/// pins in it) outlives the agent, as the host's /sys/fs/bpf does, and the agent attaches
+/// as on a host (TCX links with `--tc-attach auto`). (`ip netns exec` gives each process tree a mount
 /// namespace of its own, which dies with the agent and takes its pins along.) /sys in it is
 /// a sysfs of `ns`, as under `ip netns exec`. Dropping it removes every pin in it and ends the
 /// holder: the namespace and its bpffs go with the last process in it, pass or fail.
@@ -408,7 +409,10 @@ impl Mounts {
         let mut holder = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", ns.name))
             .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
-            .arg("umount -l /sys && mount -t sysfs sysfs /sys && echo ready && exec sleep 600")
+            .arg(
+                "umount -l /sys && mount -t sysfs sysfs /sys && mount -t bpf bpf /sys/fs/bpf \
+                 && echo ready && exec sleep 600",
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .spawn()
