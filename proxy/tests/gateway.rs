@@ -158,7 +158,7 @@ fn reconnect_from_same_client_port_while_proxy_side_is_in_time_wait_is_immediate
 }
 
 #[test]
-fn sigterm_removes_link_rule_and_route_and_traffic_flows_as_before() {
+fn a_stop_for_good_removes_link_rule_and_route_and_traffic_flows_as_before() {
     require_root();
     let gw = Gateway::new("term").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
