@@ -177,6 +177,9 @@ struct Tally {
     udp_answered: usize,
 }
 
+/// One thread of the load, given the stop flag and the tally.
+type LoadThread = Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Tally>>) + Send>;
+
 /// The load, running in the client namespace until [`Load::finish`].
 struct Load {
     stop: Arc<AtomicBool>,
@@ -194,7 +197,7 @@ impl Load {
         let tally = Arc::new(Mutex::new(Tally::default()));
         let mut threads = Vec::new();
         let deadline = Instant::now() + LOAD_BOUND;
-        let spawn = |f: Box<dyn FnOnce(Arc<AtomicBool>, Arc<Mutex<Tally>>) + Send>| {
+        let spawn = |f: LoadThread| {
             let (stop, tally) = (Arc::clone(&stop), Arc::clone(&tally));
             client.spawn(move || f(stop, tally))
         };
@@ -669,4 +672,141 @@ fn speak_handover(table: u32, hello: &[u8]) -> String {
     let mut buf = vec![0u8; 4096];
     let n = nix::unistd::read(&fd, &mut buf).expect("receive");
     String::from_utf8_lossy(buf.get(4..n).unwrap_or_default()).into_owned()
+}
+
+/// Ten in-place upgrades in a row under load, as `systemctl reload` runs them: `proxy
+/// upgrade` starts the binary with the running agent's arguments, the new agent takes
+/// everything over and tells the service manager (here a datagram socket the test reads,
+/// in systemd's notify protocol) that it is the main process now; the old agent exits.
+/// Nothing is lost.
+#[test]
+fn ten_in_place_upgrades_under_load_lose_nothing() {
+    require_root();
+    let gw = Gateway::new("upgrade").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let dir = common::TempDir::new("proxy-upgrade");
+    let notify_path = dir.join("notify");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let notify_env = (
+        "NOTIFY_SOCKET",
+        notify_path.to_str().expect("utf-8").to_owned(),
+    );
+    let first = Agent::start_in_with_env(&mounts, AGENT_ARGS, std::slice::from_ref(&notify_env));
+    let mut pids = Processes(vec![first.pid()]);
+    let mut serving = first.pid();
+    assert_eq!(
+        notified(&notify),
+        vec![format!("MAINPID={serving}"), "READY=1".into()]
+    );
+    let load = Load::start_with_udp(&gw.client, 50, 50, 20);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut first = Some(first);
+    for round in 0..10 {
+        // Files, not pipes: the new agent inherits them and outlives `proxy upgrade`.
+        let (log, out) = (
+            dir.join(format!("agent-{round}.log")),
+            dir.join(format!("upgrade-{round}.out")),
+        );
+        let status = mounts
+            .command(env!("CARGO_BIN_EXE_proxy"))
+            .arg("upgrade")
+            .env(notify_env.0, &notify_env.1)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .status()
+            .expect("proxy upgrade");
+        let said = std::fs::read_to_string(&out).unwrap_or_default();
+        let agent_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(status.success(), "round {round}: {said}\n{}", agent_log());
+        assert!(
+            said.contains(&format!("took over from pid {serving}")),
+            "round {round}: {said}"
+        );
+        let new: u32 = said
+            .split("agent pid ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("round {round}: no pid in {said:?}"));
+        pids.0.push(new);
+        assert_eq!(
+            notified(&notify),
+            vec![format!("MAINPID={new}"), "READY=1".into()],
+            "round {round}"
+        );
+        if let Some(first) = first.take() {
+            let (status, log) = first.wait_exit(Duration::from_secs(5));
+            assert!(status.success(), "{log}");
+        }
+        assert!(
+            !alive(serving),
+            "round {round}: the old agent {serving} still runs"
+        );
+        serving = new;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let tally = load.finish();
+    let report = tally_report(&tally);
+    println!("{report}");
+    // The last agent is nobody's child here: stopped for good by its pid.
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serving as i32),
+        nix::sys::signal::Signal::SIGINT,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(serving) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!alive(serving), "the last agent did not stop");
+    assert!(tally.new_failed.is_empty(), "{report}");
+    assert_eq!(tally.new_direct, 0, "{report}");
+    assert!(tally.new_slow.is_empty(), "{report}");
+    assert!(tally.long_failed.is_empty(), "{report}");
+    assert_eq!(tally.long_ok, 100, "{report}");
+    assert!(tally.udp_failed.is_empty(), "{report}");
+    assert_eq!(tally.udp_ok, 20, "{report}");
+    assert_eq!(tally.udp_lost, 0, "{report}");
+    let rules = common::ip_stdout(&gw.router, &["rule"]);
+    assert!(
+        !rules.contains("proto 211"),
+        "the stop for good left rules:\n{rules}"
+    );
+}
+
+/// The messages on the notify socket, one datagram (newline-separated assignments).
+fn notified(socket: &std::os::unix::net::UnixDatagram) -> Vec<String> {
+    let mut buf = [0u8; 1024];
+    let n = socket.recv(&mut buf).expect("a notify message");
+    String::from_utf8_lossy(&buf[..n])
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.split(' ').nth(2) == Some("Z"))
+}
+
+/// Agents started by `proxy upgrade` are nobody's children here: killed on the way out,
+/// pass or fail.
+struct Processes(Vec<u32>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if alive(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
 }

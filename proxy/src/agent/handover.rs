@@ -66,10 +66,6 @@ pub async fn claim_table(table: u32) -> Result<Claim, AgentError> {
     })
 }
 
-fn is_alive(pid: i32) -> bool {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-}
-
 /// How a handover request ended, for the serve loop.
 pub enum HandedOver {
     /// Everything moved (but `staying` connections, which drain here): exit now.
@@ -167,7 +163,9 @@ impl Agent {
                 self.predecessor_serves = false;
                 Ok(())
             }
-            Err(e) if pid.is_some_and(is_alive) => Err(AgentError::Handover(self.args.table, e)),
+            Err(e) if pid.is_some_and(crate::handover::is_running) => {
+                Err(AgentError::Handover(self.args.table, e))
+            }
             Err(e) => {
                 warn!(
                     "handover: the previous agent went away during it ({}): this one serves; \

@@ -46,7 +46,6 @@ impl Predecessor {
         let Some(channel) = Channel::connect(table)? else {
             return Ok(None);
         };
-        let pid = channel.peer_pid();
         channel
             .send(Record::new(Message::Hello {
                 version: VERSION,
@@ -58,10 +57,11 @@ impl Predecessor {
             Message::Welcome {
                 version: VERSION,
                 agent,
+                pid,
                 args,
             } => Ok(Some(Predecessor {
                 channel,
-                pid,
+                pid: i32::try_from(pid).ok(),
                 agent,
                 args,
             })),
@@ -194,13 +194,25 @@ impl Predecessor {
         let Some(pid) = self.pid else { return false };
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+            if !is_running(pid) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         false
     }
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (exited, not yet reaped by its
+/// parent, which may be whoever started it).
+pub fn is_running(pid: i32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            // The state follows the command name, which is in parentheses and may hold
+            // spaces.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
 }
 
 fn unexpected(message: &Message) -> HandoverError {

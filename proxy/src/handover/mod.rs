@@ -39,7 +39,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use self::{
-    incoming::{Inherited, Predecessor},
+    incoming::{Inherited, Predecessor, is_running},
     outgoing::{Greeting, Successor},
     wire::{Channel, Listener},
 };
@@ -97,11 +97,13 @@ pub enum Message {
         agent: String,
         take_over: bool,
     },
-    /// The running agent: its version, and the arguments it was started with (what
-    /// `proxy upgrade` starts the next agent with).
+    /// The running agent: its version, its process id (the socket's credentials name the
+    /// process that listened on it, which may have handed it over since), and the arguments
+    /// it was started with (what `proxy upgrade` starts the next agent with).
     Welcome {
         version: u32,
         agent: String,
+        pid: u32,
         args: Vec<String>,
     },
     Refused {

@@ -57,6 +57,7 @@ impl Successor {
             .send(Record::new(Message::Welcome {
                 version: VERSION,
                 agent: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
                 args,
             }))
             .await?;

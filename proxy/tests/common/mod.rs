@@ -64,6 +64,13 @@ impl Agent {
         .ready()
     }
 
+    /// [`Agent::start_in`] with more environment variables.
+    pub fn start_in_with_env(mounts: &Mounts, args: &[&str], env: &[(&str, String)]) -> Agent {
+        let mut command = mounts.command(env!("CARGO_BIN_EXE_proxy"));
+        command.envs(env.iter().map(|(k, v)| (k, v)));
+        Agent::spawn_command(command, &mounts.netns, args).ready()
+    }
+
     /// [`Agent::start_in`] without waiting for anything.
     pub fn spawn_in(mounts: &Mounts, args: &[&str]) -> Agent {
         Agent::spawn_command(
