@@ -25,6 +25,7 @@ mod setup;
 mod udp;
 mod udp_rate;
 mod udp_throughput;
+mod upgrade;
 
 use std::{
     path::{Path, PathBuf},
@@ -73,14 +74,14 @@ struct Cli {
     #[arg(long, value_name = "FLAG", allow_hyphen_values = true)]
     agent_arg: Vec<String>,
     /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
-    /// passthrough, udprate, local), for working on one of them; the others show as n/a in
+    /// passthrough, udprate, local, upgrade), for working on one of them; the others show as n/a in
     /// the report.
     #[arg(long, value_name = "FIGURES", value_delimiter = ',', value_parser = FIGURES)]
     only: Vec<String>,
 }
 
 /// The figures `--only` can pick.
-const FIGURES: [&str; 9] = [
+const FIGURES: [&str; 10] = [
     "bulk",
     "conn",
     "latency",
@@ -90,6 +91,7 @@ const FIGURES: [&str; 9] = [
     "passthrough",
     "udprate",
     "local",
+    "upgrade",
 ];
 
 /// The set-ups a figure measures (`local` makes its own).
@@ -100,6 +102,7 @@ fn kinds_for(figure: &str) -> &'static [Kind] {
         "udp" => &[Kind::Ebpf],
         "rules" => &[Kind::Iptables, Kind::Ebpf],
         "passthrough" | "udprate" => &[Kind::Routing, Kind::Ebpf],
+        "upgrade" => &[Kind::Ebpf, Kind::Haproxy],
         _ => &[],
     }
 }
@@ -147,6 +150,8 @@ pub struct Plan {
     pub udp_rate_runs: usize,
     pub udp_rate_duration: Duration,
     pub udp_flows: [usize; 2],
+    /// The upgrade figure: upgrades in a row under load, per proxy.
+    pub upgrades: usize,
     /// The watchdog stops the run past this.
     pub hard_limit: Duration,
 }
@@ -172,6 +177,7 @@ impl Plan {
                 udp_rate_runs: 3,
                 udp_rate_duration: Duration::from_secs(1),
                 udp_flows: [1, 16],
+                upgrades: 3,
                 hard_limit: Duration::from_secs(240),
             }
         } else {
@@ -193,6 +199,7 @@ impl Plan {
                 udp_rate_runs: 5,
                 udp_rate_duration: Duration::from_secs(2),
                 udp_flows: [1, 16],
+                upgrades: 5,
                 hard_limit: Duration::from_secs(900),
             }
         }
@@ -586,6 +593,42 @@ fn run(cli: &Cli) -> Result<(), String> {
             }
         }
         check("udp sessions")?;
+    }
+
+    for kind in [Kind::Ebpf, Kind::Haproxy].into_iter().filter(|_| cli.wants("upgrade")) {
+        let Some(s) = scenarios.iter_mut().find(|s| s.kind == kind) else {
+            continue;
+        };
+        match upgrade::measure(s, plan.upgrades) {
+            Ok(sample) => {
+                progress(
+                    started,
+                    &format!(
+                        "{}: {} upgrades under load: new connections {} ok, {} failed, {} slower than 200 ms (slowest {:.1} ms), {} past the proxy; long-lived {} of {} cut{}",
+                        kind.label(),
+                        sample.upgrades,
+                        sample.new_ok,
+                        sample.new_failed,
+                        sample.new_slow,
+                        sample.max_connect_ms,
+                        sample.new_direct,
+                        sample.long_cut,
+                        sample.long,
+                        if sample.errors.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", sample.errors.join("; "))
+                        }
+                    ),
+                );
+                results.upgrade[kind.index()] = Some(sample);
+            }
+            Err(e) => {
+                progress(started, &format!("{}: upgrades: {e}", kind.label()));
+                results.note(format!("{}: upgrades: {e}", kind.label()));
+            }
+        }
+        check("upgrades")?;
     }
 
     // Rule counts interleaved run by run too, so that a drift of the machine's load over

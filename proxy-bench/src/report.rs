@@ -110,6 +110,8 @@ pub struct Results {
     pub udp: Option<UdpSample>,
     /// What `--local`'s connect programs cost.
     pub local: Option<LocalResults>,
+    /// Upgrades under load, (c) and (d).
+    pub upgrade: [Option<crate::upgrade::UpgradeSample>; Kind::COUNT],
     pub notes: Vec<String>,
     pub agent_warnings: Vec<(Kind, String)>,
 }
@@ -135,6 +137,7 @@ impl Results {
             udp_loss: Default::default(),
             udp: None,
             local: None,
+            upgrade: Default::default(),
             notes: Vec::new(),
             agent_warnings: Vec::new(),
         }
@@ -584,6 +587,7 @@ pub fn markdown(meta: &Meta, r: &Results, png: &str) -> String {
     udp_throughput_section(&mut md, r);
     udp_section(&mut md, r);
     local_section(&mut md, r);
+    upgrade_section(&mut md, r);
 
     let _ = writeln!(
         md,
@@ -855,6 +859,64 @@ fn passthrough_section(md: &mut String, r: &Results) {
             fmt_ratio3(paired),
             series.runs(c).len(),
             PASSTHROUGH_TARGET.describe("(a)", ""),
+        );
+    }
+    let _ = writeln!(md);
+}
+
+fn upgrade_section(md: &mut String, r: &Results) {
+    let (c, d) = (Kind::Ebpf, Kind::Haproxy);
+    if r.upgrade[c.index()].is_none() && r.upgrade[d.index()].is_none() {
+        return;
+    }
+    let _ = writeln!(md, "## Upgrade under load\n");
+    let _ = writeln!(
+        md,
+        "Upgrades of the running proxy in a row, {} s apart, while new connections arrive at \
+         200/s (each asks the server which address it came from) and {} long-lived \
+         connections exchange a request and its response every 100 ms. {}: a new agent started \
+         beside the running one takes its listeners and live connections over \
+         (docs/handover.md). {}: HAProxy's seamless reload (master-worker, SIGUSR2, listeners \
+         passed through a stats socket with `expose-fd listeners`); its old worker keeps its \
+         connections until they end. Per upgrade:\n",
+        2,
+        crate::upgrade::LONG_LIVED,
+        c.label(),
+        d.label()
+    );
+    let _ = writeln!(
+        md,
+        "| proxy | upgrades | new connections failed | slower than 200 ms | past the proxy | slowest connect | long-lived cut | old process gone after |"
+    );
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|---|");
+    for kind in [c, d] {
+        let Some(u) = &r.upgrade[kind.index()] else {
+            let _ = writeln!(md, "| {} | n/a | | | | | | |", kind.label());
+            continue;
+        };
+        let per = |n: usize| {
+            if u.upgrades == 0 {
+                "n/a".to_owned()
+            } else {
+                format!("{:.1} ({n} in all)", n as f64 / u.upgrades as f64)
+            }
+        };
+        let exit = if u.old_exit_ms.is_empty() {
+            "stays until its connections end".to_owned()
+        } else {
+            let max = u.old_exit_ms.iter().copied().fold(0.0, f64::max);
+            format!("at most {max:.0} ms")
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {:.1} ms | {} | {exit} |",
+            kind.label(),
+            u.upgrades,
+            per(u.new_failed),
+            per(u.new_slow),
+            per(u.new_direct),
+            u.max_connect_ms,
+            per(u.long_cut),
         );
     }
     let _ = writeln!(md);

@@ -249,8 +249,16 @@ impl Agent {
         })
     }
 
-    /// SIGTERM (the agent drains, then undoes its set-up), a second SIGTERM after 5 s (exit
-    /// at once), SIGKILL after 10 s.
+    /// Waits up to `timeout` for the agent to exit on its own (after a handover).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<(), String> {
+        self.process
+            .wait_exit(timeout)
+            .map(drop)
+            .map_err(|e| format!("{}:\n{}", proxy_common::error_chain(&e), self.tail()))
+    }
+
+    /// SIGINT, the stop for good (the agent drains, then undoes its set-up), a second one
+    /// after 5 s (exit at once), SIGKILL after 10 s.
     pub fn stop(&mut self) {
         let _ = self.process.stop(Duration::from_secs(5));
     }
@@ -392,6 +400,39 @@ impl Scenario {
             }
         }
         self.check_path()
+    }
+
+    /// Sets the proxy up for [`Scenario::upgrade_proxy`]: HAProxy restarted in master-worker
+    /// mode with its listeners exposed for the seamless reload; the agent as it is.
+    pub fn prepare_upgrades(&mut self) -> Result<(), String> {
+        if self.kind != Kind::Haproxy {
+            return Ok(());
+        }
+        if let Some(mut old) = self.haproxy.take() {
+            old.stop();
+        }
+        let config = self
+            .workdir
+            .join(format!("haproxy-mw-{}.cfg", self.gw.router.name));
+        self.haproxy = Some(Haproxy::start_master_worker(&self.gw.router, &config)?);
+        self.check_path()
+    }
+
+    /// One upgrade of the proxy under whatever load runs: the agent, a new agent started
+    /// beside it, which takes over (returns how long the old one took to exit once the
+    /// new one was ready); HAProxy, its seamless reload.
+    pub fn upgrade_proxy(&mut self) -> Result<Option<Duration>, String> {
+        match (&mut self.agent, &self.haproxy) {
+            (Some(_), _) => {
+                let next = Agent::start(&self.gw.router, &self.binary, &self.agent_args)?;
+                let ready = std::time::Instant::now();
+                let mut old = self.agent.replace(next).ok_or("no agent")?;
+                old.wait_exit(Duration::from_secs(10))?;
+                Ok(Some(ready.elapsed()))
+            }
+            (None, Some(haproxy)) => haproxy.reload(Duration::from_secs(10)).map(|()| None),
+            (None, None) => Err(format!("{}: no proxy to upgrade", self.kind.label())),
+        }
     }
 
     /// One exchange end to end, and the server saw it from the right peer: the client

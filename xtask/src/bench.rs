@@ -17,7 +17,7 @@ pub struct Options {
     /// Fewer and shorter runs: under 2 minutes instead of under 10.
     #[arg(long)]
     quick: bool,
-    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules,
+    /// Measure only these figures (comma-separated: bulk, conn, latency, rss, udp, rules, upgrade,
     /// passthrough, udprate, local); passed on to proxy-bench.
     #[arg(long, value_name = "FIGURES")]
     only: Option<String>,
