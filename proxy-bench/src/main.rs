@@ -595,7 +595,10 @@ fn run(cli: &Cli) -> Result<(), String> {
         check("udp sessions")?;
     }
 
-    for kind in [Kind::Ebpf, Kind::Haproxy].into_iter().filter(|_| cli.wants("upgrade")) {
+    for kind in [Kind::Ebpf, Kind::Haproxy]
+        .into_iter()
+        .filter(|_| cli.wants("upgrade"))
+    {
         let Some(s) = scenarios.iter_mut().find(|s| s.kind == kind) else {
             continue;
         };

@@ -106,7 +106,9 @@ impl Drop for Load {
 }
 
 fn lock(sample: &Mutex<UpgradeSample>) -> std::sync::MutexGuard<'_, UpgradeSample> {
-    sample.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    sample
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn note(sample: &mut UpgradeSample, error: String) {
@@ -125,7 +127,8 @@ fn new_connections(stop: &AtomicBool, sample: &Mutex<UpgradeSample>) {
         next += Duration::from_secs(1) / RATE;
         let t0 = Instant::now();
         let result = (|| -> std::io::Result<(String, Duration)> {
-            let mut stream = TcpStream::connect_timeout(&load::server_addr(), Duration::from_secs(3))?;
+            let mut stream =
+                TcpStream::connect_timeout(&load::server_addr(), Duration::from_secs(3))?;
             let connected = t0.elapsed();
             stream.set_read_timeout(Some(Duration::from_secs(3)))?;
             stream.write_all(b"P")?;

@@ -87,16 +87,17 @@ impl OriginServer {
         ready_rx
             .recv_timeout(Duration::from_secs(5))
             .expect("the origin server did not start");
-        let udp = {
+        // UDP beside the first TCP port only.
+        let udp = (addr.port() == 80).then(|| {
             let stop = Arc::clone(&stop);
             let udp_addr = SocketAddr::new(addr.ip(), 53);
             ns.spawn(move || udp_echo(&stop, udp_addr))
-        };
+        });
         OriginServer {
             stop,
             direct,
             thread: Some(thread),
-            udp: Some(udp),
+            udp,
         }
     }
 }
@@ -809,4 +810,70 @@ impl Drop for Processes {
             }
         }
     }
+}
+
+/// A successor whose rules no longer cover a live connection (here port 8080) still keeps it
+/// going: like a reload, it looks the connections it took over up whatever its rules say,
+/// until they end. (With TCP early demux on, the kernel finds the established socket before
+/// routing anyway; routers often turn it off, and then only the classifier's lookup
+/// delivers such a packet.)
+#[test]
+fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
+    require_root();
+    let gw = Gateway::new("horules").expect("topology");
+    gw.router
+        .sysctl("net.ipv4.tcp_early_demux", "0")
+        .expect("sysctl");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let _other = OriginServer::start(&gw.server, server(8080));
+    let both = [
+        "run",
+        "--iface",
+        "r0",
+        "--dport",
+        "80,8080",
+        "--on-port",
+        "50080",
+    ];
+    let agent = Agent::start_in(&mounts, &both);
+    let stream = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(8080), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect to port 8080");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    writer.write_all(b"echo\n").expect("the echo request");
+    let mut reader = BufReader::new(stream);
+    let mut ask = |line: &str| -> std::io::Result<String> {
+        writeln!(writer, "{line}")?;
+        let mut answer = String::new();
+        reader.read_line(&mut answer)?;
+        Ok(answer.trim().to_owned())
+    };
+    assert_eq!(ask("before").expect("before the handover"), "before");
+    let next = Agent::start_in(
+        &mounts,
+        &[
+            "run",
+            "--iface",
+            "r0",
+            "--dport",
+            "80",
+            "--on-port",
+            "50080",
+        ],
+    );
+    let (status, log) = agent.wait_exit(Duration::from_secs(5));
+    assert!(status.success(), "{log}");
+    let after = ask("after");
+    let next_log = next.stop_ok();
+    assert_eq!(
+        after.as_deref().map_err(|e| e.kind()),
+        Ok("after"),
+        "the connection to port 8080 did not survive the handover:\n{next_log}"
+    );
 }

@@ -182,6 +182,12 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     }
     classifier.install_rules(&rules, &compiled)?;
     let return_path = Arc::new(ReturnPath::new(return_path_always(&args)));
+    if predecessor.is_some() {
+        // The connections the running agent hands over were accepted under its rules, which
+        // may not be these: as after a reload, their packets are looked up whatever the
+        // rules say, until they have ended.
+        return_path.rules_changing();
+    }
     let return_path_lookup = return_path.needed();
     report::log_return_path(return_path_lookup);
     classifier.set_config(global_config(
