@@ -877,3 +877,103 @@ fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
         "the connection to port 8080 did not survive the handover:\n{next_log}"
     );
 }
+
+/// Handovers with a SOCKS5 upstream (Dante): the relays' upstream sockets are connections
+/// to the SOCKS5 server, and each UDP session's association (its control connection, its
+/// relay socket and the header) moves along, so each UDP flow keeps the relay's port.
+#[test]
+fn handovers_through_a_socks5_upstream_lose_nothing() {
+    require_root();
+    let gw = Gateway::new("hosocks").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let _dante = common::Dante::start(&gw.router, "hosocks");
+    let args = [AGENT_ARGS, &["--upstream", "socks5://127.0.0.1:1081"]].concat();
+    let mut agent = Agent::start_in(&mounts, &args);
+    let load = Load::start_with_udp(&gw.client, 5, 10, 5);
+    std::thread::sleep(Duration::from_secs(1));
+    for round in 0..3 {
+        let next = Agent::start_in(&mounts, &args);
+        let (status, log) = agent.wait_exit(Duration::from_secs(5));
+        assert!(status.success(), "round {round}: {log}");
+        agent = next;
+        std::thread::sleep(Duration::from_millis(700));
+    }
+    let tally = load.finish();
+    let report = tally_report(&tally);
+    println!("{report}");
+    agent.stop_ok();
+    assert!(tally.new_failed.is_empty(), "{report}");
+    assert_eq!(tally.new_direct, 0, "{report}");
+    assert!(tally.long_failed.is_empty(), "{report}");
+    assert_eq!(tally.long_ok, 15, "{report}");
+    assert!(tally.udp_failed.is_empty(), "{report}");
+    assert_eq!(tally.udp_ok, 5, "{report}");
+    assert_eq!(tally.udp_lost, 0, "{report}");
+}
+
+/// Connections in the in-kernel relay (`--relay sockmap`) cannot move: their bytes are
+/// moved by a program whose maps are the old agent's. They stay with it, which says how
+/// many, keeps them going, and exits once they end (or its drain timeout passes).
+#[test]
+fn kernel_relays_stay_with_the_old_agent_until_they_end() {
+    require_root();
+    let gw = Gateway::new("hosockmap").expect("topology");
+    let mounts = Mounts::new(&gw.router);
+    let _origin = OriginServer::start(&gw.server, server(80));
+    let args = [AGENT_ARGS, &["--relay", "sockmap", "--drain-timeout", "20"]].concat();
+    let agent = Agent::start_in(&mounts, &args);
+    let stream = gw
+        .client
+        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
+        .expect("netns")
+        .expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut writer = stream.try_clone().expect("clone");
+    writer.write_all(b"echo\n").expect("the echo request");
+    let mut reader = BufReader::new(stream);
+    let mut ask = |line: &str| -> std::io::Result<String> {
+        writeln!(writer, "{line}")?;
+        let mut answer = String::new();
+        reader.read_line(&mut answer)?;
+        Ok(answer.trim().to_owned())
+    };
+    assert_eq!(ask("before").expect("before the handover"), "before");
+    let next = Agent::start_in(&mounts, &args);
+    agent
+        .wait_for_line(
+            &["handover done", "in the in-kernel relay end"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("{}", agent.log_text()));
+    assert!(
+        next.log_contains("1 stay with the previous agent"),
+        "{}",
+        next.log_text()
+    );
+    assert_eq!(ask("during").expect("after the handover"), "during");
+    // New connections go to the new agent meanwhile.
+    let load = Load::start(&gw.client, 0, 0);
+    std::thread::sleep(Duration::from_millis(500));
+    let tally = load.finish();
+    assert!(
+        tally.new_ok > 50 && tally.new_failed.is_empty(),
+        "{}",
+        tally_report(&tally)
+    );
+    // The client closes: the relay ends, and with it the old agent.
+    drop(ask);
+    drop((writer, reader));
+    let started = Instant::now();
+    let (status, log) = agent.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{log}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the old agent waited {:?} after its last connection ended",
+        started.elapsed()
+    );
+    assert!(log.contains("drained: all connections closed"), "{log}");
+    next.stop_ok();
+}
