@@ -964,7 +964,6 @@ fn kernel_relays_stay_with_the_old_agent_until_they_end() {
         tally_report(&tally)
     );
     // The client closes: the relay ends, and with it the old agent.
-    drop(ask);
     drop((writer, reader));
     let started = Instant::now();
     let (status, log) = agent.wait_exit(Duration::from_secs(10));
