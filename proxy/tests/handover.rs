@@ -473,6 +473,39 @@ fn tally_report(tally: &Tally) -> String {
     )
 }
 
+/// A kept connection from the client namespace in the server's `echo` mode.
+struct Echo {
+    writer: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Echo {
+    fn open(gw: &Gateway, port: u16) -> Echo {
+        let stream = gw
+            .client
+            .run(move || TcpStream::connect_timeout(&server(port), Duration::from_secs(3)))
+            .expect("netns")
+            .unwrap_or_else(|e| panic!("connect to port {port}: {e}"));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .expect("timeout");
+        let mut writer = stream.try_clone().expect("clone");
+        writer.write_all(b"echo\n").expect("the echo request");
+        Echo {
+            writer,
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// Sends a line and reads the one that comes back.
+    fn ask(&mut self, line: &str) -> std::io::Result<String> {
+        writeln!(self.writer, "{line}")?;
+        let mut answer = String::new();
+        self.reader.read_line(&mut answer)?;
+        Ok(answer.trim().to_owned())
+    }
+}
+
 /// Ten handovers in a row under load: each new agent takes the listeners, every live
 /// connection and every UDP session from the running one, which exits within 5 s. Nothing
 /// fails, nothing is slow, nothing goes past the proxy, no long-lived connection is cut,
@@ -837,24 +870,8 @@ fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
         "50080",
     ];
     let agent = Agent::start_in(&mounts, &both);
-    let stream = gw
-        .client
-        .run(|| TcpStream::connect_timeout(&server(8080), Duration::from_secs(3)))
-        .expect("netns")
-        .expect("connect to port 8080");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
-    writer.write_all(b"echo\n").expect("the echo request");
-    let mut reader = BufReader::new(stream);
-    let mut ask = |line: &str| -> std::io::Result<String> {
-        writeln!(writer, "{line}")?;
-        let mut answer = String::new();
-        reader.read_line(&mut answer)?;
-        Ok(answer.trim().to_owned())
-    };
-    assert_eq!(ask("before").expect("before the handover"), "before");
+    let mut echo = Echo::open(&gw, 8080);
+    assert_eq!(echo.ask("before").expect("before the handover"), "before");
     let next = Agent::start_in(
         &mounts,
         &[
@@ -869,7 +886,7 @@ fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
     );
     let (status, log) = agent.wait_exit(Duration::from_secs(5));
     assert!(status.success(), "{log}");
-    let after = ask("after");
+    let after = echo.ask("after");
     let next_log = next.stop_ok();
     assert_eq!(
         after.as_deref().map_err(|e| e.kind()),
@@ -923,24 +940,8 @@ fn kernel_relays_stay_with_the_old_agent_until_they_end() {
     let _origin = OriginServer::start(&gw.server, server(80));
     let args = [AGENT_ARGS, &["--relay", "sockmap", "--drain-timeout", "20"]].concat();
     let agent = Agent::start_in(&mounts, &args);
-    let stream = gw
-        .client
-        .run(|| TcpStream::connect_timeout(&server(80), Duration::from_secs(3)))
-        .expect("netns")
-        .expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .expect("timeout");
-    let mut writer = stream.try_clone().expect("clone");
-    writer.write_all(b"echo\n").expect("the echo request");
-    let mut reader = BufReader::new(stream);
-    let mut ask = |line: &str| -> std::io::Result<String> {
-        writeln!(writer, "{line}")?;
-        let mut answer = String::new();
-        reader.read_line(&mut answer)?;
-        Ok(answer.trim().to_owned())
-    };
-    assert_eq!(ask("before").expect("before the handover"), "before");
+    let mut echo = Echo::open(&gw, 80);
+    assert_eq!(echo.ask("before").expect("before the handover"), "before");
     let next = Agent::start_in(&mounts, &args);
     agent
         .wait_for_line(
@@ -953,7 +954,7 @@ fn kernel_relays_stay_with_the_old_agent_until_they_end() {
         "{}",
         next.log_text()
     );
-    assert_eq!(ask("during").expect("after the handover"), "during");
+    assert_eq!(echo.ask("during").expect("after the handover"), "during");
     // New connections go to the new agent meanwhile.
     let load = Load::start(&gw.client, 0, 0);
     std::thread::sleep(Duration::from_millis(500));
@@ -964,7 +965,7 @@ fn kernel_relays_stay_with_the_old_agent_until_they_end() {
         tally_report(&tally)
     );
     // The client closes: the relay ends, and with it the old agent.
-    drop((writer, reader));
+    drop(echo);
     let started = Instant::now();
     let (status, log) = agent.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{log}");
