@@ -4,12 +4,14 @@
 //! A server in its own namespace answers on ports 80 and 8080 with the address it sees the
 //! connection from. The agent runs on the router and intercepts port 80 only. The client
 //! connects to both: the port-80 replies come through the proxy (the server sees the
-//! router), the port-8080 reply is routed untouched (the server sees the client). Then the
-//! agent gets SIGTERM, prints its counters and cleans up, and the namespaces are removed.
+//! router), the port-8080 reply is routed untouched (the server sees the client). Then a
+//! second agent, started beside the first, takes over from it (the listener and an open
+//! connection move; the connection goes on), gets SIGINT (stop for good), prints its
+//! counters and cleans up, and the namespaces are removed.
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    net::{SocketAddr, TcpListener},
+    net::{SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::ExitCode,
     sync::mpsc,
@@ -54,6 +56,23 @@ enum DemoError {
     Agent(#[from] AgentError),
     #[error("the agent exited with {0}")]
     AgentFailed(std::process::ExitStatus),
+    /// The kept connection could not be made.
+    #[error("the client's kept connection")]
+    Client(#[source] std::io::Error),
+}
+
+/// One line over the kept connection, and the server's answer, printed.
+fn ask(stream: &mut TcpStream, line: &str) {
+    let answer = writeln!(stream, "{line}").and_then(|()| {
+        let mut answer = String::new();
+        BufReader::new(&*stream).read_line(&mut answer)?;
+        Ok(answer)
+    });
+    match answer {
+        Ok(reply) if !reply.is_empty() => println!("   client | reply: {}", reply.trim()),
+        Ok(_) => println!("   client | the connection was closed"),
+        Err(e) => println!("   client | the connection failed: {e}"),
+    }
 }
 
 const INTERCEPTED_PORT: u16 = 80;
@@ -69,7 +88,8 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     let gw = Gateway::new("demo")?;
 
     let server_ready = mpsc::channel();
-    let expected = args.connections as usize + 1;
+    // The intercepted ones, the direct one, and the one kept open across the handover.
+    let expected = args.connections as usize + 2;
     let ready_tx = server_ready.0;
     let server = gw.server.spawn(move || serve(expected, ready_tx));
     let _ = server_ready.1.recv_timeout(Duration::from_secs(5));
@@ -95,6 +115,12 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
     );
     let mut agent = AgentProcess::spawn_echoing(agent_command, &gw.router.name, "    agent | ")?;
     agent.wait_ready(Duration::from_secs(20))?;
+    let server_addr = SocketAddr::from((testbed::SERVER_V4, INTERCEPTED_PORT));
+    let mut kept = gw
+        .client
+        .run(move || TcpStream::connect_timeout(&server_addr, Duration::from_secs(3)))?
+        .map_err(DemoError::Client)?;
+    let _ = kept.set_read_timeout(Some(Duration::from_secs(5)));
 
     println!(
         "== client: {} connections to {}:{INTERCEPTED_PORT} (intercepted)",
@@ -125,12 +151,33 @@ fn run(args: &DemoArgs) -> Result<(), DemoError> {
         }
     })?;
 
-    // Let the proxy finish logging the connections before it is stopped.
+    println!("== client: a connection kept open to {server_addr} (intercepted)");
+    ask(&mut kept, "before the upgrade");
+    // Let the proxy finish logging the connections before the next step.
+    std::thread::sleep(Duration::from_millis(200));
+    println!(
+        "== upgrading: a second agent, started beside the first, takes its listener and the \
+         open connection over; the first exits without removing anything"
+    );
+    let mut next_command = gw.router.command(&args.agent);
+    next_command.args(command).env(
+        "RUST_LOG",
+        std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+    );
+    let mut next = AgentProcess::spawn_echoing(next_command, &gw.router.name, "next agent | ")?;
+    next.wait_ready(Duration::from_secs(20))?;
+    let first = agent.wait_exit(Duration::from_secs(10))?;
+    if !first.success() {
+        return Err(DemoError::AgentFailed(first));
+    }
+    println!("== client: the same connection, now through the second agent");
+    ask(&mut kept, "after the upgrade");
+    drop(kept);
     std::thread::sleep(Duration::from_millis(200));
     println!(
         "== stopping the agent for good (SIGINT): it detaches, removes its rule and route, prints its counters"
     );
-    let status = agent.stop(Duration::from_secs(10))?;
+    let status = next.stop(Duration::from_secs(10))?;
     let _ = server.join();
 
     println!("== after the agent: policy rules left in the router namespace:");
@@ -150,7 +197,35 @@ fn indent(text: &str) -> String {
     text.lines().map(|l| format!("   {l}\n")).collect()
 }
 
-/// The demo server: answers `expected` connections over ports 80 and 8080, or stops after
+/// Answers each line of a connection (at most 10, each within 5 s) with the addresses.
+fn answer_lines(stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    for request in BufReader::new(stream)
+        .lines()
+        .take(10)
+        .map_while(Result::ok)
+    {
+        if writeln!(
+            writer,
+            "server {local} answered '{}' from {peer}",
+            request.trim()
+        )
+        .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// The demo server: accepts `expected` connections over ports 80 and 8080, or stops after
 /// 30 s, whichever comes first.
 fn serve(expected: usize, ready: mpsc::Sender<()>) {
     let listeners: Vec<TcpListener> = [INTERCEPTED_PORT, DIRECT_PORT]
@@ -166,22 +241,10 @@ fn serve(expected: usize, ready: mpsc::Sender<()>) {
     while served < expected && Instant::now() < deadline {
         let mut idle = true;
         for l in &listeners {
-            if let Ok((mut stream, peer)) = l.accept() {
+            if let Ok((stream, peer)) = l.accept() {
                 idle = false;
                 served += 1;
-                let _ = stream.set_nonblocking(false);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                let local = stream
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_default();
-                let mut request = String::new();
-                let _ = BufReader::new(&stream).read_line(&mut request);
-                let _ = writeln!(
-                    stream,
-                    "server {local} answered '{}' from {peer}",
-                    request.trim()
-                );
+                std::thread::spawn(move || answer_lines(stream, peer));
             }
         }
         if idle {

@@ -81,8 +81,9 @@ impl ReturnPath {
         Accepted(Arc::clone(&generations.current))
     }
 
-    /// A reload is about to switch the rules: from now on, what was accepted so far (and
-    /// what is accepted in the next [`GRACE`]) may have no rule left.
+    /// A reload is about to switch the rules (or a handover brings connections another
+    /// agent accepted under its own): from now on, what was accepted so far (and what is
+    /// accepted in the next [`GRACE`]) may have no rule left.
     pub fn rules_changing(&self) {
         self.rules_changing_at(Instant::now());
     }
@@ -113,9 +114,9 @@ impl ReturnPath {
             .older
             .retain(|count| count.load(Ordering::Relaxed) > 0);
         if generations.grace_until.is_some() {
-            Some("a reload changed the rules moments ago")
+            Some("the rules changed moments ago (a reload, or a handover)")
         } else if !generations.older.is_empty() {
-            Some("connections accepted under earlier rules are live")
+            Some("connections accepted under earlier rules (or by the previous agent) are live")
         } else {
             None
         }
