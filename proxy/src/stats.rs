@@ -160,16 +160,18 @@ pub(crate) fn describe_rule(rule: &Rule) -> String {
     )
 }
 
-/// The report: the agent's process and version, the global counters (the classifier's,
+/// The report: the agent's process and version, which rules are in force and how the
+/// last reload went (`rules_status`, its own lines), the global counters (the classifier's,
 /// then the proxy's own), then one line per rule.
 pub(crate) fn format_report(
     counters: &[(Counter, u64)],
     proxy: &[(&str, u64)],
     rules: &[(Rule, RuleCounters)],
+    rules_status: &str,
 ) -> String {
     // Which process answers: after an upgrade or a handover, not the one first started.
     let mut out = format!(
-        "agent: pid {}, proxy {}\ncounters:\n",
+        "agent: pid {}, proxy {}\n{rules_status}counters:\n",
         std::process::id(),
         env!("CARGO_PKG_VERSION")
     );
@@ -225,6 +227,7 @@ mod tests {
             &[(Counter::Seen, 42)],
             &[(REFUSED_DESTINATION, 3)],
             &[(rule, counters)],
+            "",
         );
         assert!(report.contains("refused_destination") && report.contains(" 3\n"));
         assert!(report.contains("seen") && report.contains("42"), "{report}");

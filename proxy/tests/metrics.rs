@@ -318,6 +318,9 @@ fn metrics_count_five_proxied_connections_and_keep_a_kept_rules_counters_across_
     let (head, _) = get(&gw.router, "/");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
 
+    let hash_before = s.labels_of("proxy_rules_info", &[])["hash"].clone();
+    assert_eq!(hash_before.len(), 16, "{}", s.text);
+
     // A reload that keeps rule 1 and adds rule 2: rule 1's counts go on from where they
     // were, rule 2 starts at zero.
     write_rules(
@@ -329,6 +332,19 @@ fn metrics_count_five_proxied_connections_and_keep_a_kept_rules_counters_across_
         .wait_for_line(&["reloaded: 2 rule(s) in force"], Duration::from_secs(10))
         .unwrap_or_else(|| panic!("no reload:\n{}", agent.log_text()));
     let after = scrape(&gw.router);
+    // The rules changed: so did their hash, and the reload counts as applied.
+    assert_ne!(
+        after.labels_of("proxy_rules_info", &[])["hash"],
+        hash_before,
+        "{}",
+        after.text
+    );
+    assert!(
+        after.value("proxy_reloads_total", &[("outcome", "applied")]) >= 1.0,
+        "{}",
+        after.text
+    );
+    assert_eq!(after.value("proxy_last_reload_ok", &[]), 1.0);
     assert!(
         after.value("proxy_rule_assigned_total", &rule) >= assigned,
         "{}",

@@ -13,6 +13,7 @@
 //! `reload` on SIGHUP, the `report` for `proxy stats`), `drain`, `teardown`.
 
 mod checks;
+mod config_watch;
 mod drain;
 mod error;
 mod handover;
@@ -20,6 +21,7 @@ mod interfaces;
 mod listeners;
 mod reload;
 mod report;
+mod rules_status;
 mod serve;
 mod signals;
 mod slots;
@@ -31,17 +33,19 @@ use log::{info, warn};
 use proxy_common::GlobalConfig;
 use tokio::sync::Semaphore;
 
+use self::{
+    config_watch::ConfigWatch,
+    interfaces::Interfaces,
+    listeners::{Listeners, Pending},
+    rules_status::RulesStatus,
+    serve::{Exit, Inputs},
+    teardown::Installed,
+};
 pub use self::{
     error::AgentError,
     listeners::Paused,
     signals::{ShutdownSignals, Stop},
     slots::ListenerKey,
-};
-use self::{
-    interfaces::Interfaces,
-    listeners::{Listeners, Pending},
-    serve::{Exit, Inputs},
-    teardown::Installed,
 };
 use crate::{
     cgroup::{self, Cgroup},
@@ -86,6 +90,8 @@ struct Agent {
     /// The agent this one took over from still serves (until its connections are here):
     /// a failed start must leave everything to it.
     predecessor_serves: bool,
+    /// Which rules are in force, and how reloading them went.
+    rules_status: RulesStatus,
 }
 
 /// Runs the agent until SIGINT or SIGTERM, then drains and tears down.
@@ -103,6 +109,17 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
     };
     let ifaces = Interfaces::resolve(&args.ifaces)?;
     let mut rules = args.rules()?;
+    // Watched from the bytes these rules were read from: a change reloads them.
+    let config_watch = args.config.as_deref().and_then(|path| {
+        ConfigWatch::new(path)
+            .inspect_err(|e| {
+                warn!(
+                    "--config {}: not watched ({e}); SIGHUP reloads it",
+                    path.display()
+                );
+            })
+            .ok()
+    });
     checks::check_supported(&rules, args.listener)?;
     checks::check_outbound_mark(&rules, args.outbound_mark)?;
     checks::check_local_scope(&rules, local.as_ref())?;
@@ -258,6 +275,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         sysctl_poll,
         return_path_poll: serve::poll(return_path::POLL_INTERVAL),
         metrics,
+        config_watch,
     };
 
     // From here on the system changes: whatever fails, the teardown undoes what was done.
@@ -268,6 +286,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         args.table,
         local.is_some(),
     );
+    let rules_status = RulesStatus::new(&rules);
     let mut agent = Agent {
         args,
         rules,
@@ -282,6 +301,7 @@ pub async fn run(mut args: RunArgs, mut signals: ShutdownSignals) -> Result<(), 
         udp_live,
         headers,
         predecessor_serves: predecessor.is_some(),
+        rules_status,
     };
     let result = async {
         start(&mut agent, pending).await?;
@@ -343,6 +363,7 @@ async fn start(agent: &mut Agent, pending: Pending) -> Result<(), AgentError> {
     // Set up: from here on only what reloads, interface events and the teardown need.
     info!("{}", privileges::drop_to_kept()?);
     report::log_rules(rules);
+    info!("rules hash {}", rules_status::rules_hash(rules));
     crate::access_log::rules_in_force(rules);
     info!(
         "ready: {} rule(s) on {}, {} listener (table {})",

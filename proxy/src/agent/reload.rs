@@ -38,10 +38,29 @@ struct Plan {
 }
 
 impl Agent {
-    /// Reloads `--config` (see the module docs); on success the new rules are in force,
-    /// and in `self.rules`.
-    pub async fn reload(&mut self) -> Result<(), AgentError> {
-        let plan = Self::plan(&self.args, &self.listeners, self.local.as_ref())?;
+    /// Reloads `--config` (see the module docs), because of `why` (SIGHUP, the file
+    /// changed); on success the new rules are in force, and in `self.rules`. Either way
+    /// the outcome is counted for `proxy stats` and the metrics, and logged.
+    pub async fn reload_logged(&mut self, why: &str) {
+        match self.reload(why).await {
+            Ok(()) => {
+                self.rules_status.applied(&self.rules);
+                info!(
+                    "reload applied: {} rule(s) in force, rules hash {}",
+                    self.rules.len(),
+                    self.rules_status.hash()
+                );
+            }
+            Err(e) => {
+                let why = error_chain(&e);
+                error!("reload refused, the rules in force stay: {why}");
+                self.rules_status.refused(why);
+            }
+        }
+    }
+
+    async fn reload(&mut self, why: &str) -> Result<(), AgentError> {
+        let plan = Self::plan(&self.args, &self.listeners, self.local.as_ref(), why)?;
         let rules = self.apply(plan).await?;
         access_log::rules_in_force(&rules);
         self.rules = rules;
@@ -52,13 +71,14 @@ impl Agent {
         args: &RunArgs,
         listeners: &Listeners,
         local: Option<&LocalScope>,
+        why: &str,
     ) -> Result<Plan, AgentError> {
         let Some(path) = &args.config else {
             return Err(AgentError::Unsupported(
                 "SIGHUP: nothing to reload (the rules come from flags, not --config)".into(),
             ));
         };
-        info!("SIGHUP: reloading {}", path.display());
+        info!("{why}: reloading {}", path.display());
         let mut rules = args.rules()?;
         super::checks::check_supported(&rules, args.listener)?;
         super::checks::check_outbound_mark(&rules, args.outbound_mark)?;

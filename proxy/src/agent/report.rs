@@ -4,6 +4,7 @@
 use log::{error, info};
 use proxy_common::{Counter, RuleCounters};
 
+use super::rules_status::RulesStatus;
 use crate::{ebpf::Classifier, error_chain, rules::Rule, stats, tproxy::destination::Destinations};
 
 /// Logs the rules in force, the first few of them.
@@ -33,12 +34,18 @@ pub fn log_return_path(needed: Option<&str>) {
 }
 
 /// The answer to `proxy stats`.
-pub fn report(classifier: &Classifier, rules: &[Rule], destinations: &Destinations) -> String {
+pub fn report(
+    classifier: &Classifier,
+    rules: &[Rule],
+    destinations: &Destinations,
+    status: &RulesStatus,
+) -> String {
     match classifier.counters() {
         Ok(counters) => stats::format_report(
             &counters,
             &[(stats::REFUSED_DESTINATION, destinations.refused())],
             &rule_counters(classifier, rules),
+            &status.report(),
         ),
         Err(e) => format!("error: {}\n", error_chain(&e)),
     }
@@ -49,6 +56,7 @@ pub fn snapshot(
     classifier: &Classifier,
     rules: &[Rule],
     destinations: &Destinations,
+    status: &RulesStatus,
 ) -> crate::metrics::ClassifierSnapshot {
     crate::metrics::ClassifierSnapshot {
         counters: classifier.counters().unwrap_or_default(),
@@ -57,6 +65,7 @@ pub fn snapshot(
             .map(|(rule, c)| (stats::describe_rule(&rule), c))
             .collect(),
         refused_destinations: destinations.refused(),
+        rules_in_force: status.snapshot(),
     }
 }
 

@@ -12,7 +12,10 @@ use tokio::{
     time::{Interval, MissedTickBehavior},
 };
 
-use super::{Agent, AgentError, handover::HandedOver, report, signals, signals::Stop};
+use super::{
+    Agent, AgentError, config_watch::ConfigWatch, handover::HandedOver, report, signals,
+    signals::Stop,
+};
 use crate::{error_chain, handover, ifaddrs::InterfaceEvent, metrics, stats};
 
 /// Why the serve loop ended.
@@ -38,6 +41,16 @@ pub struct Inputs {
     pub return_path_poll: Interval,
     /// Scrapes of `--metrics` asking for the classifier's counters.
     pub metrics: metrics::Requests,
+    /// `--config`'s file, watched (none without `--config`, or if inotify failed).
+    pub config_watch: Option<ConfigWatch>,
+}
+
+/// The next change of the rules file; never without a watch.
+async fn config_changed(watch: &mut Option<ConfigWatch>) {
+    match watch {
+        Some(watch) => watch.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// A timer for the loop's periodic checks; a tick missed while the loop was busy (a
@@ -125,9 +138,13 @@ impl Agent {
                     }
                 }
                 _ = hangup.recv() => {
-                    if let Err(e) = self.reload().await {
-                        error!("reload refused, the rules in force stay: {}", error_chain(&e));
+                    if let Some(watch) = &mut inputs.config_watch {
+                        watch.read_now();
                     }
+                    self.reload_logged("SIGHUP").await;
+                }
+                () = config_changed(&mut inputs.config_watch) => {
+                    self.reload_logged("the rules file changed").await;
                 }
                 Some(event) = inputs.addr_changes.recv() => {
                     self.interfaces
@@ -145,6 +162,7 @@ impl Agent {
                             &self.installed.classifier,
                             &self.rules,
                             &self.destinations,
+                            &self.rules_status,
                         ),
                         Ok(cred) => {
                             debug!("stats: uid {} gid {} refused", cred.uid(), cred.gid());
@@ -160,6 +178,7 @@ impl Agent {
                         &self.installed.classifier,
                         &self.rules,
                         &self.destinations,
+                        &self.rules_status,
                     ));
                 }
                 _ = inputs.sysctl_poll.tick() => self.installed.sysctls.recheck(),

@@ -8,6 +8,9 @@
 //! * `rule_packets`, `rule_bytes`, `rule_assigned`, `rule_dropped{rule, description}`: per
 //!   rule in force, numbered from 1 in file order, described as in `proxy stats`.
 //! * `refused_destinations`: original destinations the proxy would not relay to.
+//! * `rules_info{hash}` (always 1), `rules_applied_timestamp_seconds`,
+//!   `reloads{outcome}` (`applied`, `refused`) and `last_reload_ok`: which rules are in
+//!   force, and how reloading them went.
 //! * `classifier_snapshot_ok`: 1 when the classifier families above are in this scrape,
 //!   0 when the serve loop did not answer in time (a reload in progress).
 //! * `connections_accepted`, `connections_active`, `connections_ended{reason}`,
@@ -58,6 +61,15 @@ fn counters(values: impl IntoIterator<Item = (Labels, u64)>) -> Family<Labels, C
     let family = Family::<Labels, Counter>::default();
     for (labels, value) in values {
         family.get_or_create(&labels).inc_by(value);
+    }
+    family
+}
+
+/// A family of gauges with the given values.
+fn gauges(values: impl IntoIterator<Item = (Labels, i64)>) -> Family<Labels, Gauge> {
+    let family = Family::<Labels, Gauge>::default();
+    for (labels, value) in values {
+        family.get_or_create(&labels).set(value);
     }
     family
 }
@@ -171,6 +183,33 @@ pub fn encode(classifier: Option<&ClassifierSnapshot>, kernel_release: &str) -> 
             "Connections and datagrams to original destinations the proxy does not relay to",
             counter(snapshot.refused_destinations),
         );
+        let rules = &snapshot.rules_in_force;
+        registry.register(
+            "rules_info",
+            "The rules in force, by a hash of them (equal on nodes with the same rules): always 1",
+            gauges([(label("hash", rules.hash.clone()), 1)]),
+        );
+        registry.register_with_unit(
+            "rules_applied_timestamp",
+            "When the rules in force were put in force (seconds since the epoch)",
+            Unit::Seconds,
+            gauge(i64::try_from(rules.applied_unix).unwrap_or(i64::MAX)),
+        );
+        registry.register(
+            "reloads",
+            "Reloads of the rules (SIGHUP, or the rules file changed), by outcome",
+            counters([
+                (label("outcome", "applied"), rules.reloads_applied),
+                (label("outcome", "refused"), rules.reloads_refused),
+            ]),
+        );
+        if let Some(ok) = rules.last_reload_ok {
+            registry.register(
+                "last_reload_ok",
+                "1 if the last reload was applied, 0 if it was refused (the rules in force stay)",
+                gauge(i64::from(ok)),
+            );
+        }
     }
 
     let data = &DATA_PATH;
@@ -287,8 +326,28 @@ mod tests {
                 },
             )],
             refused_destinations: 0,
+            rules_in_force: crate::metrics::RulesSnapshot {
+                hash: "00112233445566aa".into(),
+                applied_unix: 1_700_000_000,
+                reloads_applied: 2,
+                reloads_refused: 1,
+                last_reload_ok: Some(false),
+            },
         };
         let text = encode(Some(&snapshot), "6.18.0");
+        assert!(
+            text.contains("proxy_rules_info{hash=\"00112233445566aa\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("proxy_reloads_total{outcome=\"refused\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("proxy_last_reload_ok 0"), "{text}");
+        assert!(
+            text.contains("proxy_rules_applied_timestamp_seconds 1700000000"),
+            "{text}"
+        );
         assert!(
             text.contains("proxy_classifier_packets_total{counter=\"seen\"} 12"),
             "{text}"

@@ -39,6 +39,21 @@ pub struct ClassifierSnapshot {
     pub rules: Vec<(String, RuleCounters)>,
     /// Original destinations the proxy refused (`refused_destination`).
     pub refused_destinations: u64,
+    /// Which rules are in force, and the reloads so far.
+    pub rules_in_force: RulesSnapshot,
+}
+
+/// The rules in force and the reloads so far (`agent::rules_status`).
+#[derive(Debug, Clone, Default)]
+pub struct RulesSnapshot {
+    /// A short hash of the rules in force: equal on two nodes with the same rules.
+    pub hash: String,
+    /// When they were put in force (seconds since the epoch).
+    pub applied_unix: u64,
+    pub reloads_applied: u64,
+    pub reloads_refused: u64,
+    /// How the last reload went; none before the first.
+    pub last_reload_ok: Option<bool>,
 }
 
 /// Why a TCP connection ended, as the `reason` label of
