@@ -25,6 +25,17 @@ use std::{
 use common::{Agent, Mounts, require_root, server};
 use proxy_testbed::{CLIENT_V4, Gateway, Netns};
 
+/// The tests of this file one at a time: each carries a load that takes much of this
+/// machine's two cores, and two at once starve the agents they measure (a new agent that
+/// takes 20 s to load its programs is a slow machine, not a lost connection).
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// How long any load loop may run, whatever happens.
 const LOAD_BOUND: Duration = Duration::from_secs(240);
 
@@ -287,6 +298,10 @@ fn bulk_transfer(stop: &AtomicBool, tally: &Mutex<Tally>, deadline: Instant) {
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .map_err(|e| e.to_string())?;
+        // Bounded too: a stalled relay fails the test rather than hanging it.
+        stream
+            .set_write_timeout(Some(Duration::from_secs(10)))
+            .map_err(|e| e.to_string())?;
         stream.write_all(b"bulk\n").map_err(|e| e.to_string())?;
         let mut reader = stream.try_clone().map_err(|e| e.to_string())?;
         let checker = std::thread::spawn(move || -> Result<u64, String> {
@@ -514,6 +529,7 @@ impl Echo {
 #[test]
 fn ten_overlapped_handovers_under_load_lose_nothing() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("handover").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let origin = OriginServer::start(&gw.server, server(80));
@@ -580,6 +596,7 @@ fn ten_overlapped_handovers_under_load_lose_nothing() {
 #[test]
 fn sigterm_then_a_start_lets_nothing_past_the_proxy() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("sigterm").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let origin = OriginServer::start(&gw.server, server(80));
@@ -616,6 +633,7 @@ fn sigterm_then_a_start_lets_nothing_past_the_proxy() {
 #[test]
 fn a_failed_successor_leaves_the_running_agent_serving() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("hofail").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let _origin = OriginServer::start(&gw.server, server(80));
@@ -657,6 +675,7 @@ fn a_failed_successor_leaves_the_running_agent_serving() {
 #[test]
 fn a_successor_of_another_handover_version_is_refused() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("hover").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let _origin = OriginServer::start(&gw.server, server(80));
@@ -716,6 +735,7 @@ fn speak_handover(table: u32, hello: &[u8]) -> String {
 #[test]
 fn ten_in_place_upgrades_under_load_lose_nothing() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("upgrade").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let _origin = OriginServer::start(&gw.server, server(80));
@@ -730,7 +750,7 @@ fn ten_in_place_upgrades_under_load_lose_nothing() {
         notify_path.to_str().expect("utf-8").to_owned(),
     );
     let first = Agent::start_in_with_env(&mounts, AGENT_ARGS, std::slice::from_ref(&notify_env));
-    let mut pids = Processes(vec![first.pid()]);
+    let _reaper = Reaper(gw.router.name.clone());
     let mut serving = first.pid();
     assert_eq!(
         notified(&notify),
@@ -767,7 +787,6 @@ fn ten_in_place_upgrades_under_load_lose_nothing() {
             .and_then(|rest| rest.split(' ').next())
             .and_then(|pid| pid.parse().ok())
             .unwrap_or_else(|| panic!("round {round}: no pid in {said:?}"));
-        pids.0.push(new);
         assert_eq!(
             notified(&notify),
             vec![format!("MAINPID={new}"), "READY=1".into()],
@@ -828,16 +847,35 @@ fn alive(pid: u32) -> bool {
             .is_ok_and(|stat| stat.split(' ').nth(2) == Some("Z"))
 }
 
-/// Agents started by `proxy upgrade` are nobody's children here: killed on the way out,
-/// pass or fail.
-struct Processes(Vec<u32>);
+/// Agents started by `proxy upgrade` are nobody's children here: every agent left in the
+/// namespace is killed on the way out, pass or fail.
+struct Reaper(String);
 
-impl Drop for Processes {
+impl Drop for Reaper {
     fn drop(&mut self) {
-        for &pid in &self.0 {
-            if alive(pid) {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(netns) = std::fs::metadata(format!("/run/netns/{}", self.0)) else {
+            return;
+        };
+        let wanted = format!("net:[{}]", netns.ino());
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let in_it = std::fs::read_link(entry.path().join("ns/net"))
+                .is_ok_and(|link| link.to_string_lossy() == wanted)
+                && std::fs::read_to_string(entry.path().join("comm"))
+                    .is_ok_and(|comm| comm.trim() == "proxy");
+            if in_it && pid != std::process::id() as i32 {
                 let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
@@ -853,6 +891,7 @@ impl Drop for Processes {
 #[test]
 fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("horules").expect("topology");
     gw.router
         .sysctl("net.ipv4.tcp_early_demux", "0")
@@ -901,6 +940,7 @@ fn a_handover_to_new_rules_keeps_the_connections_they_leave_out() {
 #[test]
 fn handovers_through_a_socks5_upstream_lose_nothing() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("hosocks").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let _origin = OriginServer::start(&gw.server, server(80));
@@ -935,6 +975,7 @@ fn handovers_through_a_socks5_upstream_lose_nothing() {
 #[test]
 fn kernel_relays_stay_with_the_old_agent_until_they_end() {
     require_root();
+    let _serial = one_at_a_time();
     let gw = Gateway::new("hosockmap").expect("topology");
     let mounts = Mounts::new(&gw.router);
     let _origin = OriginServer::start(&gw.server, server(80));
