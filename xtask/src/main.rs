@@ -1,4 +1,4 @@
-//! Developer tasks: `cargo xtask build-ebpf | run | demo | test`.
+//! Developer tasks: `cargo xtask build-ebpf | run | demo | test | bench | systemd-root`.
 //!
 //! Every task first installs what it needs and is missing (the `rust-src` component,
 //! `bpf-linker` 0.10.3, Debian packages for the tests), saying what it does, so the README's
@@ -35,6 +35,9 @@ enum Task {
     /// Build in release mode and benchmark routing vs iptables TPROXY vs the eBPF
     /// classifier in namespaces; results in bench/results/ (needs root).
     Bench(bench::Options),
+    /// Build (once, cached under target/) the Debian root that the systemd test boots with
+    /// systemd-nspawn; `cargo xtask test` does it too.
+    SystemdRoot,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +47,15 @@ fn main() -> anyhow::Result<()> {
         Task::Demo(opts) => run::demo(&opts),
         Task::Test(opts) => test::test(&opts),
         Task::Bench(opts) => bench::bench(&opts),
+        Task::SystemdRoot => {
+            prereqs::require_root("debootstrap")?;
+            prereqs::ensure_system_tools()?;
+            let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .ok_or_else(|| anyhow::anyhow!("the workspace directory"))?;
+            let root = prereqs::ensure_systemd_root(workspace)?;
+            println!("{}", root.display());
+            Ok(())
+        }
     }
 }

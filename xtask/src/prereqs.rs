@@ -11,7 +11,9 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages: iproute2 for the test topologies (and `ss`), bpftool to inspect
 /// links, iptables and nftables for the kernel-TPROXY comparisons, HAProxy as the bench's
 /// peer (its set-up (d)), microsocks and Dante as real SOCKS5 upstreams (Dante for UDP
-/// ASSOCIATE), systemd for `systemd-analyze verify` of `dist/systemd/proxy.service`.
+/// ASSOCIATE), systemd for `systemd-analyze verify` of `dist/systemd/proxy.service`,
+/// systemd-container (systemd-nspawn) and debootstrap to boot that unit under a real
+/// systemd ([`ensure_systemd_root`], `proxy/tests/systemd.rs`).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
@@ -22,6 +24,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("microsocks", "microsocks"),
     ("danted", "dante-server"),
     ("systemd-analyze", "systemd"),
+    ("systemd-nspawn", "systemd-container"),
+    ("debootstrap", "debootstrap"),
 ];
 
 /// The Kubernetes schema validator for `dist/kubernetes/`, from PyPI, with the API's
@@ -31,6 +35,16 @@ const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
 /// Where [`ensure_dist_validators`] puts it, under the workspace's `target/`; its `bin` is
 /// where `proxy/tests/dist.rs` looks.
 pub const DIST_VALIDATORS: &str = "target/dist-validators";
+
+/// The Debian root that `proxy/tests/systemd.rs` boots with systemd-nspawn, under the
+/// workspace's `target/`, named by what it holds: change the name when the suite or the
+/// packages change, and the next `cargo xtask test` builds the new one (the test names the
+/// same directory).
+pub const SYSTEMD_ROOT: &str = "target/systemd-root/bookworm-1";
+
+/// What the root holds beyond debootstrap's minimal base: systemd as init, D-Bus for
+/// `systemctl`, iproute2.
+const SYSTEMD_ROOT_PACKAGES: &str = "systemd,systemd-sysv,dbus,iproute2";
 
 pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
@@ -216,6 +230,45 @@ pub fn ensure_dist_validators(workspace: &Path) -> anyhow::Result<()> {
             .args(["install", "-q", "--disable-pip-version-check"])
             .arg(KUBERNETES_VALIDATE),
     )
+}
+
+/// [`SYSTEMD_ROOT`], when it is not there yet: debootstrap of bookworm from Debian's
+/// archive (`PROXY_DEBIAN_MIRROR` names another mirror), about 250 MB and under a minute
+/// on a good link. Built beside its final name and renamed when complete, so a build cut
+/// short is never taken for the cached root.
+pub fn ensure_systemd_root(workspace: &Path) -> anyhow::Result<std::path::PathBuf> {
+    let root = workspace.join(SYSTEMD_ROOT);
+    if root.is_dir() {
+        return Ok(root);
+    }
+    let partial = root.with_extension("partial");
+    if partial.exists() {
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("removing {}", partial.display()))?;
+    }
+    if let Some(parent) = root.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mirror = std::env::var("PROXY_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    eprintln!(
+        "xtask: building the Debian root for the systemd test in {} (debootstrap from {mirror})",
+        root.display()
+    );
+    status(
+        Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                &format!("--include={SYSTEMD_ROOT_PACKAGES}"),
+                "bookworm",
+            ])
+            .arg(&partial)
+            .arg(&mirror),
+    )?;
+    std::fs::rename(&partial, &root)
+        .with_context(|| format!("renaming {} to {}", partial.display(), root.display()))?;
+    Ok(root)
 }
 
 /// The demo and the kernel tests create namespaces and load eBPF programs.

@@ -56,6 +56,7 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         .parent()
         .context("the workspace directory")?;
     prereqs::ensure_dist_validators(workspace)?;
+    prereqs::ensure_systemd_root(workspace)?;
     let mut cmd = Command::new(env!("CARGO"));
     // The default members: everything but the eBPF crate, which only builds for BPF.
     cmd.arg("test");

@@ -576,3 +576,4 @@ impl Drop for Dante {
         let _ = std::fs::remove_file(&self.conf);
     }
 }
+pub mod load;
