@@ -232,9 +232,9 @@ pub fn ensure_dist_validators(workspace: &Path) -> anyhow::Result<()> {
     )
 }
 
-/// [`SYSTEMD_ROOT`], when it is not there yet: debootstrap of bookworm from Debian's
-/// archive (`PROXY_DEBIAN_MIRROR` names another mirror), about 250 MB and under a minute
-/// on a good link. Built beside its final name and renamed when complete, so a build cut
+/// [`SYSTEMD_ROOT`], when it is not there yet: debootstrap of bookworm from the Debian
+/// archive apt uses here (`PROXY_DEBIAN_MIRROR` names another), about 250 MB and under a
+/// minute on a good link. Built beside its final name and renamed when complete, so a build cut
 /// short is never taken for the cached root.
 pub fn ensure_systemd_root(workspace: &Path) -> anyhow::Result<std::path::PathBuf> {
     let root = workspace.join(SYSTEMD_ROOT);
@@ -250,25 +250,57 @@ pub fn ensure_systemd_root(workspace: &Path) -> anyhow::Result<std::path::PathBu
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
+    // The mirror apt is set up with here (debootstrap's own default otherwise).
     let mirror = std::env::var("PROXY_DEBIAN_MIRROR")
-        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+        .ok()
+        .or_else(apt_mirror);
     eprintln!(
-        "xtask: building the Debian root for the systemd test in {} (debootstrap from {mirror})",
-        root.display()
+        "xtask: building the Debian root for the systemd test in {} (debootstrap from {})",
+        root.display(),
+        mirror.as_deref().unwrap_or("debootstrap's default mirror")
     );
-    status(
-        Command::new("debootstrap")
-            .args([
-                "--variant=minbase",
-                &format!("--include={SYSTEMD_ROOT_PACKAGES}"),
-                "bookworm",
-            ])
-            .arg(&partial)
-            .arg(&mirror),
-    )?;
+    let mut debootstrap = Command::new("debootstrap");
+    debootstrap
+        .args([
+            "--variant=minbase",
+            &format!("--include={SYSTEMD_ROOT_PACKAGES}"),
+            "bookworm",
+        ])
+        .arg(&partial);
+    if let Some(mirror) = &mirror {
+        debootstrap.arg(mirror);
+    }
+    status(&mut debootstrap)?;
     std::fs::rename(&partial, &root)
         .with_context(|| format!("renaming {} to {}", partial.display(), root.display()))?;
     Ok(root)
+}
+
+/// The first Debian archive apt is set up with here.
+fn apt_mirror() -> Option<String> {
+    let mut texts: Vec<String> = std::fs::read_dir("/etc/apt/sources.list.d")
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "sources"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .collect();
+    texts.extend(std::fs::read_to_string("/etc/apt/sources.list").ok());
+    debian_mirror_in(&texts)
+}
+
+/// The first Debian archive in apt sources: a `URIs:` line of a deb822 `.sources` file, or
+/// a `deb` line of `sources.list`.
+fn debian_mirror_in(texts: &[String]) -> Option<String> {
+    texts.iter().flat_map(|t| t.lines()).find_map(|line| {
+        let line = line.trim();
+        let uri = match (line.strip_prefix("URIs:"), line.strip_prefix("deb ")) {
+            (Some(rest), _) => rest.split_whitespace().next(),
+            (None, Some(rest)) => rest.split_whitespace().find(|w| w.contains("://")),
+            (None, None) => None,
+        }?;
+        uri.ends_with("/debian").then(|| uri.to_owned())
+    })
 }
 
 /// The demo and the kernel tests create namespaces and load eBPF programs.
@@ -283,4 +315,29 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_debian_mirror_comes_from_either_sources_format() {
+        let deb822 =
+            "Types: deb\n# a comment\nURIs: http://mirror.invalid/debian\nSuites: bookworm\n";
+        let security = "Types: deb\nURIs: http://mirror.invalid/debian-security\n";
+        let list = "# old style\ndeb [arch=amd64] http://other.invalid/debian bookworm main\n";
+        assert_eq!(
+            debian_mirror_in(&[security.into(), deb822.into()]),
+            Some("http://mirror.invalid/debian".into())
+        );
+        assert_eq!(
+            debian_mirror_in(&[list.into()]),
+            Some("http://other.invalid/debian".into())
+        );
+        assert_eq!(
+            debian_mirror_in(&["deb-src http://x.invalid/debian".into()]),
+            None
+        );
+    }
 }
