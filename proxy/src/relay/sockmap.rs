@@ -188,9 +188,9 @@ pub async fn relay(
             }
         };
         relay::both_directions(
-            watch(&client, &upstream, up_base),
-            down_half,
-            relay::watchdog(&client, &upstream, idle_timeout, drain),
+            std::pin::pin!(watch(&client, &upstream, up_base)),
+            std::pin::pin!(down_half),
+            std::pin::pin!(relay::watchdog(&client, &upstream, idle_timeout, drain)),
         )
         .await
     };
