@@ -7,7 +7,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use log::{error, info, warn};
 use tokio::net::UnixListener;
 
-use super::{Agent, AgentError, serve::Inputs};
+use super::{Agent, AgentError, listeners::Paused, serve::Inputs};
 use crate::{
     error_chain,
     handover::{
@@ -88,22 +88,25 @@ impl Agent {
             }
         };
         info!(
-            "handover: the next agent (pid {}, proxy {}) takes over; the listeners stop \
-             accepting, their sockets stay open",
+            "handover: the next agent (pid {}, proxy {}) takes over; it gets the listeners, \
+             which this agent accepts on until it serves",
             successor.pid.unwrap_or(0),
             successor.agent
         );
-        let paused = self.listeners.pause().await;
-        let own_sockets = || -> std::io::Result<(OwnedFd, OwnedFd)> {
+        // Copies: this agent goes on accepting while the next one sets up (loading its
+        // programs can take seconds on a busy host), so that no connection waits in a
+        // backlog that nobody serves; what it accepts meanwhile is moved with the rest.
+        let own_sockets = || -> std::io::Result<(Paused, OwnedFd, OwnedFd)> {
             Ok((
+                self.listeners.copies()?,
                 inputs.stats.as_fd().try_clone_to_owned()?,
                 inputs.handover.dup()?,
             ))
         };
         let sent = match own_sockets() {
-            Ok((stats, handover)) => {
+            Ok((listeners, stats, handover)) => {
                 successor
-                    .send_listeners(&paused, stats, handover, inputs.metrics.listener())
+                    .send_listeners(&listeners, stats, handover, inputs.metrics.listener())
                     .await
             }
             Err(e) => Err(HandoverError::Io("copying the agent's sockets", e)),
@@ -113,10 +116,12 @@ impl Agent {
             Err(e) => Err(e),
         };
         if let Err(e) = ready {
-            self.take_back(&paused, Vec::new(), &e);
+            self.take_back(None, Vec::new(), &e);
             return HandedOver::No;
         }
-        // The next agent's classifier is in place and it accepts: park every relay.
+        // The next agent's classifier is in place and it accepts: this one stops accepting
+        // (the sockets stay open, the next agent serves them), and parks every relay.
+        let paused = self.listeners.pause().await;
         let (parked, sessions) = tokio::join!(
             self.live.park_all(crate::handover::PARK_TIMEOUT),
             self.udp_live.park_all(crate::handover::PARK_TIMEOUT),
@@ -140,7 +145,7 @@ impl Agent {
         match successor.send_connections(&portable, staying).await {
             Ok(_) => HandedOver::Yes { staying },
             Err(e) => {
-                self.take_back(&paused, portable, &e);
+                self.take_back(Some(&paused), portable, &e);
                 HandedOver::No
             }
         }
@@ -181,12 +186,7 @@ impl Agent {
     /// The handover failed: the listeners serve here again, the connections parked for it
     /// resume here, and this agent's own classifier is put back in place (the next agent
     /// may have replaced it before it failed).
-    fn take_back(
-        &mut self,
-        paused: &super::listeners::Paused,
-        parked: Vec<Moved>,
-        why: &HandoverError,
-    ) {
+    fn take_back(&mut self, paused: Option<&Paused>, parked: Vec<Moved>, why: &HandoverError) {
         error!(
             "handover failed, this agent serves on: {}",
             error_chain(why)
@@ -196,9 +196,10 @@ impl Agent {
         if let Err(e) = self.reassert_classifier() {
             error!("putting this agent's classifier back: {}", error_chain(&e));
         }
-        if let Err(e) = self
-            .listeners
-            .unpause(&mut self.installed.classifier, paused)
+        if let Some(paused) = paused
+            && let Err(e) = self
+                .listeners
+                .unpause(&mut self.installed.classifier, paused)
         {
             error!("taking the listeners back: {}", error_chain(&e));
         }

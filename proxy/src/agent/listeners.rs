@@ -286,6 +286,23 @@ impl Listeners {
             .await
     }
 
+    /// Copies of every listener's sockets, which keep serving here: what a handover sends.
+    pub fn copies(&self) -> io::Result<Paused> {
+        let mut copies = Paused::default();
+        for (key, running) in &self.running {
+            let fds = running
+                .fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<_>>()?;
+            copies.tcp.push((*key, running.slot, fds));
+        }
+        for (key, (_, _, fd)) in &self.udp_running {
+            copies.udp.push((*key, fd.try_clone()?));
+        }
+        Ok(copies)
+    }
+
     /// Serves paused listeners again (the handover failed).
     pub fn unpause(
         &mut self,

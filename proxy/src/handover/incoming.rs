@@ -75,8 +75,8 @@ impl Predecessor {
         }
     }
 
-    /// Asks for the listeners: the running agent stops accepting (its sockets stay open,
-    /// SYNs wait in their backlogs) and hands them over.
+    /// Asks for the listeners: the running agent sends copies and goes on accepting on
+    /// them until this one serves (its setup may take seconds on a busy host).
     pub async fn take_listeners(&self) -> Result<Inherited, HandoverError> {
         self.channel
             .send(Record::new(Message::SendListeners))

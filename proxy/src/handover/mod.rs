@@ -11,10 +11,12 @@
 //!   connect @proxy-handover-<table>  ───────►  accept (root or its own user only)
 //!   Hello { version }                ───────►
 //!                                    ◄───────  Welcome { version, args } | Refused
-//!   SendListeners                    ───────►  stops accepting (the sockets stay open:
-//!                                    ◄───────  Listeners + fds   SYNs wait in the backlog)
-//!   loads its programs and tables, takes the listeners, replaces the classifier in place
-//!   Ready                            ───────►  parks every relay at a safe point
+//!   SendListeners                    ───────►  sends copies; goes on accepting on them
+//!                                    ◄───────  Listeners + fds
+//!   loads its programs and tables, takes the listeners, replaces the classifier in place,
+//!   accepts on them too
+//!   Ready                            ───────►  stops accepting (the sockets stay open),
+//!                                              parks every relay at a safe point
 //!                                    ◄───────  Connection + fds + held bytes, one each
 //!                                    ◄───────  Done { moved, staying }
 //!   resumes them; Resumed            ───────►  exits without teardown (after draining the
