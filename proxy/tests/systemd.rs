@@ -93,6 +93,10 @@ struct Container {
     /// systemd's pid, seen from the host: `nsenter --target` enters its namespaces.
     leader: u32,
     machine: String,
+    /// The cgroups nspawn makes for the container (`payload`, and systemd's below it, in
+    /// the test's own cgroup of each hierarchy: it runs `--keep-unit`), removed once it has
+    /// stopped; the ones that were there before are left alone.
+    payload_cgroups: Vec<PathBuf>,
     /// Declared before `dir`, so unmounted before the directory goes.
     bpffs: Bpffs,
     dir: TempDir,
@@ -141,6 +145,10 @@ impl Container {
         let dist = workspace().join("dist/systemd");
         let bind = |from: &Path, to: &str| format!("{}:{to}", from.display());
         let log = std::fs::File::create(dir.join("nspawn.log")).expect("nspawn log");
+        let payload_cgroups = payload_cgroups()
+            .into_iter()
+            .filter(|dir| !dir.exists())
+            .collect();
         let nspawn = Command::new("systemd-nspawn")
             .arg("--directory")
             .arg(&root)
@@ -200,6 +208,7 @@ impl Container {
             nspawn,
             leader: 0,
             machine,
+            payload_cgroups,
             bpffs,
             dir,
         };
@@ -289,8 +298,17 @@ impl Container {
     }
 
     /// ActiveState/SubState.
+    /// The unit's state, once it is `active/running` or after 5 s: systemd may still be
+    /// taking in a notification (the new main pid after a reload) when `systemctl` returns.
     fn state(&self) -> String {
-        format!("{}/{}", self.show("ActiveState"), self.show("SubState"))
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = format!("{}/{}", self.show("ActiveState"), self.show("SubState"));
+            if state == "active/running" || Instant::now() >= deadline {
+                return state;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// proxy.service's journal: its processes' lines and systemd's about it.
@@ -357,7 +375,57 @@ impl Drop for Container {
         // disk file system ... and we can't allow that").
         let _ =
             std::fs::remove_dir_all(Path::new("/run/systemd/nspawn/propagate").join(&self.machine));
+        for dir in &self.payload_cgroups {
+            remove_cgroup_tree(dir);
+        }
     }
+}
+
+/// Where nspawn (`--keep-unit`) makes the container's `payload` cgroup: in this process's
+/// own cgroup of the cgroup2 hierarchy and of systemd's named one, where mounted.
+fn payload_cgroups() -> Vec<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let own_path = |controller: &str| {
+        own.lines()
+            .find_map(|l| {
+                l.split_once(':')
+                    .and_then(|(_, rest)| rest.strip_prefix(controller))
+            })
+            .map(|path| {
+                path.trim_start_matches(':')
+                    .trim_start_matches('/')
+                    .to_owned()
+            })
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (dir, kind, options) = (fields.get(1)?, fields.get(2)?, fields.get(3)?);
+            let own = match *kind {
+                "cgroup2" => own_path(":")?,
+                "cgroup" if options.split(',').any(|o| o == "name=systemd") => {
+                    own_path("name=systemd")?
+                }
+                _ => return None,
+            };
+            Some(Path::new(dir).join(own).join("payload"))
+        })
+        .collect()
+}
+
+/// Removes a cgroup and its children, deepest first (a cgroup goes with `rmdir` once it
+/// has no process and no child).
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.filter_map(Result::ok) {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&entry.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
 }
 
 /// One connection from the client namespace: the server's answer names the address it saw
