@@ -37,7 +37,7 @@ use proxy_common::{
 
 use crate::{
     maps::{CONFIG, DROPPED_FRAGMENTS, count, count_rule},
-    parse::{Fragment, Parsed},
+    parse::{Fragment, Parsed, Shape},
     socket_search::Found,
 };
 
@@ -87,13 +87,14 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
         count(Counter::LoopbackUnmarked);
         return TC_ACT_UNSPEC;
     }
-    let packet = match parse::parse::<L2_LEN>(ctx) {
-        Ok(Parsed::Transport(packet)) => packet,
-        Ok(Parsed::Other) => {
+    let Parsed { shape, packet } = parse::parse::<L2_LEN>(ctx);
+    match shape {
+        Shape::Transport => {}
+        Shape::Other => {
             count(Counter::NotMatched);
             return TC_ACT_UNSPEC;
         }
-        Ok(Parsed::LaterFragment(packet)) => {
+        Shape::LaterFragment => {
             // A later fragment has no ports, so no rule can be checked; it follows its
             // first fragment (T11): dropped if that was dropped, else left alone. It is
             // never assigned (T9).
@@ -104,7 +105,7 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             count(Counter::NotMatched);
             return TC_ACT_UNSPEC;
         }
-        Ok(Parsed::Unclassifiable(packet)) => {
+        Shape::Unclassifiable => {
             // The kernel's TPROXY decides on reassembled packets (nf_defrag_ipv4/6), so no
             // fragment shape gets past it; ip6tables hotdrops a packet whose transport
             // header it cannot find. Here a packet whose ports cannot be read is dropped
@@ -117,18 +118,18 @@ fn try_tproxy_ingress<const L2_LEN: usize>(ctx: &TcContext) -> i32 {
             count(Counter::Malformed);
             return TC_ACT_UNSPEC;
         }
-        Err(parse::ParseError::Malformed) => {
+        Shape::Malformed => {
             // A broken IP header: the stack drops it itself before routing (ip_rcv_core).
             count(Counter::Malformed);
             return TC_ACT_UNSPEC;
         }
-        Err(parse::ParseError::BadLinkHeader) => {
+        Shape::BadLinkHeader => {
             // Not laid out as the agent decided for this interface: nothing here can be
             // classified, so nothing passes (T10).
             count(Counter::DroppedBadLinkHeader);
             return TC_ACT_SHOT;
         }
-    };
+    }
     let Some(action) = rules::match_rule(&packet) else {
         if on_loopback {
             // The return path (T8) is for replies arriving from outside; on `lo` the

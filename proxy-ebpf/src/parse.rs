@@ -64,6 +64,18 @@ pub struct Packet {
 }
 
 impl Packet {
+    const NOTHING_READ: Packet = Packet {
+        family: Family::V4,
+        protocol: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport_be: 0,
+        dport_be: 0,
+        tcp_flags: 0,
+        fragment: Fragment::None,
+        fragment_id: 0,
+    };
+
     /// SYN set and ACK, RST, FIN clear: the condition of `nf_tproxy_handle_time_wait4`.
     #[inline(always)]
     pub fn is_pure_syn(&self) -> bool {
@@ -92,20 +104,29 @@ impl Packet {
     }
 }
 
-/// Result of parsing, before any rule is consulted.
-pub enum Parsed {
-    /// A TCP or UDP packet with its ports: whole, or the first fragment of a datagram.
-    Transport(Packet),
-    /// A later fragment: no transport header, so no ports (they read as 0).
-    LaterFragment(Packet),
-    /// The IP header was read but the transport header could not be (cut short, or an IPv6
-    /// chain that never reaches it): the destination is known, the ports are not (0).
-    Unclassifiable(Packet),
-    /// Not IPv4/IPv6, or another transport protocol: never touched.
-    Other,
+/// Result of parsing, before any rule is consulted: what kind of packet it is, and its
+/// fields as far as they could be read.
+///
+/// Every outcome carries a whole [`Packet`], zeroed where nothing was read. An enum whose
+/// variants carry a packet or nothing let LLVM read the packet's stack slots on paths that
+/// never wrote them, and the 5.10 verifier refuses that (`invalid read from stack`; later
+/// kernels allow uninitialised stack reads to privileged programs).
+pub struct Parsed {
+    pub shape: Shape,
+    pub packet: Packet,
 }
 
-pub enum ParseError {
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A TCP or UDP packet with its ports: whole, or the first fragment of a datagram.
+    Transport,
+    /// A later fragment: no transport header, so no ports (they read as 0).
+    LaterFragment,
+    /// The IP header was read but the transport header could not be (cut short, or an IPv6
+    /// chain that never reaches it): the destination is known, the ports are not (0).
+    Unclassifiable,
+    /// Not IPv4/IPv6, or another transport protocol: never touched.
+    Other,
     /// The IP header itself is cut short or inconsistent: the stack drops such a packet
     /// (`ip_rcv_core`, `ipv6_rcv`) before routing it anywhere.
     Malformed,
@@ -115,9 +136,25 @@ pub enum ParseError {
     BadLinkHeader,
 }
 
+impl Parsed {
+    #[inline(always)]
+    fn new(shape: Shape, packet: Packet) -> Parsed {
+        Parsed { shape, packet }
+    }
+
+    /// An outcome with no packet fields read.
+    #[inline(always)]
+    fn bare(shape: Shape) -> Parsed {
+        Parsed::new(shape, Packet::NOTHING_READ)
+    }
+}
+
+/// A header that could not be read; [`parse`] turns it into [`Shape::Malformed`].
+struct CutShort;
+
 #[inline(always)]
-fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, ParseError> {
-    read(ctx, offset).ok_or(ParseError::Malformed)
+fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, CutShort> {
+    read(ctx, offset).ok_or(CutShort)
 }
 
 /// `size_of::<T>()` bytes at `offset` into the frame: straight from the packet's linear
@@ -141,45 +178,53 @@ fn read<T>(ctx: &TcContext, offset: usize) -> Option<T> {
 /// Ethernet header, 0 on an interface without a link-layer header (T10), where the
 /// ethertype comes from `skb->protocol` instead.
 #[inline(always)]
-pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Result<Parsed, ParseError> {
+pub fn parse<const L2_LEN: usize>(ctx: &TcContext) -> Parsed {
     let ethertype = if L2_LEN == 0 {
         // `__sk_buff.protocol` holds the __be16 `skb->protocol`, zero-extended.
         u16::from_be(unsafe { (*ctx.skb.skb).protocol } as u16)
     } else {
-        u16::from_be(load::<u16>(ctx, L2_LEN - 2)?)
+        match load::<u16>(ctx, L2_LEN - 2) {
+            Ok(ethertype) => u16::from_be(ethertype),
+            Err(CutShort) => return Parsed::bare(Shape::Malformed),
+        }
     };
     let version = match ethertype {
         ETH_P_IP => 4,
         ETH_P_IPV6 => 6,
-        _ => return Ok(Parsed::Other),
+        _ => return Parsed::bare(Shape::Other),
     };
-    if L2_LEN == 0 && ctx.load::<u8>(0).map_err(|_| ParseError::Malformed)? >> 4 != version {
-        return Err(ParseError::BadLinkHeader);
+    if L2_LEN == 0 {
+        match ctx.load::<u8>(0) {
+            Ok(first) if first >> 4 == version => {}
+            Ok(_) => return Parsed::bare(Shape::BadLinkHeader),
+            Err(_) => return Parsed::bare(Shape::Malformed),
+        }
     }
-    if version == 4 {
+    let parsed = if version == 4 {
         parse_ipv4(ctx, L2_LEN)
     } else {
         parse_ipv6(ctx, L2_LEN)
-    }
+    };
+    parsed.unwrap_or_else(|CutShort| Parsed::bare(Shape::Malformed))
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, CutShort> {
     // The fixed header in one read: each `bpf_skb_load_bytes` is a helper call, and a
     // call per field was most of what a packet no rule matches costs.
     let header: [u8; 20] = load(ctx, l3)?;
     let version_ihl = header[0];
     if version_ihl >> 4 != 4 {
-        return Err(ParseError::Malformed);
+        return Err(CutShort);
     }
     // IPv4 options are legal: the transport header is at ihl * 4, not at 20 (T1).
     let ihl = (version_ihl & 0x0f) as usize;
     if ihl < 5 {
-        return Err(ParseError::Malformed);
+        return Err(CutShort);
     }
     let protocol = header[9];
     if protocol != IPPROTO_TCP && protocol != IPPROTO_UDP {
-        return Ok(Parsed::Other);
+        return Ok(Parsed::bare(Shape::Other));
     }
     let id = u16::from_be_bytes([header[4], header[5]]);
     let frag = u16::from_be_bytes([header[6], header[7]]);
@@ -206,13 +251,13 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
         fragment_id: u32::from(id),
     };
     if fragment == Fragment::Later {
-        return Ok(Parsed::LaterFragment(packet));
+        return Ok(Parsed::new(Shape::LaterFragment, packet));
     }
     Ok(with_ports(ctx, l3 + ihl * 4, packet))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, CutShort> {
     // The fixed header in one read (see `parse_ipv4`).
     let header: [u8; 40] = load(ctx, l3)?;
     let next = header[6];
@@ -235,10 +280,10 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<Parsed, ParseError> {
     // packet unclassifiable, not malformed (T9, T11).
     match walk_ipv6_chain(ctx, l3 + IPV6_HDR_LEN, &mut packet) {
         Ok(Chain::Transport(l4)) => Ok(with_ports(ctx, l4, packet)),
-        Ok(Chain::LaterFragment) => Ok(Parsed::LaterFragment(packet)),
+        Ok(Chain::LaterFragment) => Ok(Parsed::new(Shape::LaterFragment, packet)),
         // ICMPv6, ESP, and everything else: not ours.
-        Ok(Chain::OtherProtocol) => Ok(Parsed::Other),
-        Ok(Chain::NoTransport) | Err(_) => Ok(Parsed::Unclassifiable(packet)),
+        Ok(Chain::OtherProtocol) => Ok(Parsed::bare(Shape::Other)),
+        Ok(Chain::NoTransport) | Err(CutShort) => Ok(Parsed::new(Shape::Unclassifiable, packet)),
     }
 }
 
@@ -262,7 +307,7 @@ fn walk_ipv6_chain(
     ctx: &TcContext,
     mut offset: usize,
     packet: &mut Packet,
-) -> Result<Chain, ParseError> {
+) -> Result<Chain, CutShort> {
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match packet.protocol {
             IPPROTO_TCP | IPPROTO_UDP => return Ok(Chain::Transport(offset)),
@@ -316,16 +361,16 @@ fn with_ports(ctx: &TcContext, l4: usize, mut packet: Packet) -> Parsed {
         packet.sport_be = u16::from_ne_bytes([start[0], start[1]]);
         packet.dport_be = u16::from_ne_bytes([start[2], start[3]]);
         packet.tcp_flags = start[13];
-        return Parsed::Transport(packet);
+        return Parsed::new(Shape::Transport, packet);
     }
     let Some(ports) = read::<[u16; 2]>(ctx, l4) else {
-        return Parsed::Unclassifiable(packet);
+        return Parsed::new(Shape::Unclassifiable, packet);
     };
     if packet.protocol == IPPROTO_TCP && packet.fragment != Fragment::First {
         // Not even the flags: cut short.
-        return Parsed::Unclassifiable(packet);
+        return Parsed::new(Shape::Unclassifiable, packet);
     }
     packet.sport_be = ports[0];
     packet.dport_be = ports[1];
-    Parsed::Transport(packet)
+    Parsed::new(Shape::Transport, packet)
 }

@@ -982,6 +982,18 @@ impl Classifier {
     }
 
     /// Sums the global counters over CPUs.
+    /// One harmless `bpf()` call on a map the agent holds (a counter lookup), for
+    /// [`crate::privileges::bpf_calls_need_cap_bpf`].
+    pub fn probe_bpf_call(&self) -> std::io::Result<()> {
+        let map: PerCpuArray<&MapData, u64> =
+            map_ref(&self.ebpf, MAP_COUNTERS).map_err(std::io::Error::other)?;
+        match map.get(&0, 0) {
+            Ok(_) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e)) => Err(e.io_error),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
     pub fn counters(&self) -> Result<Vec<(Counter, u64)>, EbpfError> {
         let map: PerCpuArray<&MapData, u64> = map_ref(&self.ebpf, MAP_COUNTERS)?;
         Counter::ALL

@@ -1,6 +1,7 @@
 //! Least privilege: the capabilities the agent needs to set up (checked before anything
 //! changes, whatever the user: root, or a service user given them as ambient capabilities),
-//! and the smaller set it keeps once set up ([`KEPT`]), dropped in every thread.
+//! and the smaller set it keeps once set up ([`KEPT`], plus CAP_BPF on kernels that ask it of
+//! every `bpf()` call: [`bpf_calls_need_cap_bpf`]), dropped in every thread.
 //!
 //! Capabilities belong to threads, not processes (`capset(2)` changes the calling thread's,
 //! like the bounding set and `no_new_privs`), and by the end of the setup the agent has many
@@ -38,6 +39,12 @@ use caps::{CapSet, Capability};
 /// (only the verifier wants it, at load time), `CAP_NET_RAW` (its one use here,
 /// `IP_TRANSPARENT`, is covered by CAP_NET_ADMIN), `CAP_SYS_ADMIN` (mounting bpffs when it
 /// is not mounted, at start only) and everything else.
+///
+/// The exception: before Linux 6.5, while `kernel.unprivileged_bpf_disabled` is set
+/// (Debian's default), `__sys_bpf` refuses every command, a map lookup on a descriptor the
+/// agent holds included, to a thread without CAP_BPF or CAP_SYS_ADMIN. On such a kernel
+/// the agent keeps CAP_BPF too ([`bpf_calls_need_cap_bpf`] measures it), or it could read
+/// no counter and apply no reload.
 pub const KEPT: [Capability; 2] = [Capability::CAP_NET_ADMIN, Capability::CAP_NET_BIND_SERVICE];
 
 /// What `proxy run` cannot start without: loading programs and BTF (CAP_BPF; CAP_PERFMON for
@@ -95,6 +102,32 @@ pub fn names(caps: &[Capability]) -> String {
 /// reads only these.
 static KEPT_WORDS: [AtomicU32; 2] = [AtomicU32::new(0), AtomicU32::new(0)];
 static LAST_CAP: AtomicU32 = AtomicU32::new(0);
+/// The capability the running agent keeps beside [`KEPT`] where the kernel asks it of
+/// every `bpf()` call.
+pub const KEPT_FOR_BPF_CALLS: Capability = Capability::CAP_BPF;
+
+/// Whether this kernel refuses `bpf()` calls to a thread without CAP_BPF (and
+/// CAP_SYS_ADMIN), measured rather than guessed from the version (distributions backport):
+/// `call`, a harmless `bpf()` call on a descriptor the agent holds, runs in a thread of its
+/// own with those two capabilities out of its effective set (capabilities are per thread,
+/// so no other thread loses anything) and fails with EPERM only on such a kernel.
+pub fn bpf_calls_need_cap_bpf(call: impl FnOnce() -> std::io::Result<()> + Send) -> bool {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                for cap in [Capability::CAP_BPF, Capability::CAP_SYS_ADMIN] {
+                    if caps::drop(None, CapSet::Effective, cap).is_err() {
+                        // Cannot measure: keep CAP_BPF, which costs nothing if not needed.
+                        return true;
+                    }
+                }
+                matches!(call(), Err(e) if e.raw_os_error() == Some(libc::EPERM))
+            })
+            .join()
+            .unwrap_or(true)
+    })
+}
+
 /// Whether the bounding set can be lowered (CAP_SETPCAP in effect: root). Without it (a
 /// service user with ambient capabilities), the bounding set is what the service manager
 /// gave, and `no_new_privs` keeps an exec from gaining anything anyway.
@@ -109,6 +142,8 @@ const HANDLER_WAIT: Duration = Duration::from_secs(5);
 /// What [`drop_to_kept`] did.
 #[derive(Debug)]
 pub struct Dropped {
+    /// The capabilities kept.
+    pub kept: Vec<Capability>,
     /// Threads of the process, the calling one included.
     pub threads: usize,
     /// Whether the bounding set was lowered too.
@@ -120,7 +155,7 @@ impl fmt::Display for Dropped {
         write!(
             f,
             "capabilities: kept {} (effective and permitted), dropped the rest{} in all {} thread(s); no_new_privs set",
-            names(&KEPT),
+            names(&self.kept),
             if self.bounding {
                 " (bounding set too)"
             } else {
@@ -131,11 +166,12 @@ impl fmt::Display for Dropped {
     }
 }
 
-/// Drops every capability but [`KEPT`] from the effective, permitted, inheritable and
-/// ambient sets (and, with CAP_SETPCAP, the bounding set), and sets `no_new_privs`, in every
-/// thread of the process (see the module docs). An error says which thread kept what.
-pub fn drop_to_kept() -> Result<Dropped, PrivilegeError> {
-    let (low, high) = words(&KEPT);
+/// Drops every capability but `kept` ([`KEPT`], with [`KEPT_FOR_BPF_CALLS`] where the
+/// kernel needs it) from the effective, permitted, inheritable and ambient sets (and, with
+/// CAP_SETPCAP, the bounding set), and sets `no_new_privs`, in every thread of the process
+/// (see the module docs). An error says which thread kept what.
+pub fn drop_to_kept(kept: &[Capability]) -> Result<Dropped, PrivilegeError> {
+    let (low, high) = words(kept);
     KEPT_WORDS[0].store(low, Ordering::SeqCst);
     KEPT_WORDS[1].store(high, Ordering::SeqCst);
     LAST_CAP.store(
@@ -197,7 +233,11 @@ pub fn drop_to_kept() -> Result<Dropped, PrivilegeError> {
         )));
     }
     let threads = verify(low, high)?;
-    Ok(Dropped { threads, bounding })
+    Ok(Dropped {
+        kept: kept.to_vec(),
+        threads,
+        bounding,
+    })
 }
 
 /// The two capset words of `caps`.

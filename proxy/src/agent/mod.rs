@@ -361,7 +361,15 @@ async fn start(agent: &mut Agent, pending: Pending) -> Result<(), AgentError> {
     }
     installed.classifier.remove_leftovers();
     // Set up: from here on only what reloads, interface events and the teardown need.
-    info!("{}", privileges::drop_to_kept()?);
+    let mut kept = privileges::KEPT.to_vec();
+    if privileges::bpf_calls_need_cap_bpf(|| installed.classifier.probe_bpf_call()) {
+        info!(
+            "this kernel refuses every bpf() call without CAP_BPF (before Linux 6.5, with \
+             kernel.unprivileged_bpf_disabled set): keeping it to read counters and apply reloads"
+        );
+        kept.push(privileges::KEPT_FOR_BPF_CALLS);
+    }
+    info!("{}", privileges::drop_to_kept(&kept)?);
     report::log_rules(rules);
     info!("rules hash {}", rules_status::rules_hash(rules));
     crate::access_log::rules_in_force(rules);
