@@ -88,7 +88,7 @@ impl TcAttach {
     /// bpffs dies with the agent, `auto` picks cls_bpf, so that a crash still leaves the
     /// classifier (T12) and no rule is passed by.
     pub fn choose(self, version: Option<KernelVersion>, pins: PinLifetime) -> AttachChoice {
-        let kernel_tcx = version.is_some_and(|v| v >= KernelVersion::new(6, 6, 0));
+        let kernel_tcx = crate::kernel_features::Feature::Tcx.on(version);
         let tcx = match self {
             TcAttach::Auto => kernel_tcx && pins == PinLifetime::Outlives,
             TcAttach::Tcx => true,

@@ -33,6 +33,7 @@ pub mod ebpf;
 mod generation;
 pub mod handover;
 mod ifaddrs;
+pub mod kernel_features;
 mod link_header;
 pub mod metrics;
 mod pins;

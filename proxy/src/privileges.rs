@@ -137,7 +137,10 @@ static DROPPED: AtomicUsize = AtomicUsize::new(0);
 static FAILED: AtomicUsize = AtomicUsize::new(0);
 
 /// How long the other threads get to run their handler.
-const HANDLER_WAIT: Duration = Duration::from_secs(5);
+/// Generous: a thread runs its handler when it next enters or leaves the kernel, and a
+/// thread in an uninterruptible wait (a page fault served from a slow disk) may take
+/// seconds; 5 s was once too little under emulation.
+const HANDLER_WAIT: Duration = Duration::from_secs(30);
 
 /// What [`drop_to_kept`] did.
 #[derive(Debug)]

@@ -203,6 +203,9 @@ fn socks5_upstream_asks_for_the_original_destination() {
 #[test]
 fn socks5_upstream_with_sockmap() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     socks5_upstream("sockmap");
 }
 
@@ -383,6 +386,9 @@ fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_copy() {
 #[test]
 fn sixty_four_mib_each_way_arrive_intact_across_a_half_close_with_sockmap() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     bulk_both_ways("sockmap");
 }
 
@@ -436,6 +442,9 @@ fn upstream_refusal_and_reset_reach_the_client_as_resets() {
 #[test]
 fn upstream_refusal_and_reset_reach_the_client_as_resets_with_sockmap() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     refusal_and_reset_reach_the_client("sockmap");
 }
 
@@ -630,6 +639,9 @@ fn a_vanished_client_is_reaped_after_the_idle_timeout_and_its_slot_comes_back() 
 #[test]
 fn a_vanished_client_is_reaped_after_the_idle_timeout_and_its_slot_comes_back_with_sockmap() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     vanished_client_is_reaped("sockmap");
 }
 
@@ -1126,6 +1138,9 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
 #[test]
 fn sockmap_relay_carries_a_request_and_its_answer() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     let gw = Gateway::new("skmsg").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
     let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
@@ -1145,6 +1160,9 @@ fn sockmap_relay_carries_a_request_and_its_answer() {
 #[test]
 fn sockmap_relay_passes_a_half_close_on() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     let gw = Gateway::new("skhalf").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--relay", "sockmap"]].concat());
@@ -1160,6 +1178,9 @@ fn sockmap_relay_passes_a_half_close_on() {
 #[test]
 fn sockmap_relay_server_answers_and_closes_first() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     let gw = Gateway::new("skfirst").expect("topology");
     let server_thread = spawn_in(&gw.server, || -> std::io::Result<()> {
         let listener = TcpListener::bind("0.0.0.0:80")?;
@@ -1198,6 +1219,9 @@ fn sockmap_relay_server_answers_and_closes_first() {
 #[test]
 fn sockmap_relay_server_that_speaks_and_closes_at_once() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     let gw = Gateway::new("skbanner").expect("topology");
     const ROUNDS: usize = 20;
     let server_thread = spawn_in(&gw.server, || -> std::io::Result<()> {

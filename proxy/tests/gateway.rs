@@ -165,8 +165,13 @@ fn a_stop_for_good_removes_link_rule_and_route_and_traffic_flows_as_before() {
     let before_rules = router_rules(&gw);
 
     // A TCX link, as on a host: under `ip netns exec` (whose bpffs dies with the agent)
-    // `auto` would attach with cls_bpf.
-    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--tc-attach", "tcx"]].concat());
+    // `auto` would attach with cls_bpf. Before 6.6, cls_bpf is what a host gets.
+    let attach = if common::kernel::Feature::Tcx.here() {
+        "tcx"
+    } else {
+        "netlink"
+    };
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--tc-attach", attach]].concat());
     assert!(
         router_rules(&gw).contains("fwmark 0x1/0x1 lookup 100 proto 211"),
         "{}",
@@ -311,6 +316,9 @@ fn router_listeners(gw: &Gateway, port: u16) -> usize {
 #[test]
 fn every_worker_serves_its_listener_and_a_second_agent_on_the_port_is_refused() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::ReuseportAssign) {
+        return;
+    }
     let gw = Gateway::new("workers").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Reply);
     let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "3"]].concat());

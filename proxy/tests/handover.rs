@@ -523,6 +523,9 @@ fn handovers_through_a_socks5_upstream_lose_nothing() {
 #[test]
 fn kernel_relays_stay_with_the_old_agent_until_they_end() {
     require_root();
+    if common::kernel::kernel_lacks(common::kernel::Feature::SockmapRelay) {
+        return;
+    }
     let _serial = one_at_a_time();
     let gw = Gateway::new("hosockmap").expect("topology");
     let mounts = Mounts::new(&gw.router);

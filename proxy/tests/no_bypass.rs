@@ -347,6 +347,9 @@ fn interface_made_again_is_intercepted_again(attach: &str) {
 
 #[test]
 fn an_interface_deleted_and_made_again_is_intercepted_again_tcx() {
+    if common::kernel::kernel_lacks(common::kernel::Feature::Tcx) {
+        return;
+    }
     interface_made_again_is_intercepted_again("tcx");
 }
 

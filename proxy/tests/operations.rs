@@ -475,6 +475,9 @@ fn a_crash_keeps_the_rules(attach: &str) {
 
 #[test]
 fn a_crash_keeps_the_rules_and_a_restart_takes_over_tcx() {
+    if common::kernel::kernel_lacks(common::kernel::Feature::Tcx) {
+        return;
+    }
     a_crash_keeps_the_rules("tcx");
 }
 
@@ -513,6 +516,9 @@ fn cleanup_after_a_crash(attach: &str) {
 
 #[test]
 fn cleanup_after_a_crash_removes_what_was_left_tcx() {
+    if common::kernel::kernel_lacks(common::kernel::Feature::Tcx) {
+        return;
+    }
     cleanup_after_a_crash("tcx");
 }
 

@@ -6,6 +6,7 @@
 
 mod bench;
 mod build_ebpf;
+mod kernels;
 mod prereqs;
 mod run;
 mod test;

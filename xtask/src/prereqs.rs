@@ -13,7 +13,9 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 /// peer (its set-up (d)), microsocks and Dante as real SOCKS5 upstreams (Dante for UDP
 /// ASSOCIATE), systemd for `systemd-analyze verify` of `dist/systemd/proxy.service`,
 /// systemd-container (systemd-nspawn) and debootstrap to boot that unit under a real
-/// systemd ([`ensure_systemd_root`], `proxy/tests/systemd.rs`).
+/// systemd ([`ensure_systemd_root`], `proxy/tests/systemd.rs`); QEMU, a static busybox and
+/// kmod (`depmod`, `modprobe`, also the guest's module loader) and xz for the stock kernels
+/// of `--kernel` ([`crate::kernels`]).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("ss", "iproute2"),
@@ -26,6 +28,11 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("systemd-analyze", "systemd"),
     ("systemd-nspawn", "systemd-container"),
     ("debootstrap", "debootstrap"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("busybox", "busybox-static"),
+    ("depmod", "kmod"),
+    ("modprobe", "kmod"),
+    ("xz", "xz-utils"),
 ];
 
 /// The Kubernetes schema validator for `dist/kubernetes/`, from PyPI, with the API's
@@ -251,9 +258,7 @@ pub fn ensure_systemd_root(workspace: &Path) -> anyhow::Result<std::path::PathBu
             .with_context(|| format!("creating {}", parent.display()))?;
     }
     // The mirror apt is set up with here (debootstrap's own default otherwise).
-    let mirror = std::env::var("PROXY_DEBIAN_MIRROR")
-        .ok()
-        .or_else(apt_mirror);
+    let mirror = debian_mirror();
     eprintln!(
         "xtask: building the Debian root for the systemd test in {} (debootstrap from {})",
         root.display(),
@@ -274,6 +279,14 @@ pub fn ensure_systemd_root(workspace: &Path) -> anyhow::Result<std::path::PathBu
     std::fs::rename(&partial, &root)
         .with_context(|| format!("renaming {} to {}", partial.display(), root.display()))?;
     Ok(root)
+}
+
+/// The Debian archive to fetch from: `PROXY_DEBIAN_MIRROR`, else the first one apt is set
+/// up with here.
+pub fn debian_mirror() -> Option<String> {
+    std::env::var("PROXY_DEBIAN_MIRROR")
+        .ok()
+        .or_else(apt_mirror)
 }
 
 /// The first Debian archive apt is set up with here.

@@ -3,6 +3,8 @@
 
 use aya::util::KernelVersion;
 
+use crate::kernel_features::Feature;
+
 use super::{AgentError, LocalScope};
 use crate::{config::ListenerMode, rules::Rule};
 
@@ -74,7 +76,7 @@ pub fn check_local_scope(rules: &[Rule], local: Option<&LocalScope>) -> Result<(
 /// January 2026 after more (dae #912: an sk_skb stream EOF bug among them; dae #999 names
 /// kernel panics). This relay never splices a redirected socket and has only been run on
 /// 6.18; older kernels are refused rather than guessed at.
-pub const SOCKMAP_RELAY_MIN_KERNEL: KernelVersion = KernelVersion::new(6, 12, 0);
+pub const SOCKMAP_RELAY_MIN_KERNEL: KernelVersion = Feature::SockmapRelay.min_kernel();
 
 /// `--relay sockmap` on this kernel: refused below [`SOCKMAP_RELAY_MIN_KERNEL`] (or when
 /// the version cannot be read), else allowed with the warning returned.

@@ -5,6 +5,8 @@
 
 use aya::util::KernelVersion;
 
+use crate::kernel_features::Feature;
+
 use super::{Finding, Mode, Settings};
 use crate::{
     cgroup,
@@ -57,22 +59,29 @@ pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
     let version = facts
         .version
         .map_or_else(|| "unknown".to_owned(), |v| v.to_string());
-    findings.push(match (at_least(facts.version, 6, 6), args.tc_attach) {
-        (Some(true), TcAttach::Netlink) => Finding::ok(
-            "tcx",
-            format!("kernel {version} has TCX; --tc-attach netlink uses clsact + cls_bpf"),
-        ),
-        (Some(true), _) => Finding::ok("tcx", format!("kernel {version} has TCX links")),
-        (Some(false) | None, TcAttach::Tcx) => Finding::problem(
-            "tcx",
-            format!("kernel {version}: TCX links need 6.6 or later"),
-            "--tc-attach auto (clsact + cls_bpf on this kernel)",
-        ),
-        (_, _) => Finding::info(
-            "tcx",
-            format!("kernel {version} without TCX: the classifier goes under clsact + cls_bpf"),
-        ),
-    });
+    let tcx = Feature::Tcx;
+    findings.push(
+        match (facts.version.map(|v| tcx.on(Some(v))), args.tc_attach) {
+            (Some(true), TcAttach::Netlink) => Finding::ok(
+                "tcx",
+                format!("kernel {version} has TCX; --tc-attach netlink uses clsact + cls_bpf"),
+            ),
+            (Some(true), _) => Finding::ok("tcx", format!("kernel {version} has TCX links")),
+            (Some(false) | None, TcAttach::Tcx) => Finding::problem(
+                "tcx",
+                format!(
+                    "kernel {version}: {} need {} or later",
+                    tcx.what(),
+                    tcx.min_kernel()
+                ),
+                "--tc-attach auto (clsact + cls_bpf on this kernel)",
+            ),
+            (_, _) => Finding::info(
+                "tcx",
+                format!("kernel {version} without TCX: the agent {}", tcx.without()),
+            ),
+        },
+    );
     if let Some(lifetime) = facts.pins
         && let Some(why) = lifetime.why_not()
     {

@@ -10,7 +10,7 @@
 
 use std::{io, sync::Arc, thread};
 
-use aya::util::KernelVersion;
+use crate::kernel_features::Feature;
 use log::info;
 use tokio::{net::TcpListener, runtime::Handle, sync::oneshot, task::JoinHandle};
 
@@ -31,7 +31,7 @@ struct Worker {
 /// Before 6.5, `bpf_sk_assign` refuses a SO_REUSEPORT listener (-ESOCKTNOSUPPORT): one
 /// worker, with a plain listener, is all the classifier can use there.
 fn reuseport_assign_supported() -> bool {
-    KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 5, 0))
+    Feature::ReuseportAssign.here()
 }
 
 /// How many workers `--workers` asks for: 0 is one per CPU where the kernel allows more

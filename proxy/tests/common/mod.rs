@@ -576,4 +576,5 @@ impl Drop for Dante {
         let _ = std::fs::remove_file(&self.conf);
     }
 }
+pub mod kernel;
 pub mod load;
