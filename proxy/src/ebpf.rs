@@ -160,10 +160,20 @@ pub enum EbpfError {
     /// The object could not be loaded (verifier, BTF, permissions).
     #[error("loading the eBPF object")]
     Load(#[source] aya::EbpfError),
-    /// The kernel refused a program (the verifier, or a missing feature); the verifier's
-    /// log goes to the debug log, not into this one-line message.
-    #[error("the kernel refused to load program {0} (RUST_LOG=debug shows the verifier log)")]
-    Refused(&'static str, #[source] std::io::Error),
+    /// The kernel refused a program (the verifier, or a missing feature). The message names
+    /// the verifier's last line; [`EbpfError::verifier_tail`] has a few more, the debug log
+    /// the whole log.
+    #[error(
+        "the kernel refused to load program {program}: {} (RUST_LOG=debug shows the whole verifier log)",
+        verifier_tail.last().map_or("the verifier said nothing", String::as_str)
+    )]
+    Refused {
+        program: &'static str,
+        #[source]
+        source: std::io::Error,
+        /// The verifier log's last lines, where it says why.
+        verifier_tail: Vec<String>,
+    },
     /// A program is missing from the object or is of another type.
     #[error("program {0} in the eBPF object")]
     Program(&'static str, #[source] aya::programs::ProgramError),
@@ -226,6 +236,20 @@ pub enum EbpfError {
         #[source]
         source: io::Error,
     },
+}
+
+impl EbpfError {
+    /// The program the kernel refused and the verifier log's last lines, for the doctor.
+    pub fn verifier_tail(&self) -> Option<(&'static str, &[String])> {
+        match self {
+            EbpfError::Refused {
+                program,
+                verifier_tail,
+                ..
+            } => Some((program, verifier_tail)),
+            _ => None,
+        }
+    }
 }
 
 fn map_err(name: &'static str) -> impl FnOnce(aya::maps::MapError) -> EbpfError {
@@ -1182,7 +1206,12 @@ pub(crate) fn detach_filter(iface: &str, filter: &tc_filter::BpfFilter) -> io::R
     .map_err(io::Error::other)
 }
 
-/// A verifier refusal becomes one line; the log itself goes to the debug log.
+/// The verifier log's last lines kept in a refusal: where it says what it refused, and the
+/// instructions just before.
+const VERIFIER_TAIL: usize = 6;
+
+/// A verifier refusal becomes one line and a few of the log's last lines; the whole log
+/// goes to the debug log.
 fn load_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> EbpfError {
     move |e| match e {
         aya::programs::ProgramError::LoadError {
@@ -1190,7 +1219,16 @@ fn load_err(name: &'static str) -> impl FnOnce(aya::programs::ProgramError) -> E
             verifier_log,
         } => {
             debug!("verifier log for {name}:\n{verifier_log}");
-            EbpfError::Refused(name, io_error)
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            EbpfError::Refused {
+                program: name,
+                source: io_error,
+                verifier_tail: lines[lines.len().saturating_sub(VERIFIER_TAIL)..]
+                    .iter()
+                    .map(|l| l.trim().to_owned())
+                    .collect(),
+            }
         }
         other => EbpfError::Program(name, other),
     }

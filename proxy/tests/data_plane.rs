@@ -876,6 +876,9 @@ fn udp_flood_costs_what_the_sessions_hold_and_gives_it_back() {
             }
         }
     });
+    // The flood must end well within the idle timeout, or its first sessions end before
+    // its last begin: 2 s, stretched where everything runs slower (emulation).
+    let idle_timeout = common::kernel::patience(Duration::from_secs(2));
     let agent = Agent::start(
         &gw.router,
         &[
@@ -884,7 +887,7 @@ fn udp_flood_costs_what_the_sessions_hold_and_gives_it_back() {
                 "--udp-max-sessions",
                 &CAP.to_string(),
                 "--udp-idle-timeout",
-                "2",
+                &idle_timeout.as_secs().to_string(),
             ],
         ]
         .concat(),
@@ -905,15 +908,17 @@ fn udp_flood_costs_what_the_sessions_hold_and_gives_it_back() {
         let flood_secs = flood_started.elapsed().as_secs_f64();
         // Live: two sockets per session (upstream and reply) once the cap is reached; then
         // a moment for the echoes to come back through the sessions.
-        let reached = wait_until(Duration::from_secs(5), || {
+        let reached = wait_until(common::kernel::patience(Duration::from_secs(5)), || {
             open_fds(pid) >= fds_before + 2 * CAP
         });
         std::thread::sleep(Duration::from_millis(300));
         let fds_live = open_fds(pid);
         let rss_live = vm_rss_kib(pid);
         let sessions = fds_live.saturating_sub(fds_before) / 2;
-        // Ended: every session idles out after 2 s; then the agent has time to free.
-        let ended = wait_until(Duration::from_secs(15), || open_fds(pid) <= fds_before);
+        // Ended: every session idles out after the timeout; then the agent has time to free.
+        let ended = wait_until(common::kernel::patience(Duration::from_secs(15)), || {
+            open_fds(pid) <= fds_before
+        });
         std::thread::sleep(Duration::from_millis(1_500));
         let rss_after = vm_rss_kib(pid);
         drop(clients);

@@ -212,7 +212,7 @@ fn on_kernels(
                 .get(*name)
                 .with_context(|| format!("no test binary {name}"))?;
             commands.push_str(&format!(
-                "echo \"{mark} running {name}\"\n{binary} {args} 2>&1 || failed=1\n",
+                "echo \"{mark} running {name}\"\n{binary} --color never {args} 2>&1 || failed=1\n",
                 mark = kernels::guest::MARK,
                 binary = shell_quote(binary),
                 args = args

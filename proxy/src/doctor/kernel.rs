@@ -15,13 +15,22 @@ use crate::{
     pins::{self, PinLifetime},
 };
 
+/// Why the programs did not load.
+#[derive(Debug)]
+pub struct LoadRefusal {
+    /// The error, one line.
+    pub error: String,
+    /// A verifier refusal: the program and the log's last lines.
+    pub verifier: Option<(&'static str, Vec<String>)>,
+}
+
 /// What was learnt of the kernel.
 pub struct Facts {
     pub version: Option<KernelVersion>,
     /// The BTF check: `Err` with why the transparent flag cannot be found.
     pub btf: Result<(), String>,
     /// The programs loaded: `None` when not tried.
-    pub load: Option<Result<(), String>>,
+    pub load: Option<Result<(), LoadRefusal>>,
     /// `--local` only: where cgroup v2 is mounted, or why not.
     pub cgroup2: Option<Result<String, String>>,
     /// How long the agent's pins would live here: `None` at the agent's start, whose
@@ -127,17 +136,9 @@ pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
             "the classifier (bpf_skc_lookup_tcp, bpf_sk_assign) and the sk_lookup program \
              load",
         )),
-        Some(Err(e)) => findings.push(Finding::problem(
-            "programs",
-            format!("the programs do not load: {e}"),
-            "a kernel with bpf_sk_assign at TC (5.7+) and sk_lookup programs (5.9+); \
-             RUST_LOG=debug shows the verifier log",
-        )),
+        Some(Err(refusal)) => findings.push(refused_finding(refusal, facts.version)),
         None => {
-            for (check, major, minor, what) in [
-                ("sk_assign", 5, 7, "bpf_sk_assign at TC"),
-                ("sk_lookup", 5, 9, "sk_lookup programs"),
-            ] {
+            for (check, major, minor, what) in BASELINE {
                 findings.push(match at_least(facts.version, major, minor) {
                     Some(true) => Finding::ok(check, format!("kernel {version} has {what}")),
                     Some(false) => Finding::problem(
@@ -163,6 +164,40 @@ pub fn features(facts: &Facts, args: &RunArgs) -> Vec<Finding> {
     findings
 }
 
+/// The programs did not load: which one, the verifier's last words, and a hint about the
+/// kernel only where the version says it lacks something.
+fn refused_finding(refusal: &LoadRefusal, version: Option<KernelVersion>) -> Finding {
+    let mut what = format!("the programs do not load: {}", refusal.error);
+    if let Some((program, tail)) = &refusal.verifier {
+        what.push_str(&format!(
+            "\n          the verifier's last lines for {program}:"
+        ));
+        for line in tail {
+            what.push_str(&format!("\n            {line}"));
+        }
+    }
+    let lacking: Vec<String> = BASELINE
+        .iter()
+        .filter(|(_, major, minor, _)| at_least(version, *major, *minor) == Some(false))
+        .map(|(_, major, minor, what)| format!("{what} ({major}.{minor}+)"))
+        .collect();
+    let fix = match version {
+        _ if !lacking.is_empty() => format!("a kernel with {}", lacking.join(" and ")),
+        Some(v) => format!(
+            "kernel {v} has what the programs call: a refusal here is a bug of this build on \
+             this kernel; please report it with the verifier log (RUST_LOG=debug proxy doctor)"
+        ),
+        None => "RUST_LOG=debug shows the verifier log (the kernel's version is unknown)".into(),
+    };
+    Finding::problem("programs", what, fix)
+}
+
+/// What every mode needs, and since which version: (check, major, minor, what).
+const BASELINE: [(&str, u8, u8, &str); 2] = [
+    ("sk_assign", 5, 7, "bpf_sk_assign at TC"),
+    ("sk_lookup", 5, 9, "sk_lookup programs"),
+];
+
 pub(super) fn check(settings: &Settings<'_>, mode: Mode, root: bool) -> Vec<Finding> {
     let args = settings.args;
     let probe_load = mode == Mode::Doctor && root;
@@ -175,7 +210,12 @@ pub(super) fn check(settings: &Settings<'_>, mode: Mode, root: bool) -> Vec<Find
         load: probe_load.then(|| {
             crate::ebpf::Classifier::load(0, true, args.table)
                 .map(drop)
-                .map_err(|e| crate::error_chain(&e))
+                .map_err(|e| LoadRefusal {
+                    error: crate::error_chain(&e),
+                    verifier: e
+                        .verifier_tail()
+                        .map(|(program, tail)| (program, tail.to_vec())),
+                })
         }),
         cgroup2: args.local.then(|| {
             cgroup::mount()
@@ -250,13 +290,54 @@ mod tests {
         let f = features(&old, &args(&["--allow-unchecked-transparency"]));
         assert_eq!(find(&f, "btf"), Severity::Warning);
         assert_eq!(find(&f, "tcx"), Severity::Info);
+        let refusal = || LoadRefusal {
+            error: "the kernel refused to load program tproxy_ingress_l3".into(),
+            verifier: Some((
+                "tproxy_ingress_l3",
+                vec!["invalid read from stack R10 off=-200 size=8".into()],
+            )),
+        };
         let refused = Facts {
-            load: Some(Err("verifier".into())),
+            load: Some(Err(refusal())),
             ..good
         };
         let f = features(&refused, &args(&[]));
         assert_eq!(find(&f, "programs"), Severity::Problem);
         assert!(f.iter().all(|f| f.check != "sk_lookup"));
+        let programs = f.iter().find(|f| f.check == "programs").expect("programs");
+        // The program and the verifier's words are named; 6.18 lacks nothing, so no
+        // kernel version is suggested.
+        assert!(
+            programs.what.contains("tproxy_ingress_l3"),
+            "{}",
+            programs.what
+        );
+        assert!(
+            programs.what.contains("invalid read from stack"),
+            "{}",
+            programs.what
+        );
+        let fix = &programs.fix;
+        assert!(fix.contains("bug of this build"), "{fix}");
+        assert!(!fix.contains("5.7"), "{fix}");
+        // On 5.4 the missing helpers are named.
+        let old = Facts {
+            version: Some(KernelVersion::new(5, 4, 0)),
+            load: Some(Err(refusal())),
+            btf: Ok(()),
+            cgroup2: None,
+            pins: None,
+        };
+        let f = features(&old, &args(&[]));
+        let fix = f
+            .iter()
+            .find(|f| f.check == "programs")
+            .map(|f| f.fix.clone());
+        assert!(
+            fix.as_deref()
+                .is_some_and(|f| f.contains("5.7") && f.contains("5.9")),
+            "{fix:?}"
+        );
     }
 
     #[test]

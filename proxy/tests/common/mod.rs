@@ -42,7 +42,7 @@ impl Agent {
     }
 
     fn ready(mut self) -> Agent {
-        if let Err(e) = self.0.wait_ready(Duration::from_secs(20)) {
+        if let Err(e) = self.0.wait_ready(kernel::patience(Duration::from_secs(20))) {
             panic!("{e}:\n{}", self.0.log_text());
         }
         self

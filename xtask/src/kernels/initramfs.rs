@@ -43,7 +43,7 @@ pub fn build(kernel: &Kernel, out: &Path) -> anyhow::Result<()> {
     let busybox =
         std::fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX} (busybox-static)"))?;
     // A dynamically linked busybox (Debian's `busybox`) finds no libc in the initramfs.
-    if busybox.windows(10).any(|w| w == b"ld-linux-x") {
+    if has_interpreter(&busybox) {
         bail!("{BUSYBOX} is dynamically linked: install busybox-static instead of busybox");
     }
     archive.file("bin/busybox", 0o755, &busybox);
@@ -80,6 +80,20 @@ mount --move /dev /newroot/dev
 exec switch_root /newroot /bin/sh {GUEST_OUTPUT}/{GUEST_SCRIPT}
 "#
     )
+}
+
+/// Whether an ELF64 binary names a program interpreter (PT_INTERP): a dynamic one.
+fn has_interpreter(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    let word = |at: usize, len: usize| -> Option<u64> {
+        let bytes = elf.get(at..at + len)?;
+        Some(bytes.iter().rev().fold(0u64, |v, b| v << 8 | u64::from(*b)))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (word(0x20, 8), word(0x36, 2), word(0x38, 2))
+    else {
+        return false;
+    };
+    (0..phnum).any(|i| word((phoff + i * phentsize) as usize, 4) == Some(u64::from(PT_INTERP)))
 }
 
 /// The boot modules and their dependencies, in the order `modprobe` would load them.
@@ -194,6 +208,19 @@ impl Cpio {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dynamic_binary_is_told_from_a_static_one() {
+        let this = std::fs::read(std::env::current_exe().expect("exe")).expect("read");
+        // Test binaries link glibc dynamically.
+        assert!(has_interpreter(&this));
+        if let Ok(busybox) = std::fs::read(BUSYBOX) {
+            assert!(
+                !has_interpreter(&busybox),
+                "{BUSYBOX} should be busybox-static"
+            );
+        }
+    }
 
     #[test]
     fn cpio_entries_are_newc_and_four_byte_aligned() {
