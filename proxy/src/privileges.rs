@@ -16,7 +16,7 @@
 use std::{
     collections::HashSet,
     fmt,
-    sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -108,33 +108,74 @@ pub const KEPT_FOR_BPF_CALLS: Capability = Capability::CAP_BPF;
 
 /// Whether this kernel refuses `bpf()` calls to a thread without CAP_BPF (and
 /// CAP_SYS_ADMIN), measured rather than guessed from the version (distributions backport):
-/// `call`, a harmless `bpf()` call on a descriptor the agent holds, runs in a thread of its
-/// own with those two capabilities out of its effective set (capabilities are per thread,
-/// so no other thread loses anything) and fails with EPERM only on such a kernel.
-pub fn bpf_calls_need_cap_bpf(call: impl FnOnce() -> std::io::Result<()> + Send) -> bool {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                for cap in [Capability::CAP_BPF, Capability::CAP_SYS_ADMIN] {
-                    if caps::drop(None, CapSet::Effective, cap).is_err() {
-                        // Cannot measure: keep CAP_BPF, which costs nothing if not needed.
-                        return true;
-                    }
-                }
-                matches!(call(), Err(e) if e.raw_os_error() == Some(libc::EPERM))
-            })
-            .join()
-            .unwrap_or(true)
-    })
+/// `call`, a harmless `bpf()` call on a descriptor the agent holds, runs with those two
+/// capabilities out of the calling thread's effective set (raised again from its
+/// permitted set afterwards; capabilities are per thread, so no other thread is touched)
+/// and fails with EPERM only on such a kernel. No thread is made for it: one that is still
+/// ending when the drop lists the threads would never run the drop's handler.
+pub fn bpf_calls_need_cap_bpf(call: impl FnOnce() -> std::io::Result<()>) -> bool {
+    const LOWERED: [Capability; 2] = [Capability::CAP_BPF, Capability::CAP_SYS_ADMIN];
+    let Ok(effective) = caps::read(None, CapSet::Effective) else {
+        return true;
+    };
+    let lowered: Vec<Capability> = LOWERED
+        .into_iter()
+        .filter(|cap| effective.contains(cap))
+        .collect();
+    for cap in &lowered {
+        if caps::drop(None, CapSet::Effective, *cap).is_err() {
+            // Cannot measure: keep CAP_BPF, which costs nothing where it is not needed.
+            restore(&lowered);
+            return true;
+        }
+    }
+    let refused = matches!(call(), Err(e) if e.raw_os_error() == Some(libc::EPERM));
+    restore(&lowered);
+    refused
+}
+
+/// Raises `caps` again into the calling thread's effective set (from its permitted set,
+/// which lowering them there left alone).
+fn restore(caps: &[Capability]) {
+    for cap in caps {
+        if let Err(e) = caps::raise(None, CapSet::Effective, *cap) {
+            log::warn!("raising {cap} again after the bpf() probe: {e}");
+        }
+    }
 }
 
 /// Whether the bounding set can be lowered (CAP_SETPCAP in effect: root). Without it (a
 /// service user with ambient capabilities), the bounding set is what the service manager
 /// gave, and `no_new_privs` keeps an exec from gaining anything anyway.
 static DROP_BOUNDING: AtomicBool = AtomicBool::new(false);
-/// Threads that ran the handler: dropped, and failed.
-static DROPPED: AtomicUsize = AtomicUsize::new(0);
+/// Threads whose handler failed.
 static FAILED: AtomicUsize = AtomicUsize::new(0);
+/// The ids of the threads that ran the handler (the first [`MAX_RECORDED`]; past them a
+/// thread is waited for until it has dropped, read from its status).
+const MAX_RECORDED: usize = 4096;
+static HANDLED: [AtomicI32; MAX_RECORDED] = [const { AtomicI32::new(0) }; MAX_RECORDED];
+static HANDLED_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether thread `tid` ran the handler.
+fn handled(tid: i32) -> bool {
+    let count = HANDLED_COUNT.load(Ordering::SeqCst).min(MAX_RECORDED);
+    HANDLED[..count]
+        .iter()
+        .any(|t| t.load(Ordering::SeqCst) == tid)
+}
+
+/// Whether thread `tid` is still there and not ending (a zombie or dead task never runs a
+/// handler again).
+fn still_running(tid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) {
+        // `tid (comm) S ...`: the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| !matches!(state, "Z" | "X" | "x")),
+        Err(_) => false,
+    }
+}
 
 /// How long the other threads get to run their handler.
 /// Generous: a thread runs its handler when it next enters or leaves the kernel, and a
@@ -208,22 +249,26 @@ pub fn drop_to_kept(kept: &[Capability]) -> Result<Dropped, PrivilegeError> {
         if new.is_empty() {
             break;
         }
-        let before = DROPPED.load(Ordering::SeqCst) + FAILED.load(Ordering::SeqCst);
-        let mut sent = 0;
+        let mut waiting = Vec::new();
         for tid in new {
             signalled.insert(tid);
             // SAFETY: a signal to a thread of this process, whose handler is installed.
             if unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, signal) } == 0 {
-                sent += 1;
+                waiting.push(tid);
             }
             // ESRCH: the thread ended meanwhile.
         }
+        // Until each has run the handler, or ended: a thread that was exiting when it was
+        // listed takes the signal (tgkill succeeds) but never runs a handler again.
         let deadline = Instant::now() + HANDLER_WAIT;
-        while DROPPED.load(Ordering::SeqCst) + FAILED.load(Ordering::SeqCst) < before + sent {
+        loop {
+            waiting.retain(|tid| !handled(*tid) && still_running(*tid));
+            if waiting.is_empty() {
+                break;
+            }
             if Instant::now() >= deadline {
                 return Err(PrivilegeError::Drop(format!(
-                    "{} thread(s) did not run the handler within {HANDLER_WAIT:?}",
-                    before + sent - DROPPED.load(Ordering::SeqCst) - FAILED.load(Ordering::SeqCst)
+                    "thread(s) {waiting:?} did not run the handler within {HANDLER_WAIT:?}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -252,11 +297,13 @@ fn words(caps: &[Capability]) -> (u32, u32) {
 fn install_handler(signal: libc::c_int) -> Result<(), PrivilegeError> {
     extern "C" fn on_signal(_: libc::c_int) {
         // SAFETY: only system calls and atomics: async-signal-safe.
-        let failed = unsafe { drop_this_thread() } != 0;
-        if failed {
+        if unsafe { drop_this_thread() } != 0 {
             FAILED.fetch_add(1, Ordering::SeqCst);
-        } else {
-            DROPPED.fetch_add(1, Ordering::SeqCst);
+        }
+        let slot = HANDLED_COUNT.fetch_add(1, Ordering::SeqCst);
+        if let Some(record) = HANDLED.get(slot) {
+            // SAFETY: gettid has no preconditions.
+            record.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         }
     }
     // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe.

@@ -20,10 +20,14 @@ use crate::{kernels, prereqs};
 
 #[derive(Args)]
 pub struct Options {
-    /// Run the kernel tests on a stock kernel booted under QEMU instead of this machine's:
-    /// 5.10, 6.1, 6.12, or all of them.
+    /// Run the kernel tests on stock kernels booted under QEMU instead of this machine's:
+    /// 5.10, 6.1, 6.12 (several separated by commas), or all.
     #[arg(long, value_name = "VERSION")]
     kernel: Option<String>,
+    /// With `--kernel`: these test binaries (by name, separated by commas) instead of the
+    /// ones chosen for the matrix.
+    #[arg(long, value_name = "NAMES", requires = "kernel")]
+    binaries: Option<String>,
     /// Extra arguments for `cargo test` (a filter, `--nocapture`, ...), after `--`; with
     /// `--kernel`, for each test binary in the guest.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -104,7 +108,13 @@ pub fn test(opts: &Options) -> anyhow::Result<()> {
         .context("the workspace directory")?;
     match &opts.kernel {
         None => on_this_kernel(workspace, opts),
-        Some(name) => on_kernels(workspace, &kernels::select(name)?, &opts.args),
+        Some(name) => {
+            let chosen: Vec<&str> = match &opts.binaries {
+                Some(names) => names.split(',').collect(),
+                None => GUEST_TESTS.iter().map(|(name, _)| *name).collect(),
+            };
+            on_kernels(workspace, &kernels::select(name)?, &chosen, &opts.args)
+        }
     }
 }
 
@@ -179,10 +189,12 @@ struct KernelRun {
     rc: i32,
 }
 
-/// [`GUEST_TESTS`] on each kernel in turn, then a table of the outcomes.
+/// The `chosen` test binaries ([`GUEST_TESTS`] unless told) on each kernel in turn, then a
+/// table of the outcomes.
 fn on_kernels(
     workspace: &Path,
     series: &[&kernels::KernelSeries],
+    chosen: &[&str],
     args: &[String],
 ) -> anyhow::Result<()> {
     let binaries = test_binaries()?;
@@ -194,11 +206,7 @@ fn on_kernels(
             "== {} ({}): {}",
             series.name,
             series.distribution,
-            GUEST_TESTS
-                .iter()
-                .map(|(name, _)| *name)
-                .collect::<Vec<_>>()
-                .join(", ")
+            chosen.join(", ")
         );
         let output = cache.join(format!("run-{}", series.name));
         let mut commands = format!(
@@ -207,7 +215,7 @@ fn on_kernels(
             guest = kernels::initramfs::GUEST_OUTPUT,
             workspace = shell_quote(workspace),
         );
-        for (name, _) in GUEST_TESTS {
+        for name in chosen {
             let binary = binaries
                 .get(*name)
                 .with_context(|| format!("no test binary {name}"))?;

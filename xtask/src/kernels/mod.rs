@@ -67,18 +67,22 @@ pub const MATRIX: &[KernelSeries] = &[
     },
 ];
 
-/// The series `--kernel` names (`all`: every one).
-pub fn select(name: &str) -> anyhow::Result<Vec<&'static KernelSeries>> {
-    if name == "all" {
+/// The series `--kernel` names: one, several separated by commas, or `all`.
+pub fn select(names: &str) -> anyhow::Result<Vec<&'static KernelSeries>> {
+    if names == "all" {
         return Ok(MATRIX.iter().collect());
     }
-    match MATRIX.iter().find(|k| k.name == name) {
-        Some(series) => Ok(vec![series]),
-        None => bail!(
-            "--kernel {name}: not in the matrix; one of {}, or all",
-            MATRIX.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
-        ),
-    }
+    names
+        .split(',')
+        .map(|name| {
+            MATRIX.iter().find(|k| k.name == name).with_context(|| {
+                format!(
+                    "--kernel {name}: not in the matrix; one of {}, several separated by commas, or all",
+                    MATRIX.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 /// One unpacked kernel.
@@ -291,5 +295,11 @@ mod tests {
         assert!(select("5.10").is_ok());
         assert_eq!(select("all").expect("all").len(), MATRIX.len());
         assert!(select("4.19").is_err());
+        let two: Vec<&str> = select("5.10,6.1")
+            .expect("two")
+            .iter()
+            .map(|k| k.name)
+            .collect();
+        assert_eq!(two, ["5.10", "6.1"]);
     }
 }
