@@ -1076,34 +1076,8 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     let gw = Gateway::new("emfile").expect("topology");
     let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
     let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "1"]].concat());
-    // Room for two proxied connections (two descriptors each), and no more. A new
-    // descriptor takes the lowest free number, and the limit bounds the number: the limit
-    // is where the fourth free number below it ends.
-    let used: Vec<libc::rlim_t> = std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
-        .expect("the agent's descriptors")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    let (mut bound, mut free) = (0, 0);
-    while free < 4 {
-        if !used.contains(&bound) {
-            free += 1;
-        }
-        bound += 1;
-    }
-    let limit = libc::rlimit {
-        rlim_cur: bound,
-        rlim_max: bound,
-    };
-    // SAFETY: a live pid, a valid rlimit, and no old-limit pointer.
-    let rc = unsafe {
-        libc::prlimit(
-            agent.pid() as libc::pid_t,
-            libc::RLIMIT_NOFILE,
-            &limit,
-            std::ptr::null_mut(),
-        )
-    };
-    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+    // Room for two proxied connections (two descriptors each), and no more.
+    limit_descriptors(agent.pid(), 4);
     let connect = || connect_kept(&gw, 80, &|| agent.settled_log());
     let mut first = connect();
     assert!(ask(&mut first, "one").contains("echo=one"));
@@ -1138,6 +1112,70 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
     // Closed before the stop, which would otherwise wait for them (the drain).
     drop((second, third));
     agent.stop_ok();
+}
+
+/// The same, one descriptor further: the connection is accepted with the last free
+/// descriptor, and its upstream socket finds none. The agent waits for one (within the
+/// connect timeout) instead of resetting a connection it can serve a moment later.
+#[test]
+fn a_connection_accepted_with_the_last_descriptor_waits_for_its_upstream_socket() {
+    require_root();
+    let gw = Gateway::new("emfile2").expect("topology");
+    let _server = Server::start(&gw.server, server(80), ServerMode::Echo);
+    let agent = Agent::start(&gw.router, &[AGENT_ARGS, &["--workers", "1"]].concat());
+    // Two proxied connections (two descriptors each) and one more descriptor.
+    limit_descriptors(agent.pid(), 5);
+    let connect = || connect_kept(&gw, 80, &|| agent.settled_log());
+    let mut first = connect();
+    assert!(ask(&mut first, "one").contains("echo=one"));
+    let mut second = connect();
+    assert!(ask(&mut second, "two").contains("echo=two"));
+    let mut third = connect();
+    writeln!(third, "three").expect("write");
+    agent
+        .wait_for_line(
+            &["upstream socket: Too many open files"],
+            Duration::from_secs(5),
+        )
+        .unwrap_or_else(|| panic!("no upstream EMFILE line:\n{}", agent.log_text()));
+    drop(first);
+    let mut answer = String::new();
+    BufReader::new(third.try_clone().expect("clone"))
+        .read_line(&mut answer)
+        .unwrap_or_else(|e| panic!("the waiting connection: {e}\n{}", agent.settled_log()));
+    assert!(answer.contains("echo=three"), "{answer}");
+    drop((second, third));
+    agent.stop_ok();
+}
+
+/// Lowers the agent's descriptor limit so that exactly `free` descriptors are left: a new
+/// descriptor takes the lowest free number, and the limit bounds the number.
+fn limit_descriptors(pid: u32, free: usize) {
+    let used: Vec<libc::rlim_t> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the agent's descriptors")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let (mut bound, mut found) = (0, 0);
+    while found < free {
+        if !used.contains(&bound) {
+            found += 1;
+        }
+        bound += 1;
+    }
+    let limit = libc::rlimit {
+        rlim_cur: bound,
+        rlim_max: bound,
+    };
+    // SAFETY: a live pid, a valid rlimit, and no old-limit pointer.
+    let rc = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_NOFILE,
+            &limit,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
 #[test]

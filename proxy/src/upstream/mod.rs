@@ -8,6 +8,7 @@ pub mod socks5;
 
 use std::{io, net::SocketAddr, time::Duration};
 
+use log::warn;
 use tokio::net::TcpStream;
 
 /// How the proxy reaches the original destination.
@@ -31,6 +32,14 @@ pub struct Outbound {
 }
 
 /// Connects to `orig_dst` for `client` the way `upstream` says.
+/// How often an upstream connect that ran out of descriptors tries again.
+const DESCRIPTOR_RETRY: Duration = Duration::from_millis(50);
+
+/// EMFILE (this process's limit) or ENFILE (the system's).
+fn out_of_descriptors(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
 pub async fn connect(
     upstream: &Upstream,
     client: SocketAddr,
@@ -38,10 +47,30 @@ pub async fn connect(
     outbound: Outbound,
 ) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(outbound.connect_timeout, async {
-        match upstream {
-            Upstream::Direct => direct::connect(orig_dst, None, outbound.mark).await,
-            Upstream::SpoofSource => direct::connect(orig_dst, Some(client), outbound.mark).await,
-            Upstream::Socks5(server) => socks5::connect(server, orig_dst, outbound.mark).await,
+        let mut waited = false;
+        loop {
+            let attempt = match upstream {
+                Upstream::Direct => direct::connect(orig_dst, None, outbound.mark).await,
+                Upstream::SpoofSource => {
+                    direct::connect(orig_dst, Some(client), outbound.mark).await
+                }
+                Upstream::Socks5(server) => socks5::connect(server, orig_dst, outbound.mark).await,
+            };
+            match attempt {
+                // The client was accepted with the last descriptor: wait for one to free up
+                // (as the accept loop does), within the connect timeout, instead of resetting
+                // a connection that a moment later could be served.
+                Err(e) if out_of_descriptors(&e) => {
+                    if !waited {
+                        warn!(
+                            "{client} -> {orig_dst}: upstream socket: {e}; waiting for a descriptor"
+                        );
+                        waited = true;
+                    }
+                    tokio::time::sleep(DESCRIPTOR_RETRY).await;
+                }
+                other => break other,
+            }
         }
     })
     .await
