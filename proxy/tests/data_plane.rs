@@ -1103,11 +1103,7 @@ fn out_of_descriptors_the_agent_backs_off_and_serves_once_some_free_up() {
 
     // One connection ends, its descriptors free up, and the waiting one is served.
     drop(first);
-    let mut answer = String::new();
-    BufReader::new(third.try_clone().expect("clone"))
-        .read_line(&mut answer)
-        .unwrap_or_else(|e| panic!("the waiting connection: {e}\n{}", agent.settled_log()));
-    assert!(answer.contains("echo=three"), "{answer}");
+    assert_waiting_one_is_served(&third, &agent);
     assert!(ask(&mut second, "two again").contains("echo=two again"));
     // Closed before the stop, which would otherwise wait for them (the drain).
     drop((second, third));
@@ -1139,13 +1135,19 @@ fn a_connection_accepted_with_the_last_descriptor_waits_for_its_upstream_socket(
         )
         .unwrap_or_else(|| panic!("no upstream EMFILE line:\n{}", agent.log_text()));
     drop(first);
+    assert_waiting_one_is_served(&third, &agent);
+    drop((second, third));
+    agent.stop_ok();
+}
+
+/// The third connection of the descriptor tests, which sent `three` while the agent had no
+/// descriptor for it, gets its echo once the first one has closed.
+fn assert_waiting_one_is_served(third: &TcpStream, agent: &Agent) {
     let mut answer = String::new();
     BufReader::new(third.try_clone().expect("clone"))
         .read_line(&mut answer)
         .unwrap_or_else(|e| panic!("the waiting connection: {e}\n{}", agent.settled_log()));
     assert!(answer.contains("echo=three"), "{answer}");
-    drop((second, third));
-    agent.stop_ok();
 }
 
 /// Lowers the agent's descriptor limit so that exactly `free` descriptors are left: a new

@@ -69,19 +69,18 @@ pub fn check_local_scope(rules: &[Rule], local: Option<&LocalScope>) -> Result<(
     Ok(())
 }
 
-/// The oldest kernel `--relay sockmap` runs on. Redirecting a socket's bytes with sockmap
-/// has a record of kernel bugs that other proxies met in production: dae turned its
+/// Why `--relay sockmap` has a minimum kernel ([`Feature::SockmapRelay`], 6.12, in the one
+/// table of `kernel_features`). Redirecting a socket's bytes with sockmap has a record of kernel bugs that other proxies met in production: dae turned its
 /// sockmap fast path off after a splice + redirect bug broke connections (dae #518; a fix
 /// was posted in June 2025 and is expected in 6.12-based kernels), and removed it in
 /// January 2026 after more (dae #912: an sk_skb stream EOF bug among them; dae #999 names
 /// kernel panics). This relay never splices a redirected socket and has only been run on
 /// 6.18; older kernels are refused rather than guessed at.
-pub const SOCKMAP_RELAY_MIN_KERNEL: KernelVersion = Feature::SockmapRelay.min_kernel();
-
-/// `--relay sockmap` on this kernel: refused below [`SOCKMAP_RELAY_MIN_KERNEL`] (or when
-/// the version cannot be read), else allowed with the warning returned.
+///
+/// `--relay sockmap` on this kernel: refused below that minimum (or when the version cannot
+/// be read), else allowed with the warning returned.
 pub fn check_sockmap_relay(kernel: Option<KernelVersion>) -> Result<String, AgentError> {
-    let min = SOCKMAP_RELAY_MIN_KERNEL;
+    let min = Feature::SockmapRelay.min_kernel();
     match kernel {
         Some(version) if version >= min => Ok("--relay sockmap: bytes are redirected inside \
              the kernel by sockmap, a kernel feature with a record of bugs (other proxies \
